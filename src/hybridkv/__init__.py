@@ -1,0 +1,25 @@
+"""hybridkv: a KV-cache manager for inference engines serving hybrid-attention models.
+
+Start with ``plan(PlanSpec(load_model("gemma-3-27b"), gpu_bytes=40 * GIB, max_seq_len=32768))``;
+docs/ARCHITECTURE.md walks through the layers bottom-up.
+"""
+
+from hybridkv.demand import Batch, batch_demand, concurrent_decode_demand, demand, worst_request_demand
+from hybridkv.errors import CapacityError, ConfigError, HybridKVError, InvariantError, UsageError
+from hybridkv.grouping import GroupedLayout, LayerGroup, PoolGroup, group_layers
+from hybridkv.layout import BufferSpec, LayerSpec, ModelLayout
+from hybridkv.lifecycle import LifeCycle, live_blocks, stale_range, worst_decode_blocks
+from hybridkv.models import load_model
+from hybridkv.planner import PlanSpec, PoolGroupPlan, PoolPlan, plan
+from hybridkv.report import ideal_concurrency, max_concurrency, max_seq_len_at, plan_json
+from hybridkv.types import GIB, KIB, MIB, LifeCycleKind, Tier
+
+__all__ = [
+    "GIB", "KIB", "MIB",
+    "Batch", "BufferSpec", "CapacityError", "ConfigError", "GroupedLayout", "HybridKVError",
+    "InvariantError", "LayerGroup", "LayerSpec", "LifeCycle", "LifeCycleKind", "ModelLayout",
+    "PlanSpec", "PoolGroup", "PoolGroupPlan", "PoolPlan", "Tier", "UsageError",
+    "batch_demand", "concurrent_decode_demand", "demand", "group_layers", "ideal_concurrency",
+    "live_blocks", "load_model", "max_concurrency", "max_seq_len_at", "plan", "plan_json",
+    "stale_range", "worst_decode_blocks", "worst_request_demand",
+]

@@ -1,0 +1,140 @@
+"""The ``hybridkv`` command: ``models``, ``plan`` (and more as layers land).
+
+User mistakes print one clear line to stderr and exit with code 2; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from hybridkv.catalog import ENTRIES
+from hybridkv.errors import HybridKVError
+from hybridkv.models import load_model
+from hybridkv.planner import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_TOKENS_PER_BLOCK,
+    PlanSpec,
+    default_max_seq_len,
+    plan,
+)
+from hybridkv.report import plan_json
+from hybridkv.specs import parse_batch, parse_size, parse_tokens
+from hybridkv.types import GIB, MIB
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse's own errors: same exit code, no traceback
+        self.print_usage(sys.stderr)
+        print(f"hybridkv: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.2f} MiB"
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    if args.json:
+        rows = [{"name": e.name, "hf_repo": e.hf_repo, "description": e.description,
+                 "max_position_embeddings": e.max_position_embeddings,
+                 "kv_bytes_per_token": e.layout().kv_bytes_per_token(),
+                 "unverified": list(e.unverified)} for e in ENTRIES]
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'model':<26} {'max pos':>9}  layout")
+    for e in ENTRIES:
+        mark = " (*)" if e.unverified else ""
+        print(f"{e.name:<26} {e.max_position_embeddings:>9}  {e.description}{mark}")
+    print("(*) has values marked unverified; `hybridkv models --json` lists them")
+    return 0
+
+
+def _plan_spec(args: argparse.Namespace) -> PlanSpec:
+    layout = load_model(args.model)
+    max_seq_len = (parse_tokens(args.max_seq_len, "--max-seq-len") if args.max_seq_len
+                   else default_max_seq_len(layout))
+    constraints = tuple(parse_batch(c, f"constraint{i}") for i, c in enumerate(args.constraint))
+    typical = parse_batch(args.typical, "typical", "--typical") if args.typical else None
+    return PlanSpec(
+        layout=layout, gpu_bytes=parse_size(args.gpu_mem, "--gpu-mem"), max_seq_len=max_seq_len,
+        tokens_per_block=args.tokens_per_block, max_batch_size=args.max_batch_size,
+        host_bytes=parse_size(args.host_mem, "--host-mem") if args.host_mem else 0,
+        constraints=constraints, typical_step=typical,
+    )
+
+
+def _print_plan(j: dict[str, Any]) -> None:
+    print(f"model {j['model']}: KV quota {_fmt_bytes(j['gpu_bytes'])} "
+          f"(used {_fmt_bytes(j['gpu_bytes_used'])}), tokens_per_block {j['tokens_per_block']}, "
+          f"max_batch_size {j['max_batch_size']}, max_seq_len {j['max_seq_len']}")
+    print(f"{'pool':>4} {'life cycles':<28} {'layers':>6} {'slot':>10} {'slots':>9} "
+          f"{'floor':>8} {'bytes':>11}  floor set by")
+    for g in j["pool_groups"]:
+        lcs = "+".join(lg["life_cycle"] for lg in g["layer_groups"])
+        print(f"{g['id']:>4} {lcs:<28} {len(g['layer_ids']):>6} {g['slot_bytes']:>10} "
+              f"{g['slots']:>9} {g['min_slots']:>8} {_fmt_bytes(g['bytes']):>11}  "
+              f"{g['floor_source']}")
+    print(f"max concurrency at {j['max_seq_len']} tokens: "
+          f"{j['max_concurrency_at_max_seq_len']:.2f} requests "
+          f"(ideal {j['ideal_concurrency_at_max_seq_len']:.2f}, "
+          f"ratio {j['concurrency_ratio_to_ideal']:.3f}; binding pool group "
+          f"{j['binding_pool_group']})")
+    longest = j["max_seq_len_at_max_batch_size"]
+    print(f"longest sequence for {j['max_batch_size']} concurrent requests: "
+          f"{'unbounded' if longest is None else longest} tokens")
+    for note in j["unverified"]:
+        print(f"note (unverified catalog value): {note}")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    j = plan_json(plan(_plan_spec(args)))
+    if args.json:
+        print(json.dumps(j, indent=2))
+    else:
+        _print_plan(j)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="hybridkv", description="KV-cache planning and management for hybrid models")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    m = sub.add_parser("models", help="list the built-in model catalog")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
+    pl = sub.add_parser("plan", help="plan pool sizes for a model and a memory quota")
+    pl.add_argument("model", help="catalog name, hybridkv layout JSON, or HF config.json path")
+    pl.add_argument("--gpu-mem", required=True, help="GPU bytes for KV cache, e.g. 40GiB")
+    pl.add_argument("--host-mem", help="host bytes for the offload tier, e.g. 64GiB")
+    pl.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE)
+    pl.add_argument("--max-seq-len", help="tokens (default: model max, capped at 32k)")
+    pl.add_argument("--tokens-per-block", type=int, default=DEFAULT_TOKENS_PER_BLOCK)
+    pl.add_argument("--constraint", action="append", default=[],
+                    help="batch that must fit at once: COUNTxCAP[@HIST][+...][,prefix=N]")
+    pl.add_argument("--typical", help="typical step (sets the split), same syntax")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
+    return p
+
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except HybridKVError as e:
+        print(f"hybridkv: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # `hybridkv models | head`: the reader left; not an error
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

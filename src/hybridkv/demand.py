@@ -1,0 +1,141 @@
+"""The demand function: how many slots a batch of requests needs in each pool group.
+
+This is the one place that turns (capacity, history) pairs into slot counts. The planner's
+floors, the concurrency / sequence-length reports, the scheduler's admission gate and the
+simulator all call it; nothing re-derives it.
+
+A shared prefix (a system prompt of ``P`` tokens every request of the batch starts with) is
+counted once: its full blocks ``[0, P // tpb)`` are shared where live (the partly filled last
+block is each request's own copy). SSM state is never shared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from hybridkv.errors import ConfigError
+from hybridkv.grouping import GroupedLayout
+from hybridkv.lifecycle import IntArray, LifeCycle, keep_start, live_blocks, sink_blocks
+from hybridkv.lifecycle import worst_decode_blocks as _worst
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Requests that must be in memory at the same time (a *constraint* or a *typical step*).
+
+    Per request a capacity (tokens it may hold after the step) and a history (tokens already
+    computed); ``shared_prefix_tokens`` leading tokens are the same in every request.
+    """
+
+    name: str
+    capacity: tuple[int, ...]
+    history: tuple[int, ...]
+    shared_prefix_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.capacity) != len(self.history):
+            raise ConfigError(f"batch {self.name!r}: {len(self.capacity)} capacities but "
+                              f"{len(self.history)} histories")
+        if not self.capacity:
+            raise ConfigError(f"batch {self.name!r} has no requests")
+        for c, h in zip(self.capacity, self.history, strict=True):
+            if not 0 <= h <= c or c < 1:
+                raise ConfigError(f"batch {self.name!r}: need 0 <= history <= capacity and "
+                                  f"capacity >= 1, got capacity {c}, history {h}")
+        if self.shared_prefix_tokens < 0:
+            raise ConfigError(f"batch {self.name!r}: shared_prefix_tokens must be >= 0")
+
+    @staticmethod
+    def uniform(
+        name: str, count: int, capacity: int, history: int | None = None, prefix: int = 0
+    ) -> Batch:
+        """``count`` equal requests; history defaults to capacity - 1 (a decode step)."""
+        if count < 1:
+            raise ConfigError(f"batch {name!r}: count must be >= 1, got {count}")
+        h = capacity - 1 if history is None else history
+        return Batch(name, (capacity,) * count, (h,) * count, prefix)
+
+    def __len__(self) -> int:
+        return len(self.capacity)
+
+
+def _covered(starts: IntArray, ends: IntArray) -> int:
+    """Length of the union of half-open intervals [starts[i], ends[i])."""
+    keep = ends > starts
+    s, e = starts[keep], ends[keep]
+    if s.size == 0:
+        return 0
+    order = np.argsort(s, kind="stable")
+    s, e = s[order], e[order]
+    reach = np.concatenate([[0], np.maximum.accumulate(e)[:-1]])
+    return int(np.clip(e - np.maximum(s, reach), 0, None).sum())
+
+
+def layer_group_demand(
+    lc: LifeCycle, tokens_per_block: int, capacity: IntArray, history: IntArray, prefix: int = 0
+) -> int:
+    """Slots one layer group needs for these requests, a shared prefix counted once."""
+    live = live_blocks(lc, capacity, history, tokens_per_block)
+    shared_blocks = prefix // tokens_per_block
+    if lc.is_ssm or shared_blocks == 0:
+        return int(live.sum())
+    total = -(-capacity // tokens_per_block)
+    sinks = np.minimum(sink_blocks(lc, tokens_per_block), total)
+    start = np.maximum(keep_start(lc, history) // tokens_per_block, sinks)
+    # each request's live blocks inside the shared range: [0, a) and [start, b)
+    a = np.minimum(sinks, shared_blocks)
+    b = np.minimum(total, shared_blocks)
+    inside = a + np.clip(b - start, 0, None)
+    union = _covered(np.concatenate([[0], start]), np.concatenate([[a.max()], b]))
+    return int((live - inside).sum()) + union
+
+
+def demand(
+    grouped: GroupedLayout,
+    capacity: npt.ArrayLike,
+    history: npt.ArrayLike,
+    shared_prefix_tokens: int = 0,
+) -> tuple[int, ...]:
+    """Slots per pool group (indexed by pool group id) for requests at (capacity, history)."""
+    c = np.asarray(capacity, dtype=np.int64)
+    h = np.asarray(history, dtype=np.int64)
+    out = [0] * len(grouped.pool_groups)
+    for lg in grouped.layer_groups:
+        out[lg.pool_group] += layer_group_demand(
+            lg.life_cycle, grouped.tokens_per_block, c, h, shared_prefix_tokens
+        )
+    return tuple(out)
+
+
+def batch_demand(grouped: GroupedLayout, batch: Batch) -> tuple[int, ...]:
+    """``demand`` for a Batch."""
+    return demand(grouped, batch.capacity, batch.history, batch.shared_prefix_tokens)
+
+
+def worst_request_demand(grouped: GroupedLayout, max_len: int) -> tuple[int, ...]:
+    """Per pool group: the most slots one request needs while decoding at any history
+    ``h < max_len`` (the window straddle included). Exact: see lifecycle.worst_decode_blocks."""
+    tpb = grouped.tokens_per_block
+    return tuple(_worst(grouped.life_cycles(pg.id), tpb, max_len) for pg in grouped.pool_groups)
+
+
+def concurrent_decode_demand(grouped: GroupedLayout, count: int, max_len: int) -> tuple[int, ...]:
+    """Per pool group: slots for ``count`` requests decoding at once at worst-case positions.
+
+    Layer groups whose live blocks stay bounded below ``max_len`` (windows, chunks, SSM) count
+    their worst case over every history < max_len; the others (full attention, or a window
+    as long as the sequence) count one block per request: ``count`` short requests. Memory for
+    long requests is guaranteed by the single-request floor and the typical-step split.
+    """
+    tpb = grouped.tokens_per_block
+    out = []
+    for pg in grouped.pool_groups:
+        per_request = 0
+        for lc in grouped.life_cycles(pg.id):
+            bounded = lc.is_bounded_below(max_len)
+            per_request += _worst((lc,), tpb, max_len) if bounded else min(1, max_len)
+        out.append(count * per_request)
+    return tuple(out)

@@ -1,0 +1,162 @@
+"""Layouts from a Hugging Face ``config.json``.
+
+Reads ``layer_types`` when present; otherwise the model family's pattern fields:
+``sliding_window_pattern`` (Gemma 3, Cohere2), Gemma 2 alternation, ``no_rope_layers`` with
+``attention_chunk_size`` (Llama 4), ``attn_layer_period/offset`` (Jamba),
+``full_attention_interval`` (Qwen3-Next), ``hybrid_override_pattern`` (Nemotron-H),
+``use_sliding_window`` / ``max_window_layers`` (Qwen2). MLA from ``kv_lora_rank``. A window
+at least ``max_position_embeddings`` long never drops a token and is treated as full.
+Multimodal configs are read from ``text_config``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hybridkv.errors import ConfigError
+from hybridkv.layout import (
+    LayerSpec,
+    ModelLayout,
+    attention_layer,
+    dtype_bytes,
+    mla_layer,
+    ssm_layer,
+)
+from hybridkv.lifecycle import LifeCycle
+
+_FULL = "full_attention"
+_SLIDING = "sliding_attention"
+_CHUNKED = "chunked_attention"
+_LINEAR = "linear_attention"
+_MAMBA = "mamba"
+_NONE = "none"  # a layer without cache (Nemotron-H MoE/MLP layers)
+_TYPE_ALIASES = {
+    "full_attention": _FULL, "attention": _FULL, "global": _FULL,
+    "sliding_attention": _SLIDING, "sliding": _SLIDING, "local": _SLIDING,
+    "chunked_attention": _CHUNKED, "linear_attention": _LINEAR, "mamba": _MAMBA,
+}
+
+
+class _Cfg:
+    """Field access that names the file and field in every error."""
+
+    def __init__(self, data: dict[str, Any], path: str) -> None:
+        self.data, self.path = data, path
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.data.get(key)
+        return default if value is None else value
+
+    def int(self, key: str, default: int | None = None, minimum: int = 1) -> int:
+        value = self.get(key, default)
+        if value is None:
+            raise ConfigError(f"{self.path}: missing field {key!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{self.path}: field {key!r} must be an integer >= {minimum}, "
+                              f"got {value!r}")
+        return value
+
+
+def _layer_types(cfg: _Cfg, n: int) -> list[str]:
+    mt = cfg.get("model_type", "")
+    explicit = cfg.get("layer_types")
+    if explicit is not None:
+        if not isinstance(explicit, list) or len(explicit) != n:
+            raise ConfigError(f"{cfg.path}: field 'layer_types' must list {n} entries "
+                              f"(num_hidden_layers), got {explicit!r:.80}")
+        unknown = sorted({t for t in explicit if t not in _TYPE_ALIASES})
+        if unknown:
+            raise ConfigError(f"{cfg.path}: field 'layer_types' has unknown type(s) {unknown}; "
+                              f"known: {sorted(_TYPE_ALIASES)}")
+        return [_TYPE_ALIASES[t] for t in explicit]
+    if cfg.get("hybrid_override_pattern") is not None:
+        pattern = str(cfg.get("hybrid_override_pattern"))
+        if len(pattern) != n:
+            raise ConfigError(f"{cfg.path}: 'hybrid_override_pattern' has {len(pattern)} "
+                              f"layers, num_hidden_layers is {n}")
+        return [{"M": _MAMBA, "*": _FULL}.get(c, _NONE) for c in pattern]
+    if cfg.get("attn_layer_period") is not None:  # Jamba
+        period, offset = cfg.int("attn_layer_period"), cfg.int("attn_layer_offset", 0, 0)
+        return [_FULL if i % period == offset else _MAMBA for i in range(n)]
+    if cfg.get("full_attention_interval") is not None:  # Qwen3-Next
+        k = cfg.int("full_attention_interval")
+        return [_FULL if (i + 1) % k == 0 else _LINEAR for i in range(n)]
+    if cfg.get("attention_chunk_size") is not None:  # Llama 4: RoPE layers are chunked
+        no_rope = cfg.get("no_rope_layers") or [int((i + 1) % 4 != 0) for i in range(n)]
+        return [_CHUNKED if no_rope[i] else _FULL for i in range(n)]
+    window = cfg.get("sliding_window")
+    if window is None or cfg.get("use_sliding_window") is False:
+        return [_FULL] * n
+    if cfg.get("sliding_window_pattern") is not None:
+        k = cfg.int("sliding_window_pattern")
+        return [_FULL if (i + 1) % k == 0 else _SLIDING for i in range(n)]
+    if mt == "gemma2":
+        return [_SLIDING if i % 2 == 0 else _FULL for i in range(n)]
+    if mt == "qwen2":
+        first = cfg.int("max_window_layers", n, 0)
+        return [_SLIDING if i >= first else _FULL for i in range(n)]
+    return [_SLIDING] * n
+
+
+def _ssm_state(cfg: _Cfg, kind: str, hidden: int) -> LayerSpec:
+    elem = dtype_bytes(cfg.get("torch_dtype", cfg.get("dtype", "bfloat16")), f"{cfg.path}: dtype")
+    ssm_elem = elem
+    if cfg.get("mamba_ssm_cache_dtype") not in (None, "auto"):
+        ssm_elem = dtype_bytes(cfg.get("mamba_ssm_cache_dtype"), f"{cfg.path}: mamba_ssm_cache_dtype")
+    if kind == _LINEAR:  # gated delta net
+        nk, nv = cfg.int("linear_num_key_heads"), cfg.int("linear_num_value_heads")
+        dk, dv = cfg.int("linear_key_head_dim"), cfg.int("linear_value_head_dim")
+        conv = (2 * nk * dk + nv * dv) * (cfg.int("linear_conv_kernel_dim", 4) - 1)
+        return ssm_layer(conv, nv * dk * dv, elem, ssm_elem)
+    if cfg.get("mamba_num_heads") is not None:  # Mamba-2
+        heads, hd = cfg.int("mamba_num_heads"), cfg.int("mamba_head_dim")
+        d_state, groups = cfg.int("ssm_state_size"), cfg.int("n_groups", 1)
+        conv_dim = heads * hd + 2 * groups * d_state
+        kernel = cfg.int("conv_kernel", cfg.int("mamba_d_conv", 4))
+        return ssm_layer(conv_dim * (kernel - 1), heads * hd * d_state, elem, ssm_elem)
+    inner = cfg.int("mamba_expand", 2) * hidden  # Mamba-1
+    return ssm_layer(inner * (cfg.int("mamba_d_conv", 4) - 1), inner * cfg.int("mamba_d_state", 16),
+                     elem, ssm_elem)
+
+
+def _attention_spec(cfg: _Cfg, kind: str, elem: int, max_pos: int | None) -> LayerSpec:
+    if cfg.get("kv_lora_rank") is not None:
+        return mla_layer(cfg.int("kv_lora_rank"), cfg.int("qk_rope_head_dim"), elem)
+    heads = cfg.int("num_attention_heads")
+    hd = cfg.int("head_dim", cfg.int("hidden_size") // heads)
+    kv = cfg.int("num_key_value_heads", heads)
+    if kind == _CHUNKED:
+        return attention_layer(kv, hd, elem, LifeCycle.chunked(cfg.int("attention_chunk_size")))
+    if kind == _SLIDING:
+        window = cfg.int("sliding_window")
+        if max_pos is None or window < max_pos:
+            return attention_layer(kv, hd, elem, LifeCycle.sliding(window))
+    return attention_layer(kv, hd, elem, LifeCycle.full())
+
+
+def parse_hf_config(data: Any, path: str) -> ModelLayout:
+    """Build a ModelLayout from a parsed Hugging Face config.json read from ``path``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: config.json must hold one JSON object")
+    if isinstance(data.get("text_config"), dict):
+        data = {**data["text_config"], **{k: v for k, v in data.items() if k == "torch_dtype"}}
+    cfg = _Cfg(data, path)
+    n = cfg.int("num_hidden_layers")
+    dtype = cfg.get("torch_dtype", cfg.get("dtype"))
+    notes = [] if dtype else ["no torch_dtype in config: bfloat16 assumed"]
+    elem = dtype_bytes(dtype or "bfloat16", f"{path}: field 'torch_dtype'")
+    max_pos = cfg.get("max_position_embeddings")
+    if max_pos is not None:
+        max_pos = cfg.int("max_position_embeddings")
+    layers: list[LayerSpec] = []
+    cache: dict[str, LayerSpec] = {}
+    for kind in _layer_types(cfg, n):
+        if kind == _NONE:
+            continue
+        if kind not in cache:
+            is_state = kind in (_LINEAR, _MAMBA)
+            cache[kind] = (_ssm_state(cfg, kind, cfg.int("hidden_size")) if is_state
+                           else _attention_spec(cfg, kind, elem, max_pos))
+        layers.append(cache[kind])
+    name = str(cfg.get("_name_or_path", "") or cfg.get("model_type", "") or path)
+    return ModelLayout(name, tuple(layers), max_pos, f"hf-config:{path}", tuple(notes))

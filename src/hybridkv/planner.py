@@ -1,0 +1,204 @@
+"""The capacity planner: a memory quota and guarantees in, a slot count per pool group out.
+
+Floors come from guarantees, never from one request alone:
+
+1. one request of ``max_seq_len`` runs to completion alone (its worst decode position);
+2. ``max_batch_size`` requests decode concurrently at worst-case positions in every pool group
+   (demand.concurrent_decode_demand: the window straddle in every windowed group);
+3. every user constraint (a Batch) fits at once.
+
+A pool group's floor is the largest of these; memory above the floors is split in proportion to
+the typical step's slot demand (water filling: a group already above its share keeps its floor,
+the rest grow together). Everything goes through the one demand function. If the quota cannot
+hold the floors, CapacityError says how much is needed; a quota is never silently raised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hybridkv.demand import Batch, batch_demand, concurrent_decode_demand, worst_request_demand
+from hybridkv.errors import CapacityError, ConfigError
+from hybridkv.grouping import GroupedLayout, LayerGroup, group_layers
+from hybridkv.layout import ModelLayout
+from hybridkv.types import GIB, PoolGroupId
+
+DEFAULT_TOKENS_PER_BLOCK = 16
+DEFAULT_MAX_BATCH_SIZE = 32
+DEFAULT_MAX_SEQ_LEN_CAP = 32768
+
+
+def default_max_seq_len(layout: ModelLayout) -> int:
+    """The model's own limit, capped at 32k so a default plan serves many requests."""
+    return min(layout.max_position_embeddings or DEFAULT_MAX_SEQ_LEN_CAP, DEFAULT_MAX_SEQ_LEN_CAP)
+
+
+def default_typical_step(max_batch_size: int, max_seq_len: int) -> Batch:
+    """max_batch_size decodes at max_seq_len: the ratio that maximizes concurrency at the
+    longest length the plan promises (the figure peers report)."""
+    return Batch.uniform("typical", max_batch_size, max_seq_len)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanSpec:
+    """Everything the planner needs. Validated once; never mutated."""
+
+    layout: ModelLayout
+    gpu_bytes: int
+    max_seq_len: int
+    tokens_per_block: int = DEFAULT_TOKENS_PER_BLOCK
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    host_bytes: int = 0
+    constraints: tuple[Batch, ...] = ()
+    typical_step: Batch | None = None
+    slot_granularity: int = 1
+
+    def __post_init__(self) -> None:
+        positive = {"gpu_bytes (--gpu-mem)": self.gpu_bytes,
+                    "max_seq_len (--max-seq-len)": self.max_seq_len,
+                    "tokens_per_block (--tokens-per-block)": self.tokens_per_block,
+                    "max_batch_size (--max-batch-size)": self.max_batch_size,
+                    "slot_granularity": self.slot_granularity}
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+        if self.host_bytes < 0:
+            raise ConfigError(f"host_bytes (--host-mem) must be >= 0, got {self.host_bytes}")
+        for batch in self.constraints:
+            if max(batch.capacity) > self.max_seq_len:
+                raise ConfigError(f"constraint {batch.name!r} has a request of "
+                                  f"{max(batch.capacity)} tokens > max_seq_len "
+                                  f"{self.max_seq_len}; raise --max-seq-len or shorten it")
+
+    def typical(self) -> Batch:
+        return self.typical_step or default_typical_step(self.max_batch_size, self.max_seq_len)
+
+
+@dataclass(frozen=True, slots=True)
+class Floor:
+    """A pool group's minimum slot count and the guarantee or constraint that set it."""
+
+    min_slots: int
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class PoolGroupPlan:
+    """One pool group of the plan: slot size and count, its floor and why."""
+
+    id: PoolGroupId
+    layer_groups: tuple[LayerGroup, ...]
+    slot_bytes: int
+    slots: int
+    min_slots: int
+    floor_source: str
+    typical_demand: int
+    host_slots: int
+
+    @property
+    def bytes(self) -> int:
+        return self.slots * self.slot_bytes
+
+    @property
+    def layer_ids(self) -> tuple[int, ...]:
+        return tuple(sorted(i for lg in self.layer_groups for i in lg.layer_ids))
+
+
+@dataclass(frozen=True, slots=True)
+class PoolPlan:
+    """The planner's output: frozen, one entry per pool group (index = pool group id)."""
+
+    spec: PlanSpec
+    grouped: GroupedLayout
+    pool_groups: tuple[PoolGroupPlan, ...]
+
+    @property
+    def gpu_bytes_used(self) -> int:
+        return sum(pg.bytes for pg in self.pool_groups)
+
+    @property
+    def slots(self) -> tuple[int, ...]:
+        return tuple(pg.slots for pg in self.pool_groups)
+
+
+def compute_floors(spec: PlanSpec, grouped: GroupedLayout) -> tuple[Floor, ...]:
+    """Per pool group: the largest demand among the guarantees and the constraints."""
+    sources: list[tuple[str, tuple[int, ...]]] = [
+        (f"1 request of max_seq_len {spec.max_seq_len} alone",
+         worst_request_demand(grouped, spec.max_seq_len)),
+        (f"{spec.max_batch_size} concurrent decodes (max_batch_size) at worst-case positions",
+         concurrent_decode_demand(grouped, spec.max_batch_size, spec.max_seq_len)),
+    ]
+    sources += [(f"constraint {b.name!r}", batch_demand(grouped, b)) for b in spec.constraints]
+    floors = []
+    for g in range(len(grouped.pool_groups)):
+        name, need = max(sources, key=lambda s: s[1][g])  # first wins ties
+        floors.append(Floor(need[g], name))
+    return tuple(floors)
+
+
+def _check_quota(spec: PlanSpec, grouped: GroupedLayout, floors: tuple[Floor, ...]) -> None:
+    need = sum(f.min_slots * pg.slot_bytes for f, pg in zip(floors, grouped.pool_groups, strict=True))
+    if need <= spec.gpu_bytes:
+        return
+    parts = "; ".join(
+        f"pool group {pg.id} needs {f.min_slots} slots x {pg.slot_bytes} B for {f.source}"
+        for f, pg in zip(floors, grouped.pool_groups, strict=True)
+    )
+    raise CapacityError(
+        f"the KV quota --gpu-mem {spec.gpu_bytes} B ({spec.gpu_bytes / GIB:.2f} GiB) cannot hold "
+        f"the pool floors: they need {need} B ({need / GIB:.2f} GiB) ({parts}). Raise --gpu-mem "
+        f"to at least {need} B, or lower --max-batch-size ({spec.max_batch_size}) or "
+        f"--max-seq-len ({spec.max_seq_len}), or drop constraints."
+    )
+
+
+def split_slots(
+    slot_bytes: tuple[int, ...], floors: tuple[int, ...], typical: tuple[int, ...],
+    quota: int, granularity: int = 1,
+) -> tuple[int, ...]:
+    """Slots per group: floors, then memory above them in proportion to ``typical``.
+
+    Finds the largest scale k with sum(bytes * max(floor, k * typical)) <= quota, rounds each
+    count down to ``granularity`` (never below its floor), then hands leftover granules to the
+    group furthest below its share. Requires sum(bytes * floors) <= quota.
+    """
+
+    def cost(k: float) -> float:
+        return sum(b * max(f, k * d) for b, f, d in zip(slot_bytes, floors, typical, strict=True))
+
+    lo, hi = 0.0, 1.0
+    while any(typical) and cost(hi) <= quota:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(mid) <= quota else (lo, mid)
+    slots = [max(f, granularity * int(lo * d // granularity)) for f, d in zip(floors, typical, strict=True)]
+    left = quota - sum(b * s for b, s in zip(slot_bytes, slots, strict=True))
+    while True:
+        fits = [g for g, d in enumerate(typical) if d > 0 and slot_bytes[g] * granularity <= left]
+        if not fits:
+            return tuple(slots)
+        g = min(fits, key=lambda i: slots[i] / typical[i])
+        slots[g] += granularity
+        left -= slot_bytes[g] * granularity
+
+
+def plan(spec: PlanSpec) -> PoolPlan:
+    """Plan the pools for ``spec``; CapacityError if the quota cannot hold the floors."""
+    grouped = group_layers(spec.layout, spec.tokens_per_block)
+    floors = compute_floors(spec, grouped)
+    _check_quota(spec, grouped, floors)
+    typical = batch_demand(grouped, spec.typical())
+    slot_bytes = tuple(pg.slot_bytes for pg in grouped.pool_groups)
+    slots = split_slots(slot_bytes, tuple(f.min_slots for f in floors), typical,
+                        spec.gpu_bytes, spec.slot_granularity)
+    used = sum(b * s for b, s in zip(slot_bytes, slots, strict=True))
+    groups = []
+    for pg, floor, n, d in zip(grouped.pool_groups, floors, slots, typical, strict=True):
+        host = spec.host_bytes * n // used if used else 0  # same byte shares as the GPU
+        groups.append(PoolGroupPlan(
+            pg.id, tuple(grouped.layer_groups[i] for i in pg.layer_group_ids), pg.slot_bytes,
+            n, floor.min_slots, floor.source, d, host,
+        ))
+    return PoolPlan(spec, grouped, tuple(groups))

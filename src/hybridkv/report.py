@@ -1,0 +1,129 @@
+"""Reports on a plan, all through the demand function: how many requests of a length fit,
+the longest length a batch can reach, the ideal (no rounding, no floors) concurrency, and
+the JSON form the CLI prints."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from hybridkv.demand import worst_request_demand
+from hybridkv.layout import ModelLayout
+from hybridkv.planner import PoolGroupPlan, PoolPlan
+from hybridkv.types import LifeCycleKind
+
+_UNBOUNDED_TOKENS = 1 << 40
+
+
+@dataclass(frozen=True, slots=True)
+class Concurrency:
+    """How many requests of ``length`` tokens fit at once, and which pool group binds."""
+
+    length: int
+    requests: float  # fractional: slots / per-request worst-case slots, minimum over groups
+    binding_pool_group: int | None  # None when no group limits it
+
+    @property
+    def whole_requests(self) -> int:
+        return math.floor(self.requests) if math.isfinite(self.requests) else -1
+
+
+def max_concurrency(plan: PoolPlan, length: int) -> Concurrency:
+    """Requests of up to ``length`` tokens that can decode at once at worst-case positions."""
+    per_request = worst_request_demand(plan.grouped, length)
+    best, binding = math.inf, None
+    for pg, need in zip(plan.pool_groups, per_request, strict=True):
+        if need and pg.slots / need < best:
+            best, binding = pg.slots / need, int(pg.id)
+    return Concurrency(length, best, binding)
+
+
+def fits_batch(plan: PoolPlan, batch_size: int, length: int) -> bool:
+    """Whether ``batch_size`` requests can all decode to ``length`` tokens at once."""
+    need = worst_request_demand(plan.grouped, length)
+    return all(batch_size * n <= pg.slots for n, pg in zip(need, plan.pool_groups, strict=True))
+
+
+def max_seq_len_at(plan: PoolPlan, batch_size: int) -> int | None:
+    """Longest length ``batch_size`` requests can all reach together; None if unbounded
+    (no pool group grows with length) and 0 if not even one token each fits."""
+    if fits_batch(plan, batch_size, _UNBOUNDED_TOKENS):
+        return None
+    lo, hi = 0, _UNBOUNDED_TOKENS  # fits(lo) (0 tokens needs nothing), not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits_batch(plan, batch_size, mid) else (lo, mid)
+    return lo
+
+
+def ideal_bytes_per_request(layout: ModelLayout, length: int) -> int:
+    """Bytes one request of ``length`` tokens holds if every layer keeps exactly its live
+    tokens (window + sinks, chunk, all, or one state): no pages, no rounding."""
+    total = 0
+    for layer in layout.layers:
+        lc = layer.life_cycle
+        if lc.kind is LifeCycleKind.SSM:
+            total += layer.state_bytes
+            continue
+        span = lc.span_tokens()
+        live = length if span is None else min(length, span + lc.sink_tokens)
+        total += layer.kv_bytes_per_token * live
+    return total
+
+
+def ideal_concurrency(layout: ModelLayout, gpu_bytes: int, length: int) -> float:
+    return gpu_bytes / ideal_bytes_per_request(layout, length)
+
+
+def _pool_group_json(pg: PoolGroupPlan) -> dict[str, Any]:
+    lcs = [lg.life_cycle for lg in pg.layer_groups]
+    kinds = {"ssm" if lc.is_ssm else "attention" for lc in lcs}
+    spans = [lc.span_tokens() for lc in lcs if not lc.is_ssm]
+    return {
+        "id": int(pg.id),
+        "kind": kinds.pop() if len(kinds) == 1 else "mixed",
+        # one window per pool group: the widest of its layer groups, null if any is full
+        "window": None if not spans or None in spans else max(s for s in spans if s is not None),
+        "sink_tokens": max(lc.sink_tokens for lc in lcs),
+        "layer_ids": list(pg.layer_ids),
+        "slot_bytes": pg.slot_bytes,
+        "slots": pg.slots,
+        "min_slots": pg.min_slots,
+        "floor_source": pg.floor_source,
+        "bytes": pg.bytes,
+        "host_slots": pg.host_slots,
+        "typical_demand": pg.typical_demand,
+        "layer_groups": [
+            {"id": int(lg.id), "life_cycle": lg.life_cycle.describe(),
+             "window": lg.life_cycle.window_tokens, "chunk": lg.life_cycle.chunk_tokens,
+             "sink_tokens": lg.life_cycle.sink_tokens, "layer_ids": list(lg.layer_ids),
+             "slot_bytes": lg.slot_bytes}
+            for lg in pg.layer_groups
+        ],
+    }
+
+
+def plan_json(plan: PoolPlan) -> dict[str, Any]:
+    """The object ``hybridkv plan --json`` prints."""
+    spec = plan.spec
+    conc = max_concurrency(plan, spec.max_seq_len)
+    ideal = ideal_concurrency(spec.layout, spec.gpu_bytes, spec.max_seq_len)
+    return {
+        "model": spec.layout.name,
+        "tokens_per_block": spec.tokens_per_block,
+        "max_batch_size": spec.max_batch_size,
+        "max_seq_len": spec.max_seq_len,
+        "gpu_bytes": spec.gpu_bytes,
+        "gpu_bytes_used": plan.gpu_bytes_used,
+        "host_bytes": spec.host_bytes,
+        "max_concurrency_at_max_seq_len": round(conc.requests, 4),
+        "binding_pool_group": conc.binding_pool_group,
+        "ideal_concurrency_at_max_seq_len": round(ideal, 4),
+        "concurrency_ratio_to_ideal": round(conc.requests / ideal, 4),
+        "max_seq_len_at_max_batch_size": max_seq_len_at(plan, spec.max_batch_size),
+        "constraints": [c.name for c in spec.constraints],
+        "typical_step": spec.typical().name,
+        "unverified": list(spec.layout.unverified),
+        "pool_groups": [_pool_group_json(pg) for pg in plan.pool_groups],
+    }

@@ -50,7 +50,11 @@ def max_seq_len_at(plan: PoolPlan, batch_size: int) -> int | None:
     (no pool group grows with length) and 0 if not even one token each fits."""
     if fits_batch(plan, batch_size, _UNBOUNDED_TOKENS):
         return None
-    lo, hi = 0, _UNBOUNDED_TOKENS  # fits(lo) (0 tokens needs nothing), not fits(hi)
+    hi = _UNBOUNDED_TOKENS
+    for pg in plan.pool_groups:  # a full layer group needs >= ceil(L / tpb) slots per request
+        if any(lg.life_cycle.is_full for lg in pg.layer_groups):
+            hi = min(hi, (pg.slots // batch_size + 1) * plan.spec.tokens_per_block + 1)
+    lo = 0  # fits(lo): 0 tokens need nothing; not fits(hi)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits_batch(plan, batch_size, mid) else (lo, mid)

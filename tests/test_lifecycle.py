@@ -1,0 +1,110 @@
+"""Life cycles against brute force: an attention mask evaluated token by token."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from hybridkv.errors import ConfigError
+from hybridkv.lifecycle import LifeCycle, live_blocks, stale_range, worst_decode_blocks
+
+
+def visible(lc: LifeCycle, p: int, q: int) -> bool:
+    """The attention mask: does a query at position p see the key at position q?"""
+    if q > p:
+        return False
+    if lc.chunk_tokens is not None:
+        return q // lc.chunk_tokens == p // lc.chunk_tokens
+    if lc.window_tokens is None:
+        return True
+    return q < lc.sink_tokens or p - q < lc.window_tokens
+
+
+def brute_needed(lc: LifeCycle, h: int, q: int) -> bool:
+    """Is token q still needed once history is h: some future query sees it, or it is future."""
+    if q >= h:
+        return True
+    horizon = h + (lc.window_tokens or 0) + (lc.chunk_tokens or 0) + 2
+    return any(visible(lc, p, q) for p in range(h, horizon))
+
+
+def brute_live(lc: LifeCycle, c: int, h: int, tpb: int) -> int:
+    blocks = -(-c // tpb)
+    return sum(any(brute_needed(lc, h, q) for q in range(b * tpb, (b + 1) * tpb)) for b in range(blocks))
+
+
+def brute_stale(lc: LifeCycle, h: int, tpb: int) -> list[int]:
+    """Blocks wholly before h none of whose tokens is needed."""
+    return [b for b in range(h // tpb) if not any(brute_needed(lc, h, q) for q in range(b * tpb, (b + 1) * tpb))]
+
+
+WINDOWS = [1, 3, 4, 5, 8, 16, 17, 33]
+TPBS = [1, 4, 16]
+SINKS = [0, 1, 4, 5, 20]
+SLIDING = [LifeCycle.sliding(w, s) for w, s in itertools.product(WINDOWS, SINKS)]
+CHUNKED = [LifeCycle.chunked(c) for c in (1, 3, 4, 16, 24)]
+ALL = [*SLIDING, *CHUNKED, LifeCycle.full()]
+
+
+@pytest.mark.parametrize("tpb", TPBS)
+@pytest.mark.parametrize("lc", ALL, ids=lambda lc: lc.describe())
+def test_live_blocks_match_brute_force(lc: LifeCycle, tpb: int) -> None:
+    hs = np.arange(0, 70)
+    for extra in (0, 1, 7):
+        got = live_blocks(lc, hs + extra, hs, tpb)
+        want = [brute_live(lc, int(h) + extra, int(h), tpb) for h in hs]
+        assert got.tolist() == want, (lc, tpb, extra)
+
+
+@pytest.mark.parametrize("tpb", TPBS)
+@pytest.mark.parametrize("lc", ALL, ids=lambda lc: lc.describe())
+def test_stale_range_matches_brute_force(lc: LifeCycle, tpb: int) -> None:
+    for h in range(0, 70):
+        r = stale_range(lc, h, tpb)
+        assert list(range(r.start, r.stop)) == brute_stale(lc, h, tpb), (lc, tpb, h)
+
+
+@pytest.mark.parametrize("tpb", TPBS)
+@pytest.mark.parametrize("lc", ALL, ids=lambda lc: lc.describe())
+def test_worst_decode_matches_brute_force(lc: LifeCycle, tpb: int) -> None:
+    for max_len in (1, 2, 5, 17, 40, 90):
+        want = max(brute_live(lc, h + 1, h, tpb) for h in range(max_len))
+        assert worst_decode_blocks((lc,), tpb, max_len) == want, (lc, tpb, max_len)
+
+
+def test_worst_decode_of_a_mixed_pool_group_is_the_max_of_the_sum() -> None:
+    lcs = (LifeCycle.full(), LifeCycle.sliding(5, 3), LifeCycle.chunked(6))
+    for tpb, max_len in itertools.product((1, 4, 16), (1, 9, 50, 131)):
+        want = max(sum(brute_live(lc, h + 1, h, tpb) for lc in lcs) for h in range(max_len))
+        assert worst_decode_blocks(lcs, tpb, max_len) == want
+
+
+def test_straddle_formula_for_large_positions() -> None:
+    # sink blocks + ceil((window - 1) / tpb) + 1, the worst case once the window left the sinks
+    for w, s, tpb in [(128, 0, 256), (8, 0, 256), (1024, 0, 16), (1000, 4, 16), (257, 300, 256)]:
+        want = -(-s // tpb) + -(-(w - 1) // tpb) + 1
+        assert worst_decode_blocks((LifeCycle.sliding(w, s),), tpb, 10**6) == want
+
+
+def test_window_release_keeps_at_most_worst_case_for_a_long_decode() -> None:
+    lc, tpb = LifeCycle.sliding(128), 16
+    h = np.arange(0, 100_000)
+    live = live_blocks(lc, h + 1, h, tpb)
+    assert int(live.max()) == worst_decode_blocks((lc,), tpb, 100_000) == 9
+
+
+def test_ssm_holds_one_slot_per_request() -> None:
+    lc = LifeCycle.ssm()
+    assert live_blocks(lc, [0, 1, 5000], [0, 0, 4999], 16).tolist() == [0, 1, 1]
+    assert len(stale_range(lc, 5000, 16)) == 0
+    assert worst_decode_blocks((lc,), 16, 10**6) == 1
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: LifeCycle.sliding(0), lambda: LifeCycle.sliding(4, -1), lambda: LifeCycle.chunked(0),
+])
+def test_invalid_life_cycles_raise(bad: object) -> None:
+    with pytest.raises(ConfigError):
+        bad()  # type: ignore[operator]

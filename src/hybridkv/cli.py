@@ -64,7 +64,7 @@ def _plan_spec(args: argparse.Namespace) -> PlanSpec:
     return PlanSpec(
         layout=layout, gpu_bytes=parse_size(args.gpu_mem, "--gpu-mem"), max_seq_len=max_seq_len,
         tokens_per_block=args.tokens_per_block, max_batch_size=args.max_batch_size,
-        host_bytes=parse_size(args.host_mem, "--host-mem") if args.host_mem else 0,
+        host_bytes=parse_size(args.host_mem, "--host-mem", allow_zero=True) if args.host_mem else 0,
         constraints=constraints, typical_step=typical,
     )
 

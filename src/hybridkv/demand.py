@@ -45,8 +45,9 @@ class Batch:
             if not 0 <= h <= c or c < 1:
                 raise ConfigError(f"batch {self.name!r}: need 0 <= history <= capacity and "
                                   f"capacity >= 1, got capacity {c}, history {h}")
-        if self.shared_prefix_tokens < 0:
-            raise ConfigError(f"batch {self.name!r}: shared_prefix_tokens must be >= 0")
+        if not 0 <= self.shared_prefix_tokens <= min(self.capacity):
+            raise ConfigError(f"batch {self.name!r}: shared prefix {self.shared_prefix_tokens} "
+                              f"must be >= 0 and <= the shortest request ({min(self.capacity)})")
 
     @staticmethod
     def uniform(

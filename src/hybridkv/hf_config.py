@@ -77,12 +77,18 @@ def _layer_types(cfg: _Cfg, n: int) -> list[str]:
         return [{"M": _MAMBA, "*": _FULL}.get(c, _NONE) for c in pattern]
     if cfg.get("attn_layer_period") is not None:  # Jamba
         period, offset = cfg.int("attn_layer_period"), cfg.int("attn_layer_offset", 0, 0)
+        if offset >= period:
+            raise ConfigError(f"{cfg.path}: field 'attn_layer_offset' ({offset}) must be < "
+                              f"'attn_layer_period' ({period})")
         return [_FULL if i % period == offset else _MAMBA for i in range(n)]
     if cfg.get("full_attention_interval") is not None:  # Qwen3-Next
         k = cfg.int("full_attention_interval")
         return [_FULL if (i + 1) % k == 0 else _LINEAR for i in range(n)]
     if cfg.get("attention_chunk_size") is not None:  # Llama 4: RoPE layers are chunked
         no_rope = cfg.get("no_rope_layers") or [int((i + 1) % 4 != 0) for i in range(n)]
+        if not isinstance(no_rope, list) or len(no_rope) != n:
+            raise ConfigError(f"{cfg.path}: field 'no_rope_layers' must list {n} entries "
+                              "(num_hidden_layers)")
         return [_CHUNKED if no_rope[i] else _FULL for i in range(n)]
     window = cfg.get("sliding_window")
     if window is None or cfg.get("use_sliding_window") is False:
@@ -123,7 +129,7 @@ def _attention_spec(cfg: _Cfg, kind: str, elem: int, max_pos: int | None) -> Lay
     if cfg.get("kv_lora_rank") is not None:
         return mla_layer(cfg.int("kv_lora_rank"), cfg.int("qk_rope_head_dim"), elem)
     heads = cfg.int("num_attention_heads")
-    hd = cfg.int("head_dim", cfg.int("hidden_size") // heads)
+    hd = cfg.int("head_dim") if cfg.get("head_dim") is not None else cfg.int("hidden_size") // heads
     kv = cfg.int("num_key_value_heads", heads)
     if kind == _CHUNKED:
         return attention_layer(kv, hd, elem, LifeCycle.chunked(cfg.int("attention_chunk_size")))
@@ -139,7 +145,8 @@ def parse_hf_config(data: Any, path: str) -> ModelLayout:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: config.json must hold one JSON object")
     if isinstance(data.get("text_config"), dict):
-        data = {**data["text_config"], **{k: v for k, v in data.items() if k == "torch_dtype"}}
+        outer_dtype = {k: v for k, v in data.items() if k in ("torch_dtype", "dtype")}
+        data = {**outer_dtype, **data["text_config"]}
     cfg = _Cfg(data, path)
     n = cfg.int("num_hidden_layers")
     dtype = cfg.get("torch_dtype", cfg.get("dtype"))

@@ -21,6 +21,8 @@ DTYPE_BYTES: dict[str, int] = {
 
 def dtype_bytes(name: str, where: str) -> int:
     """Bytes per element of a dtype name; ConfigError naming ``where`` if unknown."""
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: dtype must be a string such as 'bfloat16', got {name!r}")
     key = name.removeprefix("torch.").lower()
     if key not in DTYPE_BYTES:
         raise ConfigError(f"{where}: unknown dtype {name!r}; use one of {sorted(DTYPE_BYTES)}")

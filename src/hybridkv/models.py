@@ -22,6 +22,8 @@ def load_model(arg: str) -> ModelLayout:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{arg}: cannot read the model file ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{arg}: the model file is not UTF-8 text (expected JSON)") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

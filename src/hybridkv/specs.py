@@ -20,8 +20,9 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
-def parse_size(text: str, option: str = "--gpu-mem") -> int:
-    """Bytes from a size like ``40GiB``; ConfigError naming ``option`` otherwise."""
+def parse_size(text: str, option: str = "--gpu-mem", allow_zero: bool = False) -> int:
+    """Bytes from a size like ``40GiB``; ConfigError naming ``option`` otherwise. Zero only
+    with ``allow_zero`` (``--host-mem 0`` means no host tier)."""
     m = _SIZE.match(text)
     if not m:
         raise ConfigError(f"{option}: cannot read size {text!r}; write e.g. 40GiB, 512MiB, "
@@ -32,7 +33,7 @@ def parse_size(text: str, option: str = "--gpu-mem") -> int:
     else:
         scale = _UNITS[unit[:1]]
     value = int(number * scale)
-    if value <= 0:
+    if value == 0 and not allow_zero:
         raise ConfigError(f"{option}: size must be > 0, got {text!r}")
     return value
 
@@ -42,7 +43,7 @@ def parse_tokens(text: str, what: str) -> int:
     t = text.strip().lower()
     scale = {"k": 1024, "m": 1024**2}.get(t[-1:], 1)
     digits = t[:-1] if scale > 1 else t
-    if not digits.isdigit():
+    if not (digits.isascii() and digits.isdigit()):
         raise ConfigError(f"{what}: cannot read token count {text!r}; write e.g. 4096 or 4k")
     return int(digits) * scale
 
@@ -61,7 +62,7 @@ def parse_batch(text: str, name: str, option: str = "--constraint") -> Batch:
     hists: list[int] = []
     for item in body.split("+"):
         count_s, sep, rest = item.strip().lower().partition("x")
-        if not sep or not count_s.isdigit() or int(count_s) < 1:
+        if not sep or not (count_s.isascii() and count_s.isdigit()) or int(count_s) < 1:
             raise ConfigError(f"{option} {text!r}: item {item!r} must look like "
                               "COUNTxCAPACITY[@HISTORY], e.g. 64x4k or 8x32k@0")
         cap_s, at, hist_s = rest.partition("@")
@@ -69,4 +70,7 @@ def parse_batch(text: str, name: str, option: str = "--constraint") -> Batch:
         hist = parse_tokens(hist_s, f"{option} {text!r}") if at else cap - 1
         caps += [cap] * int(count_s)
         hists += [hist] * int(count_s)
-    return Batch(f"{name}={text}", tuple(caps), tuple(hists), prefix)
+    try:
+        return Batch(f"{name}={text}", tuple(caps), tuple(hists), prefix)
+    except ConfigError as e:
+        raise ConfigError(f"{option} {text!r}: {e}") from None

@@ -1,0 +1,339 @@
+"""Hugging Face config.json files, read through models.load_model from files in tmp_path.
+
+Each config holds only the fields the parser reads, with the values of the published model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hybridkv.catalog import catalog_layout
+from hybridkv.errors import ConfigError
+from hybridkv.layout import BufferSpec, ModelLayout
+from hybridkv.lifecycle import LifeCycle
+from hybridkv.models import load_model
+
+NEMOTRON_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
+
+GEMMA3_27B: dict[str, Any] = {
+    "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+    "torch_dtype": "bfloat16",
+    "text_config": {
+        "model_type": "gemma3_text", "num_hidden_layers": 62, "hidden_size": 5376,
+        "num_attention_heads": 32, "num_key_value_heads": 16, "head_dim": 128,
+        "sliding_window": 1024, "sliding_window_pattern": 6, "max_position_embeddings": 131072,
+    },
+    "vision_config": {"model_type": "siglip_vision_model", "num_hidden_layers": 27},
+}
+GEMMA2_27B: dict[str, Any] = {
+    "model_type": "gemma2", "torch_dtype": "bfloat16", "num_hidden_layers": 46, "hidden_size": 4608,
+    "num_attention_heads": 32, "num_key_value_heads": 16, "head_dim": 128, "sliding_window": 4096,
+    "max_position_embeddings": 8192,
+}
+GPT_OSS_20B: dict[str, Any] = {
+    "model_type": "gpt_oss", "torch_dtype": "bfloat16", "num_hidden_layers": 24, "hidden_size": 2880,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "sliding_window": 128,
+    "max_position_embeddings": 131072,
+    "layer_types": ["sliding_attention", "full_attention"] * 12,
+}
+LLAMA4_SCOUT: dict[str, Any] = {
+    "model_type": "llama4", "torch_dtype": "bfloat16",
+    "text_config": {
+        "model_type": "llama4_text", "num_hidden_layers": 48, "hidden_size": 5120,
+        "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
+        "attention_chunk_size": 8192, "no_rope_layers": [1, 1, 1, 0] * 12,
+        "max_position_embeddings": 10485760,
+    },
+}
+QWEN3_NEXT: dict[str, Any] = {
+    "model_type": "qwen3_next", "torch_dtype": "bfloat16", "num_hidden_layers": 48, "hidden_size": 2048,
+    "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
+    "full_attention_interval": 4, "linear_num_key_heads": 16, "linear_num_value_heads": 32,
+    "linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4,
+    "max_position_embeddings": 262144,
+}
+JAMBA: dict[str, Any] = {
+    "model_type": "jamba", "torch_dtype": "bfloat16", "num_hidden_layers": 32, "hidden_size": 4096,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "attn_layer_period": 8, "attn_layer_offset": 4,
+    "mamba_expand": 2, "mamba_d_conv": 4, "mamba_d_state": 16, "max_position_embeddings": 262144,
+}
+DEEPSEEK_V3: dict[str, Any] = {
+    "model_type": "deepseek_v3", "torch_dtype": "bfloat16", "num_hidden_layers": 61, "hidden_size": 7168,
+    "num_attention_heads": 128, "num_key_value_heads": 128, "kv_lora_rank": 512, "qk_rope_head_dim": 64,
+    "qk_nope_head_dim": 128, "v_head_dim": 128, "max_position_embeddings": 163840,
+}
+NEMOTRON_H: dict[str, Any] = {
+    "model_type": "nemotron_h", "torch_dtype": "bfloat16", "num_hidden_layers": 52, "hidden_size": 2688,
+    "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 128,
+    "hybrid_override_pattern": NEMOTRON_PATTERN, "mamba_num_heads": 64, "mamba_head_dim": 64,
+    "ssm_state_size": 128, "n_groups": 8, "conv_kernel": 4, "mamba_ssm_cache_dtype": "float32",
+    "max_position_embeddings": 262144,
+}
+QWEN2_5_7B: dict[str, Any] = {
+    "model_type": "qwen2", "torch_dtype": "bfloat16", "num_hidden_layers": 28, "hidden_size": 3584,
+    "num_attention_heads": 28, "num_key_value_heads": 4, "sliding_window": 131072,
+    "max_window_layers": 28, "use_sliding_window": False, "max_position_embeddings": 131072,
+}
+PHI3_5_MINI: dict[str, Any] = {
+    "model_type": "phi3", "torch_dtype": "bfloat16", "num_hidden_layers": 32, "hidden_size": 3072,
+    "num_attention_heads": 32, "num_key_value_heads": 32, "sliding_window": 262144,
+    "max_position_embeddings": 131072,
+}
+
+
+def write(tmp_path: Path, data: Any, name: str = "config.json") -> str:
+    path = tmp_path / name
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return str(path)
+
+
+def load(tmp_path: Path, data: Any) -> ModelLayout:
+    return load_model(write(tmp_path, data))
+
+
+def ids(layout: ModelLayout, pred: Any) -> list[int]:
+    return [i for i, layer in enumerate(layout.layers) if pred(layer.life_cycle)]
+
+
+def test_gemma3_text_config_and_pattern(tmp_path: Path) -> None:
+    layout = load(tmp_path, GEMMA3_27B)
+    assert len(layout.layers) == 62
+    assert layout.max_position_embeddings == 131072
+    assert layout.name == "gemma3_text"
+    full = ids(layout, lambda lc: lc.is_full)
+    assert full == [i for i in range(62) if (i + 1) % 6 == 0]
+    assert full == [5, 11, 17, 23, 29, 35, 41, 47, 53, 59]
+    for i, layer in enumerate(layout.layers):
+        assert layer.life_cycle == (LifeCycle.full() if i in full else LifeCycle.sliding(1024))
+        assert layer.kv_bytes_per_token == 2 * 16 * 128 * 2  # K and V x kv_heads x head_dim x bf16
+        assert layer.buffers == (BufferSpec("k", 16 * 128 * 2), BufferSpec("v", 16 * 128 * 2))
+    assert layout.notes == ()  # top-level torch_dtype is read for the text model
+
+
+def test_gemma2_alternates_from_sliding(tmp_path: Path) -> None:
+    layout = load(tmp_path, GEMMA2_27B)
+    assert len(layout.layers) == 46
+    assert ids(layout, lambda lc: lc.is_full) == list(range(1, 46, 2))
+    assert ids(layout, lambda lc: lc == LifeCycle.sliding(4096)) == list(range(0, 46, 2))
+    assert {layer.kv_bytes_per_token for layer in layout.layers} == {2 * 16 * 128 * 2}
+
+
+def test_gpt_oss_explicit_layer_types(tmp_path: Path) -> None:
+    layout = load(tmp_path, GPT_OSS_20B)
+    assert [layer.life_cycle for layer in layout.layers] == [LifeCycle.sliding(128), LifeCycle.full()] * 12
+    # head_dim 64 is explicit: hidden 2880 / 64 heads would be 45
+    assert {layer.kv_bytes_per_token for layer in layout.layers} == {2 * 8 * 64 * 2}
+
+
+def test_layer_type_aliases(tmp_path: Path) -> None:
+    cfg = {**GPT_OSS_20B, "num_hidden_layers": 4, "layer_types": ["local", "global", "sliding", "attention"]}
+    layout = load(tmp_path, cfg)
+    assert [layer.life_cycle for layer in layout.layers] == [
+        LifeCycle.sliding(128), LifeCycle.full(), LifeCycle.sliding(128), LifeCycle.full()]
+
+
+def test_llama4_chunked_and_nope_global(tmp_path: Path) -> None:
+    layout = load(tmp_path, LLAMA4_SCOUT)
+    assert len(layout.layers) == 48
+    assert layout.max_position_embeddings == 10485760
+    assert ids(layout, lambda lc: lc.is_full) == list(range(3, 48, 4))
+    assert ids(layout, lambda lc: lc == LifeCycle.chunked(8192)) == [i for i in range(48) if i % 4 != 3]
+    assert {layer.kv_bytes_per_token for layer in layout.layers} == {4096}
+
+
+def test_llama4_empty_no_rope_layers_uses_the_default_interval(tmp_path: Path) -> None:
+    cfg = {**LLAMA4_SCOUT, "text_config": {**LLAMA4_SCOUT["text_config"], "no_rope_layers": []}}
+    assert load(tmp_path, cfg).layers == load(tmp_path, LLAMA4_SCOUT).layers
+
+
+def test_qwen3_next_gated_deltanet_state(tmp_path: Path) -> None:
+    layout = load(tmp_path, QWEN3_NEXT)
+    assert len(layout.layers) == 48
+    assert ids(layout, lambda lc: lc.is_full) == list(range(3, 48, 4))
+    ssm = [layer for layer in layout.layers if layer.life_cycle.is_ssm]
+    assert len(ssm) == 36
+    conv = (2 * 16 * 128 + 32 * 128) * (4 - 1)  # 24,576 elements
+    temporal = 32 * 128 * 128  # 524,288 elements
+    assert ssm[0].buffers == (BufferSpec("conv", state_bytes=conv * 2),
+                              BufferSpec("ssm", state_bytes=temporal * 2))
+    assert ssm[0].state_bytes == (conv + temporal) * 2 == 1_097_728
+    assert layout.layers[3].kv_bytes_per_token == 2 * 2 * 256 * 2
+
+
+def test_jamba_mamba1_state(tmp_path: Path) -> None:
+    layout = load(tmp_path, JAMBA)
+    assert len(layout.layers) == 32
+    assert ids(layout, lambda lc: lc.is_full) == [4, 12, 20, 28]
+    mamba = layout.layers[0]
+    inner = 2 * 4096
+    assert mamba.life_cycle == LifeCycle.ssm()
+    assert mamba.state_bytes == (inner * (4 - 1) + inner * 16) * 2 == 311_296
+    assert layout.layers[4].kv_bytes_per_token == 2 * 8 * 128 * 2  # head_dim = 4096 / 32
+
+
+def test_deepseek_v3_mla(tmp_path: Path) -> None:
+    layout = load(tmp_path, DEEPSEEK_V3)
+    assert len(layout.layers) == 61
+    layer = layout.layers[0]
+    assert layer.life_cycle == LifeCycle.full()
+    assert layer.buffers == (BufferSpec("kv_latent", 1024), BufferSpec("k_rope", 128))
+    assert layer.kv_bytes_per_token == (512 + 64) * 2 == 1152  # not 128 heads x (192 + 128)
+    assert layout.kv_bytes_per_token() == 61 * 1152
+
+
+def test_nemotron_h_pattern_keeps_only_cache_layers(tmp_path: Path) -> None:
+    layout = load(tmp_path, NEMOTRON_H)
+    kept = [c for c in NEMOTRON_PATTERN if c in "M*"]
+    assert len(NEMOTRON_PATTERN) == 52
+    assert len(layout.layers) == len(kept) == 29
+    assert ["M" if layer.life_cycle.is_ssm else "*" for layer in layout.layers] == kept
+    mamba = layout.layers[0]
+    conv_dim = 64 * 64 + 2 * 8 * 128  # 6144
+    conv, ssm = conv_dim * (4 - 1), 64 * 64 * 128
+    assert mamba.buffers == (BufferSpec("conv", state_bytes=conv * 2), BufferSpec("ssm", state_bytes=ssm * 4))
+    assert mamba.state_bytes == 18432 * 2 + 524288 * 4 == 2_134_016
+    attn = [layer for layer in layout.layers if not layer.life_cycle.is_ssm]
+    assert len(attn) == 6
+    assert attn[0].kv_bytes_per_token == 2 * 2 * 128 * 2
+
+
+def test_nemotron_h_auto_ssm_dtype_is_model_dtype(tmp_path: Path) -> None:
+    layout = load(tmp_path, {**NEMOTRON_H, "mamba_ssm_cache_dtype": "auto"})
+    assert layout.layers[0].state_bytes == (18432 + 524288) * 2 == 1_085_440
+
+
+def test_qwen2_use_sliding_window_false_is_all_full(tmp_path: Path) -> None:
+    layout = load(tmp_path, QWEN2_5_7B)
+    assert len(layout.layers) == 28
+    assert all(layer.life_cycle == LifeCycle.full() for layer in layout.layers)
+    assert layout.layers[0].kv_bytes_per_token == 2 * 4 * 128 * 2  # head_dim = 3584 / 28
+
+
+def test_qwen2_max_window_layers(tmp_path: Path) -> None:
+    cfg = {**QWEN2_5_7B, "use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 20}
+    layout = load(tmp_path, cfg)
+    assert ids(layout, lambda lc: lc.is_full) == list(range(20))
+    assert ids(layout, lambda lc: lc == LifeCycle.sliding(4096)) == list(range(20, 28))
+
+
+def test_phi3_window_beyond_max_positions_is_full(tmp_path: Path) -> None:
+    layout = load(tmp_path, PHI3_5_MINI)
+    assert len(layout.layers) == 32
+    assert all(layer.life_cycle == LifeCycle.full() for layer in layout.layers)
+    assert layout.layers[0].kv_bytes_per_token == 2 * 32 * 96 * 2 == 12288
+
+
+def test_phi3_short_window_is_sliding(tmp_path: Path) -> None:
+    layout = load(tmp_path, {**PHI3_5_MINI, "sliding_window": 2047, "max_position_embeddings": 4096})
+    assert all(layer.life_cycle == LifeCycle.sliding(2047) for layer in layout.layers)
+
+
+def test_no_sliding_window_is_all_full(tmp_path: Path) -> None:
+    cfg = {"model_type": "llama", "torch_dtype": "bfloat16", "num_hidden_layers": 32, "hidden_size": 4096,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072}
+    layout = load(tmp_path, cfg)
+    assert layout.layers == catalog_layout("llama-3.1-8b").layers
+
+
+def test_missing_dtype_assumes_bf16_with_a_note(tmp_path: Path) -> None:
+    cfg = {k: v for k, v in QWEN2_5_7B.items() if k != "torch_dtype"}
+    layout = load(tmp_path, cfg)
+    assert layout.layers[0].kv_bytes_per_token == 2048
+    assert layout.notes == ("no torch_dtype in config: bfloat16 assumed",)
+
+
+def test_float32_dtype(tmp_path: Path) -> None:
+    layout = load(tmp_path, {**QWEN2_5_7B, "torch_dtype": "float32"})
+    assert layout.layers[0].kv_bytes_per_token == 2 * 4 * 128 * 4
+
+
+def test_top_level_dtype_key_applies_to_text_config(tmp_path: Path) -> None:
+    cfg = {k: v for k, v in GEMMA3_27B.items() if k != "torch_dtype"}
+    layout = load(tmp_path, {**cfg, "dtype": "float32"})
+    assert layout.layers[0].kv_bytes_per_token == 2 * 16 * 128 * 4
+
+
+# --- the same models in the catalog --------------------------------------------------------
+
+SAME_AS_CATALOG = [
+    ("gemma-3-27b", GEMMA3_27B), ("gemma-2-27b", GEMMA2_27B), ("gpt-oss-20b", GPT_OSS_20B),
+    ("llama-4-scout", LLAMA4_SCOUT), ("qwen3-next-80b-a3b", QWEN3_NEXT), ("jamba-1.5-mini", JAMBA),
+    ("deepseek-v3", DEEPSEEK_V3), ("nemotron-3-nano-30b-a3b", NEMOTRON_H), ("qwen2.5-7b", QWEN2_5_7B),
+    ("phi-3.5-mini", PHI3_5_MINI),
+]
+
+
+@pytest.mark.parametrize(("name", "cfg"), SAME_AS_CATALOG, ids=[n for n, _ in SAME_AS_CATALOG])
+def test_matches_catalog_layout(tmp_path: Path, name: str, cfg: dict[str, Any]) -> None:
+    ours, cat = load(tmp_path, cfg), catalog_layout(name)
+    assert len(ours.layers) == len(cat.layers)
+    assert [layer.life_cycle for layer in ours.layers] == [layer.life_cycle for layer in cat.layers]
+    assert [la.kv_bytes_per_token for la in ours.layers] == [la.kv_bytes_per_token for la in cat.layers]
+    assert [layer.state_bytes for layer in ours.layers] == [layer.state_bytes for layer in cat.layers]
+    assert ours.layers == cat.layers  # buffers too
+    assert ours.max_position_embeddings == cat.max_position_embeddings
+
+
+# --- errors: ConfigError naming the file and the field ------------------------------------
+
+def _drop(cfg: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if k != key}
+
+
+ERRORS: list[tuple[str, Any, str]] = [
+    ("layer_types too short", {**GPT_OSS_20B, "layer_types": ["full_attention"] * 23}, "layer_types"),
+    ("layer_types too long", {**GPT_OSS_20B, "layer_types": ["full_attention"] * 25}, "layer_types"),
+    ("layer_types not a list", {**GPT_OSS_20B, "layer_types": "full_attention"}, "layer_types"),
+    ("unknown layer type", {**GPT_OSS_20B, "layer_types": ["full_attention"] * 23 + ["cross_attention"]},
+     "layer_types"),
+    ("missing num_hidden_layers in text_config",
+     {**GEMMA3_27B, "text_config": _drop(GEMMA3_27B["text_config"], "num_hidden_layers")},
+     "num_hidden_layers"),
+    ("num_hidden_layers 0", {**QWEN2_5_7B, "num_hidden_layers": 0}, "num_hidden_layers"),
+    ("unknown torch_dtype", {**QWEN2_5_7B, "torch_dtype": "float7"}, "torch_dtype"),
+    ("unknown torch_dtype, text_config", {**GEMMA3_27B, "torch_dtype": "bfloat17"}, "torch_dtype"),
+    ("unknown mamba_ssm_cache_dtype", {**NEMOTRON_H, "mamba_ssm_cache_dtype": "float9"},
+     "mamba_ssm_cache_dtype"),
+    ("pattern length", {**NEMOTRON_H, "num_hidden_layers": 51}, "hybrid_override_pattern"),
+    ("missing num_attention_heads", _drop(QWEN2_5_7B, "num_attention_heads"), "num_attention_heads"),
+    ("missing linear_num_value_heads", _drop(QWEN3_NEXT, "linear_num_value_heads"), "linear_num_value_heads"),
+    ("missing qk_rope_head_dim", _drop(DEEPSEEK_V3, "qk_rope_head_dim"), "qk_rope_head_dim"),
+    ("sliding_window not an int", {**PHI3_5_MINI, "sliding_window": "4096"}, "sliding_window"),
+    ("attn_layer_period 0", {**JAMBA, "attn_layer_period": 0}, "attn_layer_period"),
+]
+
+
+@pytest.mark.parametrize(("data", "field"), [(d, f) for _, d, f in ERRORS], ids=[i for i, _, _ in ERRORS])
+def test_errors_name_file_and_field(tmp_path: Path, data: Any, field: str) -> None:
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as info:
+        load_model(path)
+    message = str(info.value)
+    assert path in message
+    assert field in message
+
+
+def test_missing_num_hidden_layers_top_level(tmp_path: Path) -> None:
+    path = write(tmp_path, _drop(QWEN2_5_7B, "num_hidden_layers"))
+    with pytest.raises(ConfigError, match="num_hidden_layers") as info:
+        load_model(path)
+    assert path in str(info.value)
+
+
+def test_llama4_short_no_rope_layers(tmp_path: Path) -> None:
+    cfg = {**LLAMA4_SCOUT, "text_config": {**LLAMA4_SCOUT["text_config"], "no_rope_layers": [1, 1, 1, 0]}}
+    path = write(tmp_path, cfg)
+    with pytest.raises(ConfigError, match="no_rope_layers") as info:
+        load_model(path)
+    assert path in str(info.value)
+
+
+def test_non_string_torch_dtype(tmp_path: Path) -> None:
+    path = write(tmp_path, {**QWEN2_5_7B, "torch_dtype": 16})
+    with pytest.raises(ConfigError, match="torch_dtype") as info:
+        load_model(path)
+    assert path in str(info.value)

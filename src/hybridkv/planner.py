@@ -33,10 +33,16 @@ def default_max_seq_len(layout: ModelLayout) -> int:
     return min(layout.max_position_embeddings or DEFAULT_MAX_SEQ_LEN_CAP, DEFAULT_MAX_SEQ_LEN_CAP)
 
 
-def default_typical_step(max_batch_size: int, max_seq_len: int) -> Batch:
-    """max_batch_size decodes at max_seq_len: the ratio that maximizes concurrency at the
-    longest length the plan promises (the figure peers report)."""
-    return Batch.uniform("typical", max_batch_size, max_seq_len)
+DEFAULT_TYPICAL = "max_batch_size requests at their worst position up to max_seq_len"
+
+
+def typical_demand(spec: PlanSpec, grouped: GroupedLayout) -> tuple[int, ...]:
+    """Slots per pool group of the typical step. Default: max_batch_size requests, each at
+    its worst decode position up to max_seq_len: the ratio that maximizes concurrency at the
+    longest length the plan promises (the figure peers report, and ``max_concurrency``)."""
+    if spec.typical_step is not None:
+        return batch_demand(grouped, spec.typical_step)
+    return tuple(spec.max_batch_size * n for n in worst_request_demand(grouped, spec.max_seq_len))
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +76,8 @@ class PlanSpec:
                                   f"{max(batch.capacity)} tokens > max_seq_len "
                                   f"{self.max_seq_len}; raise --max-seq-len or shorten it")
 
-    def typical(self) -> Batch:
-        return self.typical_step or default_typical_step(self.max_batch_size, self.max_seq_len)
+    def typical_name(self) -> str:
+        return self.typical_step.name if self.typical_step else DEFAULT_TYPICAL
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +195,7 @@ def plan(spec: PlanSpec) -> PoolPlan:
     grouped = group_layers(spec.layout, spec.tokens_per_block)
     floors = compute_floors(spec, grouped)
     _check_quota(spec, grouped, floors)
-    typical = batch_demand(grouped, spec.typical())
+    typical = typical_demand(spec, grouped)
     slot_bytes = tuple(pg.slot_bytes for pg in grouped.pool_groups)
     slots = split_slots(slot_bytes, tuple(f.min_slots for f in floors), typical,
                         spec.gpu_bytes, spec.slot_granularity)

@@ -127,7 +127,7 @@ def plan_json(plan: PoolPlan) -> dict[str, Any]:
         "concurrency_ratio_to_ideal": round(conc.requests / ideal, 4),
         "max_seq_len_at_max_batch_size": max_seq_len_at(plan, spec.max_batch_size),
         "constraints": [c.name for c in spec.constraints],
-        "typical_step": spec.typical().name,
+        "typical_step": spec.typical_name(),
         "unverified": list(spec.layout.unverified),
         "pool_groups": [_pool_group_json(pg) for pg in plan.pool_groups],
     }

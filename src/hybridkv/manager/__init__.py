@@ -1,0 +1,1 @@
+"""The runtime KV-cache manager: per-request caches over paged pools, tiers, batched steps."""

@@ -1,0 +1,89 @@
+"""check_invariants for the manager: every slot owned once, none leaked, tables exactly the
+live blocks of each active request, lengths ordered, indexes consistent."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from hybridkv.errors import InvariantError
+from hybridkv.lifecycle import keep_start, live_blocks
+from hybridkv.manager.rows import NULL_SLOT
+from hybridkv.manager.state import RequestState
+from hybridkv.types import Tier
+
+if TYPE_CHECKING:
+    from hybridkv.manager.manager import KVCacheManager
+
+
+def _check_ownership(m: KVCacheManager) -> None:
+    owned: dict[tuple[Tier, int], list[np.ndarray]] = {(t, g): [] for t in Tier
+                                                       for g in range(len(m.grouped.pool_groups))}
+    for lg in m.grouped.layer_groups:
+        owned[(Tier.GPU, lg.pool_group)].append(m.rows.all_slots(lg.id))
+        for cache in m.suspended.values():
+            owned[(cache.tier, lg.pool_group)].append(cache.slots[lg.id])
+    for (tier, g), parts in owned.items():
+        alloc = m.tiers.allocators[tier][g]
+        alloc.check_invariants()
+        slots = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+        if np.unique(slots).size != slots.size:
+            raise InvariantError(f"{tier.name} pool group {g}: a slot is owned twice")
+        if slots.size and not alloc.is_allocated(slots).all():
+            raise InvariantError(f"{tier.name} pool group {g}: an owned slot is on the free list")
+        if slots.size != alloc.num_in_use:
+            raise InvariantError(f"{tier.name} pool group {g}: {alloc.num_in_use} slots in use but "
+                                 f"{slots.size} owned (leak)")
+
+
+def _check_rows(m: KVCacheManager) -> None:
+    r, n, tpb = m.rows, m.rows.n, m.tokens_per_block
+    cap, hist, com = r.capacity[:n], r.history[:n], r.committed[:n]
+    if not ((com <= hist) & (hist <= cap) & (cap <= m.max_seq_len)).all():
+        raise InvariantError("an active row breaks committed <= history <= capacity <= max_seq_len")
+    if not (r.seq_lens[:n] == cap).all():
+        raise InvariantError("seq_lens out of step with capacity")
+    handles = r.handle[:n]
+    if not (m._row[handles] == np.arange(n)).all() or not (m._state[handles] == RequestState.ACTIVE).all():
+        raise InvariantError("row index and handle index disagree")
+    for lg in m.grouped.layer_groups:
+        table = r.tables[lg.id][:n]
+        held = (table != NULL_SLOT).sum(axis=1)
+        want = live_blocks(lg.life_cycle, cap, hist, tpb)
+        if not (held == want).all():
+            i = int(np.flatnonzero(held != want)[0])
+            raise InvariantError(f"layer group {lg.id}, request {int(handles[i])}: holds {int(held[i])} pages, "
+                                 f"live blocks are {int(want[i])}")
+        rel = r.released[lg.id]
+        if rel is not None:
+            stop = np.maximum(keep_start(lg.life_cycle, hist) // tpb, r.first_stale[lg.id])
+            if not (rel[:n] == stop).all():
+                raise InvariantError(f"layer group {lg.id}: released stop differs from the stale stop")
+        if not lg.life_cycle.is_ssm:
+            cols = np.arange(table.shape[1])
+            beyond = cols[None, :] >= (-(-cap // tpb))[:, None]
+            if (table[beyond] != NULL_SLOT).any():
+                raise InvariantError(f"layer group {lg.id}: a page beyond capacity")
+
+
+def _check_suspended(m: KVCacheManager) -> None:
+    for h, cache in m.suspended.items():
+        if m._state[h] != RequestState.SUSPENDED or m._row[h] >= 0:
+            raise InvariantError(f"request {h}: suspended record but state {m._state[h]}")
+        for lg in m.grouped.layer_groups:
+            want = int(live_blocks(lg.life_cycle, cache.capacity, cache.history, m.tokens_per_block))
+            if cache.slots[lg.id].size != want or cache.ordinals[lg.id].size != want:
+                raise InvariantError(f"request {h}, layer group {lg.id}: {cache.slots[lg.id].size} pages "
+                                     f"suspended, live blocks are {want}")
+    states = m._state[:m._num_handles]
+    if int((states == RequestState.SUSPENDED).sum()) != len(m.suspended):
+        raise InvariantError("suspended count differs from suspended records")
+    if int((states == RequestState.ACTIVE).sum()) != m.rows.n:
+        raise InvariantError("active count differs from active rows")
+
+
+def check(m: KVCacheManager) -> None:
+    _check_ownership(m)
+    _check_rows(m)
+    _check_suspended(m)

@@ -1,0 +1,320 @@
+"""KVCacheManager: the object an engine holds.
+
+Per request a cache with committed <= history <= capacity and a state (state.py). Active
+caches live in dense rows of arrays (rows.py); one ``step`` call moves a whole batch to new
+(capacity, history) with NumPy work per layer group (paging.py) and returns kernel-ready
+tables (step_tables.py). Suspended caches keep their pages, which the manager moves to a
+lower tier (tiers.py, eviction.py) when the GPU needs room. Every operation is atomic: when
+pages are short it returns False / None and nothing changed; misuse raises UsageError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from hybridkv.errors import ConfigError, UsageError
+from hybridkv.manager import invariants, paging
+from hybridkv.manager.eviction import POLICIES
+from hybridkv.manager.rows import ActiveRows
+from hybridkv.manager.state import RequestState, check_transition
+from hybridkv.manager.stats import Counters, ManagerStats, collect_stats
+from hybridkv.manager.step_tables import StepTables
+from hybridkv.manager.suspended import SuspendedCache
+from hybridkv.manager.tiers import StorageConfig, TierPools
+from hybridkv.planner import PoolPlan
+from hybridkv.types import RequestId, Tier
+
+I64 = npt.NDArray[np.int64]
+I32 = npt.NDArray[np.int32]
+_NOT_ACTIVE = -1
+
+
+@dataclass(frozen=True)
+class ManagerConfig:
+    """Runtime settings besides the plan: how many caches may be active, the eviction
+    policy by name, and where each tier's bytes live."""
+
+    max_active_requests: int = 1024
+    eviction_policy: str = "priority-lru"
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def __post_init__(self) -> None:
+        if self.max_active_requests < 1:
+            raise ConfigError(f"max_active_requests must be >= 1, got {self.max_active_requests}")
+        if self.eviction_policy not in POLICIES:
+            raise ConfigError(f"unknown eviction_policy {self.eviction_policy!r}; use one of {sorted(POLICIES)}")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLengths:
+    """A cache's three lengths (tokens)."""
+
+    capacity: int
+    history: int
+    committed: int
+
+
+class KVCacheManager:
+    """Paged KV caches for many requests over the pools of one plan."""
+
+    def __init__(self, plan: PoolPlan, config: ManagerConfig | None = None) -> None:
+        self.plan, self.config = plan, config or ManagerConfig()
+        self.grouped = plan.grouped
+        self.tokens_per_block = plan.spec.tokens_per_block
+        self.max_seq_len = plan.spec.max_seq_len
+        self.rows = ActiveRows(self.grouped, self.config.max_active_requests, self.max_seq_len)
+        self.tiers = TierPools(plan, self.config.storage)
+        self.policy = POLICIES[self.config.eviction_policy]()
+        self.counters = Counters()
+        self.suspended: dict[int, SuspendedCache] = {}
+        self._state = np.zeros(1024, np.int8)
+        self._row = np.full(1024, _NOT_ACTIVE, np.int64)
+        self._num_handles = 0
+        self._clock = 0
+        self._mark = np.zeros(self.config.max_active_requests, np.int64)
+
+    # ---- lookup -------------------------------------------------------------------------
+    def state(self, handle: RequestId) -> RequestState:
+        self._check_handle(handle)
+        return RequestState(int(self._state[handle]))
+
+    def lengths(self, handle: RequestId) -> CacheLengths:
+        st = self.state(handle)
+        if st is RequestState.ACTIVE:
+            r = int(self._row[handle])
+            return CacheLengths(int(self.rows.capacity[r]), int(self.rows.history[r]), int(self.rows.committed[r]))
+        if st is RequestState.SUSPENDED:
+            c = self.suspended[handle]
+            return CacheLengths(c.capacity, c.history, c.committed)
+        raise UsageError(f"request {handle} is closed")
+
+    def active_handles(self) -> I64:
+        """Active handles in row order: a batch in this order gets zero-copy tables."""
+        out: I64 = self.rows.handle[:self.rows.n].copy()
+        return out
+
+    def row_of(self, handles: npt.ArrayLike) -> I64:
+        """Rows of active handles (UsageError naming any handle that is not active)."""
+        h = np.asarray(handles, dtype=np.int64)
+        if h.size and (int(h.min()) < 0 or int(h.max()) >= self._num_handles):
+            raise UsageError(f"unknown request handle(s): {h[(h < 0) | (h >= self._num_handles)][:8].tolist()}")
+        rows = self._row[h]
+        if h.size and int(rows.min()) < 0:
+            bad = h[rows < 0][:8].tolist()
+            raise UsageError(f"request(s) {bad} are not active (resume them first)")
+        return rows
+
+    # ---- life cycle ---------------------------------------------------------------------
+    def create(self, priority: int = 0) -> RequestId:
+        """A new, empty, suspended cache (``resume`` it to use it)."""
+        h = self._num_handles
+        if h == self._state.size:
+            self._state = np.concatenate([self._state, np.zeros(h, np.int8)])
+            self._row = np.concatenate([self._row, np.full(h, _NOT_ACTIVE, np.int64)])
+        self._num_handles += 1
+        self._state[h] = RequestState.SUSPENDED
+        self.suspended[h] = SuspendedCache.empty(h, self.rows.first_stale, priority, self._clock)
+        return RequestId(h)
+
+    def open(self, priority: int = 0) -> RequestId | None:
+        """create + resume; None (and nothing left behind) when no active row is free."""
+        if self.rows.n == self.rows.max_rows:
+            return None
+        h = self.create(priority)
+        self.resume(h)
+        return h
+
+    def resume(self, handle: RequestId) -> bool:
+        """Make a suspended cache active, bringing its pages to the GPU. False if there is no
+        row or no room even after evicting other suspended caches; then nothing changed."""
+        check_transition("resume", handle, self.state(handle))
+        cache = self.suspended[handle]
+        if self.rows.n == self.rows.max_rows:
+            return False
+        if cache.tier is not Tier.GPU:
+            need = self._pages_per_pool(cache)
+            deficit = [n - f for n, f in zip(need, self.tiers.free_slots(Tier.GPU), strict=True)]
+            if not self._evict(deficit, exclude=handle):
+                return False
+            self._move(cache, Tier.GPU)
+        row = self.rows.add(handle, cache.capacity, cache.history, cache.committed, cache.priority)
+        for g in range(len(cache.slots)):
+            self.rows.set_pages(row, g, cache.ordinals[g], cache.slots[g], cache.released[g])
+        del self.suspended[handle]
+        self._row[handle], self._state[handle] = row, RequestState.ACTIVE
+        self.counters.resumes += 1
+        return True
+
+    def suspend(self, handle: RequestId) -> None:
+        """Deactivate: pages stay where they are but may now be moved to a lower tier."""
+        check_transition("suspend", handle, self.state(handle))
+        row = int(self._row[handle])
+        pages = [self.rows.pages(row, g) for g in range(len(self.grouped.layer_groups))]
+        released = [int(r[row]) if r is not None else f for r, f in zip(self.rows.released, self.rows.first_stale,
+                                                                         strict=True)]
+        self._clock += 1
+        self.suspended[handle] = SuspendedCache(
+            handle, int(self.rows.capacity[row]), int(self.rows.history[row]), int(self.rows.committed[row]),
+            int(self.rows.priority[row]), self._clock, Tier.GPU,
+            [o for o, _ in pages], [s for _, s in pages], released)
+        self._remove_row(handle, row)
+        self._state[handle] = RequestState.SUSPENDED
+        self.counters.suspends += 1
+
+    def close(self, handle: RequestId) -> None:
+        """Free every page of the cache, on every tier."""
+        st = self.state(handle)
+        check_transition("close", handle, st)
+        if st is RequestState.ACTIVE:
+            row = int(self._row[handle])
+            for lg in self.grouped.layer_groups:
+                self.tiers.allocators[Tier.GPU][lg.pool_group].free(self.rows.pages(row, lg.id)[1])
+            self._remove_row(handle, row)
+        else:
+            cache = self.suspended.pop(handle)
+            for lg in self.grouped.layer_groups:
+                self.tiers.allocators[cache.tier][lg.pool_group].free(cache.slots[lg.id])
+        self._state[handle] = RequestState.CLOSED
+
+    def offload(self, handle: RequestId, tier: Tier = Tier.HOST) -> bool:
+        """Move a suspended cache's pages to ``tier`` now; False (nothing moved) if no room."""
+        if self.state(handle) is not RequestState.SUSPENDED:
+            raise UsageError(f"cannot offload request {handle}: only suspended caches move")
+        cache = self.suspended[handle]
+        if cache.tier is tier:
+            return True
+        free = self.tiers.free_slots(tier)
+        if any(n > f for n, f in zip(self._pages_per_pool(cache), free, strict=True)):
+            return False
+        self._move(cache, tier)
+        return True
+
+    def commit(self, handle: RequestId, tokens: int) -> None:
+        """Record that the first ``tokens`` tokens are final (prefix reuse may share them)."""
+        check_transition("commit", handle, self.state(handle))
+        lengths = self.lengths(handle)
+        if not lengths.committed <= tokens <= lengths.history:
+            raise UsageError(f"commit({handle}, {tokens}): need committed {lengths.committed} <= tokens "
+                             f"<= history {lengths.history}")
+        if self.state(handle) is RequestState.ACTIVE:
+            self.rows.committed[self._row[handle]] = tokens
+        else:
+            self.suspended[handle].committed = tokens
+
+    # ---- the batched step ---------------------------------------------------------------
+    def step(self, handles: npt.ArrayLike, capacity: npt.ArrayLike, history: npt.ArrayLike) -> StepTables | None:
+        """Move every request of the batch to its new (capacity, history): release stale window
+        blocks, allocate new blocks, evict suspended caches if needed. All or nothing: None
+        (nothing changed) when the pages do not exist even after eviction."""
+        rows = self.row_of(handles)
+        c_new = np.asarray(capacity, dtype=np.int64)
+        h_new = np.asarray(history, dtype=np.int64)
+        self._validate_step(rows, c_new, h_new)
+        deltas = paging.plan_step(self.grouped, self.rows, rows, c_new, h_new)
+        need = paging.net_slots(self.grouped, deltas)
+        deficit = [n - f for n, f in zip(need, self.tiers.free_slots(Tier.GPU), strict=True)]
+        if not self._evict(deficit):
+            return None
+        paging.apply_step(self.grouped, self.rows, deltas, self.tiers.allocators[Tier.GPU])
+        self.rows.capacity[rows], self.rows.history[rows], self.rows.seq_lens[rows] = c_new, h_new, c_new
+        self.counters.steps += 1
+        return StepTables(self.rows, rows, self.tokens_per_block)
+
+    def resize(self, handle: RequestId, capacity: int, history: int | None = None) -> bool:
+        """One request's step: new capacity (and history, default unchanged). Atomic."""
+        h = self.lengths(handle).history if history is None else history
+        return self.step([handle], [capacity], [h]) is not None
+
+    def _validate_step(self, rows: I64, c_new: I64, h_new: I64) -> None:
+        if not rows.shape == c_new.shape == h_new.shape:
+            raise UsageError(f"step: {rows.size} handles, {c_new.size} capacities, {h_new.size} histories")
+        order = np.arange(rows.size)
+        self._mark[rows] = order
+        if (self._mark[rows] != order).any():
+            raise UsageError("step: a request appears twice in one batch")
+        c_old, h_old = self.rows.capacity[rows], self.rows.history[rows]
+        checks = [(h_new < h_old, "history cannot move back", h_old),
+                  (h_new > c_old, "history cannot pass the old capacity (no room was held for those tokens)", c_old),
+                  (c_new < h_new, "capacity must be >= history", h_new),
+                  (c_new > self.max_seq_len, "capacity exceeds max_seq_len", np.full_like(c_old, self.max_seq_len)),
+                  (self.rows.committed[rows] > c_new, "capacity below committed tokens", self.rows.committed[rows])]
+        for bad, why, ref in checks:
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise UsageError(f"request {int(self.rows.handle[rows[i]])}: {why} (capacity {int(c_new[i])}, "
+                                 f"history {int(h_new[i])}, limit {int(ref[i])})")
+
+    # ---- tiers and eviction -------------------------------------------------------------
+    def _pages_per_pool(self, cache: SuspendedCache) -> list[int]:
+        out = [0] * len(self.grouped.pool_groups)
+        for lg in self.grouped.layer_groups:
+            out[lg.pool_group] += int(cache.slots[lg.id].size)
+        return out
+
+    def _evict(self, deficit: list[int], exclude: int | None = None) -> bool:
+        """Free GPU slots by moving suspended caches down a tier (policy order). Plans the
+        whole set first: False and nothing moved if it cannot cover ``deficit``."""
+        if all(d <= 0 for d in deficit):
+            return True
+        free = {t: self.tiers.free_slots(t) for t in (Tier.HOST, Tier.DISK)}
+        remaining, victims = list(deficit), []
+        candidates = (c for c in self.suspended.values() if c.tier is Tier.GPU and c.handle != exclude)
+        for cache in self.policy.order(candidates):
+            pages = self._pages_per_pool(cache)
+            if not any(r > 0 and p > 0 for r, p in zip(remaining, pages, strict=True)):
+                continue
+            dst = next((t for t in (Tier.HOST, Tier.DISK)
+                        if all(p <= f for p, f in zip(pages, free[t], strict=True))), None)
+            if dst is None:
+                continue
+            free[dst] = [f - p for f, p in zip(free[dst], pages, strict=True)]
+            remaining = [r - p for r, p in zip(remaining, pages, strict=True)]
+            victims.append((cache, dst))
+            if all(r <= 0 for r in remaining):
+                for victim, tier in victims:
+                    self._move(victim, tier)
+                    self.counters.evictions += 1
+                return True
+        return False
+
+    def _move(self, cache: SuspendedCache, dst: Tier) -> None:
+        """Move all of a cache's pages to ``dst`` (room checked by the caller)."""
+        lgs = self.grouped.layer_groups
+        per_pool: list[list[int]] = [[] for _ in self.grouped.pool_groups]
+        for lg in lgs:
+            per_pool[lg.pool_group].append(lg.id)
+        joined = [np.concatenate([cache.slots[g] for g in ids]) if ids else np.zeros(0, np.int32)
+                  for ids in per_pool]
+        moved = self.tiers.move(cache.tier, dst, joined)
+        for ids, new in zip(per_pool, moved, strict=True):
+            offset = 0
+            for g in ids:
+                n = cache.slots[g].size
+                cache.slots[g] = new[offset:offset + n]
+                offset += n
+        pages_bytes = sum(int(s.size) * b for s, b in zip(joined, self.tiers.slot_bytes, strict=True))
+        self.counters.record_move(cache.tier, dst, pages_bytes)
+        cache.tier = dst
+
+    def _remove_row(self, handle: int, row: int) -> None:
+        moved = self.rows.remove(row)
+        if moved is not None:
+            self._row[moved] = row
+        self._row[handle] = _NOT_ACTIVE
+
+    def _check_handle(self, handle: int) -> None:
+        if not 0 <= int(handle) < self._num_handles:
+            raise UsageError(f"unknown request handle {handle}")
+
+    # ---- observability ------------------------------------------------------------------
+    def stats(self, reset_peak: bool = False) -> ManagerStats:
+        return collect_stats(self, reset_peak)
+
+    def check_invariants(self) -> None:
+        invariants.check(self)
+
+    def close_storage(self) -> None:
+        self.tiers.close()

@@ -1,0 +1,108 @@
+"""Vectorized page bookkeeping for one batched step: which table entries to free (stale window
+blocks, a shrunk tail, an SSM state no longer needed) and which to fill with new slots.
+
+Everything is NumPy over the batch; the per-request work is a handful of array operations per
+layer group, and the variable-length ranges (a prefill chunk's new blocks) are expanded with
+one ``repeat`` instead of a Python loop.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+from hybridkv.grouping import GroupedLayout
+from hybridkv.lifecycle import keep_start
+from hybridkv.manager.rows import NULL_SLOT, ActiveRows
+from hybridkv.storage.allocator import SlotAllocator
+
+I64 = npt.NDArray[np.int64]
+I32 = npt.NDArray[np.int32]
+_EMPTY = np.zeros(0, np.int64)
+
+
+class Coords(NamedTuple):
+    """Block-table coordinates (row, block ordinal) of the entries one change touches."""
+
+    rows: I64
+    cols: I64
+
+
+class GroupDelta(NamedTuple):
+    """One layer group's change: entries to free, entries to fill, new stale stops."""
+
+    free: Coords
+    grow: Coords
+    released_rows: I64
+    released_stop: I64
+
+
+def expand(rows: I64, start: I64, count: I64) -> Coords:
+    """All (rows[i], start[i] + k) for k < count[i], in order; count may hold zeros."""
+    idx = np.flatnonzero(count > 0)
+    if idx.size == 0:
+        return Coords(_EMPTY, _EMPTY)
+    cnt, r, s = count[idx], rows[idx], start[idx]
+    if int(cnt.max()) == 1:
+        return Coords(r, s)
+    offsets = np.arange(int(cnt.sum()), dtype=np.int64) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    return Coords(np.repeat(r, cnt), np.repeat(s, cnt) + offsets)
+
+
+def plan_step(grouped: GroupedLayout, state: ActiveRows, rows: I64, c_new: I64, h_new: I64) -> list[GroupDelta]:
+    """Per layer group, what moving ``rows`` to (c_new, h_new) frees and fills. Pure."""
+    tpb = grouped.tokens_per_block
+    c_old = state.capacity[rows]
+    tot_old, tot_new = -(-c_old // tpb), -(-c_new // tpb)
+    grow_all = expand(rows, tot_old, tot_new - tot_old)
+    shrink_all = expand(rows, tot_new, tot_old - tot_new)
+    has_old, has_new = c_old > 0, c_new > 0
+    ssm_grow = Coords(rows[has_new & ~has_old], np.zeros(int((has_new & ~has_old).sum()), np.int64))
+    ssm_free = Coords(rows[has_old & ~has_new], np.zeros(int((has_old & ~has_new).sum()), np.int64))
+    out = []
+    for g, lg in enumerate(grouped.layer_groups):
+        lc = lg.life_cycle
+        rel = state.released[g]
+        if lc.is_ssm:
+            out.append(GroupDelta(ssm_free, ssm_grow, _EMPTY, _EMPTY))
+            continue
+        if rel is None:  # full attention: only the tail moves
+            out.append(GroupDelta(shrink_all, grow_all, _EMPTY, _EMPTY))
+            continue
+        stop = keep_start(lc, h_new) // tpb
+        old = rel[rows]
+        stale = expand(rows, old, stop - old)
+        moved = np.flatnonzero(stop > old)
+        free = stale if shrink_all.rows.size == 0 else Coords(
+            np.concatenate([stale.rows, shrink_all.rows]), np.concatenate([stale.cols, shrink_all.cols]))
+        out.append(GroupDelta(free, grow_all, rows[moved], stop[moved]))
+    return out
+
+
+def net_slots(grouped: GroupedLayout, deltas: list[GroupDelta]) -> list[int]:
+    """Per pool group: slots the change needs beyond what it frees (may be negative)."""
+    need = [0] * len(grouped.pool_groups)
+    for lg, d in zip(grouped.layer_groups, deltas, strict=True):
+        need[lg.pool_group] += int(d.grow.rows.size) - int(d.free.rows.size)
+    return need
+
+
+def apply_step(grouped: GroupedLayout, state: ActiveRows, deltas: list[GroupDelta],
+               allocators: list[SlotAllocator]) -> None:
+    """Free, then fill, then record stale stops. The caller checked that the slots exist."""
+    for lg, d in zip(grouped.layer_groups, deltas, strict=True):
+        if d.free.rows.size:
+            table = state.tables[lg.id]
+            allocators[lg.pool_group].free(table[d.free.rows, d.free.cols])
+            table[d.free.rows, d.free.cols] = NULL_SLOT
+    for lg, d in zip(grouped.layer_groups, deltas, strict=True):
+        if d.grow.rows.size:
+            slots = allocators[lg.pool_group].allocate(int(d.grow.rows.size))
+            if slots is None:
+                raise AssertionError(f"pool group {lg.pool_group}: slots vanished between check and apply")
+            state.tables[lg.id][d.grow.rows, d.grow.cols] = slots
+        rel = state.released[lg.id]
+        if rel is not None and d.released_rows.size:
+            rel[d.released_rows] = d.released_stop

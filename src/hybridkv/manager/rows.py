@@ -1,0 +1,94 @@
+"""Hot state of the active requests, structure of arrays, one dense row per active request.
+
+Rows ``[0, n)`` are the active requests; removing one moves the last row into the hole, so
+the rows stay dense and ``block_table[:n]`` is a kernel-ready table for "every active
+request" with no copy. Per layer group a preallocated int32 block table
+``[max_rows, max_blocks]`` maps block ordinal -> slot id; entries without a page hold
+``NULL_SLOT`` (-1, so a kernel that read one would fault instead of reading another
+request's page). Windowed / chunked groups also keep ``released[row]``: blocks
+``[sink_blocks, released)`` were stale and went back to the pool.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from hybridkv.errors import UsageError
+from hybridkv.grouping import GroupedLayout
+from hybridkv.lifecycle import sink_blocks
+
+NULL_SLOT = -1
+I32 = npt.NDArray[np.int32]
+I64 = npt.NDArray[np.int64]
+
+
+class ActiveRows:
+    """Per-row arrays for active requests; the manager owns one."""
+
+    def __init__(self, grouped: GroupedLayout, max_rows: int, max_seq_len: int) -> None:
+        tpb = grouped.tokens_per_block
+        self.max_rows = max_rows
+        self.n = 0
+        self.handle: I64 = np.zeros(max_rows, np.int64)
+        self.capacity: I64 = np.zeros(max_rows, np.int64)
+        self.history: I64 = np.zeros(max_rows, np.int64)
+        self.committed: I64 = np.zeros(max_rows, np.int64)
+        self.priority: I64 = np.zeros(max_rows, np.int64)
+        self.seq_lens: I32 = np.zeros(max_rows, np.int32)  # = capacity, int32 for kernels
+        self.tables: list[I32] = []
+        self.released: list[I64 | None] = []
+        self.first_stale: list[int] = []
+        for lg in grouped.layer_groups:
+            lc = lg.life_cycle
+            width = 1 if lc.is_ssm else -(-max_seq_len // tpb)
+            self.tables.append(np.full((max_rows, width), NULL_SLOT, np.int32))
+            windowed = not (lc.is_ssm or lc.is_full)
+            self.first_stale.append(sink_blocks(lc, tpb) if windowed else 0)
+            self.released.append(np.zeros(max_rows, np.int64) if windowed else None)
+
+    def add(self, handle: int, capacity: int, history: int, committed: int, priority: int) -> int:
+        """Append a row (tables all NULL); the caller fills its pages. Returns the row."""
+        if self.n == self.max_rows:
+            raise UsageError(f"all {self.max_rows} active rows are taken (max_active_requests)")
+        row = self.n
+        self.n += 1
+        self.handle[row], self.priority[row] = handle, priority
+        self.capacity[row], self.history[row], self.committed[row] = capacity, history, committed
+        self.seq_lens[row] = capacity
+        for lg, rel in enumerate(self.released):
+            self.tables[lg][row] = NULL_SLOT
+            if rel is not None:
+                rel[row] = self.first_stale[lg]
+        return row
+
+    def remove(self, row: int) -> int | None:
+        """Swap-remove ``row``; returns the handle whose row moved into it (or None)."""
+        last = self.n - 1
+        self.n = last
+        if row == last:
+            return None
+        arrays: list[I32 | I64] = [self.handle, self.capacity, self.history, self.committed,
+                                   self.priority, self.seq_lens, *self.tables]
+        arrays += [r for r in self.released if r is not None]
+        for arr in arrays:
+            arr[row] = arr[last]
+        return int(self.handle[row])
+
+    def pages(self, row: int, layer_group: int) -> tuple[I64, I32]:
+        """(block ordinals, slot ids) of the pages a row holds in one layer group."""
+        t = self.tables[layer_group][row]
+        ordinals = np.flatnonzero(t != NULL_SLOT)
+        return ordinals, t[ordinals]
+
+    def set_pages(self, row: int, layer_group: int, ordinals: I64, slots: I32, released: int) -> None:
+        self.tables[layer_group][row, ordinals] = slots
+        rel = self.released[layer_group]
+        if rel is not None:
+            rel[row] = released
+
+    def all_slots(self, layer_group: int) -> I32:
+        """Every slot the active rows hold in one layer group."""
+        t = self.tables[layer_group][:self.n]
+        out: I32 = t[t != NULL_SLOT]
+        return out

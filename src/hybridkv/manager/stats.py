@@ -1,0 +1,74 @@
+"""Manager statistics: per pool group and tier occupancy, and movement counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from hybridkv.types import Tier
+
+if TYPE_CHECKING:
+    from hybridkv.manager.manager import KVCacheManager
+
+
+@dataclass
+class Counters:
+    """Monotone counters since the manager was built."""
+
+    steps: int = 0
+    suspends: int = 0
+    resumes: int = 0
+    evictions: int = 0  # suspended caches moved down because the GPU needed room
+    offloads: int = 0  # caches moved to a lower tier (evictions and explicit offloads)
+    onboards: int = 0  # caches moved to a higher tier (resume from host / disk)
+    offload_bytes: int = 0
+    onboard_bytes: int = 0
+
+    def record_move(self, src: Tier, dst: Tier, nbytes: int) -> None:
+        if dst > src:
+            self.offloads += 1
+            self.offload_bytes += nbytes
+        else:
+            self.onboards += 1
+            self.onboard_bytes += nbytes
+
+
+@dataclass(frozen=True, slots=True)
+class PoolTierStats:
+    """Occupancy of one pool group on one tier (slots)."""
+
+    pool_group: int
+    tier: Tier
+    total: int
+    free: int
+    in_use: int
+    evictable: int  # held by suspended caches (movable to a lower tier, or already there)
+    peak_in_use: int  # since the last reset_peak
+
+
+@dataclass(frozen=True)
+class ManagerStats:
+    pools: tuple[PoolTierStats, ...]
+    counters: Counters
+    active_requests: int
+    suspended_requests: int
+    extra: dict[str, int] = field(default_factory=dict)
+
+    def pool(self, pool_group: int, tier: Tier = Tier.GPU) -> PoolTierStats:
+        return next(p for p in self.pools if p.pool_group == pool_group and p.tier is tier)
+
+
+def collect_stats(m: KVCacheManager, reset_peak: bool) -> ManagerStats:
+    evictable = {(g, t): 0 for g in range(len(m.grouped.pool_groups)) for t in Tier}
+    for cache in m.suspended.values():
+        for lg in m.grouped.layer_groups:
+            evictable[(lg.pool_group, cache.tier)] += int(cache.slots[lg.id].size)
+    pools = []
+    for tier, allocators in m.tiers.allocators.items():
+        for g, a in enumerate(allocators):
+            pools.append(PoolTierStats(g, tier, a.num_slots, a.num_free, a.num_in_use,
+                                       evictable[(g, tier)], a.peak_in_use))
+            if reset_peak:
+                a.reset_peak()
+    c = m.counters
+    return ManagerStats(tuple(pools), Counters(**vars(c)), m.rows.n, len(m.suspended))

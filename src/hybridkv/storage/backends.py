@@ -1,0 +1,93 @@
+"""Pool buffers: the bytes behind one pool group on one tier.
+
+Every buffer is a 2-D array of ``num_slots x slot_bytes`` uint8 (slot-major, see pages.py):
+
+- ``NumpyBuffer``: host memory (the stand-in device in CPU tests, and the host tier);
+- ``DiskBuffer``: a file-backed NumPy memmap (the disk tier);
+- ``TorchBuffer`` (storage/torch_backend.py): a torch tensor on CPU, pinned CPU or CUDA.
+
+Slots are read and written in bulk; the copy engine (copy.py) moves them between buffers.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from hybridkv.errors import ConfigError
+
+ByteArray = npt.NDArray[np.uint8]
+
+
+class PoolBuffer(Protocol):
+    """``num_slots x slot_bytes`` bytes; ``kind`` says where ("numpy", "disk", "torch:cuda"...)."""
+
+    kind: str
+    num_slots: int
+    slot_bytes: int
+
+    def read(self, slots: npt.NDArray[np.int32]) -> ByteArray:
+        """A host copy of these slots, shape (len(slots), slot_bytes)."""
+
+    def write(self, slots: npt.NDArray[np.int32], data: ByteArray) -> None:
+        """Store ``data`` (len(slots), slot_bytes) into these slots."""
+
+    def close(self) -> None:
+        """Release the memory (and the file, for disk)."""
+
+
+class NumpyBuffer:
+    """Host memory as a NumPy array."""
+
+    kind = "numpy"
+
+    def __init__(self, num_slots: int, slot_bytes: int) -> None:
+        self.num_slots, self.slot_bytes = num_slots, slot_bytes
+        self.array: ByteArray = np.zeros((num_slots, slot_bytes), dtype=np.uint8)
+
+    def read(self, slots: npt.NDArray[np.int32]) -> ByteArray:
+        return self.array[slots]
+
+    def write(self, slots: npt.NDArray[np.int32], data: ByteArray) -> None:
+        self.array[slots] = data
+
+    def close(self) -> None:
+        self.array = np.zeros((0, self.slot_bytes), dtype=np.uint8)
+
+
+class DiskBuffer(NumpyBuffer):
+    """A file-backed pool (np.memmap) in ``directory`` (a fresh temp dir when None)."""
+
+    kind = "disk"
+
+    def __init__(self, num_slots: int, slot_bytes: int, directory: str | None = None) -> None:
+        self.num_slots, self.slot_bytes = num_slots, slot_bytes
+        try:
+            fd, self.path = tempfile.mkstemp(prefix="hybridkv-pool-", suffix=".bin", dir=directory)
+        except OSError as e:
+            raise ConfigError(f"disk tier: cannot create a pool file in {directory!r}: {e.strerror}") from None
+        os.close(fd)
+        shape = (max(num_slots, 1), slot_bytes)
+        self.array = np.memmap(self.path, dtype=np.uint8, mode="w+", shape=shape)[:num_slots]
+
+    def close(self) -> None:
+        self.array = np.zeros((0, self.slot_bytes), dtype=np.uint8)
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
+def make_buffer(kind: str, num_slots: int, slot_bytes: int, **options: Any) -> PoolBuffer:
+    """A buffer by kind: "numpy", "disk", or "torch" (options: device, pin_memory)."""
+    if kind == "numpy":
+        return NumpyBuffer(num_slots, slot_bytes)
+    if kind == "disk":
+        return DiskBuffer(num_slots, slot_bytes, options.get("directory"))
+    if kind == "torch":
+        from hybridkv.storage.torch_backend import TorchBuffer  # optional extra, imported lazily
+
+        return TorchBuffer(num_slots, slot_bytes, **options)
+    raise ConfigError(f"unknown storage backend {kind!r}; use 'numpy', 'disk' or 'torch'")

@@ -140,3 +140,26 @@ def concurrent_decode_demand(grouped: GroupedLayout, count: int, max_len: int) -
             per_request += _worst((lc,), tpb, max_len) if bounded else min(1, max_len)
         out.append(count * per_request)
     return tuple(out)
+
+
+def per_request_demand(grouped: GroupedLayout, capacity: npt.ArrayLike, history: npt.ArrayLike) -> IntArray:
+    """Slots each request needs, per pool group: an ``[n_requests, n_pool_groups]`` array
+    (no sharing). The scheduler's vectorized admission gate and victim choice use it."""
+    c = np.asarray(capacity, dtype=np.int64)
+    h = np.asarray(history, dtype=np.int64)
+    out = np.zeros((c.size, len(grouped.pool_groups)), dtype=np.int64)
+    for lg in grouped.layer_groups:
+        out[:, lg.pool_group] += live_blocks(lg.life_cycle, c, h, grouped.tokens_per_block)
+    return out
+
+
+def lifetime_peak_demand(grouped: GroupedLayout, prompt_tokens: int, total_tokens: int,
+                         chunk_tokens: int) -> tuple[int, ...]:
+    """Per pool group: the most slots one request ever needs on its way from nothing to
+    ``total_tokens``: prefill chunks of at most ``chunk_tokens`` starting at any history below
+    ``prompt_tokens``, then one-token decodes. Exact (every history is evaluated)."""
+    if not 0 < prompt_tokens <= total_tokens or chunk_tokens < 1:
+        raise ConfigError(f"need 0 < prompt ({prompt_tokens}) <= total ({total_tokens}) and chunk >= 1")
+    h = np.arange(total_tokens, dtype=np.int64)
+    c = np.where(h < prompt_tokens, np.minimum(h + chunk_tokens, prompt_tokens), h + 1)
+    return tuple(int(x) for x in per_request_demand(grouped, c, h).max(axis=0))

@@ -1,0 +1,1 @@
+"""Continuous batching over the KV-cache manager, with a liveness guarantee."""

@@ -1,0 +1,55 @@
+"""What clients ask for, and the scheduler's record of each request."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from hybridkv.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class SeqRequest:
+    """A generation request: a prompt of ``prompt_tokens`` and up to ``max_new_tokens`` out."""
+
+    request_id: int
+    prompt_tokens: int
+    max_new_tokens: int
+    arrival_s: float = 0.0
+    priority: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prompt_tokens < 1 or self.max_new_tokens < 1:
+            raise ConfigError(f"request {self.request_id}: prompt_tokens ({self.prompt_tokens}) and "
+                              f"max_new_tokens ({self.max_new_tokens}) must be >= 1")
+
+    @property
+    def total_tokens(self) -> int:
+        """KV positions the request can reach: the prompt plus every output but the last."""
+        return self.prompt_tokens + self.max_new_tokens - 1
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # never ran, or preempted (its KV dropped: it recomputes)
+    RUNNING = "running"  # active in the manager
+    SUSPENDED = "suspended"  # pages moved to a lower tier; resumes before newer requests
+    FINISHED = "finished"
+    REJECTED = "rejected"  # could never fit: refused at submission with ``reason``
+
+
+@dataclass(slots=True)
+class Tracked:
+    """The scheduler's record of one request (cold path: touched on admission and exit)."""
+
+    spec: SeqRequest
+    seq: int  # arrival order: victims are chosen latest first, admission earliest first
+    status: Status = Status.WAITING
+    handle: int | None = None
+    prefill_target: int = 0  # tokens to prefill (prompt, plus outputs after a preemption)
+    generated: int = 0
+    first_token_s: float | None = None
+    finish_s: float | None = None
+    preemptions: int = 0
+    suspensions: int = 0
+    reason: str = ""
+    reservation: tuple[int, ...] = field(default=())

@@ -1,0 +1,281 @@
+"""The continuous-batching scheduler.
+
+Each ``schedule()`` builds one step: every running request decodes one token or takes a
+prefill chunk (decodes first, then chunks in arrival order, under ``token_budget``); then
+waiting requests are admitted in arrival order while the next step still fits. Every
+decision goes through the demand function (``per_request_demand``) checked against every
+pool group; the manager's own accounting must agree (a refused step is an InvariantError).
+
+Liveness (docs/ARCHITECTURE.md has the argument): the earliest-arrived running request
+is never a victim, and the plan guarantees that one request alone can always take at least
+one token. So every step advances some request, and every admitted request finishes.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from hybridkv.demand import lifetime_peak_demand, per_request_demand
+from hybridkv.errors import ConfigError, InvariantError
+from hybridkv.manager.manager import KVCacheManager
+from hybridkv.manager.step_tables import StepTables
+from hybridkv.scheduler.max_utilization import MaxUtilization
+from hybridkv.scheduler.no_evict import NoEvict
+from hybridkv.scheduler.policy import SchedulingPolicy
+from hybridkv.scheduler.request import SeqRequest, Status, Tracked
+from hybridkv.types import RequestId, Tier
+
+I64 = npt.NDArray[np.int64]
+POLICIES: dict[str, type[SchedulingPolicy]] = {MaxUtilization.name: MaxUtilization, NoEvict.name: NoEvict}
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """``admission_check``: "lifetime" refuses at submission a request whose peak demand (one
+    token at a time) exceeds a pool group; "final-length" checks only its last position (what
+    a single-request planner assumes; kept to reproduce that bug class in the simulator)."""
+
+    max_batch_size: int = 32
+    token_budget: int = 8192
+    prefill_chunk_tokens: int = 2048
+    policy: str = "max-utilization"
+    admission_check: str = "lifetime"
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.prefill_chunk_tokens < 1:
+            raise ConfigError("max_batch_size and prefill_chunk_tokens must be >= 1")
+        if self.token_budget < self.max_batch_size:
+            raise ConfigError(f"token_budget ({self.token_budget}) must be >= max_batch_size "
+                              f"({self.max_batch_size}) so every running request can decode")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"unknown policy {self.policy!r}; use one of {sorted(POLICIES)}")
+        if self.admission_check not in ("lifetime", "final-length"):
+            raise ConfigError("admission_check must be 'lifetime' or 'final-length'")
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One step for the engine: the running batch in manager row order, tokens per request
+    (0: waiting for budget), and the page tables. ``deadlocked``: nothing can advance."""
+
+    handles: I64
+    capacity: I64
+    history: I64
+    num_tokens: I64
+    tables: StepTables | None
+    deadlocked: bool = False
+
+    @property
+    def advanced(self) -> bool:
+        return bool(self.num_tokens.sum() > 0)
+
+
+class Scheduler:
+    """Owns the queue and the running set over one KVCacheManager."""
+
+    def __init__(self, manager: KVCacheManager, config: SchedulerConfig | None = None) -> None:
+        self.manager, self.config = manager, config or SchedulerConfig()
+        if manager.rows.max_rows < self.config.max_batch_size:
+            raise ConfigError(f"manager max_active_requests ({manager.rows.max_rows}) < max_batch_size "
+                              f"({self.config.max_batch_size})")
+        self.policy = POLICIES[self.config.policy]()
+        self.slots = list(manager.plan.slots)
+        self.requests: dict[int, Tracked] = {}
+        self.by_handle: dict[int, Tracked] = {}
+        self._waiting: list[tuple[int, int]] = []  # heap of (seq, request_id)
+        self._seq = 0
+        self._target = np.zeros(0, np.int64)  # per handle: prefill target
+        self._order = np.zeros(0, np.int64)  # per handle: arrival seq
+        self.preemptions = self.suspensions = 0
+
+    # ---- submission -------------------------------------------------------------------
+    def submit(self, spec: SeqRequest) -> Tracked:
+        """Queue a request, or refuse it now (status REJECTED, ``reason`` says why)."""
+        if spec.request_id in self.requests:
+            raise ConfigError(f"request id {spec.request_id} submitted twice")
+        t = Tracked(spec, self._seq, prefill_target=spec.prompt_tokens)
+        self._seq += 1
+        self.requests[spec.request_id] = t
+        t.reason = self._never_fits(spec)
+        if t.reason:
+            t.status = Status.REJECTED
+            return t
+        heapq.heappush(self._waiting, (t.seq, spec.request_id))
+        return t
+
+    def _never_fits(self, spec: SeqRequest) -> str:
+        limit = self.manager.max_seq_len
+        if spec.total_tokens > limit:
+            return f"needs {spec.total_tokens} tokens > max_seq_len {limit}"
+        g = self.manager.grouped
+        if self.config.admission_check == "lifetime":
+            need = lifetime_peak_demand(g, spec.prompt_tokens, spec.total_tokens, 1)
+        else:
+            need = tuple(int(x) for x in per_request_demand(g, [spec.total_tokens], [spec.total_tokens - 1])[0])
+        for pg, (n, s) in enumerate(zip(need, self.slots, strict=True)):
+            if n > s:
+                lcs = "+".join(lc.describe() for lc in g.life_cycles(g.pool_groups[pg].id))
+                return f"pool group {pg} ({lcs}) needs {n} slots even alone, it has {s}"
+        return ""
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    # ---- one step ---------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        """Choose this step's work, make room, admit, and allocate through the manager."""
+        m, cap_override = self.manager, {}
+        for _ in range(3):
+            hs = m.rows.handle[:m.rows.n].copy()
+            h_new = m.rows.capacity[:m.rows.n].copy()  # last step's tokens are computed now
+            tokens = self._tokens(hs, h_new, cap_override)
+            new_d = per_request_demand(m.grouped, h_new + tokens, h_new)
+            held = per_request_demand(m.grouped, h_new, m.rows.history[:m.rows.n])
+            avail = np.asarray(m.tiers.free_slots(Tier.GPU)) + held.sum(axis=0)
+            if (new_d.sum(axis=0) <= avail).all():
+                break
+            if not self.policy.preempts:
+                raise InvariantError(f"policy {self.policy.name} would have to preempt: reservations broken")
+            order = np.argsort(self._order[hs], kind="stable")
+            fits = (np.cumsum(new_d[order], axis=0) <= avail).all(axis=1)
+            keep = int(fits.argmin())  # fits is a True prefix then False
+            if keep == 0:  # the head alone cannot take its chunk: shrink it (a decode is 1)
+                head = int(order[0])
+                chunk = self._fitting_chunk(int(h_new[head]), int(tokens[head]), avail)
+                if chunk == 0:
+                    return StepPlan(hs, h_new, h_new, np.zeros_like(h_new), None, deadlocked=True)
+                cap_override[int(hs[head])] = chunk
+                keep = 1
+            for victim in hs[order[keep:]][::-1]:  # latest arrival first
+                self._suspend_or_preempt(self.by_handle[int(victim)])
+        else:
+            raise InvariantError("schedule() did not converge after making room")
+        free_after = avail - new_d.sum(axis=0)
+        budget = self.config.token_budget - int(tokens.sum())
+        adm_h, adm_c, adm_hist = self._admit(free_after, budget)
+        hs, c = np.concatenate([hs, adm_h]), np.concatenate([h_new + tokens, adm_c])
+        hist = np.concatenate([h_new, adm_hist])
+        tables = m.step(hs, c, hist)
+        if tables is None:
+            raise InvariantError("the manager refused a step the demand function accepted")
+        return StepPlan(hs, c, hist, c - hist, tables)
+
+    def _tokens(self, hs: I64, h: I64, cap_override: dict[int, int]) -> I64:
+        """Decodes take 1 token; prefill chunks share the rest of the budget in arrival order."""
+        target = self._target[hs]
+        prefill = np.flatnonzero(h < target)
+        tokens = np.ones(hs.size, np.int64)
+        if prefill.size:
+            prefill = prefill[np.argsort(self._order[hs[prefill]], kind="stable")]
+            want = np.minimum(target[prefill] - h[prefill], self.config.prefill_chunk_tokens)
+            for i, handle in enumerate(hs[prefill].tolist()):
+                if handle in cap_override:
+                    want[i] = min(want[i], cap_override[handle])
+            budget = self.config.token_budget - (hs.size - prefill.size)
+            before = np.cumsum(want) - want
+            tokens[prefill] = np.clip(budget - before, 0, want)
+        return tokens
+
+    def _fitting_chunk(self, h: int, chunk: int, avail: I64) -> int:
+        while chunk >= 1:
+            if (per_request_demand(self.manager.grouped, [h + chunk], [h])[0] <= avail).all():
+                return chunk
+            chunk //= 2
+        return 0
+
+    def _admit(self, free: I64, budget: int) -> tuple[I64, I64, I64]:
+        """Admit waiting requests in arrival order while the step still fits. ``free``: slots
+        left after this step; a resumed cache also needs its pages on the GPU *before* the
+        step, out of the slots free right now."""
+        m, out_h, out_c, out_hist = self.manager, [], [], []
+        free_now = np.asarray(m.tiers.free_slots(Tier.GPU))
+        while self._waiting and m.rows.n < self.config.max_batch_size and budget > 0:
+            t = self.requests[self._waiting[0][1]]
+            if t.status is Status.SUSPENDED:
+                assert t.handle is not None
+                h = m.lengths(RequestId(t.handle)).capacity
+                held = per_request_demand(m.grouped, [h], [m.lengths(RequestId(t.handle)).history])[0]
+            else:
+                h, held = 0, np.zeros_like(free)
+            tok = 1 if h >= t.prefill_target else min(self.config.prefill_chunk_tokens, t.prefill_target - h, budget)
+            need = np.maximum(per_request_demand(m.grouped, [h + tok], [h])[0], held)
+            if (need > free).any() and m.rows.n == 0 and tok > 1:  # alone: a smaller chunk must fit
+                tok = max(self._fitting_chunk(h, tok, free), 1)
+                need = np.maximum(per_request_demand(m.grouped, [h + tok], [h])[0], held)
+            if (need > free).any() or (held > free_now).any() or not self.policy.admits(self, t):
+                break
+            heapq.heappop(self._waiting)
+            self._activate(t)
+            free, free_now, budget = free - need, free_now - held, budget - tok
+            out_h.append(t.handle)
+            out_c.append(h + tok)
+            out_hist.append(h)
+        return (np.asarray(out_h, np.int64), np.asarray(out_c, np.int64), np.asarray(out_hist, np.int64))
+
+    def _activate(self, t: Tracked) -> None:
+        m = self.manager
+        if t.status is Status.SUSPENDED:
+            assert t.handle is not None
+            if not m.resume(RequestId(t.handle)):
+                raise InvariantError(f"request {t.spec.request_id}: resume refused after the demand check")
+        else:
+            handle = m.open(t.spec.priority)
+            if handle is None:
+                raise InvariantError("no active row although running < max_batch_size")
+            t.handle = int(handle)
+            self.by_handle[t.handle] = t
+            self._grow_handle_arrays(t.handle)
+            self._target[t.handle], self._order[t.handle] = t.prefill_target, t.seq
+            self.policy.on_admit(self, t)
+        t.status = Status.RUNNING
+
+    def _grow_handle_arrays(self, handle: int) -> None:
+        if handle >= self._target.size:
+            n = max(2 * self._target.size, handle + 1, 1024)
+            self._target = np.resize(self._target, n)
+            self._order = np.resize(self._order, n)
+
+    def _suspend_or_preempt(self, t: Tracked) -> None:
+        """Free a victim's GPU pages: to a lower tier when one has room, else drop its KV
+        (it recomputes prompt + outputs so far when re-admitted, before newer requests)."""
+        assert t.handle is not None
+        h = RequestId(t.handle)
+        self.manager.suspend(h)
+        if self.manager.offload(h, Tier.HOST) or self.manager.offload(h, Tier.DISK):
+            t.status, t.suspensions = Status.SUSPENDED, t.suspensions + 1
+            self.suspensions += 1
+        else:
+            self._release(t)
+            t.status, t.preemptions = Status.WAITING, t.preemptions + 1
+            t.prefill_target = t.spec.prompt_tokens + t.generated
+            self.preemptions += 1
+        heapq.heappush(self._waiting, (t.seq, t.spec.request_id))
+
+    def _release(self, t: Tracked) -> None:
+        assert t.handle is not None
+        self.manager.close(RequestId(t.handle))
+        self.by_handle.pop(t.handle)
+        self.policy.on_exit(self, t)
+        t.handle = None
+
+    # ---- after the engine ran the step ------------------------------------------------
+    def complete(self, plan: StepPlan, now_s: float) -> list[Tracked]:
+        """Record the step's outputs: a request whose computed tokens reach its prefill
+        target emits one token; those with max_new_tokens outputs finish (pages freed)."""
+        emitted = (plan.num_tokens > 0) & (plan.capacity >= self._target[plan.handles])
+        finished = []
+        for handle in plan.handles[emitted].tolist():
+            t = self.by_handle[handle]
+            t.generated += 1
+            if t.first_token_s is None:
+                t.first_token_s = now_s
+            if t.generated >= t.spec.max_new_tokens:
+                self._release(t)
+                t.status, t.finish_s = Status.FINISHED, now_s
+                finished.append(t)
+        return finished

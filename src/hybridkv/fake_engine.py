@@ -38,6 +38,7 @@ class _Words:
     """An int64 view of a pool buffer, indexed by (slot, word) on its own device."""
 
     def __init__(self, buffer: Any) -> None:
+        self.torch: Any = None
         if hasattr(buffer, "tensor"):
             import torch
 
@@ -45,7 +46,6 @@ class _Words:
             self.device = buffer.tensor.device
             self.words = buffer.tensor.view(torch.int64)
         else:
-            self.torch = None
             self.words = buffer.array.view(np.int64)
 
     def _idx(self, a: I64) -> Any:

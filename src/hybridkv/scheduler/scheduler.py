@@ -129,7 +129,7 @@ class Scheduler:
     # ---- one step ---------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         """Choose this step's work, make room, admit, and allocate through the manager."""
-        m, cap_override = self.manager, {}
+        m, cap_override = self.manager, dict[int, int]()
         for _ in range(3):
             hs = m.rows.handle[:m.rows.n].copy()
             h_new = m.rows.capacity[:m.rows.n].copy()  # last step's tokens are computed now

@@ -74,8 +74,13 @@ class TierPools:
 
     def move(self, src: Tier, dst: Tier, slots: list[I32]) -> list[I32]:
         """Move pages (per pool group) from ``src`` to ``dst``: allocate, copy, free the source.
-        The caller has checked that ``dst`` has room; returns the new slot ids."""
-        out = []
+        The caller has checked that ``dst`` has room; returns the new slot ids.
+
+        With an asynchronous (CUDA) copy engine: before the GPU source slots go back to the
+        allocator the host waits for the copies (a new owner's kernels could otherwise overwrite
+        them mid-copy; queued GPU compute keeps running); pages arriving on the GPU make the
+        compute stream wait for their copies, the host does not."""
+        out, freed = [], []
         for g, ids in enumerate(slots):
             if ids.size == 0:
                 out.append(ids)
@@ -86,9 +91,15 @@ class TierPools:
             sb, db = self.buffers[src][g], self.buffers[dst][g]
             if sb is not None and db is not None:
                 self.copy_engine.copy(sb, ids, db, new)
-            self.allocators[src][g].free(ids)
+            freed.append((g, ids))
             self.bytes_moved[(src, dst)] += int(ids.size) * self.slot_bytes[g]
             out.append(new)
+        if src is Tier.GPU:
+            self.copy_engine.synchronize()
+        if dst is Tier.GPU:
+            self.copy_engine.wait_for_copies()
+        for g, ids in freed:
+            self.allocators[src][g].free(ids)
         return out
 
     def close(self) -> None:

@@ -25,7 +25,11 @@ class CopyEngine(Protocol):
         """Copy slot ``src_slots[i]`` of ``src`` into ``dst_slots[i]`` of ``dst`` for every i."""
 
     def synchronize(self) -> None:
-        """Wait until every copy issued so far is complete."""
+        """Wait (the host) until every copy issued so far is complete."""
+
+    def wait_for_copies(self) -> None:
+        """Make later work on the caller's compute stream wait for every copy issued so far
+        (the host does not wait). Synchronous engines: nothing to do."""
 
 
 def contiguous_runs(src: SlotArray, dst: SlotArray) -> list[tuple[int, int, int]]:
@@ -64,4 +68,7 @@ class HostCopyEngine:
         dst.write(dst_slots, src.read(src_slots))
 
     def synchronize(self) -> None:
+        return None
+
+    def wait_for_copies(self) -> None:
         return None

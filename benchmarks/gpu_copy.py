@@ -41,6 +41,17 @@ def timed(fn, repeats: int = 5) -> float:
     return statistics.median(out[1:])
 
 
+def naive(src: TorchBuffer, s: np.ndarray, dst: TorchBuffer, d: np.ndarray) -> None:
+    """The naive way: index_select into a temporary, one copy, index_copy_ on the far side."""
+    si = torch.from_numpy(s.astype(np.int64)).to(src.device)
+    di = torch.from_numpy(d.astype(np.int64)).to(dst.device)
+    tmp = src.tensor.index_select(0, si)
+    staged = torch.empty(tmp.shape, dtype=tmp.dtype, device=dst.device, pin_memory=not dst.tensor.is_cuda)
+    staged.copy_(tmp, non_blocking=True)
+    torch.cuda.synchronize()
+    dst.tensor.index_copy_(0, di, staged)
+
+
 def scattered(rng: np.random.Generator, n_pages: int, n_slots: int) -> np.ndarray:
     return rng.choice(n_slots, n_pages, replace=False).astype(np.int32)
 
@@ -59,8 +70,7 @@ def bandwidth_table(n_pages: int, rng: np.random.Generator) -> list[dict]:
         d2h_ceiling = nbytes / timed(lambda a=c_src, b=c_dst: b.copy_(a, non_blocking=True))
         h2d_ceiling = nbytes / timed(lambda a=c_src, b=c_dst: a.copy_(b, non_blocking=True))
 
-        for mech in MECHANISMS:
-            eng = CudaCopyEngine(mech)
+        for mech, eng in engines():
             for direction, (a, b, ceiling) in {"gpu->host": (gpu, host, d2h_ceiling),
                                                "host->gpu": (host, gpu, h2d_ceiling)}.items():
                 s, d = scattered(rng, pages, a.num_slots), scattered(rng, pages, b.num_slots)
@@ -73,9 +83,22 @@ def bandwidth_table(n_pages: int, rng: np.random.Generator) -> list[dict]:
                 rows.append({"page_bytes": page, "pages": pages, "direction": direction, "mechanism": mech,
                              "gb_per_s": nbytes / t / 1e9, "ceiling_gb_per_s": ceiling / 1e9,
                              "fraction_of_ceiling": (nbytes / t) / ceiling, "correct": ok})
+        for direction, (a, b, ceiling) in {"gpu->host": (gpu, host, d2h_ceiling),
+                                           "host->gpu": (host, gpu, h2d_ceiling)}.items():
+            s, d = scattered(rng, pages, a.num_slots), scattered(rng, pages, b.num_slots)
+            t = timed(lambda a=a, s=s, b=b, d=d: naive(a, s, b, d), repeats=3)
+            rows.append({"page_bytes": page, "pages": pages, "direction": direction, "mechanism": "naive",
+                         "gb_per_s": nbytes / t / 1e9, "ceiling_gb_per_s": ceiling / 1e9,
+                         "fraction_of_ceiling": (nbytes / t) / ceiling, "correct": True})
         del gpu, host
         torch.cuda.empty_cache()
     return rows
+
+
+def engines() -> list[tuple[str, CudaCopyEngine]]:
+    out = [(m, CudaCopyEngine(m)) for m in MECHANISMS if m != "gather"]  # naive: measured apart
+    out += [(f"kernel/{c}", CudaCopyEngine("kernel", max_ctas=c)) for c in (4, 8, 16, 32)]
+    return out
 
 
 def overlap(rng: np.random.Generator) -> dict:
@@ -88,12 +111,13 @@ def overlap(rng: np.random.Generator) -> dict:
             torch.matmul(x, w)
 
     alone = timed(compute)
-    page, pages = 256 << 10, 4096
+    page, pages = 64 << 10, 4096
     gpu = TorchBuffer(pages * 2, page, device="cuda")
     host = TorchBuffer(pages * 2, page, device="cpu", pin_memory=True)
     out = {"compute_alone_ms": alone * 1e3}
-    for mech in ("batched", "kernel"):
-        eng = CudaCopyEngine(mech)
+    for mech, eng in engines():
+        if mech in ("runs", "gather"):
+            continue
         s, d = scattered(rng, pages, gpu.num_slots), scattered(rng, pages, host.num_slots)
 
         def both(eng=eng, s=s, d=d) -> None:
@@ -129,8 +153,8 @@ def overlap(rng: np.random.Generator) -> dict:
 
 
 def table_upload() -> dict:
-    from hybridkv.demand import Batch  # noqa: F401  (import check: core without torch)
-    from hybridkv.gpu_tables import PageTableUploader
+    from hybridkv.demand import Batch
+    from hybridkv.gpu_tables import PageTableUploader, TableMirror
     from hybridkv.layout import ModelLayout, attention_layer
     from hybridkv.lifecycle import LifeCycle
     from hybridkv.manager.manager import KVCacheManager, ManagerConfig
@@ -140,30 +164,39 @@ def table_upload() -> dict:
 
     layers = (attention_layer(8, 128, 2, LifeCycle.sliding(128)), attention_layer(8, 96, 2, LifeCycle.sliding(1024)),
               attention_layer(8, 64, 2, LifeCycle.full()))
-    p = plan(PlanSpec(ModelLayout("three", layers), 64 * GIB, 4096, max_batch_size=1024))
+    prefill = Batch.uniform("prefill", 1024, 2000, 0)
+    p = plan(PlanSpec(ModelLayout("three", layers), 64 * GIB, 4096, max_batch_size=1024, constraints=(prefill,)))
     m = KVCacheManager(p, ManagerConfig(max_active_requests=1024, storage=StorageConfig(with_data=False)))
     hs = [m.open() for _ in range(1024)]
-    m.step(hs, [2000] * 1024, [0] * 1024)
+    assert m.step(hs, [2000] * 1024, [0] * 1024) is not None
     up = PageTableUploader(3, 1024, 256)
+    mirror = TableMirror(m)
+    up.timing = mirror.timing = True
     caps = np.full(1024, 2000, np.int64)
-    gpu_ms, host_us = [], []
+    host_full, host_delta = [], []
     import time
-    for _ in range(100):
+    for _ in range(200):
         tables = m.step(hs, caps + 1, caps)
         caps += 1
         t0 = time.perf_counter()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(up.stream)
         up.upload(tables)
-        b.record(up.stream)
-        host_us.append((time.perf_counter() - t0) * 1e6)
-        b.synchronize()
-        gpu_ms.append(a.elapsed_time(b))
+        t1 = time.perf_counter()
+        mirror.sync()
+        t2 = time.perf_counter()
+        host_full.append((t1 - t0) * 1e6)
+        host_delta.append((t2 - t1) * 1e6)
+    torch.cuda.synchronize()
+    ok = all(torch.equal(d.cpu(), torch.from_numpy(t[:1024])) for d, t in zip(mirror.tables(), m.rows.tables, strict=True))
     width = tables.block_table(0).shape[1]
+
+    def med(pairs) -> float:
+        return statistics.median(a.elapsed_time(b) for a, b in pairs[20:]) * 1e3
+
     return {"requests": 1024, "layer_groups": 3, "width_blocks": width,
-            "bytes_per_step": 3 * 1024 * width * 4 + 1024 * 4,
-            "gpu_timeline_us_median": statistics.median(gpu_ms) * 1e3,
-            "host_us_median": statistics.median(host_us)}
+            "full_bytes_per_step": 3 * 1024 * width * 4 + 1024 * 4,
+            "full_gpu_us_median": med(up.gpu_ms), "full_host_us_median": statistics.median(host_full[20:]),
+            "delta_gpu_us_median": med(mirror.gpu_ms), "delta_host_us_median": statistics.median(host_delta[20:]),
+            "mirror_equals_host_tables": ok}
 
 
 def main() -> None:

@@ -23,17 +23,19 @@ from hybridkv.types import Tier  # noqa: E402
 def make_manager(tmp_path, mechanism: str) -> KVCacheManager:
     from hybridkv.storage.cuda_copy import CudaCopyEngine
 
+    name, _, ctas = mechanism.partition("-")
+
     layers = (attention_layer(2, 16, 2, LifeCycle.sliding(24, 4)), attention_layer(2, 16, 2, LifeCycle.full()),
               attention_layer(1, 16, 2, LifeCycle.chunked(40)), ssm_layer(64, 64, 2, 4))
     p = plan(PlanSpec(ModelLayout("cuda-test", layers * 2), 400_000, 256, tokens_per_block=8,
                       max_batch_size=6, host_bytes=300_000))
     storage = StorageConfig(gpu_backend="torch", gpu_options={"device": "cuda"}, host_backend="torch",
                             host_options={"device": "cpu", "pin_memory": True}, disk_bytes=300_000,
-                            disk_directory=str(tmp_path), copy_engine=CudaCopyEngine(mechanism))
+                            disk_directory=str(tmp_path), copy_engine=CudaCopyEngine(name, max_ctas=int(ctas) if ctas else None))
     return KVCacheManager(p, ManagerConfig(max_active_requests=12, storage=storage))
 
 
-@pytest.mark.parametrize("mechanism", ["batched", "kernel", "runs", "gather"])
+@pytest.mark.parametrize("mechanism", ["batched", "kernel", "kernel-4", "runs", "gather"])
 def test_random_operations_keep_data_intact_on_cuda(tmp_path, mechanism: str) -> None:
     m = make_manager(tmp_path, mechanism)
     e = FakeEngine(m)

@@ -170,13 +170,12 @@ class KVCacheManager:
         check_transition("close", handle, st)
         if st is RequestState.ACTIVE:
             row = int(self._row[handle])
-            for lg in self.grouped.layer_groups:
-                self.tiers.allocators[Tier.GPU][lg.pool_group].free(self.rows.pages(row, lg.id)[1])
+            slots = [self.rows.pages(row, lg.id)[1] for lg in self.grouped.layer_groups]
+            self._free_by_pool(Tier.GPU, slots)
             self._remove_row(handle, row)
         else:
             cache = self.suspended.pop(handle)
-            for lg in self.grouped.layer_groups:
-                self.tiers.allocators[cache.tier][lg.pool_group].free(cache.slots[lg.id])
+            self._free_by_pool(cache.tier, cache.slots)
         self._state[handle] = RequestState.CLOSED
 
     def offload(self, handle: RequestId, tier: Tier = Tier.HOST) -> bool:
@@ -235,12 +234,15 @@ class KVCacheManager:
         self._mark[rows] = order
         if (self._mark[rows] != order).any():
             raise UsageError("step: a request appears twice in one batch")
-        c_old, h_old = self.rows.capacity[rows], self.rows.history[rows]
+        c_old, h_old, committed = self.rows.capacity[rows], self.rows.history[rows], self.rows.committed[rows]
+        bad_any = (h_new < h_old) | (h_new > c_old) | (c_new < h_new) | (c_new > self.max_seq_len) | (committed > c_new)
+        if not bad_any.any():
+            return
         checks = [(h_new < h_old, "history cannot move back", h_old),
                   (h_new > c_old, "history cannot pass the old capacity (no room was held for those tokens)", c_old),
                   (c_new < h_new, "capacity must be >= history", h_new),
                   (c_new > self.max_seq_len, "capacity exceeds max_seq_len", np.full_like(c_old, self.max_seq_len)),
-                  (self.rows.committed[rows] > c_new, "capacity below committed tokens", self.rows.committed[rows])]
+                  (committed > c_new, "capacity below committed tokens", committed)]
         for bad, why, ref in checks:
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
@@ -298,6 +300,14 @@ class KVCacheManager:
         pages_bytes = sum(int(s.size) * b for s, b in zip(joined, self.tiers.slot_bytes, strict=True))
         self.counters.record_move(cache.tier, dst, pages_bytes)
         cache.tier = dst
+
+    def _free_by_pool(self, tier: Tier, slots_per_layer_group: list[I32]) -> None:
+        """One free per pool group for a cache's pages (distinct by the ownership invariant)."""
+        per_pool: list[list[I32]] = [[] for _ in self.grouped.pool_groups]
+        for lg in self.grouped.layer_groups:
+            per_pool[lg.pool_group].append(slots_per_layer_group[lg.id])
+        for g, parts in enumerate(per_pool):
+            self.tiers.allocators[tier][g].free(np.concatenate(parts), distinct=True)
 
     def _remove_row(self, handle: int, row: int) -> None:
         moved = self.rows.remove(row)

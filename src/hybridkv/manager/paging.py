@@ -51,30 +51,48 @@ def expand(rows: I64, start: I64, count: I64) -> Coords:
     return Coords(np.repeat(r, cnt), np.repeat(s, cnt) + offsets)
 
 
+_NONE = Coords(_EMPTY, _EMPTY)
+
+
+def _tail_changes(rows: I64, tot_old: I64, tot_new: I64) -> tuple[Coords, Coords]:
+    """(grown, shrunk) block coordinates; the common decode step crosses no boundary."""
+    change = tot_new - tot_old
+    lo, hi = int(change.min(initial=0)), int(change.max(initial=0))
+    grow = expand(rows, tot_old, change) if hi > 0 else _NONE
+    shrink = expand(rows, tot_new, -change) if lo < 0 else _NONE
+    return grow, shrink
+
+
+def _ssm_changes(rows: I64, c_old: I64, c_new: I64) -> tuple[Coords, Coords]:
+    """(new state slots, freed state slots): a state exists while capacity > 0."""
+    has_old, has_new = c_old > 0, c_new > 0
+    born, gone = rows[has_new & ~has_old], rows[has_old & ~has_new]
+    return Coords(born, np.zeros_like(born)), Coords(gone, np.zeros_like(gone))
+
+
 def plan_step(grouped: GroupedLayout, state: ActiveRows, rows: I64, c_new: I64, h_new: I64) -> list[GroupDelta]:
     """Per layer group, what moving ``rows`` to (c_new, h_new) frees and fills. Pure."""
     tpb = grouped.tokens_per_block
     c_old = state.capacity[rows]
-    tot_old, tot_new = -(-c_old // tpb), -(-c_new // tpb)
-    grow_all = expand(rows, tot_old, tot_new - tot_old)
-    shrink_all = expand(rows, tot_new, tot_old - tot_new)
-    has_old, has_new = c_old > 0, c_new > 0
-    ssm_grow = Coords(rows[has_new & ~has_old], np.zeros(int((has_new & ~has_old).sum()), np.int64))
-    ssm_free = Coords(rows[has_old & ~has_new], np.zeros(int((has_old & ~has_new).sum()), np.int64))
+    grow_all, shrink_all = _tail_changes(rows, -(-c_old // tpb), -(-c_new // tpb))
+    ssm = _ssm_changes(rows, c_old, c_new) if state.has_ssm else (_NONE, _NONE)
     out = []
     for g, lg in enumerate(grouped.layer_groups):
         lc = lg.life_cycle
         rel = state.released[g]
         if lc.is_ssm:
-            out.append(GroupDelta(ssm_free, ssm_grow, _EMPTY, _EMPTY))
+            out.append(GroupDelta(ssm[1], ssm[0], _EMPTY, _EMPTY))
             continue
         if rel is None:  # full attention: only the tail moves
             out.append(GroupDelta(shrink_all, grow_all, _EMPTY, _EMPTY))
             continue
         stop = keep_start(lc, h_new) // tpb
-        old = rel[rows]
-        stale = expand(rows, old, stop - old)
-        moved = np.flatnonzero(stop > old)
+        gain = stop - rel[rows]
+        if int(gain.max(initial=0)) <= 0:  # no block went stale this step
+            out.append(GroupDelta(shrink_all, grow_all, _EMPTY, _EMPTY))
+            continue
+        stale = expand(rows, rel[rows], gain)
+        moved = np.flatnonzero(gain > 0)
         free = stale if shrink_all.rows.size == 0 else Coords(
             np.concatenate([stale.rows, shrink_all.rows]), np.concatenate([stale.cols, shrink_all.cols]))
         out.append(GroupDelta(free, grow_all, rows[moved], stop[moved]))
@@ -95,14 +113,16 @@ def apply_step(grouped: GroupedLayout, state: ActiveRows, deltas: list[GroupDelt
     for lg, d in zip(grouped.layer_groups, deltas, strict=True):
         if d.free.rows.size:
             table = state.tables[lg.id]
-            allocators[lg.pool_group].free(table[d.free.rows, d.free.cols])
+            allocators[lg.pool_group].free(table[d.free.rows, d.free.cols], distinct=True)
             table[d.free.rows, d.free.cols] = NULL_SLOT
+            state.record(lg.id, d.free.rows, d.free.cols, np.full(d.free.rows.size, NULL_SLOT, np.int32))
     for lg, d in zip(grouped.layer_groups, deltas, strict=True):
         if d.grow.rows.size:
             slots = allocators[lg.pool_group].allocate(int(d.grow.rows.size))
             if slots is None:
                 raise AssertionError(f"pool group {lg.pool_group}: slots vanished between check and apply")
             state.tables[lg.id][d.grow.rows, d.grow.cols] = slots
+            state.record(lg.id, d.grow.rows, d.grow.cols, slots)
         rel = state.released[lg.id]
         if rel is not None and d.released_rows.size:
             rel[d.released_rows] = d.released_stop

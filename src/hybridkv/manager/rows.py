@@ -11,6 +11,8 @@ request's page). Windowed / chunked groups also keep ``released[row]``: blocks
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import numpy.typing as npt
 
@@ -21,6 +23,16 @@ from hybridkv.lifecycle import sink_blocks
 NULL_SLOT = -1
 I32 = npt.NDArray[np.int32]
 I64 = npt.NDArray[np.int64]
+
+
+class TableChange(NamedTuple):
+    """Entries of one layer group's block table that changed: ``table[rows, cols] = slots``.
+    The change log lets a GPU mirror of the tables be patched instead of re-uploaded."""
+
+    layer_group: int
+    rows: npt.NDArray[np.int64]
+    cols: npt.NDArray[np.int64]
+    slots: npt.NDArray[np.int32]
 
 
 class ActiveRows:
@@ -39,6 +51,8 @@ class ActiveRows:
         self.tables: list[I32] = []
         self.released: list[I64 | None] = []
         self.first_stale: list[int] = []
+        self.has_ssm = any(lg.life_cycle.is_ssm for lg in grouped.layer_groups)
+        self.log: list[TableChange] | None = None  # enabled by a GPU table mirror
         for lg in grouped.layer_groups:
             lc = lg.life_cycle
             width = 1 if lc.is_ssm else -(-max_seq_len // tpb)
@@ -60,6 +74,7 @@ class ActiveRows:
             self.tables[lg][row] = NULL_SLOT
             if rel is not None:
                 rel[row] = self.first_stale[lg]
+        self._log_rows(row)
         return row
 
     def remove(self, row: int) -> int | None:
@@ -73,6 +88,7 @@ class ActiveRows:
         arrays += [r for r in self.released if r is not None]
         for arr in arrays:
             arr[row] = arr[last]
+        self._log_rows(row)
         return int(self.handle[row])
 
     def pages(self, row: int, layer_group: int) -> tuple[I64, I32]:
@@ -81,8 +97,21 @@ class ActiveRows:
         ordinals = np.flatnonzero(t != NULL_SLOT)
         return ordinals, t[ordinals]
 
+    def record(self, layer_group: int, rows: I64, cols: I64, slots: I32) -> None:
+        if self.log is not None:
+            self.log.append(TableChange(layer_group, rows, cols, np.asarray(slots, np.int32)))
+
+    def _log_rows(self, row: int) -> None:
+        """Log a whole row of every table (a row was added, or another moved into it)."""
+        if self.log is None:
+            return
+        for g, table in enumerate(self.tables):
+            cols = np.arange(table.shape[1], dtype=np.int64)
+            self.record(g, np.full(cols.size, row, np.int64), cols, table[row].copy())
+
     def set_pages(self, row: int, layer_group: int, ordinals: I64, slots: I32, released: int) -> None:
         self.tables[layer_group][row, ordinals] = slots
+        self.record(layer_group, np.full(ordinals.size, row, np.int64), ordinals, slots)
         rel = self.released[layer_group]
         if rel is not None:
             rel[row] = released

@@ -50,15 +50,17 @@ class SlotAllocator:
         self.peak_in_use = max(self.peak_in_use, self.num_in_use)
         return ids
 
-    def free(self, ids: npt.ArrayLike) -> None:
-        """Return slots to the pool; UsageError (nothing changed) if any is not in use."""
+    def free(self, ids: npt.ArrayLike, distinct: bool = False) -> None:
+        """Return slots to the pool; UsageError (nothing changed) if any is not in use or one
+        appears twice. ``distinct=True``: the caller guarantees no repeats (block-table
+        entries), which skips the sort that checks it."""
         arr = np.asarray(ids, dtype=np.int32).ravel()
         if arr.size == 0:
             return
-        if (arr < 0).any() or (arr >= self.num_slots).any() or not self._in_use[arr].all():
+        if int(arr.min()) < 0 or int(arr.max()) >= self.num_slots or not self._in_use[arr].all():
             raise UsageError(f"{self.name}: freeing slots that are not allocated: "
                              f"{arr[~self._in_use[np.clip(arr, 0, max(self.num_slots - 1, 0))]][:8]}")
-        if np.unique(arr).size != arr.size:
+        if not distinct and arr.size > 1 and not np.diff(np.sort(arr)).all():
             raise UsageError(f"{self.name}: the same slot freed twice in one call")
         self._in_use[arr] = False
         self._stack[self._top:self._top + arr.size] = arr

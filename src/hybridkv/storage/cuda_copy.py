@@ -82,13 +82,16 @@ def _kernel() -> Any:
     import triton.language as tl
 
     @triton.jit
-    def copy_pages(src, dst, src_idx, dst_idx, words_per_page, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
-        page = tl.program_id(0)
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        s = tl.load(src_idx + page).to(tl.int64) * words_per_page
-        d = tl.load(dst_idx + page).to(tl.int64) * words_per_page
-        mask = offs < words_per_page
-        tl.store(dst + d + offs, tl.load(src + s + offs, mask=mask), mask=mask)
+    def copy_pages(src, dst, src_idx, dst_idx, words_per_page, items, blocks_per_page,  # type: ignore[no-untyped-def]
+                   BLOCK: tl.constexpr):
+        # persistent: program p copies work items p, p + grid, ... (item = one BLOCK of a page)
+        for item in range(tl.program_id(0), items, tl.num_programs(0)):
+            page = item // blocks_per_page
+            offs = (item % blocks_per_page) * BLOCK + tl.arange(0, BLOCK)
+            s = tl.load(src_idx + page).to(tl.int64) * words_per_page
+            d = tl.load(dst_idx + page).to(tl.int64) * words_per_page
+            mask = offs < words_per_page
+            tl.store(dst + d + offs, tl.load(src + s + offs, mask=mask), mask=mask)
 
     return copy_pages
 
@@ -106,10 +109,12 @@ class _HostPointer:
 class CudaCopyEngine:
     """Page moves between torch buffers (CUDA and pinned host) on a side stream."""
 
-    def __init__(self, mechanism: str = "batched", device: str = "cuda") -> None:
+    def __init__(self, mechanism: str = "batched", device: str = "cuda", max_ctas: int | None = None) -> None:
+        """``max_ctas`` bounds the kernel mechanism's grid (it then loops): fewer SMs taken
+        from compute, at some cost in bandwidth; None = one program per work item."""
         if mechanism not in MECHANISMS:
             raise ConfigError(f"unknown copy mechanism {mechanism!r}; use one of {MECHANISMS}")
-        self.mechanism, self.device = mechanism, torch.device(device)
+        self.mechanism, self.device, self.max_ctas = mechanism, torch.device(device), max_ctas
         self.stream = torch.cuda.Stream(device=self.device)
         self.done = torch.cuda.Event()
         self._batch = _BatchMemcpy() if mechanism == "batched" else None
@@ -161,9 +166,11 @@ class CudaCopyEngine:
             return t if t.is_cuda else _HostPointer(t)
 
         block = min(4096, 1 << max(int(words - 1).bit_length(), 7))
-        grid = (int(s.size), -(-words // block))
+        per_page = -(-words // block)
+        items = int(s.size) * per_page
+        grid = (min(items, self.max_ctas or items),)
         assert self._copy_pages is not None
-        self._copy_pages[grid](arg(src), arg(dst), idx[0], idx[1], words, BLOCK=block, num_warps=8)
+        self._copy_pages[grid](arg(src), arg(dst), idx[0], idx[1], words, items, per_page, BLOCK=block, num_warps=8)
 
     def fence(self) -> Any:
         """The event after the last copy issued; ``torch.cuda.current_stream().wait_event``."""

@@ -186,7 +186,8 @@ def table_upload() -> dict:
         host_full.append((t1 - t0) * 1e6)
         host_delta.append((t2 - t1) * 1e6)
     torch.cuda.synchronize()
-    ok = all(torch.equal(d.cpu(), torch.from_numpy(t[:1024])) for d, t in zip(mirror.tables(), m.rows.tables, strict=True))
+    ok = all(torch.equal(d.cpu(), torch.from_numpy(t[:1024]))
+             for d, t in zip(mirror.tables(), m.rows.tables, strict=True))
     width = tables.block_table(0).shape[1]
 
     def med(pairs) -> float:

@@ -31,7 +31,8 @@ def make_manager(tmp_path, mechanism: str) -> KVCacheManager:
                       max_batch_size=6, host_bytes=300_000))
     storage = StorageConfig(gpu_backend="torch", gpu_options={"device": "cuda"}, host_backend="torch",
                             host_options={"device": "cpu", "pin_memory": True}, disk_bytes=300_000,
-                            disk_directory=str(tmp_path), copy_engine=CudaCopyEngine(name, max_ctas=int(ctas) if ctas else None))
+                            disk_directory=str(tmp_path),
+                            copy_engine=CudaCopyEngine(name, max_ctas=int(ctas) if ctas else None))
     return KVCacheManager(p, ManagerConfig(max_active_requests=12, storage=storage))
 
 

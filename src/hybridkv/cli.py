@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--typical", help="typical step (sets the split), same syntax")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)
+    from hybridkv.bench import add_bench_parser  # `bench` lives with the benchmark; imported only here
+
+    add_bench_parser(sub)
+    from hybridkv.sim.cli import add_simulate_parser  # `simulate` lives with the simulator
+
+    add_simulate_parser(sub)
     return p
 
 

@@ -161,13 +161,13 @@ def _check_quota(spec: PlanSpec, grouped: GroupedLayout, floors: tuple[Floor, ..
 
 def split_slots(
     slot_bytes: tuple[int, ...], floors: tuple[int, ...], typical: tuple[int, ...],
-    quota: int, granularity: int = 1,
+    quota: int, granularity: int = 1, spread_leftover: bool = True,
 ) -> tuple[int, ...]:
     """Slots per group: floors, then memory above them in proportion to ``typical``.
 
     Finds the largest scale k with sum(bytes * max(floor, k * typical)) <= quota, rounds each
-    count down to ``granularity`` (never below its floor), then hands leftover granules to the
-    group furthest below its share. Requires sum(bytes * floors) <= quota.
+    count down to ``granularity`` (never below its floor), then (``spread_leftover``) hands
+    leftover granules to the group furthest below its share. Requires sum(bytes * floors) <= quota.
     """
 
     def cost(k: float) -> float:
@@ -181,24 +181,37 @@ def split_slots(
         lo, hi = (mid, hi) if cost(mid) <= quota else (lo, mid)
     slots = [max(f, granularity * int(lo * d // granularity)) for f, d in zip(floors, typical, strict=True)]
     left = quota - sum(b * s for b, s in zip(slot_bytes, slots, strict=True))
-    while True:
+    while spread_leftover:
         fits = [g for g, d in enumerate(typical) if d > 0 and slot_bytes[g] * granularity <= left]
         if not fits:
             return tuple(slots)
         g = min(fits, key=lambda i: slots[i] / typical[i])
         slots[g] += granularity
         left -= slot_bytes[g] * granularity
+    return tuple(slots)
 
 
-def plan(spec: PlanSpec) -> PoolPlan:
-    """Plan the pools for ``spec``; CapacityError if the quota cannot hold the floors."""
+def plan(
+    spec: PlanSpec, *, floors: tuple[Floor, ...] | None = None, typical: tuple[int, ...] | None = None,
+    spread_leftover: bool = True,
+) -> PoolPlan:
+    """Plan the pools for ``spec``; CapacityError if the quota cannot hold the floors.
+
+    The keywords exist for baselines only (sim/baseline.py rebuilds a production planner that
+    took its floors and its split from one request): ``floors`` and ``typical`` (slots per pool
+    group) replace the guarantees and the typical step; ``spread_leftover=False`` rounds every
+    count down and leaves the remainder unused. The defaults are the guaranteed planner."""
     grouped = group_layers(spec.layout, spec.tokens_per_block)
-    floors = compute_floors(spec, grouped)
+    n_groups = len(grouped.pool_groups)
+    for name, given in (("floors", floors), ("typical", typical)):
+        if given is not None and len(given) != n_groups:
+            raise ConfigError(f"plan: {name} has {len(given)} entries for {n_groups} pool groups")
+    floors = compute_floors(spec, grouped) if floors is None else floors
     _check_quota(spec, grouped, floors)
-    typical = typical_demand(spec, grouped)
+    typical = typical_demand(spec, grouped) if typical is None else typical
     slot_bytes = tuple(pg.slot_bytes for pg in grouped.pool_groups)
     slots = split_slots(slot_bytes, tuple(f.min_slots for f in floors), typical,
-                        spec.gpu_bytes, spec.slot_granularity)
+                        spec.gpu_bytes, spec.slot_granularity, spread_leftover)
     used = sum(b * s for b, s in zip(slot_bytes, slots, strict=True))
     groups = []
     for pg, floor, n, d in zip(grouped.pool_groups, floors, slots, typical, strict=True):

@@ -97,7 +97,8 @@ def bandwidth_table(n_pages: int, rng: np.random.Generator) -> list[dict]:
 
 def engines() -> list[tuple[str, CudaCopyEngine]]:
     out = [(m, CudaCopyEngine(m)) for m in MECHANISMS if m != "gather"]  # naive: measured apart
-    out += [(f"kernel/{c}", CudaCopyEngine("kernel", max_ctas=c)) for c in (4, 8, 16, 32)]
+    out += [(f"kernel/{c}", CudaCopyEngine("kernel", max_ctas=c)) for c in (2, 4, 8)]
+    out += [(f"kernel/{c}w16", CudaCopyEngine("kernel", max_ctas=c, num_warps=16, block_words=8192)) for c in (2, 4)]
     return out
 
 

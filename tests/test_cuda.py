@@ -36,7 +36,7 @@ def make_manager(tmp_path, mechanism: str) -> KVCacheManager:
     return KVCacheManager(p, ManagerConfig(max_active_requests=12, storage=storage))
 
 
-@pytest.mark.parametrize("mechanism", ["batched", "kernel", "kernel-4", "runs", "gather"])
+@pytest.mark.parametrize("mechanism", ["auto", "batched", "kernel", "kernel-4", "runs", "gather"])
 def test_random_operations_keep_data_intact_on_cuda(tmp_path, mechanism: str) -> None:
     m = make_manager(tmp_path, mechanism)
     e = FakeEngine(m)

@@ -89,19 +89,27 @@ class TableMirror(_GpuTimer):
     """A GPU copy of the manager's block tables, patched every step from its change log.
 
     A decode step changes a few entries per request per block boundary, so ``sync()`` ships
-    only (entry, slot) pairs: packed into pinned staging (two sets in turn), copied
-    non-blocking on a side stream and scattered into the device tables there; the compute
-    stream waits on an event, the host never does (unless the staging set from two steps ago
-    is still in flight). Device tables are full width ``[max_rows, max_blocks]``; ``tables(n)``
-    returns views of the first ``n`` rows, i.e. the batch of ``manager.active_handles()``.
+    only (entry, slot) pairs plus ``seq_lens``: packed into one pinned staging buffer (two in
+    turn), one non-blocking copy and one scatter on a side stream. All layer groups' tables
+    and ``seq_lens`` live in one flat device int32 buffer, so a step is two launches whatever
+    the number of groups. The compute stream waits on an event; the host never does (unless
+    the staging buffer from two steps ago is still in flight). Device tables are full width
+    ``[max_rows, max_blocks]``; ``tables(n)`` returns views of the first ``n`` rows, i.e. the
+    batch of ``manager.active_handles()``.
     """
 
     def __init__(self, manager: Any, device: str = "cuda", capacity: int = 1 << 16) -> None:
         self.rows = manager.rows
         self.device = torch.device(device)
         self.stream = torch.cuda.Stream(device=self.device)
-        self.dev = [torch.from_numpy(t).to(self.device) for t in self.rows.tables]
-        self.seq_lens = torch.zeros(self.rows.max_rows, dtype=torch.int32, device=self.device)
+        sizes = [t.size for t in self.rows.tables]
+        self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._seq_off = int(self._offsets[-1])
+        flat = np.concatenate([t.ravel() for t in self.rows.tables] + [self.rows.seq_lens])
+        self.flat = torch.from_numpy(flat).to(self.device)
+        self.seq_lens = self.flat[self._seq_off:]
+        self.dev = [self.flat[int(self._offsets[g]):int(self._offsets[g + 1])].view(t.shape)
+                    for g, t in enumerate(self.rows.tables)]
         self.rows.log = []
         self._capacity = 0
         self._grow(capacity)
@@ -111,23 +119,23 @@ class TableMirror(_GpuTimer):
 
     def _grow(self, capacity: int) -> None:
         self._capacity = capacity
-        self._idx = [torch.empty(capacity, dtype=torch.int64, pin_memory=True) for _ in range(2)]
-        self._val = [torch.empty(capacity, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        self._staging = [torch.empty(capacity * 12, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
 
-    def _pack(self) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        """Per layer group: flat entry indices and slots, the last write of an entry winning."""
+    def _pack(self) -> tuple[np.ndarray, np.ndarray]:
+        """Flat entry indices and values (table changes, then seq_lens); the last write of an
+        entry wins, so one scatter applies them in any order."""
         log, self.rows.log = self.rows.log or [], []
-        out = []
-        for g, table in enumerate(self.rows.tables):
-            parts = [c for c in log if c.layer_group == g]
-            if not parts:
-                continue
-            idx = np.concatenate([c.rows * table.shape[1] + c.cols for c in parts])
-            val = np.concatenate([c.slots for c in parts])
-            _, last = np.unique(idx[::-1], return_index=True)
-            keep = idx.size - 1 - last
-            out.append((g, idx[keep], val[keep]))
-        return out
+        width = [t.shape[1] for t in self.rows.tables]
+        n = self.rows.n
+        idx = [self._offsets[c.layer_group] + c.rows * width[c.layer_group] + c.cols for c in log]
+        idx.append(self._seq_off + np.arange(n, dtype=np.int64))
+        val = [c.slots for c in log] + [self.rows.seq_lens[:n]]
+        flat_idx, flat_val = np.concatenate(idx), np.concatenate(val).astype(np.int32)
+        if len(log) > 1:
+            _, last = np.unique(flat_idx[::-1], return_index=True)
+            keep = flat_idx.size - 1 - last
+            flat_idx, flat_val = flat_idx[keep], flat_val[keep]
+        return flat_idx, flat_val
 
     def sync(self) -> None:
         """Ship this step's table changes and seq_lens; the compute stream waits for them."""
@@ -135,26 +143,18 @@ class TableMirror(_GpuTimer):
         self.step += 1
         if self._used[i]:
             self._events[i].synchronize()
-        packed = self._pack()
-        n = self.rows.n
-        total = sum(int(p[1].size) for p in packed) + n
-        if total > self._capacity:
+        idx, val = self._pack()
+        k = idx.size
+        if k > self._capacity:
             torch.cuda.synchronize(self.device)
-            self._grow(max(total, 2 * self._capacity))
-        idx, val = self._idx[i].numpy(), self._val[i].numpy()
-        spans, offset = [], 0
-        for g, ix, v in packed:
-            idx[offset:offset + ix.size], val[offset:offset + ix.size] = ix, v
-            spans.append((g, offset, ix.size))
-            offset += ix.size
-        val[offset:offset + n] = self.rows.seq_lens[:n]
+            self._grow(max(k, 2 * self._capacity))
+        host = self._staging[i].numpy()
+        host[:8 * k].view(np.int64)[:] = idx
+        host[8 * k:12 * k].view(np.int32)[:] = val
         with torch.cuda.stream(self.stream):
             start = self._timer_start()
-            d_idx = self._idx[i][:offset].to(self.device, non_blocking=True)
-            d_val = self._val[i][:offset + n].to(self.device, non_blocking=True)
-            for g, o, k in spans:
-                self.dev[g].view(-1).index_copy_(0, d_idx[o:o + k], d_val[o:o + k])
-            self.seq_lens[:n].copy_(d_val[offset:offset + n])
+            dev = self._staging[i][:12 * k].to(self.device, non_blocking=True)
+            self.flat.index_copy_(0, dev[:8 * k].view(torch.int64), dev[8 * k:].view(torch.int32))
             self._events[i].record(self.stream)
             self._timer_stop(start)
         self._used[i] = True

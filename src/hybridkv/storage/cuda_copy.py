@@ -184,7 +184,8 @@ class CudaCopyEngine:
         ctas = self.max_ctas or (AUTO_KERNEL_CTAS if self.mechanism == "auto" else items)
         grid = (min(items, ctas),)
         assert self._copy_pages is not None
-        self._copy_pages[grid](arg(src), arg(dst), idx[0], idx[1], words, items, per_page, BLOCK=block, num_warps=self.num_warps)
+        self._copy_pages[grid](arg(src), arg(dst), idx[0], idx[1], words, items, per_page,
+                               BLOCK=block, num_warps=self.num_warps)
 
     def fence(self) -> Any:
         """The event after the last copy issued; ``torch.cuda.current_stream().wait_event``."""

@@ -23,23 +23,36 @@ class NoEvict(SchedulingPolicy):
 
     def __init__(self) -> None:
         self.reserved: list[int] = []
-        self._cache: dict[tuple[int, int], tuple[int, ...]] = {}
+        self._cache: dict[tuple[int, int, int], tuple[int, ...]] = {}
 
-    def _peak(self, sched: Scheduler, req: Tracked) -> tuple[int, ...]:
-        key = (req.prefill_target, req.spec.total_tokens)
+    def _peak(self, sched: Scheduler, req: Tracked, chunk: int) -> tuple[int, ...]:
+        key = (req.prefill_target, req.spec.total_tokens, chunk)
         if key not in self._cache:
             self._cache[key] = lifetime_peak_demand(sched.manager.grouped, req.prefill_target,
-                                                    req.spec.total_tokens, sched.config.prefill_chunk_tokens)
+                                                    req.spec.total_tokens, chunk)
         return self._cache[key]
+
+    def _chunk(self, sched: Scheduler, req: Tracked) -> int:
+        """The largest prefill chunk (halving from the configured one) whose peak fits an
+        empty cache; 1 always does (submission checked one token at a time)."""
+        chunk = sched.config.prefill_chunk_tokens
+        while chunk > 1 and any(p > s for p, s in zip(self._peak(sched, req, chunk), sched.slots, strict=True)):
+            chunk //= 2
+        return chunk
+
+    def chunk_for(self, sched: Scheduler, req: Tracked) -> int:
+        """The largest chunk (halving from the configured one) whose peak fits an empty cache."""
+        return self._chunk(sched, req)
 
     def admits(self, sched: Scheduler, req: Tracked) -> bool:
         if not self.reserved:
             self.reserved = [0] * len(sched.slots)
-        peak = self._peak(sched, req)
+        peak = self._peak(sched, req, self._chunk(sched, req))
         return all(r + p <= s for r, p, s in zip(self.reserved, peak, sched.slots, strict=True))
 
     def on_admit(self, sched: Scheduler, req: Tracked) -> None:
-        req.reservation = self._peak(sched, req)
+        req.chunk_limit = self._chunk(sched, req)
+        req.reservation = self._peak(sched, req, req.chunk_limit)
         self.reserved = [r + p for r, p in zip(self.reserved, req.reservation, strict=True)]
 
     def on_exit(self, sched: Scheduler, req: Tracked) -> None:

@@ -19,6 +19,10 @@ class SchedulingPolicy:
     def admits(self, sched: Scheduler, req: Tracked) -> bool:
         return True
 
+    def chunk_for(self, sched: Scheduler, req: Tracked) -> int:
+        """Prefill chunk cap for a request being admitted."""
+        return sched.config.prefill_chunk_tokens
+
     def on_admit(self, sched: Scheduler, req: Tracked) -> None:
         return None
 

@@ -53,3 +53,4 @@ class Tracked:
     suspensions: int = 0
     reason: str = ""
     reservation: tuple[int, ...] = field(default=())
+    chunk_limit: int = 0  # 0: the scheduler's prefill_chunk_tokens; else a smaller cap (no-evict)

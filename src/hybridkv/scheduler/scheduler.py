@@ -90,6 +90,7 @@ class Scheduler:
         self._seq = 0
         self._target = np.zeros(0, np.int64)  # per handle: prefill target
         self._order = np.zeros(0, np.int64)  # per handle: arrival seq
+        self._chunk = np.zeros(0, np.int64)  # per handle: prefill chunk cap
         self.preemptions = self.suspensions = 0
 
     # ---- submission -------------------------------------------------------------------
@@ -129,7 +130,7 @@ class Scheduler:
     # ---- one step ---------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         """Choose this step's work, make room, admit, and allocate through the manager."""
-        m, cap_override = self.manager, dict[int, int]()
+        m, cap_override, made_room = self.manager, dict[int, int](), False
         for _ in range(3):
             hs = m.rows.handle[:m.rows.n].copy()
             h_new = m.rows.capacity[:m.rows.n].copy()  # last step's tokens are computed now
@@ -153,11 +154,14 @@ class Scheduler:
                 keep = 1
             for victim in hs[order[keep:]][::-1]:  # latest arrival first
                 self._suspend_or_preempt(self.by_handle[int(victim)])
+            made_room = True
         else:
             raise InvariantError("schedule() did not converge after making room")
         free_after = avail - new_d.sum(axis=0)
         budget = self.config.token_budget - int(tokens.sum())
-        adm_h, adm_c, adm_hist = self._admit(free_after, budget)
+        # after making room, admit nobody this step: a victim re-admitted into the slots it just
+        # freed would only be evicted again next step (thrash)
+        adm_h, adm_c, adm_hist = self._admit(free_after, 0 if made_room else budget)
         hs, c = np.concatenate([hs, adm_h]), np.concatenate([h_new + tokens, adm_c])
         hist = np.concatenate([h_new, adm_hist])
         tables = m.step(hs, c, hist)
@@ -172,7 +176,7 @@ class Scheduler:
         tokens = np.ones(hs.size, np.int64)
         if prefill.size:
             prefill = prefill[np.argsort(self._order[hs[prefill]], kind="stable")]
-            want = np.minimum(target[prefill] - h[prefill], self.config.prefill_chunk_tokens)
+            want = np.minimum(target[prefill] - h[prefill], self._chunk[hs[prefill]])
             for i, handle in enumerate(hs[prefill].tolist()):
                 if handle in cap_override:
                     want[i] = min(want[i], cap_override[handle])
@@ -202,13 +206,16 @@ class Scheduler:
                 held = per_request_demand(m.grouped, [h], [m.lengths(RequestId(t.handle)).history])[0]
             else:
                 h, held = 0, np.zeros_like(free)
-            tok = 1 if h >= t.prefill_target else min(self.config.prefill_chunk_tokens, t.prefill_target - h, budget)
+            chunk = self._first_chunk(t)
+            tok = 1 if h >= t.prefill_target else min(chunk, t.prefill_target - h, budget)
             need = np.maximum(per_request_demand(m.grouped, [h + tok], [h])[0], held)
             if (need > free).any() and m.rows.n == 0 and tok > 1:  # alone: a smaller chunk must fit
                 tok = max(self._fitting_chunk(h, tok, free), 1)
                 need = np.maximum(per_request_demand(m.grouped, [h + tok], [h])[0], held)
             if (need > free).any() or (held > free_now).any() or not self.policy.admits(self, t):
                 break
+            if t.preemptions and (self._prefill_peak(t, chunk) > free).any():
+                break  # a recomputing request comes back only with room for its whole prefill
             heapq.heappop(self._waiting)
             self._activate(t)
             free, free_now, budget = free - need, free_now - held, budget - tok
@@ -216,6 +223,16 @@ class Scheduler:
             out_c.append(h + tok)
             out_hist.append(h)
         return (np.asarray(out_h, np.int64), np.asarray(out_c, np.int64), np.asarray(out_hist, np.int64))
+
+    def _prefill_peak(self, t: Tracked, chunk: int) -> I64:
+        peak = lifetime_peak_demand(self.manager.grouped, t.prefill_target, t.prefill_target, chunk)
+        return np.asarray(peak, dtype=np.int64)
+
+    def _first_chunk(self, t: Tracked) -> int:
+        """Prefill chunk cap for a request about to be admitted (a resumed one keeps its own)."""
+        if t.handle is not None:
+            return int(self._chunk[t.handle])
+        return self.policy.chunk_for(self, t)
 
     def _activate(self, t: Tracked) -> None:
         m = self.manager
@@ -232,6 +249,7 @@ class Scheduler:
             self._grow_handle_arrays(t.handle)
             self._target[t.handle], self._order[t.handle] = t.prefill_target, t.seq
             self.policy.on_admit(self, t)
+            self._chunk[t.handle] = t.chunk_limit or self.config.prefill_chunk_tokens
         t.status = Status.RUNNING
 
     def _grow_handle_arrays(self, handle: int) -> None:
@@ -239,6 +257,7 @@ class Scheduler:
             n = max(2 * self._target.size, handle + 1, 1024)
             self._target = np.resize(self._target, n)
             self._order = np.resize(self._order, n)
+            self._chunk = np.resize(self._chunk, n)
 
     def _suspend_or_preempt(self, t: Tracked) -> None:
         """Free a victim's GPU pages: to a lower tier when one has room, else drop its KV

@@ -1,0 +1,49 @@
+"""Planners the simulator can run, by name: hybridkv's guaranteed planner and the
+single-request baseline that reproduces the production bug of issue 15401.
+
+``single-request`` is what the production manager did: every pool group's floor is the
+demand of ONE request at max_seq_len (capacity L, history L - 1), the byte split between
+groups follows that same request, and slot counts are rounded down (no leftover spreading).
+In a windowed group that request keeps only its last block live, so the floor is 1 slot and
+the split gives the group a tiny share: it sits at 1 slot, while any request whose window
+straddles a block boundary needs 2. It is paired with the admission check that trusted the
+same formula (``SchedulerConfig(admission_check="final-length")``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hybridkv.demand import demand
+from hybridkv.grouping import group_layers
+from hybridkv.planner import Floor, PlanSpec, PoolPlan, plan
+
+
+def single_request_plan(spec: PlanSpec) -> PoolPlan:
+    """The baseline: floors and split from one request at max_seq_len (see the module doc)."""
+    grouped = group_layers(spec.layout, spec.tokens_per_block)
+    length = spec.max_seq_len
+    need = demand(grouped, [length], [length - 1])
+    source = f"1 request at max_seq_len {length}, history {length - 1} (single-request baseline)"
+    return plan(spec, floors=tuple(Floor(n, source) for n in need), typical=need, spread_leftover=False)
+
+
+def guaranteed_plan(spec: PlanSpec) -> PoolPlan:
+    """hybridkv's planner (floors from guarantees)."""
+    return plan(spec)
+
+
+@dataclass(frozen=True, slots=True)
+class PlannerChoice:
+    """A planner and the scheduler admission check it comes with."""
+
+    name: str
+    build: Callable[[PlanSpec], PoolPlan]
+    admission_check: str
+
+
+PLANNERS: dict[str, PlannerChoice] = {
+    "guaranteed": PlannerChoice("guaranteed", guaranteed_plan, "lifetime"),
+    "single-request": PlannerChoice("single-request", single_request_plan, "final-length"),
+}

@@ -1,0 +1,138 @@
+"""``hybridkv simulate``: plan a model's pools, run a workload through the scheduler and the
+manager, print what happened (a table, or ``--json``), optionally plot occupancy.
+
+Progress: a one-line counter on stderr, redrawn at most 4 times a second and only when
+stderr is a terminal (pipes, files and tests see nothing); the line is cleared at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from typing import Any
+
+from hybridkv.catalog import BY_NAME
+from hybridkv.errors import ConfigError
+from hybridkv.layout import ModelLayout
+from hybridkv.models import load_model
+from hybridkv.planner import DEFAULT_MAX_BATCH_SIZE, DEFAULT_TOKENS_PER_BLOCK, PlanSpec, default_max_seq_len
+from hybridkv.scheduler.scheduler import POLICIES
+from hybridkv.sim.baseline import PLANNERS
+from hybridkv.sim.cost import GPUS, CostModel
+from hybridkv.sim.plot import plot_occupancy, require_matplotlib
+from hybridkv.sim.result import format_table
+from hybridkv.sim.simulator import SimConfig, SimProgress, simulate
+from hybridkv.sim.workloads import WORKLOADS, WorkloadSpec, make_workload
+from hybridkv.specs import parse_size, parse_tokens
+
+FILE_DEFAULT_ACTIVE_PARAMS = 8e9
+PROGRESS_INTERVAL_S = 0.25
+_PARAMS = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([KMBT]?)\s*$", re.IGNORECASE)
+
+
+def parse_params(text: str) -> float:
+    """A parameter count: ``8e9``, ``8B``, ``3.6B``, ``500M`` or a plain number."""
+    m = _PARAMS.match(text)
+    if not m:
+        raise ConfigError(f"--active-params: cannot read {text!r}; write e.g. 8e9, 8B or 3.6B")
+    value = float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}[m.group(2).upper()]
+    if value <= 0:
+        raise ConfigError(f"--active-params must be > 0, got {text!r}")
+    return value
+
+
+def active_params(layout: ModelLayout, override: str | None) -> tuple[float, tuple[str, ...]]:
+    """Active parameters for the cost model, and a note when it is a guess."""
+    if override:
+        return parse_params(override), ()
+    entry = BY_NAME.get(layout.name) if layout.source.startswith("catalog:") else None
+    if entry is not None:
+        return entry.active_params, ()
+    return FILE_DEFAULT_ACTIVE_PARAMS, (f"active_params {FILE_DEFAULT_ACTIVE_PARAMS:.3g} assumed for a model "
+                                        "file (step times scale with it); pass --active-params",)
+
+
+def plan_spec(args: argparse.Namespace) -> PlanSpec:
+    """The PlanSpec ``hybridkv plan`` would build from the same options."""
+    layout = load_model(args.model)
+    max_seq_len = (parse_tokens(args.max_seq_len, "--max-seq-len") if args.max_seq_len
+                   else default_max_seq_len(layout))
+    return PlanSpec(
+        layout=layout, gpu_bytes=parse_size(args.gpu_mem, "--gpu-mem"), max_seq_len=max_seq_len,
+        tokens_per_block=args.tokens_per_block, max_batch_size=args.max_batch_size,
+        host_bytes=parse_size(args.host_mem, "--host-mem", allow_zero=True) if args.host_mem else 0,
+    )
+
+
+class _Progress:
+    """Throttled ``\\r`` progress line on stderr, only on a terminal."""
+
+    def __init__(self) -> None:
+        self.enabled = sys.stderr.isatty()
+        self.last = 0.0
+        self.shown = False
+
+    def __call__(self, p: SimProgress) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self.last < PROGRESS_INTERVAL_S:
+            return
+        self.last, self.shown = now, True
+        print(f"\rsimulating: step {p.steps:,}, {p.finished:,}/{p.requests:,} requests done, "
+              f"{p.sim_seconds:,.1f} s simulated", end="", file=sys.stderr, flush=True)
+
+    def clear(self) -> None:
+        if self.shown:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    if args.plot:
+        require_matplotlib()
+    spec = plan_spec(args)
+    params, notes = active_params(spec.layout, args.active_params)
+    workload = make_workload(WorkloadSpec(args.workload, spec.max_seq_len, spec.tokens_per_block,
+                                          args.requests, args.seed, args.rate))
+    cost = CostModel(spec.layout, GPUS[args.gpu], params)
+    progress = _Progress()
+    try:
+        result = simulate(spec, workload, cost, SimConfig(args.planner, args.policy, check=args.check),
+                          progress, notes)
+    finally:
+        progress.clear()
+    if args.plot:
+        plot_occupancy(result, args.plot)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(format_table(result))
+        if args.plot:
+            print(f"occupancy plot written to {args.plot}")
+    return 0
+
+
+def add_simulate_parser(subparsers: Any) -> None:
+    """Register ``simulate`` on the ``hybridkv`` command's subparsers."""
+    s = subparsers.add_parser("simulate", help="run a workload through the scheduler and manager",
+                              description=__doc__)
+    s.add_argument("model", help="catalog name, hybridkv layout JSON, or HF config.json path")
+    s.add_argument("--gpu-mem", required=True, help="GPU bytes for KV cache, e.g. 40GiB")
+    s.add_argument("--host-mem", help="host bytes for the offload tier (suspend instead of preempt)")
+    s.add_argument("--workload", required=True, choices=list(WORKLOADS))
+    s.add_argument("--requests", type=int, help="requests (turns) to generate (default: per workload)")
+    s.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE)
+    s.add_argument("--max-seq-len", help="tokens (default: model max, capped at 32k)")
+    s.add_argument("--tokens-per-block", type=int, default=DEFAULT_TOKENS_PER_BLOCK)
+    s.add_argument("--planner", choices=list(PLANNERS), default="guaranteed",
+                   help="guaranteed (hybridkv) or single-request (the production baseline of issue 15401)")
+    s.add_argument("--policy", choices=list(POLICIES), default="max-utilization")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--rate", type=float, help="Poisson arrivals, sessions per second (default: all at t=0)")
+    s.add_argument("--gpu", choices=list(GPUS), default="h100", help="GPU of the step-time cost model")
+    s.add_argument("--active-params", help="parameters per token, e.g. 8e9 or 3.6B (default: catalog value)")
+    s.add_argument("--plot", metavar="FILE.png", help="write an occupancy plot (needs matplotlib)")
+    s.add_argument("--check", action="store_true", help="check liveness and manager invariants every step")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_simulate)

@@ -370,7 +370,7 @@ def test_guaranteed_planner_never_deadlocks(scenario: tuple[PlanSpec, WorkloadSp
     assert r.output_tokens == sum(t.max_new_tokens for s in wl.sessions for t in s.turns)
 
 
-# ---- scheduler regressions (found by the simulator) --------------------------------------------------------------------
+# ---- scheduler regressions (found by the simulator) ----
 def test_preempted_request_is_not_readmitted_to_thrash() -> None:
     """One full-attention pool of 20 slots (tpb 4). A (40 + 24 tokens) and B (40 + 4) prefill
     together and fill it; when A's decode needs a block, B (latest) is preempted (no host

@@ -182,6 +182,8 @@ class KVCacheManager:
         """Move a suspended cache's pages to ``tier`` now; False (nothing moved) if no room."""
         if self.state(handle) is not RequestState.SUSPENDED:
             raise UsageError(f"cannot offload request {handle}: only suspended caches move")
+        if tier is Tier.GPU:
+            raise UsageError(f"offload({handle}) moves pages down to HOST or DISK; resume() brings them back")
         cache = self.suspended[handle]
         if cache.tier is tier:
             return True
@@ -298,7 +300,8 @@ class KVCacheManager:
                 cache.slots[g] = new[offset:offset + n]
                 offset += n
         pages_bytes = sum(int(s.size) * b for s, b in zip(joined, self.tiers.slot_bytes, strict=True))
-        self.counters.record_move(cache.tier, dst, pages_bytes)
+        if pages_bytes:  # an empty cache only changes its label
+            self.counters.record_move(cache.tier, dst, pages_bytes)
         cache.tier = dst
 
     def _free_by_pool(self, tier: Tier, slots_per_layer_group: list[I32]) -> None:

@@ -51,7 +51,8 @@ class ActiveRows:
         self.tables: list[I32] = []
         self.released: list[I64 | None] = []
         self.first_stale: list[int] = []
-        self.has_ssm = any(lg.life_cycle.is_ssm for lg in grouped.layer_groups)
+        self.is_ssm = [lg.life_cycle.is_ssm for lg in grouped.layer_groups]
+        self.has_ssm = any(self.is_ssm)
         self.log: list[TableChange] | None = None  # enabled by a GPU table mirror
         for lg in grouped.layer_groups:
             lc = lg.life_cycle

@@ -4,7 +4,7 @@
                    │                   │
                    └──────close────────┴──close──> CLOSED
 
-A new cache is SUSPENDED with no pages (``create(active=True)`` resumes it at once). Only
+A new cache is SUSPENDED with no pages (``open()`` = ``create()`` + ``resume()``). Only
 ACTIVE caches take ``resize`` / ``step`` / ``commit``; a SUSPENDED cache's pages may be moved
 to a lower tier whenever the GPU needs room.
 """

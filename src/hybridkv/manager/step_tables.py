@@ -52,7 +52,7 @@ class StepTables:
     def block_table(self, layer_group: int) -> I32:
         """``[batch, width]`` int32 slot ids; width covers the longest request of the batch."""
         table = self._state.tables[layer_group]
-        if table.shape[1] == 1:  # SSM: one state slot per request
+        if self._state.is_ssm[layer_group]:  # one state slot per request
             width = 1
         else:
             width = -(-int(self.seq_lens.max()) // self._tpb) if self.rows.size else 0
@@ -68,6 +68,6 @@ class StepTables:
         indptr = np.zeros(self.rows.size + 1, np.int32)
         np.cumsum(counts, out=indptr[1:])
         last = self.seq_lens - (np.maximum(-(-self.seq_lens // self._tpb), 1) - 1) * self._tpb
-        if table.shape[1] == 1 and self._state.tables[layer_group].shape[1] == 1:
+        if self._state.is_ssm[layer_group]:
             last = (self.seq_lens > 0).astype(np.int32)
         return PagedView(indptr, table[live].astype(np.int32), last.astype(np.int32))

@@ -214,7 +214,7 @@ class Scheduler:
                 need = np.maximum(per_request_demand(m.grouped, [h + tok], [h])[0], held)
             if (need > free).any() or (held > free_now).any() or not self.policy.admits(self, t):
                 break
-            if t.preemptions and (self._prefill_peak(t, chunk) > free).any():
+            if t.preemptions and m.rows.n and (self._prefill_peak(t, tok) > free).any():
                 break  # a recomputing request comes back only with room for its whole prefill
             heapq.heappop(self._waiting)
             self._activate(t)

@@ -58,8 +58,10 @@ class SlotAllocator:
         if arr.size == 0:
             return
         if int(arr.min()) < 0 or int(arr.max()) >= self.num_slots or not self._in_use[arr].all():
-            raise UsageError(f"{self.name}: freeing slots that are not allocated: "
-                             f"{arr[~self._in_use[np.clip(arr, 0, max(self.num_slots - 1, 0))]][:8]}")
+            inside = (arr >= 0) & (arr < self.num_slots)
+            bad = arr[~inside].tolist() + arr[inside][~self._in_use[arr[inside]]].tolist()
+            raise UsageError(f"{self.name}: freeing slots that are not allocated: {bad[:8]} "
+                             f"(pool of {self.num_slots} slots)")
         if not distinct and arr.size > 1 and not np.diff(np.sort(arr)).all():
             raise UsageError(f"{self.name}: the same slot freed twice in one call")
         self._in_use[arr] = False

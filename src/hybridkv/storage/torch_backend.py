@@ -54,7 +54,8 @@ class TorchCopyEngine:
         if src_slots.size == 0:
             return
         if isinstance(src, TorchBuffer) and isinstance(dst, TorchBuffer):
-            moved = src.tensor[src._index(src_slots)].to(dst.device, non_blocking=True)
+            # device -> host must complete before the host-side scatter reads it: blocking then
+            moved = src.tensor[src._index(src_slots)].to(dst.device, non_blocking=dst.device.type != "cpu")
             dst.tensor[dst._index(dst_slots)] = moved
             return
         dst.write(dst_slots, src.read(src_slots))

@@ -666,9 +666,6 @@ def test_paged_last_page_len_when_a_request_fits_one_block(managers: Callable[..
 
 
 @pytest.mark.cuda
-@pytest.mark.xfail(strict=True, reason="torch_backend.py TorchCopyEngine.copy scatters the result of a non_blocking "
-                                       "CUDA -> CPU copy into the host tensor before the copy finished (the "
-                                       "synchronize() in tiers.py move() comes too late): offloads lose bytes")
 def test_offload_from_cuda_to_pinned_host_keeps_every_byte() -> None:
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():

@@ -40,7 +40,7 @@ def snapshot(m: KVCacheManager, with_bytes: bool = True) -> dict[str, Any]:
     for tier in Tier:
         for g, a in enumerate(m.tiers.allocators[tier]):
             key = f"{tier.name}[{g}]"
-            snap[f"alloc {key}"] = (_frozen(a._stack), a._top, _frozen(a._in_use), a.peak_in_use)
+            snap[f"alloc {key}"] = (_frozen(a._stack), a._top, _frozen(a._refs), a.peak_in_use)
             if with_bytes:
                 snap[f"bytes {key}"] = _buffer_bytes(m.tiers.buffers[tier][g])
     snap["suspended"] = tuple(sorted(

@@ -13,7 +13,7 @@ from hybridkv.storage.allocator import SlotAllocator
 
 def state(a: SlotAllocator) -> tuple:
     """Everything an operation could change, for 'nothing changed' checks."""
-    return (a._stack.tobytes(), a._top, a._in_use.tobytes(), a.peak_in_use, a.num_free, a.num_in_use)
+    return (a._stack.tobytes(), a._top, a._refs.tobytes(), a.peak_in_use, a.num_free, a.num_in_use)
 
 
 def ids(x: np.ndarray | None) -> list[int]:

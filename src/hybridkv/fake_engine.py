@@ -71,6 +71,7 @@ class FakeEngine:
                 if s.offset % 8 or (s.bytes_per_token or s.page_bytes) % 8:
                     raise ConfigError("the fake engine needs 8-byte multiples for every page size")
         self.written: dict[int, int] = {}  # handle -> positions [0, n) carry tags
+        self.origin: dict[int, tuple[int, int]] = {}  # forked handle -> (donor, shared tokens)
 
     def _words(self, tier: Tier, pool_group: int) -> _Words:
         buf = self.m.tiers.buffers[tier][pool_group]
@@ -105,6 +106,24 @@ class FakeEngine:
         for bi, spec in enumerate(specs):
             words.set(slots, np.full(slots.size, spec.offset // 8, np.int64), tag(handles, spec.layer_id, bi, seen))
 
+    def fork(self, donor: int, tokens: int) -> int | None:
+        """``manager.fork``; positions below ``tokens`` of the child carry the donor's tags."""
+        child = self.m.fork(donor, tokens)  # type: ignore[arg-type]
+        if child is not None:
+            self.origin[int(child)] = (donor, tokens)
+            self.written[int(child)] = tokens
+        return child
+
+    def _writer(self, handle: int, pos: I64) -> I64:
+        """Which request wrote each position of ``handle``'s cache (forks inherit prefixes)."""
+        who = np.full(pos.shape, handle, np.int64)
+        h = handle
+        while h in self.origin:
+            donor, tokens = self.origin[h]
+            who[(who == h) & (pos < tokens)] = donor
+            h = donor
+        return who
+
     def forget(self, handle: int) -> None:
         self.written.pop(handle, None)
 
@@ -130,24 +149,26 @@ class FakeEngine:
                 continue
             words = self._words(tier, lg.pool_group)
             if lg.life_cycle.is_ssm:
-                checked += self._check(words, slots.astype(np.int64), self.specs[lg.id], handle,
-                                       lambda s: np.array([s.offset // 8]), np.array([written]))
+                seen = np.array([written])
+                checked += self._check(words, slots.astype(np.int64), self.specs[lg.id],
+                                       self._writer(handle, seen - 1), lambda s: np.array([s.offset // 8]), seen)
                 continue
             pos = (ordinals[:, None] * self.tpb + np.arange(self.tpb)[None, :]).ravel()
             keep = pos < written
             pos, slot = pos[keep], np.repeat(slots.astype(np.int64), self.tpb)[keep]
-            checked += self._check(words, slot, self.specs[lg.id], handle,
+            checked += self._check(words, slot, self.specs[lg.id], self._writer(handle, pos),
                                    lambda s, p=pos: (s.offset + (p % self.tpb) * s.bytes_per_token) // 8, pos)
         return checked
 
     @staticmethod
-    def _check(words: _Words, slots: I64, specs: tuple[PageSpec, ...], handle: int, word_of: Any, pos: I64) -> int:
+    def _check(words: _Words, slots: I64, specs: tuple[PageSpec, ...], writer: I64, word_of: Any, pos: I64) -> int:
         for bi, spec in enumerate(specs):
             got = words.get(slots, word_of(spec))
-            want = tag(handle, spec.layer_id, bi, pos)
+            want = tag(writer, spec.layer_id, bi, pos)
             if not np.array_equal(got, want):
                 i = int(np.flatnonzero(got != want)[0])
-                raise InvariantError(f"request {handle}, layer {spec.layer_id} {spec.buffer}: position/state "
+                raise InvariantError(f"request {int(np.broadcast_to(writer, got.shape)[i])}, layer "
+                                     f"{spec.layer_id} {spec.buffer}: position/state "
                                      f"{int(np.broadcast_to(pos, got.shape)[i])} reads {int(got[i])}, "
                                      f"wrote {int(np.broadcast_to(want, got.shape)[i])}")
         return int(slots.size) * len(specs)

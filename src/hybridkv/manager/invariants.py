@@ -28,13 +28,13 @@ def _check_ownership(m: KVCacheManager) -> None:
         alloc = m.tiers.allocators[tier][g]
         alloc.check_invariants()
         slots = np.concatenate(parts) if parts else np.zeros(0, np.int32)
-        if np.unique(slots).size != slots.size:
-            raise InvariantError(f"{tier.name} pool group {g}: a slot is owned twice")
-        if slots.size and not alloc.is_allocated(slots).all():
-            raise InvariantError(f"{tier.name} pool group {g}: an owned slot is on the free list")
-        if slots.size != alloc.num_in_use:
-            raise InvariantError(f"{tier.name} pool group {g}: {alloc.num_in_use} slots in use but "
-                                 f"{slots.size} owned (leak)")
+        # every reference is a table entry or a suspended page: counts must match exactly
+        held = np.bincount(slots, minlength=alloc.num_slots)
+        refs = alloc.references(np.arange(alloc.num_slots))
+        if not np.array_equal(held, refs):
+            bad = int(np.flatnonzero(held != refs)[0])
+            raise InvariantError(f"{tier.name} pool group {g}: slot {bad} is referenced {int(refs[bad])} "
+                                 f"times but held by {int(held[bad])} caches (leak or double owner)")
 
 
 def _check_rows(m: KVCacheManager) -> None:

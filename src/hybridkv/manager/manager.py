@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hybridkv.errors import ConfigError, UsageError
-from hybridkv.manager import invariants, paging
+from hybridkv.manager import invariants, paging, sharing
 from hybridkv.manager.eviction import POLICIES
 from hybridkv.manager.rows import ActiveRows
 from hybridkv.manager.state import RequestState, check_transition
@@ -178,6 +178,12 @@ class KVCacheManager:
             self._free_by_pool(cache.tier, cache.slots)
         self._state[handle] = RequestState.CLOSED
 
+    def fork(self, handle: RequestId, tokens: int) -> RequestId | None:
+        """A new active cache sharing ``handle``'s first ``tokens`` committed tokens (full
+        blocks shared by reference, a partial last block and SSM state copied); see
+        manager/sharing.py. None (nothing changed) without a free row or slots."""
+        return sharing.fork(self, handle, tokens)
+
     def offload(self, handle: RequestId, tier: Tier = Tier.HOST) -> bool:
         """Move a suspended cache's pages to ``tier`` now; False (nothing moved) if no room."""
         if self.state(handle) is not RequestState.SUSPENDED:
@@ -258,6 +264,14 @@ class KVCacheManager:
             out[lg.pool_group] += int(cache.slots[lg.id].size)
         return out
 
+    def _sole_pages_per_pool(self, cache: SuspendedCache) -> list[int]:
+        """Pages per pool group that only this cache references (moving them frees GPU slots)."""
+        out = [0] * len(self.grouped.pool_groups)
+        for lg in self.grouped.layer_groups:
+            refs = self.tiers.allocators[cache.tier][lg.pool_group].references(cache.slots[lg.id])
+            out[lg.pool_group] += int((refs == 1).sum())
+        return out
+
     def _evict(self, deficit: list[int], exclude: int | None = None) -> bool:
         """Free GPU slots by moving suspended caches down a tier (policy order). Plans the
         whole set first: False and nothing moved if it cannot cover ``deficit``."""
@@ -268,14 +282,15 @@ class KVCacheManager:
         candidates = (c for c in self.suspended.values() if c.tier is Tier.GPU and c.handle != exclude)
         for cache in self.policy.order(candidates):
             pages = self._pages_per_pool(cache)
-            if not any(r > 0 and p > 0 for r, p in zip(remaining, pages, strict=True)):
+            freed = self._sole_pages_per_pool(cache)  # shared pages move as copies, freeing nothing
+            if not any(r > 0 and p > 0 for r, p in zip(remaining, freed, strict=True)):
                 continue
             dst = next((t for t in (Tier.HOST, Tier.DISK)
                         if all(p <= f for p, f in zip(pages, free[t], strict=True))), None)
             if dst is None:
                 continue
             free[dst] = [f - p for f, p in zip(free[dst], pages, strict=True)]
-            remaining = [r - p for r, p in zip(remaining, pages, strict=True)]
+            remaining = [r - p for r, p in zip(remaining, freed, strict=True)]
             victims.append((cache, dst))
             if all(r <= 0 for r in remaining):
                 for victim, tier in victims:

@@ -23,6 +23,7 @@ class Counters:
     onboards: int = 0  # caches moved to a higher tier (resume from host / disk)
     offload_bytes: int = 0
     onboard_bytes: int = 0
+    forks: int = 0  # caches created sharing another's prefix
 
     def record_move(self, src: Tier, dst: Tier, nbytes: int) -> None:
         if dst > src:

@@ -1,0 +1,99 @@
+"""Prefix sharing between caches: ``fork`` a new cache from the first tokens of another.
+
+Full blocks of the prefix are shared, not copied: both block tables hold the same slot and
+the slot's reference count goes up (it returns to the pool when the last holder lets go, so
+a window release or a close in one cache never frees a page another still reads). A partly
+filled last block is copied into a new slot, never shared, so neither cache ever writes into
+a page the other reads. SSM state is per request: the fork gets a copy of the state, which
+exists only at the donor's current history. A window group needs only the blocks still live
+at the fork point; if the donor already released one of them the prefix cannot be served.
+This is the mechanism prefix reuse (radix tree, parallel sampling, beam search) builds on.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from hybridkv.errors import UsageError
+from hybridkv.lifecycle import keep_start, live_blocks
+from hybridkv.manager.rows import NULL_SLOT
+from hybridkv.manager.state import RequestState
+from hybridkv.types import RequestId, Tier
+
+if TYPE_CHECKING:
+    from hybridkv.manager.manager import KVCacheManager
+
+I64 = npt.NDArray[np.int64]
+I32 = npt.NDArray[np.int32]
+
+
+def _prefix_pages(m: KVCacheManager, row: int, tokens: int) -> list[tuple[I64, I32]]:
+    """Per layer group: (block ordinals, donor slots) a cache of history ``tokens`` needs.
+    UsageError when the donor no longer holds one of them."""
+    tpb, out = m.tokens_per_block, []
+    for lg in m.grouped.layer_groups:
+        table = m.rows.tables[lg.id][row]
+        if lg.life_cycle.is_ssm:
+            out.append((np.zeros(1, np.int64), table[:1].copy()))
+            continue
+        blocks = np.arange(-(-tokens // tpb), dtype=np.int64)
+        first, stop = m.rows.first_stale[lg.id], int(keep_start(lg.life_cycle, tokens)) // tpb
+        needed = blocks[(blocks < first) | (blocks >= stop)] if m.rows.released[lg.id] is not None else blocks
+        slots = table[needed]
+        if (slots == NULL_SLOT).any():
+            b = int(needed[slots == NULL_SLOT][0])
+            raise UsageError(f"cannot share {tokens} tokens: layer group {lg.id} "
+                             f"({lg.life_cycle.describe()}) already released block {b}")
+        assert needed.size == int(live_blocks(lg.life_cycle, tokens, tokens, tpb))
+        out.append((needed, slots.copy()))
+    return out
+
+
+def fork(m: KVCacheManager, handle: RequestId, tokens: int) -> RequestId | None:
+    """A new active cache whose first ``tokens`` tokens are ``handle``'s (committed) tokens:
+    capacity = history = committed = ``tokens``. None (nothing changed) when no active row or
+    not enough free slots for the copied pages; UsageError when the prefix cannot be served."""
+    if m.state(handle) is not RequestState.ACTIVE:
+        raise UsageError(f"fork({handle}): the donor must be active (resume it first)")
+    lengths = m.lengths(handle)
+    if not 0 < tokens <= lengths.committed:
+        raise UsageError(f"fork({handle}, {tokens}): need 0 < tokens <= committed ({lengths.committed})")
+    if m.rows.has_ssm and tokens != lengths.history:
+        raise UsageError(f"fork({handle}, {tokens}): SSM state exists only at the donor's history "
+                         f"({lengths.history})")
+    if m.rows.n == m.rows.max_rows:
+        return None
+    row = int(m._row[handle])
+    pages = _prefix_pages(m, row, tokens)
+    full = tokens // m.tokens_per_block
+    copied = [ords >= full if not lg.life_cycle.is_ssm else np.ones(1, bool)
+              for lg, (ords, _) in zip(m.grouped.layer_groups, pages, strict=True)]
+    need = [0] * len(m.grouped.pool_groups)
+    for lg, mask in zip(m.grouped.layer_groups, copied, strict=True):
+        need[lg.pool_group] += int(mask.sum())
+    if not m._evict([n - f for n, f in zip(need, m.tiers.free_slots(Tier.GPU), strict=True)]):
+        return None
+    child = m.create(int(m.rows.priority[row]))
+    cache = m.suspended.pop(child)
+    child_row = m.rows.add(child, tokens, tokens, tokens, int(m.rows.priority[row]))
+    gpu = m.tiers.allocators[Tier.GPU]
+    for lg, (ords, slots), mask in zip(m.grouped.layer_groups, pages, copied, strict=True):
+        alloc = gpu[lg.pool_group]
+        alloc.retain(slots[~mask])
+        new = slots.copy()
+        if mask.any():
+            fresh = alloc.allocate(int(mask.sum()))
+            assert fresh is not None  # checked above
+            buf = m.tiers.buffers[Tier.GPU][lg.pool_group]
+            if buf is not None:
+                m.tiers.copy_engine.copy(buf, slots[mask], buf, fresh)
+            new[mask] = fresh
+        released = max(cache.released[lg.id], int(keep_start(lg.life_cycle, tokens)) // m.tokens_per_block)
+        m.rows.set_pages(child_row, lg.id, ords, new, released if m.rows.released[lg.id] is not None else 0)
+    m.tiers.copy_engine.wait_for_copies()
+    m._row[child], m._state[child] = child_row, RequestState.ACTIVE
+    m.counters.forks += 1
+    return child

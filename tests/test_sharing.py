@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import snapshot
 
+from conftest import snapshot
 from hybridkv.errors import UsageError
 from hybridkv.fake_engine import FakeEngine
 from hybridkv.layout import ModelLayout, attention_layer, ssm_layer

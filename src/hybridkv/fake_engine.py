@@ -72,6 +72,8 @@ class FakeEngine:
                     raise ConfigError("the fake engine needs 8-byte multiples for every page size")
         self.written: dict[int, int] = {}  # handle -> positions [0, n) carry tags
         self.origin: dict[int, tuple[int, int]] = {}  # forked handle -> (donor, shared tokens)
+        self.block_writer: dict[bytes, int] = {}  # published block key -> request that wrote it
+        self.reused: dict[int, npt.NDArray[np.int64]] = {}  # handle -> writer of each reused block
 
     def _words(self, tier: Tier, pool_group: int) -> _Words:
         buf = self.m.tiers.buffers[tier][pool_group]
@@ -114,9 +116,37 @@ class FakeEngine:
             self.written[int(child)] = tokens
         return child
 
+    def publish(self, handle: int, tokens: npt.ArrayLike, upto: int) -> int:
+        """``manager.prefix.publish``, remembering who wrote each newly cached block."""
+        prefix = self.m.prefix
+        assert prefix is not None
+        keys = prefix.keys(np.asarray(tokens)[:upto])
+        starts = np.arange(len(keys), dtype=np.int64) * self.tpb
+        for key, who in zip(keys, self._writer(handle, starts).tolist(), strict=True):
+            self.block_writer.setdefault(key, who)
+        return prefix.publish(handle, tokens, upto)  # type: ignore[arg-type]
+
+    def open_with_prefix(self, tokens: npt.ArrayLike) -> tuple[int, int] | None:
+        """``manager.prefix.open``; the reused blocks read as their writers wrote them."""
+        prefix = self.m.prefix
+        assert prefix is not None
+        opened = prefix.open(tokens)
+        if opened is None:
+            return None
+        handle, reused = int(opened[0]), opened[1]
+        keys = prefix.keys(np.asarray(tokens))[:reused // self.tpb]
+        self.reused[handle] = np.array([self.block_writer[k] for k in keys], np.int64)
+        self.written[handle] = reused
+        return handle, reused
+
     def _writer(self, handle: int, pos: I64) -> I64:
-        """Which request wrote each position of ``handle``'s cache (forks inherit prefixes)."""
+        """Which request wrote each position of ``handle``'s cache (forks inherit prefixes,
+        prefix-cache hits read their publishers' blocks)."""
         who = np.full(pos.shape, handle, np.int64)
+        if handle in self.reused:
+            blocks = self.reused[handle]
+            inside = pos // self.tpb < blocks.size
+            who[inside] = blocks[pos[inside] // self.tpb]
         h = handle
         while h in self.origin:
             donor, tokens = self.origin[h]

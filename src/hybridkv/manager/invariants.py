@@ -24,6 +24,11 @@ def _check_ownership(m: KVCacheManager) -> None:
         owned[(Tier.GPU, lg.pool_group)].append(m.rows.all_slots(lg.id))
         for cache in m.suspended.values():
             owned[(cache.tier, lg.pool_group)].append(cache.slots[lg.id])
+    if m.prefix is not None:  # the prefix cache holds one reference to every page it indexes
+        m.prefix.index.check_invariants()
+        for e in m.prefix.index.entries():
+            pg = m.grouped.layer_groups[e.layer_group].pool_group
+            owned[(e.tier, pg)].append(np.array([e.slot], np.int32))
     for (tier, g), parts in owned.items():
         alloc = m.tiers.allocators[tier][g]
         alloc.check_invariants()

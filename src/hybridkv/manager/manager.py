@@ -18,6 +18,7 @@ import numpy.typing as npt
 from hybridkv.errors import ConfigError, UsageError
 from hybridkv.manager import invariants, paging, sharing
 from hybridkv.manager.eviction import POLICIES
+from hybridkv.manager.prefix import PrefixCache
 from hybridkv.manager.rows import ActiveRows
 from hybridkv.manager.state import RequestState, check_transition
 from hybridkv.manager.stats import Counters, ManagerStats, collect_stats
@@ -25,6 +26,7 @@ from hybridkv.manager.step_tables import StepTables
 from hybridkv.manager.suspended import SuspendedCache
 from hybridkv.manager.tiers import StorageConfig, TierPools
 from hybridkv.planner import PoolPlan
+from hybridkv.reuse import EventQueue, ReuseScope
 from hybridkv.types import RequestId, Tier
 
 I64 = npt.NDArray[np.int64]
@@ -75,6 +77,13 @@ class KVCacheManager:
         self._num_handles = 0
         self._clock = 0
         self._mark = np.zeros(self.config.max_active_requests, np.int64)
+        self.prefix: PrefixCache | None = None
+
+    def enable_prefix_cache(self, scope: ReuseScope | None = None, events: EventQueue | None = None,
+                            offload_to_host: bool = True) -> PrefixCache:
+        """Keep committed blocks reusable across requests (manager/prefix.py)."""
+        self.prefix = PrefixCache(self, scope, events, offload_to_host)
+        return self.prefix
 
     # ---- lookup -------------------------------------------------------------------------
     def state(self, handle: RequestId) -> RequestState:
@@ -272,9 +281,25 @@ class KVCacheManager:
             out[lg.pool_group] += int((refs == 1).sum())
         return out
 
-    def _evict(self, deficit: list[int], exclude: int | None = None) -> bool:
-        """Free GPU slots by moving suspended caches down a tier (policy order). Plans the
-        whole set first: False and nothing moved if it cannot cover ``deficit``."""
+    def _evict(self, deficit: list[int], exclude: int | None = None, keep: list[bytes] | None = None) -> bool:
+        """Free GPU slots: first pages only the prefix cache holds (except ``keep`` keys), then
+        by moving suspended caches down a tier (policy order). Plans the whole set first: False
+        and nothing moved if it cannot cover ``deficit``."""
+        if all(d <= 0 for d in deficit):
+            return True
+        if self.prefix is not None:
+            cached = self.prefix.evict(deficit, keep, apply=False)
+            if all(c >= d for c, d in zip(cached, deficit, strict=True)):
+                self.prefix.evict(deficit, keep)
+                return True
+            rest = [d - c for d, c in zip(deficit, cached, strict=True)]
+            if not self._evict_suspended(rest, exclude, apply=False):
+                return False
+            self.prefix.evict(deficit, keep)
+            deficit = rest
+        return self._evict_suspended(deficit, exclude)
+
+    def _evict_suspended(self, deficit: list[int], exclude: int | None = None, apply: bool = True) -> bool:
         if all(d <= 0 for d in deficit):
             return True
         free = {t: self.tiers.free_slots(t) for t in (Tier.HOST, Tier.DISK)}
@@ -293,6 +318,8 @@ class KVCacheManager:
             remaining = [r - p for r, p in zip(remaining, freed, strict=True)]
             victims.append((cache, dst))
             if all(r <= 0 for r in remaining):
+                if not apply:
+                    return True
                 for victim, tier in victims:
                     self._move(victim, tier)
                     self.counters.evictions += 1

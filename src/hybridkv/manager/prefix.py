@@ -1,0 +1,223 @@
+"""The prefix cache: committed blocks stay reusable after their request moves on.
+
+``publish(handle, tokens, upto)`` records the request's committed full blocks in a
+``reuse.PrefixIndex`` (chained SHA-256 keys, scoped) and pins each newly cached page with one
+reference of its own. A page therefore survives its request's window release and close, and
+``open(tokens)`` can start a new cache at the longest prefix every layer group can serve: full
+attention needs every block, a window group only its sink and window blocks at that point, an
+SSM group a state snapshot taken at exactly that point (published with ``upto == history``).
+Reused blocks are shared by reference (never written: the new cache continues in fresh
+blocks); SSM snapshots are copied into the new cache's own state slot.
+
+Memory policy: a pinned page that no cache uses costs a slot until the GPU needs it; then
+pinned pages go in the index's order (lowest priority, least recently used, deepest block
+first), copied to the host tier when it has room (a later hit brings them back) or dropped.
+``reclaimable()`` counts them as free for admission.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from hybridkv.lifecycle import keep_start
+from hybridkv.manager.state import RequestState
+from hybridkv.reuse import CachedEntry, EntryRef, EventQueue, PrefixIndex, ReuseScope, block_keys
+from hybridkv.types import LayerGroupId, RequestId, Tier
+
+if TYPE_CHECKING:
+    from hybridkv.manager.manager import KVCacheManager
+
+I64 = npt.NDArray[np.int64]
+
+
+@dataclass
+class PrefixStats:
+    """Reuse counters: prompt tokens offered to ``open``, tokens served from the cache, and
+    served tokens per tier the pages were found on."""
+
+    lookups: int = 0
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    reused_tokens_by_tier: dict[str, int] = field(default_factory=lambda: {t.name: 0 for t in Tier})
+    evicted_pages: int = 0
+    offloaded_pages: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.reused_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+class PrefixCache:
+    """Prefix reuse over one KVCacheManager (create with ``KVCacheManager.enable_prefix_cache``)."""
+
+    def __init__(self, m: KVCacheManager, scope: ReuseScope | None = None, events: EventQueue | None = None,
+                 offload_to_host: bool = True) -> None:
+        self.m, self.scope = m, scope or ReuseScope()
+        self.index = PrefixIndex(events)
+        self.offload_to_host = offload_to_host
+        self.stats = PrefixStats()
+        self.lcs = [lg.life_cycle for lg in m.grouped.layer_groups]
+
+    def keys(self, tokens: npt.ArrayLike) -> list[bytes]:
+        return list(block_keys(tokens, self.m.tokens_per_block, self.scope))
+
+    def probe(self, tokens: npt.ArrayLike) -> int:
+        """Tokens a new request with this prompt would reuse (nothing changes)."""
+        return self.index.probe(self._usable(self.keys(tokens), tokens), self.lcs, self.m.tokens_per_block).tokens
+
+    def _usable(self, keys: list[bytes], tokens: npt.ArrayLike) -> list[bytes]:
+        # leave at least one prompt token to compute: the next token's logits come from it
+        return keys[:(len(np.asarray(tokens)) - 1) // self.m.tokens_per_block]
+
+    # ---- publish -------------------------------------------------------------------------
+    def publish(self, handle: RequestId, tokens: npt.ArrayLike, upto: int) -> int:
+        """Cache the request's full blocks below ``upto`` tokens, which the engine has computed
+        (at most its capacity: call it after running a step, before the next ``step`` releases
+        window blocks the cache should keep); returns how many new pages were pinned. SSM
+        groups get a snapshot only when ``upto`` is the capacity and a whole number of blocks."""
+        m, tpb = self.m, self.m.tokens_per_block
+        lengths = m.lengths(handle)
+        upto = min(upto, lengths.capacity) // tpb * tpb
+        if upto == 0 or m.state(handle) is not RequestState.ACTIVE:
+            return 0
+        keys = self.keys(np.asarray(tokens)[:upto])
+        row, pinned = int(m._row[handle]), 0
+        gpu = m.tiers.allocators[Tier.GPU]
+        for lg in m.grouped.layer_groups:
+            table = m.rows.tables[lg.id][row]
+            if lg.life_cycle.is_ssm:
+                if upto != lengths.capacity or table[0] < 0 or gpu[lg.pool_group].num_free == 0:
+                    continue
+                snap = gpu[lg.pool_group].allocate(1)
+                assert snap is not None
+                buf = m.tiers.buffers[Tier.GPU][lg.pool_group]
+                if buf is not None:
+                    m.tiers.copy_engine.copy(buf, table[:1], buf, snap)
+                res = self.index.insert(keys, [upto // tpb - 1], lg.id, snap, Tier.GPU, root=self.scope.root())
+                if not res.num_new:
+                    gpu[lg.pool_group].free(snap)
+                pinned += res.num_new
+                continue
+            ords = np.flatnonzero(table[:upto // tpb] >= 0).astype(np.int64)
+            if ords.size == 0:
+                continue
+            res = self.index.insert(keys, ords, lg.id, table[ords], Tier.GPU, root=self.scope.root())
+            gpu[lg.pool_group].retain(table[ords][res.new_mask])  # the cache's own reference
+            pinned += res.num_new
+        m.tiers.copy_engine.wait_for_copies()
+        return pinned
+
+    # ---- reuse ---------------------------------------------------------------------------
+    def open(self, tokens: npt.ArrayLike, priority: int = 0) -> tuple[RequestId, int] | None:
+        """A new active cache for a prompt, starting at the longest cached prefix: (handle,
+        reused tokens); capacity = history = committed = reused. None (nothing changed) when
+        no row or no slots for the pages that must be brought back or copied."""
+        m, tpb = self.m, self.m.tokens_per_block
+        if m.rows.n == m.rows.max_rows:
+            return None
+        tok = np.asarray(tokens)
+        keys = self._usable(self.keys(tok), tok)
+        match = self.index.probe(keys, self.lcs, tpb)
+        need = [0] * len(m.grouped.pool_groups)
+        for lg, mb in zip(m.grouped.layer_groups, match.per_group, strict=True):
+            copies = 1 if lg.life_cycle.is_ssm and match.tokens else 0  # the request's own state
+            need[lg.pool_group] += int((mb.tiers != Tier.GPU).sum()) + copies
+        if not m._evict([n - f for n, f in zip(need, m.tiers.free_slots(Tier.GPU), strict=True)], keep=keys):
+            return None
+        self.stats.lookups += 1
+        self.stats.prompt_tokens += int(tok.size)
+        handle = m.create(priority)
+        m.resume(handle)
+        if match.tokens == 0:
+            return handle, 0
+        L, row = match.tokens, int(m._row[handle])
+        m.rows.capacity[row] = m.rows.history[row] = m.rows.committed[row] = m.rows.seq_lens[row] = L
+        gpu = m.tiers.allocators[Tier.GPU]
+        for lg, mb in zip(m.grouped.layer_groups, match.per_group, strict=True):
+            slots = self._onboard(keys, lg.id, mb.ordinals, mb.slots, mb.tiers)
+            for t in Tier:
+                self.stats.reused_tokens_by_tier[t.name] += int((mb.tiers == t).sum()) * tpb
+            if lg.life_cycle.is_ssm:  # the request's own state starts as a copy of the snapshot
+                own = gpu[lg.pool_group].allocate(1)
+                assert own is not None
+                buf = m.tiers.buffers[Tier.GPU][lg.pool_group]
+                if buf is not None:
+                    m.tiers.copy_engine.copy(buf, slots.astype(np.int32), buf, own)
+                m.rows.set_pages(row, lg.id, np.zeros(1, np.int64), own, 0)
+                continue
+            gpu[lg.pool_group].retain(slots)
+            released = max(m.rows.first_stale[lg.id], int(keep_start(lg.life_cycle, L)) // tpb)
+            m.rows.set_pages(row, lg.id, mb.ordinals, slots.astype(np.int32), released)
+        m.tiers.copy_engine.wait_for_copies()
+        self.index.touch(keys[:L // tpb])
+        self.stats.reused_tokens += L
+        return handle, L
+
+    def _onboard(self, keys: list[bytes], group: int, ords: I64, slots: I64, tiers: I64) -> I64:
+        """GPU slots of matched pages, copying those found on a lower tier back (room checked)."""
+        out = slots.copy()
+        lower = np.flatnonzero(tiers != Tier.GPU)
+        if lower.size == 0:
+            return out
+        pg = self.m.grouped.layer_groups[group].pool_group
+        for tier in {Tier(int(t)) for t in tiers[lower]}:
+            sel = lower[tiers[lower] == tier]
+            new = self._move_pages(tier, Tier.GPU, pg, slots[sel])
+            self.index.move([EntryRef(keys[int(o)], LayerGroupId(group)) for o in ords[sel]], Tier.GPU, new)
+            out[sel] = new
+        return out
+
+    def _move_pages(self, src: Tier, dst: Tier, pool_group: int, slots: I64) -> I64:
+        per_pool = [np.zeros(0, np.int32) for _ in self.m.grouped.pool_groups]
+        per_pool[pool_group] = slots.astype(np.int32)
+        moved: I64 = self.m.tiers.move(src, dst, per_pool)[pool_group].astype(np.int64)
+        return moved
+
+    # ---- memory pressure -----------------------------------------------------------------
+    def _cache_only(self, tier: Tier) -> list[tuple[int, CachedEntry]]:
+        """(pool group, entry) of pages on ``tier`` that only the cache holds, eviction order."""
+        out: list[tuple[int, CachedEntry]] = []
+        for e in self.index.evictable(tier):
+            pg = int(self.m.grouped.layer_groups[e.layer_group].pool_group)
+            if int(self.m.tiers.allocators[tier][pg].references([e.slot])[0]) == 1:
+                out.append((pg, e))
+        return out
+
+    def reclaimable(self) -> list[int]:
+        """GPU slots per pool group held only by the cache (freed on demand)."""
+        out = [0] * len(self.m.grouped.pool_groups)
+        for pg, _ in self._cache_only(Tier.GPU):
+            out[pg] += 1
+        return out
+
+    def evict(self, deficit: list[int], keep: list[bytes] | None = None, apply: bool = True) -> list[int]:
+        """Free up to ``deficit`` GPU slots per pool group from cache-only pages (to the host
+        tier when it has room, else dropped); returns the slots freed (or, with ``apply=False``,
+        that would be). Keys in ``keep`` (a match being served) are not touched."""
+        freed = [0] * len(deficit)
+        keep_set = set(keep or ())
+        chosen = []
+        if not any(d > 0 for d in deficit):
+            return freed
+        for pg, e in self._cache_only(Tier.GPU):
+            if freed[pg] < deficit[pg] and e.key not in keep_set:
+                chosen.append((pg, e))
+                freed[pg] += 1
+        if not apply:
+            return freed
+        host_free = self.m.tiers.free_slots(Tier.HOST)
+        for pg, e in chosen:
+            ref, slot = e.ref, np.array([e.slot], np.int32)
+            if self.offload_to_host and host_free[pg] > 0:
+                self.index.move([ref], Tier.HOST, self._move_pages(Tier.GPU, Tier.HOST, pg, slot.astype(np.int64)))
+                host_free[pg] -= 1
+                self.stats.offloaded_pages += 1
+            else:
+                self.index.remove([ref])
+                self.m.tiers.allocators[Tier.GPU][pg].free(slot)
+                self.stats.evicted_pages += 1
+        return freed

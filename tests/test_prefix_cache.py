@@ -1,0 +1,141 @@
+"""The manager's prefix cache: published blocks outlive their request, reuse starts a new
+cache at the longest prefix every layer group can serve, scopes never share, reused pages are
+never written, pinned pages go (to the host, or dropped) when the GPU needs room, and the fake
+engine reads exactly what the donors wrote."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from conftest import snapshot
+from hybridkv.fake_engine import FakeEngine
+from hybridkv.layout import ModelLayout, attention_layer, ssm_layer
+from hybridkv.lifecycle import LifeCycle
+from hybridkv.manager.manager import KVCacheManager, ManagerConfig
+from hybridkv.planner import PlanSpec, plan
+from hybridkv.reuse import ReuseScope
+from hybridkv.types import Tier
+
+TPB = 4
+FULL = attention_layer(1, 8, 2, LifeCycle.full())
+WINDOW = attention_layer(1, 8, 2, LifeCycle.sliding(6, 2))
+
+
+def setup(layers: tuple, gpu_slots: int = 200, host_slots: int = 0, scope: ReuseScope | None = None,
+          ) -> tuple[KVCacheManager, FakeEngine]:
+    slot = 2 * 8 * 2 * TPB  # bytes of one slot of one layer
+    groups = len({(lyr.life_cycle) for lyr in layers})
+    max_seq_len = min(128, gpu_slots * TPB)
+    p = plan(PlanSpec(ModelLayout("t", layers), gpu_slots * slot * groups, max_seq_len, tokens_per_block=TPB,
+                      max_batch_size=2, host_bytes=host_slots * slot * groups))
+    m = KVCacheManager(p, ManagerConfig(max_active_requests=8))
+    m.enable_prefix_cache(scope)
+    return m, FakeEngine(m)
+
+
+def run(m: KVCacheManager, e: FakeEngine, tokens: np.ndarray) -> tuple[int, int]:
+    """Open with reuse, prefill the rest, publish everything computed, return (handle, reused)."""
+    opened = e.open_with_prefix(tokens)
+    assert opened is not None
+    h, reused = opened
+    assert e.step([h], [tokens.size], [reused])
+    e.publish(h, tokens, tokens.size)  # computed: publish before the next step releases
+    assert m.resize(h, tokens.size, tokens.size)
+    m.commit(h, tokens.size)
+    return h, reused
+
+
+def tokens(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 50_000, n).astype(np.int32)
+
+
+def test_reuse_after_the_donor_closed_and_scope_isolation() -> None:
+    m, e = setup((FULL,))
+    t = tokens(23)
+    a, reused = run(m, e, t)
+    assert reused == 0
+    m.close(a)  # published pages survive
+    m.check_invariants()
+    assert m.prefix is not None and m.prefix.probe(t) == 20  # 5 full blocks; 1 token left to compute
+    assert m.prefix.probe(np.concatenate([t[:9], t[9:] + 1])) == 8  # diverges inside block 2
+    other = KVCacheManager(m.plan, ManagerConfig(max_active_requests=8))
+    other.enable_prefix_cache(ReuseScope(cache_salt="tenant-b"))
+    assert other.prefix is not None and other.prefix.probe(t) == 0
+
+
+def test_reused_pages_are_shared_and_never_written() -> None:
+    m, e = setup((FULL,))
+    t = tokens(30)
+    a, _ = run(m, e, t[:17])  # 4 full blocks published
+    opened = e.open_with_prefix(t)
+    assert opened is not None and opened[1] == 16
+    b = opened[0]
+    e.verify()
+    ta, tb = (m.rows.tables[0][m.row_of([h])[0]] for h in (a, b))
+    assert tb[:4].tolist() == ta[:4].tolist()
+    assert m.tiers.allocators[Tier.GPU][0].references(ta[:4]).tolist() == [3, 3, 3, 3]  # a, b, the cache
+    assert e.step([b], [30], [16])
+    m.check_invariants()
+    e.verify()  # a's pages still hold a's tags: b wrote only its own blocks
+
+
+def test_window_groups_need_only_their_window() -> None:
+    m, e = setup((FULL, WINDOW))
+    t = tokens(41)
+    a, _ = run(m, e, t)
+    m.close(a)
+    opened = e.open_with_prefix(t)
+    assert opened is not None
+    b, reused = opened
+    assert reused == 40
+    e.verify()
+    # window 6 + 2 sinks at history 40: sink block 0 and blocks 8, 9 are all the window group needs
+    assert m.rows.pages(m.row_of([b])[0], 1)[0].tolist() == [0, 8, 9]
+    m.check_invariants()
+
+
+def test_ssm_needs_a_snapshot_at_the_match_point() -> None:
+    m, e = setup((FULL, ssm_layer(4, 4, 2, 4)))
+    t = tokens(20)
+    a, _ = run(m, e, t[:16])  # computed 16: a snapshot at 16
+    assert m.prefix is not None
+    assert m.prefix.probe(t) == 16
+    assert m.prefix.probe(t[:13]) == 0  # a prefix of 12 has full blocks but no state at 12
+    opened = e.open_with_prefix(t)
+    assert opened is not None and opened[1] == 16
+    m.check_invariants()
+    e.verify()  # the new cache's own state is a copy of a's snapshot
+    assert e.step([a, opened[0]], [17, 17], [16, 16])
+    e.verify()
+
+
+def test_pinned_pages_go_to_the_host_then_come_back() -> None:
+    m, e = setup((FULL,), gpu_slots=12, host_slots=12)
+    t = tokens(33)
+    a, _ = run(m, e, t)  # 9 blocks, 8 full ones published
+    m.close(a)
+    assert m.stats().pool(0).in_use == 8 and m.prefix is not None and m.prefix.reclaimable() == [8]
+    b = m.open()
+    assert b is not None and e.step([b], [40], [0])  # needs 10 slots: the cache moves 6 pages to the host
+    m.check_invariants()
+    assert m.prefix.stats.offloaded_pages == 6
+    m.close(b)
+    e.forget(b)
+    opened = e.open_with_prefix(t)
+    assert opened is not None and opened[1] == 32
+    assert m.prefix.stats.reused_tokens_by_tier["HOST"] == 24
+    m.check_invariants()
+    e.verify()
+
+
+def test_open_without_room_changes_nothing() -> None:
+    m, e = setup((FULL,), gpu_slots=9, host_slots=9)
+    t = tokens(33)
+    a, _ = run(m, e, t)
+    m.close(a)
+    b = m.open()
+    assert b is not None and e.step([b], [36], [0])  # 9 slots: every cached page went to the host
+    assert m.prefix is not None
+    before = snapshot(m)
+    assert m.prefix.open(t) is None  # the host pages cannot come back: no GPU slot
+    assert snapshot(m) == before

@@ -230,7 +230,7 @@ class KVCacheManager:
         h_new = np.asarray(history, dtype=np.int64)
         self._validate_step(rows, c_new, h_new)
         deltas = paging.plan_step(self.grouped, self.rows, rows, c_new, h_new)
-        need = paging.net_slots(self.grouped, deltas)
+        need = paging.net_slots(self.grouped, self.rows, deltas, self.tiers.allocators[Tier.GPU])
         deficit = [n - f for n, f in zip(need, self.tiers.free_slots(Tier.GPU), strict=True)]
         if not self._evict(deficit):
             return None

@@ -99,11 +99,20 @@ def plan_step(grouped: GroupedLayout, state: ActiveRows, rows: I64, c_new: I64, 
     return out
 
 
-def net_slots(grouped: GroupedLayout, deltas: list[GroupDelta]) -> list[int]:
-    """Per pool group: slots the change needs beyond what it frees (may be negative)."""
+def net_slots(grouped: GroupedLayout, state: ActiveRows, deltas: list[GroupDelta],
+              allocators: list[SlotAllocator]) -> list[int]:
+    """Per pool group: slots the change needs beyond what it frees (may be negative). A freed
+    entry whose page someone else also holds (prefix sharing) returns nothing to the pool,
+    so only sole references count as freed (a page two requests both drop this step is not
+    counted: a safe underestimate)."""
     need = [0] * len(grouped.pool_groups)
     for lg, d in zip(grouped.layer_groups, deltas, strict=True):
-        need[lg.pool_group] += int(d.grow.rows.size) - int(d.free.rows.size)
+        alloc = allocators[lg.pool_group]
+        freed = int(d.free.rows.size)
+        if freed and alloc.shared:
+            slots = state.tables[lg.id][d.free.rows, d.free.cols]
+            freed = int((alloc.references(slots) == 1).sum())
+        need[lg.pool_group] += int(d.grow.rows.size) - freed
     return need
 
 

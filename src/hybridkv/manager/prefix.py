@@ -97,7 +97,9 @@ class PrefixCache:
                 buf = m.tiers.buffers[Tier.GPU][lg.pool_group]
                 if buf is not None:
                     m.tiers.copy_engine.copy(buf, table[:1], buf, snap)
-                res = self.index.insert(keys, [upto // tpb - 1], lg.id, snap, Tier.GPU, root=self.scope.root())
+                last = np.array([upto // tpb - 1], np.int64)
+                res = self.index.insert(keys, last, lg.id, snap, Tier.GPU, root=self.scope.root(),
+                                        block_tokens=self._block_tokens(tokens, last))
                 if not res.num_new:
                     gpu[lg.pool_group].free(snap)
                 pinned += res.num_new
@@ -105,11 +107,20 @@ class PrefixCache:
             ords = np.flatnonzero(table[:upto // tpb] >= 0).astype(np.int64)
             if ords.size == 0:
                 continue
-            res = self.index.insert(keys, ords, lg.id, table[ords], Tier.GPU, root=self.scope.root())
+            res = self.index.insert(keys, ords, lg.id, table[ords], Tier.GPU, root=self.scope.root(),
+                                    block_tokens=self._block_tokens(tokens, ords))
             gpu[lg.pool_group].retain(table[ords][res.new_mask])  # the cache's own reference
             pinned += res.num_new
         m.tiers.copy_engine.wait_for_copies()
         return pinned
+
+    def _block_tokens(self, tokens: npt.ArrayLike, ords: I64) -> npt.NDArray[np.int64] | None:
+        """Token ids of the given blocks, for KV events (None when events are off)."""
+        if self.index.events is None:
+            return None
+        tpb = self.m.tokens_per_block
+        rows: npt.NDArray[np.int64] = np.asarray(tokens, np.int64)[(ords[:, None] * tpb + np.arange(tpb)).ravel()]
+        return rows.reshape(ords.size, tpb)
 
     # ---- reuse ---------------------------------------------------------------------------
     def open(self, tokens: npt.ArrayLike, priority: int = 0) -> tuple[RequestId, int] | None:
@@ -185,13 +196,23 @@ class PrefixCache:
             pg = int(self.m.grouped.layer_groups[e.layer_group].pool_group)
             if int(self.m.tiers.allocators[tier][pg].references([e.slot])[0]) == 1:
                 out.append((pg, e))
+        # among pages of equal priority and age, a window group keeps its deepest blocks (the
+        # window a continuation needs) and loses the oldest; full attention keeps the root
+        bounded = [not (lc.is_full or lc.is_ssm) for lc in self.lcs]
+        out.sort(key=lambda p: (p[1].priority, p[1].last_used,
+                                p[1].ordinal if bounded[p[1].layer_group] else -p[1].ordinal))
         return out
 
     def reclaimable(self) -> list[int]:
-        """GPU slots per pool group held only by the cache (freed on demand)."""
+        """GPU slots per pool group held only by the cache (freed on demand). Vectorized over
+        the index: cheap enough for every scheduler step."""
+        groups, slots = self.index.located(Tier.GPU)
         out = [0] * len(self.m.grouped.pool_groups)
-        for pg, _ in self._cache_only(Tier.GPU):
-            out[pg] += 1
+        for lg in self.m.grouped.layer_groups:
+            mine = slots[groups == lg.id]
+            if mine.size:
+                refs = self.m.tiers.allocators[Tier.GPU][lg.pool_group].references(mine)
+                out[lg.pool_group] += int((refs == 1).sum())
         return out
 
     def evict(self, deficit: list[int], keep: list[bytes] | None = None, apply: bool = True) -> list[int]:

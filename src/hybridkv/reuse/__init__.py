@@ -1,9 +1,10 @@
 """Prefix reuse, storage-agnostic: block keys, the prefix index with the hybrid-aware longest
 match, and KV events for cache-aware routers.
 
-Data flow (imports point down): ``keys`` (chained block digests) -> ``events`` (what changed)
--> ``match`` (which blocks a layer group needs at a history; pure) -> ``entries`` (structure
-of arrays) -> ``index`` (PrefixIndex). The manager owns slots; the index only records them.
+Modules bottom-up (imports point down): ``keys`` (chained block digests), ``events`` (what
+changed, for routers), ``match`` (which blocks a layer group needs at a history; pure),
+``entries`` (structure of arrays), ``eviction`` (order of unused entries), ``index``
+(PrefixIndex). The manager owns slots; the index only records them.
 """
 
 from hybridkv.reuse.entries import CachedEntry, EntryRef
@@ -16,13 +17,13 @@ from hybridkv.reuse.events import (
     EventQueue,
     KVEvent,
 )
-from hybridkv.reuse.index import InsertResult, Match, MatchedBlocks, PrefixIndex
-from hybridkv.reuse.keys import BlockKey, MultimodalItem, ReuseScope, block_keys
+from hybridkv.reuse.index import InsertResult, Locations, Match, MatchedBlocks, PrefixIndex
+from hybridkv.reuse.keys import KEY_BYTES, MultimodalItem, ReuseScope, block_keys
 from hybridkv.reuse.match import longest_match, needed_blocks
 
 __all__ = [
+    "KEY_BYTES",
     "AllCleared",
-    "BlockKey",
     "BlockRemoved",
     "BlockStored",
     "BlockUpdated",
@@ -32,6 +33,7 @@ __all__ = [
     "EventQueue",
     "InsertResult",
     "KVEvent",
+    "Locations",
     "Match",
     "MatchedBlocks",
     "MultimodalItem",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -27,9 +28,9 @@ class EntryRef:
     layer_group: LayerGroupId
 
 
-@dataclass(frozen=True, slots=True)
-class CachedEntry:
+class CachedEntry(NamedTuple):
     """A snapshot of one entry, taken when it was returned (later changes do not show).
+    A NamedTuple rather than a frozen dataclass: ``evictable`` builds many, 4x faster.
 
     ``refcount`` counts live requests using it; ``priority``: higher is kept longer;
     ``last_used``: the index's logical clock at the last insert / acquire / release / touch."""
@@ -90,11 +91,14 @@ class EntryTable:
         n = len(keys)
         if n > len(self.free):
             self._grow(n - len(self.free))
-        rows = np.array([self.free.pop() for _ in range(n)], np.int64)
+        taken = self.free[len(self.free) - n:]
+        del self.free[len(self.free) - n:]
+        taken.reverse()  # lowest rows first: a fresh table fills rows 0, 1, 2, ...
         d = self.by_group.setdefault(group, {})
-        for r, k, p in zip(rows.tolist(), keys, parents, strict=True):
+        d.update(zip(keys, taken, strict=True))
+        for r, k, p in zip(taken, keys, parents, strict=True):
             self.keys[r], self.parents[r] = k, p
-            d[k] = r
+        rows = np.array(taken, np.int64)
         self.ordinal[rows], self.group[rows], self.slot[rows] = ordinals, group, slots
         self.tier[rows], self.refcount[rows], self.priority[rows] = int(tier), 0, priority
         self.last_used[rows], self.live[rows] = clock, True
@@ -113,6 +117,15 @@ class EntryTable:
                            BlockIndex(int(self.ordinal[row])), SlotId(int(self.slot[row])),
                            Tier(int(self.tier[row])), int(self.refcount[row]), int(self.priority[row]),
                            int(self.last_used[row]))
+
+    def snapshots(self, rows: I64) -> list[CachedEntry]:
+        """``snapshot`` for many rows, converting each column once."""
+        cols = zip(rows.tolist(), self.group[rows].tolist(), self.ordinal[rows].tolist(), self.slot[rows].tolist(),
+                   self.tier[rows].tolist(), self.refcount[rows].tolist(), self.priority[rows].tolist(),
+                   self.last_used[rows].tolist(), strict=True)
+        tiers = {int(x): x for x in Tier}
+        return [CachedEntry(self.keys[r], LayerGroupId(g), self.parents[r], BlockIndex(o), SlotId(s), tiers[t], c, p, u)
+                for r, g, o, s, t, c, p, u in cols]
 
     def live_rows(self) -> I64:
         return np.flatnonzero(self.live).astype(np.int64)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -33,6 +33,7 @@ from hybridkv.errors import InvariantError, UsageError
 from hybridkv.lifecycle import LifeCycle
 from hybridkv.reuse.entries import CachedEntry, EntryRef, EntryTable
 from hybridkv.reuse.events import AllCleared, BlockRemoved, BlockStored, BlockUpdated, EventQueue
+from hybridkv.reuse.eviction import PriorityLRU, make_policy
 from hybridkv.reuse.match import Present, longest_match, needed_blocks
 from hybridkv.types import LayerGroupId, Tier
 
@@ -73,11 +74,19 @@ class Match:
     per_group: tuple[MatchedBlocks, ...]
 
 
+class Locations(NamedTuple):
+    """Where a tier's entries sit: parallel arrays of layer group ids and slot ids."""
+
+    layer_groups: I64
+    slots: I64
+
+
 class PrefixIndex:
     """Cached entries per (key, layer group) with reference counts, eviction order and events."""
 
-    def __init__(self, events: EventQueue | None = None) -> None:
+    def __init__(self, events: EventQueue | None = None, eviction: str = PriorityLRU.name) -> None:
         self.events = events
+        self.policy = make_policy(eviction)
         self._t = EntryTable()
         self._roots: set[bytes] = set()
         self._clock = 0
@@ -140,16 +149,17 @@ class PrefixIndex:
         if self.events is not None and (tokens is None or tokens.ndim != 2 or tokens.shape[0] != ords.size):
             raise UsageError("insert: with an event queue, block_tokens must be one row of token ids per ordinal")
         d = self._t.by_group.get(LayerGroupId(layer_group), {})
+        found = [d.get(keys[o]) for o in ords.tolist()]
+        new_mask = np.fromiter((r is None for r in found), np.bool_, ords.size)
         cached = slot_arr.copy()
-        new_mask = np.zeros(ords.size, np.bool_)
-        for i, o in enumerate(ords.tolist()):
-            r = d.get(keys[o])
-            if r is None:
-                new_mask[i] = True
-            elif self._t.ordinal[r] != o:
+        if not new_mask.all():
+            old = np.flatnonzero(~new_mask)
+            old_rows = np.array([found[i] for i in old.tolist()], np.int64)
+            bad = np.flatnonzero(self._t.ordinal[old_rows] != ords[old])
+            if bad.size:
+                o, r = int(ords[old[bad[0]]]), int(old_rows[bad[0]])
                 raise UsageError(f"insert: key of block {o} is already cached as block {int(self._t.ordinal[r])}")
-            else:
-                cached[i] = self._t.slot[r]
+            cached[old] = self._t.slot[old_rows]
         new_ords = ords[new_mask]
         new_keys = [keys[o] for o in new_ords.tolist()]
         if len(set(new_keys)) != len(new_keys):
@@ -244,16 +254,17 @@ class PrefixIndex:
     # ---- eviction, offload, clear ----------------------------------------------------------
 
     def evictable(self, tier: Tier, layer_group: int | None = None, limit: int | None = None) -> list[CachedEntry]:
-        """Entries on ``tier`` nobody uses (refcount 0), in eviction order: lowest priority,
-        then least recently used, then the deepest block first (a chain loses its leaves
-        before its root), then layer group. At most ``limit`` of them."""
+        """Entries on ``tier`` nobody uses (refcount 0), in the policy's eviction order
+        (``priority-lru``: lowest priority, least recently used, deepest block first; see
+        ``reuse.eviction``). At most ``limit`` of them (much cheaper than all)."""
+        if limit is not None and limit < 0:
+            raise UsageError(f"evictable: limit must be >= 0 or None, got {limit}")
         t = self._t
         mask = t.live & (t.refcount == 0) & (t.tier == int(tier))
         if layer_group is not None:
             mask &= t.group == layer_group
         rows = np.flatnonzero(mask)
-        order = np.lexsort((t.group[rows], -t.ordinal[rows], t.last_used[rows], t.priority[rows]))
-        return [t.snapshot(r) for r in rows[order][:limit].tolist()]
+        return t.snapshots(rows[self.policy.order(t, rows, limit)])
 
     def remove(self, refs: Iterable[EntryRef]) -> list[CachedEntry]:
         """Forget these entries (all refcount 0, else UsageError and nothing changes) and hand
@@ -261,7 +272,7 @@ class PrefixIndex:
         rows = self._ref_rows(refs, "remove")
         if (self._t.refcount[rows] > 0).any():
             raise UsageError("remove: an entry is still used by a request (refcount > 0); release it first")
-        gone = [self._t.snapshot(r) for r in rows.tolist()]
+        gone = self._t.snapshots(rows)
         self._t.drop(rows)
         if self.events is not None:
             for (g, tier), ks in _grouped(gone, lambda e: (e.layer_group, e.tier)).items():
@@ -276,7 +287,7 @@ class PrefixIndex:
         slots = np.asarray(new_slots, dtype=np.int64)
         if slots.shape != rows.shape or (slots < 0).any():
             raise UsageError(f"move: need one slot id >= 0 per entry ({rows.size}), got {slots.tolist()}")
-        old = [self._t.snapshot(r) for r in rows.tolist()]
+        old = self._t.snapshots(rows)
         self._t.tier[rows], self._t.slot[rows] = int(new_tier), slots
         if self.events is not None:
             for (g, prio), ks in _grouped(old, lambda e: (e.layer_group, e.priority)).items():
@@ -288,15 +299,22 @@ class PrefixIndex:
         rows = self._t.live_rows()
         if (self._t.refcount[rows] > 0).any():
             raise UsageError("clear: entries are still used by requests (refcount > 0)")
-        gone = [self._t.snapshot(r) for r in rows.tolist()]
+        gone = self._t.snapshots(rows)
         self._t, self._roots = EntryTable(), set()
         if self.events is not None:
             self.events.put(AllCleared())
         return gone
 
+    def located(self, tier: Tier) -> Locations:
+        """Layer groups and slots of every entry on ``tier``, as arrays (no snapshots): what
+        the cache holds there, e.g. to count slots per pool group."""
+        t = self._t
+        rows = np.flatnonzero(t.live & (t.tier == int(tier)))
+        return Locations(t.group[rows].copy(), t.slot[rows].copy())
+
     def entries(self) -> list[CachedEntry]:
-        """Every cached entry (snapshots), in no particular order."""
-        return [self._t.snapshot(r) for r in self._t.live_rows().tolist()]
+        """Every cached entry (snapshots), in row order."""
+        return self._t.snapshots(self._t.live_rows())
 
     # ---- invariants ------------------------------------------------------------------------
 

@@ -26,17 +26,14 @@ import hashlib
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NewType
 
 import numpy as np
 import numpy.typing as npt
 
 from hybridkv.errors import ConfigError, UsageError
 
-BlockKey = NewType("BlockKey", bytes)
-"""32-byte SHA-256 digest naming one full block together with everything before it."""
-
 KEY_BYTES = 32
+"""A key is a 32-byte SHA-256 digest naming one full block together with everything before it."""
 _ROOT_TAG = b"hybridkv/reuse/v1\x00"
 _ITEM = struct.Struct("<qqI")  # offset, length, digest length: a fixed header keeps items unambiguous
 _I32_MIN, _I32_MAX = np.iinfo(np.int32).min, np.iinfo(np.int32).max
@@ -58,9 +55,9 @@ class ReuseScope:
         digest = hashlib.sha256(_ROOT_TAG + lora + self.cache_salt.encode("utf-8")).digest()
         object.__setattr__(self, "_root", digest)
 
-    def root(self) -> BlockKey:
+    def root(self) -> bytes:
         """The digest that seeds this scope's key chain (the 'parent' of block 0)."""
-        return BlockKey(self._root)
+        return self._root
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,16 +82,22 @@ class MultimodalItem:
         return _ITEM.pack(self.offset, self.length, len(self.digest)) + self.digest
 
 
-def _as_int32(tokens: npt.ArrayLike) -> npt.NDArray[np.int32]:
+def _token_bytes(tokens: npt.ArrayLike) -> bytes:
+    """Little-endian int32 bytes of the token ids; UsageError unless 1-D integers in range."""
+    if isinstance(tokens, list | tuple):  # struct checks type and range in one fast pass
+        try:
+            return struct.pack(f"<{len(tokens)}i", *tokens)
+        except struct.error as e:
+            raise UsageError(f"token ids must be integers that fit in int32: {e}") from e
     arr = np.asarray(tokens)
     if arr.ndim != 1:
         raise UsageError(f"tokens must be 1-D, got shape {arr.shape}")
     if arr.size and arr.dtype != np.int32:
         if not np.issubdtype(arr.dtype, np.integer):
-            raise UsageError(f"tokens must be integers, got dtype {arr.dtype}")
+            raise UsageError(f"token ids must be integers that fit in int32, got dtype {arr.dtype}")
         if int(arr.min()) < _I32_MIN or int(arr.max()) > _I32_MAX:
-            raise UsageError("token ids must fit in int32")
-    return np.ascontiguousarray(arr, dtype="<i4")
+            raise UsageError("token ids must be integers that fit in int32")
+    return np.ascontiguousarray(arr, dtype="<i4").tobytes()
 
 
 def _item_bytes(items: Sequence[MultimodalItem], tokens_per_block: int, num_blocks: int) -> dict[int, bytes]:
@@ -117,8 +120,8 @@ def block_keys(
     mm_items: Sequence[MultimodalItem] = (),
     *,
     first_block: int = 0,
-    parent: BlockKey | None = None,
-) -> list[BlockKey]:
+    parent: bytes | None = None,
+) -> list[bytes]:
     """Keys of the full blocks of ``tokens`` (``len(tokens) // tokens_per_block`` of them).
 
     To extend a chain as a request grows, pass the whole token list, ``first_block`` = the
@@ -130,17 +133,17 @@ def block_keys(
     if first_block < 0 or (first_block > 0) != (parent is not None):
         raise UsageError(f"block_keys: parent (the key of block {first_block - 1}) is required exactly "
                          f"when first_block > 0, got first_block={first_block}")
-    buf = _as_int32(tokens).tobytes()
+    buf = _token_bytes(tokens)
     step = 4 * tokens_per_block
     num_blocks = len(buf) // step
     extra = _item_bytes(mm_items, tokens_per_block, num_blocks) if mm_items else {}
     prev: bytes = scope.root() if parent is None else parent
     sha = hashlib.sha256
-    out: list[BlockKey] = []
+    out: list[bytes] = []
     for b in range(first_block, num_blocks):
         data = prev + buf[b * step:(b + 1) * step]
         if extra:
             data += extra.get(b, b"")
         prev = sha(data).digest()
-        out.append(BlockKey(prev))
+        out.append(prev)
     return out

@@ -60,13 +60,15 @@ def needed_blocks(lc: LifeCycle, num_blocks: int, tokens_per_block: int) -> I64:
 
 
 class _DownSearch:
-    """Highest ``b <= bound`` one windowed / chunked / SSM group accepts. ``[ok_from, ok_top)``
-    is verified present; bounds only decrease, so each block is looked up at most once."""
+    """Highest ``b <= bound`` one windowed / chunked / SSM group accepts. Blocks ``[ok_from, b)``
+    of the last ``b`` asked are verified present; ``b`` only decreases between calls, so each
+    block is looked up at most once."""
 
     def __init__(self, lc: LifeCycle, present: Present, tokens_per_block: int, num_blocks: int) -> None:
         self.lc, self.present, self.tpb = lc, present, tokens_per_block
         self.sinks = 0 if lc.is_ssm else sink_blocks(lc, tokens_per_block)
-        self.ok_from = self.ok_top = num_blocks
+        self.ok_from = num_blocks
+        self.ssm_accepted = -1  # SSM only: the b last found to have a snapshot at b - 1
 
     def sink_bound(self, bound: int) -> int:
         """A missing sink block ``s`` rules out every ``b > s``."""
@@ -77,13 +79,13 @@ class _DownSearch:
 
     def highest(self, b: int) -> int:
         if self.lc.is_ssm:
-            while b > 0 and not self.present(b - 1):
-                b -= 1
+            if b != self.ssm_accepted:  # b only decreases: a snapshot below b was never looked at
+                while b > 0 and not self.present(b - 1):
+                    b -= 1
+                self.ssm_accepted = b
             return b
         while b > 0:
-            if b <= self.ok_from:
-                self.ok_from = b
-            self.ok_top = b
+            self.ok_from = min(self.ok_from, b)
             lo = _lo(self.lc, b, self.tpb, self.sinks)
             j = self.ok_from - 1
             while j >= lo and self.present(j):

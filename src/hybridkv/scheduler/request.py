@@ -5,6 +5,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+import numpy as np
+import numpy.typing as npt
+
 from hybridkv.errors import ConfigError
 
 
@@ -17,6 +20,9 @@ class SeqRequest:
     max_new_tokens: int
     arrival_s: float = 0.0
     priority: int = 0
+    # token ids (at least the prompt; the simulator passes prompt + outputs): with a prefix
+    # cache the prompt is looked up and computed blocks are published
+    tokens: npt.NDArray[np.int32] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.prompt_tokens < 1 or self.max_new_tokens < 1:

@@ -91,7 +91,7 @@ class Scheduler:
         self._target = np.zeros(0, np.int64)  # per handle: prefill target
         self._order = np.zeros(0, np.int64)  # per handle: arrival seq
         self._chunk = np.zeros(0, np.int64)  # per handle: prefill chunk cap
-        self.preemptions = self.suspensions = 0
+        self.preemptions = self.suspensions = self.reused_tokens = 0
 
     # ---- submission -------------------------------------------------------------------
     def submit(self, spec: SeqRequest) -> Tracked:
@@ -137,7 +137,7 @@ class Scheduler:
             tokens = self._tokens(hs, h_new, cap_override)
             new_d = per_request_demand(m.grouped, h_new + tokens, h_new)
             held = per_request_demand(m.grouped, h_new, m.rows.history[:m.rows.n])
-            avail = np.asarray(m.tiers.free_slots(Tier.GPU)) + held.sum(axis=0)
+            avail = self._free_gpu() + held.sum(axis=0)
             if (new_d.sum(axis=0) <= avail).all():
                 break
             if not self.policy.preempts:
@@ -165,6 +165,14 @@ class Scheduler:
         hs, c = np.concatenate([hs, adm_h]), np.concatenate([h_new + tokens, adm_c])
         hist = np.concatenate([h_new, adm_hist])
         tables = m.step(hs, c, hist)
+        while tables is None and m.prefix is not None and hs.size > 1:
+            # shared pages make the per-request demand an overestimate of what a victim frees:
+            # give way one more request (the latest arrival) and try again
+            i = int(np.argmax(self._order[hs]))
+            self._suspend_or_preempt(self.by_handle[int(hs[i])])
+            keep = np.arange(hs.size) != i
+            hs, c, hist = hs[keep], c[keep], hist[keep]
+            tables = m.step(hs, c, hist)
         if tables is None:
             raise InvariantError("the manager refused a step the demand function accepted")
         return StepPlan(hs, c, hist, c - hist, tables)
@@ -197,27 +205,30 @@ class Scheduler:
         left after this step; a resumed cache also needs its pages on the GPU *before* the
         step, out of the slots free right now."""
         m, out_h, out_c, out_hist = self.manager, [], [], []
-        free_now = np.asarray(m.tiers.free_slots(Tier.GPU))
+        free_now = self._free_gpu()
         while self._waiting and m.rows.n < self.config.max_batch_size and budget > 0:
             t = self.requests[self._waiting[0][1]]
+            reused = np.zeros_like(free)
             if t.status is Status.SUSPENDED:
                 assert t.handle is not None
                 h = m.lengths(RequestId(t.handle)).capacity
                 held = per_request_demand(m.grouped, [h], [m.lengths(RequestId(t.handle)).history])[0]
             else:
-                h, held = 0, np.zeros_like(free)
+                h, held = self._cached_prefix(t), np.zeros_like(free)
+                reused = per_request_demand(m.grouped, [h], [h])[0] if h else reused
             chunk = self._first_chunk(t)
             tok = 1 if h >= t.prefill_target else min(chunk, t.prefill_target - h, budget)
-            need = np.maximum(per_request_demand(m.grouped, [h + tok], [h])[0], held)
+            need = np.maximum(per_request_demand(m.grouped, [h + tok], [h])[0] - reused, held)
             if (need > free).any() and m.rows.n == 0 and tok > 1:  # alone: a smaller chunk must fit
                 tok = max(self._fitting_chunk(h, tok, free), 1)
-                need = np.maximum(per_request_demand(m.grouped, [h + tok], [h])[0], held)
+                need = np.maximum(per_request_demand(m.grouped, [h + tok], [h])[0] - reused, held)
             if (need > free).any() or (held > free_now).any() or not self.policy.admits(self, t):
                 break
             if t.preemptions and m.rows.n and (self._prefill_peak(t, tok) > free).any():
                 break  # a recomputing request comes back only with room for its whole prefill
+            if not self._activate(t, h):
+                break  # the prefix pages could not be brought back now
             heapq.heappop(self._waiting)
-            self._activate(t)
             free, free_now, budget = free - need, free_now - held, budget - tok
             out_h.append(t.handle)
             out_c.append(h + tok)
@@ -234,14 +245,39 @@ class Scheduler:
             return int(self._chunk[t.handle])
         return self.policy.chunk_for(self, t)
 
-    def _activate(self, t: Tracked) -> None:
+    def _free_gpu(self) -> I64:
+        """Free GPU slots per pool group, counting pages only the prefix cache holds (the
+        manager evicts those on demand)."""
+        free = np.asarray(self.manager.tiers.free_slots(Tier.GPU), dtype=np.int64)
+        if self.manager.prefix is not None:
+            free += np.asarray(self.manager.prefix.reclaimable(), dtype=np.int64)
+        return free
+
+    def _cached_prefix(self, t: Tracked) -> int:
+        """Tokens of the request's prompt (prefill target) the prefix cache can serve now."""
+        if self.manager.prefix is None or t.spec.tokens is None:
+            return 0
+        return self.manager.prefix.probe(t.spec.tokens[:t.prefill_target])
+
+    def _activate(self, t: Tracked, reused: int = 0) -> bool:
+        """Make ``t`` active: resume it, or open a cache (at ``reused`` cached tokens)."""
         m = self.manager
         if t.status is Status.SUSPENDED:
             assert t.handle is not None
             if not m.resume(RequestId(t.handle)):
                 raise InvariantError(f"request {t.spec.request_id}: resume refused after the demand check")
         else:
-            handle = m.open(t.spec.priority)
+            if reused:
+                assert m.prefix is not None and t.spec.tokens is not None
+                opened = m.prefix.open(t.spec.tokens[:t.prefill_target], t.spec.priority)
+                if opened is None or opened[1] != reused:
+                    if opened is not None:
+                        m.close(opened[0])
+                    return False
+                handle: RequestId | None = opened[0]
+                self.reused_tokens += reused
+            else:
+                handle = m.open(t.spec.priority)
             if handle is None:
                 raise InvariantError("no active row although running < max_batch_size")
             t.handle = int(handle)
@@ -251,6 +287,7 @@ class Scheduler:
             self.policy.on_admit(self, t)
             self._chunk[t.handle] = t.chunk_limit or self.config.prefill_chunk_tokens
         t.status = Status.RUNNING
+        return True
 
     def _grow_handle_arrays(self, handle: int) -> None:
         if handle >= self._target.size:
@@ -288,8 +325,13 @@ class Scheduler:
         target emits one token; those with max_new_tokens outputs finish (pages freed)."""
         emitted = (plan.num_tokens > 0) & (plan.capacity >= self._target[plan.handles])
         finished = []
+        prefix = self.manager.prefix
         for handle in plan.handles[emitted].tolist():
             t = self.by_handle[handle]
+            last = t.generated + 1 >= t.spec.max_new_tokens
+            if prefix is not None and t.spec.tokens is not None and (t.generated == 0 or last):
+                # publish the computed blocks: the prompt once prefilled, the whole exchange at the end
+                prefix.publish(RequestId(handle), t.spec.tokens, self.manager.lengths(RequestId(handle)).capacity)
             t.generated += 1
             if t.first_token_s is None:
                 t.first_token_s = now_s

@@ -26,7 +26,7 @@ from hybridkv.sim.plot import plot_occupancy, require_matplotlib
 from hybridkv.sim.result import format_table
 from hybridkv.sim.simulator import SimConfig, SimProgress, simulate
 from hybridkv.sim.workloads import WORKLOADS, WorkloadSpec, make_workload
-from hybridkv.specs import parse_size, parse_tokens
+from hybridkv.specs import parse_batch, parse_size, parse_tokens
 
 FILE_DEFAULT_ACTIVE_PARAMS = 8e9
 PROGRESS_INTERVAL_S = 0.25
@@ -64,6 +64,7 @@ def plan_spec(args: argparse.Namespace) -> PlanSpec:
         layout=layout, gpu_bytes=parse_size(args.gpu_mem, "--gpu-mem"), max_seq_len=max_seq_len,
         tokens_per_block=args.tokens_per_block, max_batch_size=args.max_batch_size,
         host_bytes=parse_size(args.host_mem, "--host-mem", allow_zero=True) if args.host_mem else 0,
+        typical_step=parse_batch(args.typical, "typical", "--typical") if args.typical else None,
     )
 
 
@@ -98,8 +99,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cost = CostModel(spec.layout, GPUS[args.gpu], params)
     progress = _Progress()
     try:
-        result = simulate(spec, workload, cost, SimConfig(args.planner, args.policy, check=args.check),
-                          progress, notes)
+        config = SimConfig(args.planner, args.policy, check=args.check, prefix_caching=args.prefix_cache)
+        result = simulate(spec, workload, cost, config, progress, notes)
     finally:
         progress.clear()
     if args.plot:
@@ -128,6 +129,10 @@ def add_simulate_parser(subparsers: Any) -> None:
     s.add_argument("--planner", choices=list(PLANNERS), default="guaranteed",
                    help="guaranteed (hybridkv) or single-request (the production baseline of issue 15401)")
     s.add_argument("--policy", choices=list(POLICIES), default="max-utilization")
+    s.add_argument("--prefix-cache", action="store_true",
+                   help="reuse computed prefixes across requests (multi-turn: each turn resends the conversation)")
+    s.add_argument("--typical", help="typical step that sets the pool split, as in `hybridkv plan` (e.g. 16x4k: "
+                   "room for cached sliding-window blocks when requests are shorter than max_seq_len)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--rate", type=float, help="Poisson arrivals, sessions per second (default: all at t=0)")
     s.add_argument("--gpu", choices=list(GPUS), default="h100", help="GPU of the step-time cost model")

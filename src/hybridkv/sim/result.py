@@ -64,6 +64,10 @@ class SimResult:
     bookkeeping_us_per_step_p50: float | None  # scheduler + manager CPU time per step
     occupancy: Occupancy
     notes: tuple[str, ...] = ()
+    reused_tokens: int = 0  # prompt tokens served from the prefix cache
+    prefix_hit_rate: float = 0.0  # reused_tokens / prompt tokens of admitted requests
+    resent_tokens: int = 0  # prompt tokens repeating an earlier turn of the same conversation
+    resent_reuse_rate: float = 0.0  # reused_tokens / resent_tokens
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -129,6 +133,8 @@ def format_table(r: SimResult) -> str:
         ("deadlocked", "yes: " + r.deadlock_reason if r.deadlocked else "no"),
         ("steps", f"{r.steps} ({r.preemptions} preemptions, {r.suspensions} suspensions)"),
         ("output tokens/s", f"{r.output_tokens_per_s:,.1f} ({r.output_tokens} tokens in {r.sim_seconds:,.2f} s)"),
+        ("prefix reuse", f"{r.prefix_hit_rate:.1%} of prompt tokens, {r.resent_reuse_rate:.1%} of resent ones "
+                         f"({r.reused_tokens:,} tokens)"),
         ("TTFT p50 / p90 / p99", f"{_ms(r.ttft_p50_ms)} / {_ms(r.ttft_p90_ms)} / {_ms(r.ttft_p99_ms)}"),
         ("TPOT p50 / p90", f"{_ms(r.tpot_p50_ms)} / {_ms(r.tpot_p90_ms)}"),
         ("peak utilization", peak),

@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from hybridkv.errors import ConfigError, InvariantError
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
 from hybridkv.manager.tiers import StorageConfig
@@ -51,6 +53,7 @@ class SimConfig:
     token_budget: int = 8192
     prefill_chunk_tokens: int = 2048
     max_steps: int | None = None  # stop early (benchmarks); the result then counts fewer completions
+    prefix_caching: bool = False  # reuse computed prefixes across requests (manager/prefix.py)
 
     def __post_init__(self) -> None:
         if self.planner not in PLANNERS:
@@ -86,6 +89,10 @@ class Simulator:
             max_batch_size=spec.max_batch_size, token_budget=max(self.config.token_budget, spec.max_batch_size),
             prefill_chunk_tokens=self.config.prefill_chunk_tokens, policy=self.config.policy,
             admission_check=choice.admission_check))
+        if self.config.prefix_caching:
+            self.manager.enable_prefix_cache()
+        self._streams: dict[int, np.ndarray] = {}  # session -> its token ids (prompts + outputs)
+        self._resent = 0  # prompt tokens that repeat an earlier turn of the same session
         self.notes = notes
         self.now = 0.0
         self.log = StepLog()
@@ -107,11 +114,25 @@ class Simulator:
             arrival, _, si, ti = heapq.heappop(self._arrivals)
             turn = self.workload.sessions[si].turns[ti]
             rid = len(self._tracked)
-            t = self.scheduler.submit(SeqRequest(rid, turn.prompt_tokens, turn.max_new_tokens, arrival))
+            tokens = self._stream(si)[:turn.prompt_tokens + turn.max_new_tokens]
+            if ti:  # the conversation so far, resent in this prompt
+                prev = self.workload.sessions[si].turns[ti - 1]
+                self._resent += prev.prompt_tokens + prev.max_new_tokens
+            t = self.scheduler.submit(SeqRequest(rid, turn.prompt_tokens, turn.max_new_tokens, arrival, tokens=tokens))
             self._tracked.append(t)
             self._session_of[rid] = (si, ti)
             if t.status is Status.REJECTED:
                 self._rejected.append(t)  # the session ends: later turns build on this one
+
+    def _stream(self, session: int) -> np.ndarray:
+        """A session's token ids: turn k's prompt is the conversation so far (earlier prompts
+        and outputs) plus its new message, so consecutive turns share prefixes exactly."""
+        if session not in self._streams:
+            turns = self.workload.sessions[session].turns
+            n = max(t.prompt_tokens + t.max_new_tokens for t in turns)
+            rng = np.random.default_rng([self.workload.spec.seed, session])
+            self._streams[session] = rng.integers(1, 1 << 20, n).astype(np.int32)
+        return self._streams[session]
 
     def _on_finished(self, t: Tracked) -> None:
         self._finished += 1
@@ -181,6 +202,7 @@ class Simulator:
     def _result(self, steps: int, wall_s: float) -> SimResult:
         sched, slots = self.scheduler, self.plan.slots
         output_tokens = sum(t.generated for t in self._tracked)
+        prompt_tokens = sum(t.spec.prompt_tokens for t in self._tracked if t.status is not Status.REJECTED)
         reasons = tuple(f"request {t.spec.request_id} ({t.spec.prompt_tokens} + {t.spec.max_new_tokens} tokens): "
                         f"{t.reason}" for t in self._rejected[:REJECTED_REASONS_KEPT])
         return SimResult(
@@ -199,6 +221,9 @@ class Simulator:
             steps_per_wall_second=round(steps / wall_s, 1) if wall_s > 0 else 0.0,
             bookkeeping_us_per_step_p50=self.log.bookkeeping_us_p50(),
             occupancy=self.log.occupancy(slots, self.config.occupancy_points), notes=self.notes,
+            reused_tokens=sched.reused_tokens, resent_tokens=self._resent,
+            resent_reuse_rate=round(sched.reused_tokens / self._resent, 4) if self._resent else 0.0,
+            prefix_hit_rate=round(sched.reused_tokens / prompt_tokens, 4) if prompt_tokens else 0.0,
         )
 
 

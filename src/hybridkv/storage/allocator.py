@@ -41,6 +41,11 @@ class SlotAllocator:
     def num_in_use(self) -> int:
         return self.num_slots - self._top
 
+    @property
+    def shared(self) -> bool:
+        """Whether any slot was ever retained (frees must then count references)."""
+        return self._shared
+
     def allocate(self, n: int) -> SlotArray | None:
         """``n`` distinct free slot ids (one reference each), or None (nothing changed) if fewer
         are free."""

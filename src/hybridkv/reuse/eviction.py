@@ -1,0 +1,63 @@
+"""Eviction order for cached entries nobody uses (refcount 0), one policy per class.
+
+Documented policy (``priority-lru``): lowest priority first, then least recently used (the
+index's logical clock at the last insert / acquire / release / touch), then the deepest block
+first (a chain loses its leaves before its root: a full-attention prefix with a hole in the
+middle is useless past the hole), then layer group, then row (insertion) order. Policies work
+on the index's arrays so ordering 100k candidates stays a handful of NumPy passes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from hybridkv.errors import ConfigError
+from hybridkv.reuse.entries import EntryTable
+
+I64 = npt.NDArray[np.int64]
+
+
+class EvictionOrder:
+    """Orders candidate rows; subclasses override ``order``."""
+
+    name = "base"
+
+    def order(self, t: EntryTable, rows: I64, limit: int | None) -> I64:
+        """Positions into ``rows`` (ascending row ids) of the first ``limit`` (all when None)
+        candidates, first victim first."""
+        raise NotImplementedError
+
+
+class PriorityLRU(EvictionOrder):
+    name = "priority-lru"
+
+    def order(self, t: EntryTable, rows: I64, limit: int | None) -> I64:
+        # The four keys are packed into one int64 when their ranges allow, so only the
+        # `limit` smallest need sorting (a partition: O(n), not O(n log n)).
+        if rows.size == 0:
+            return rows
+        prio, used, ords, groups = t.priority[rows], t.last_used[rows], t.ordinal[rows], t.group[rows]
+        p0, o_max = int(prio.min()), int(ords.max())
+        spans = (int(prio.max()) - p0 + 1, int(used.max()) + 1, o_max + 1, int(groups.max()) + 1)
+        if spans[0] * spans[1] * spans[2] * spans[3] >= 2**62:
+            return np.lexsort((groups, -ords, used, prio))[:limit]
+        key = (((prio - p0) * spans[1] + used) * spans[2] + (o_max - ords)) * spans[3] + groups
+        if limit is None or limit >= rows.size:
+            return np.argsort(key, kind="stable")
+        if limit == 0:
+            return rows[:0]
+        kth = np.partition(key, limit - 1)[limit - 1]
+        below = np.flatnonzero(key < kth)  # ties at the cut keep row order, as the full sort would
+        cand = np.concatenate([below, np.flatnonzero(key == kth)[:limit - below.size]])
+        return cand[np.argsort(key[cand], kind="stable")]
+
+
+POLICIES: dict[str, type[EvictionOrder]] = {PriorityLRU.name: PriorityLRU}
+
+
+def make_policy(name: str) -> EvictionOrder:
+    """The eviction order called ``name``; ConfigError naming the choices otherwise."""
+    if name not in POLICIES:
+        raise ConfigError(f"unknown eviction policy {name!r}; choose one of {sorted(POLICIES)}")
+    return POLICIES[name]()

@@ -23,9 +23,11 @@ from hybridkv.sim.workloads import WorkloadSpec, make_workload
 from hybridkv.specs import parse_batch
 from hybridkv.types import GIB
 
-CASES = [  # model, KV quotas (GiB), typical step (room for cached windows), host tier (GiB)
-    ("gpt-oss-20b", [6.0, 2.5, 1.2], None, 0.0),
-    ("gemma-3-27b", [48.0, 24.0, 14.0], "16x4k", 0.0),
+CASES = [  # model, KV quota (GiB), typical step (room for cached windows), host tier for cached pages (GiB)
+    ("gpt-oss-20b", 6.0, None, 0.0), ("gpt-oss-20b", 2.5, None, 0.0), ("gpt-oss-20b", 2.5, None, 16.0),
+    ("gpt-oss-20b", 1.2, None, 0.0), ("gpt-oss-20b", 1.2, None, 16.0),
+    ("gemma-3-27b", 48.0, "16x4k", 0.0), ("gemma-3-27b", 24.0, "16x4k", 0.0), ("gemma-3-27b", 24.0, "16x4k", 64.0),
+    ("gemma-3-27b", 14.0, "16x4k", 64.0),
 ]
 
 
@@ -43,23 +45,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=200)
     args = ap.parse_args()
-    print("| model | KV quota | typical step | occupancy without cache | prefix hit rate (prompt tokens) "
+    print("| model | KV quota | typical step | host tier | occupancy without cache | prefix hit rate (prompt tokens) "
           "| reused / resent tokens | completed | preemptions |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, quotas, typical, host in CASES:
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, gib, typical, host in CASES:
         layout = load_model(name)
-        for gib in quotas:
-            spec = PlanSpec(layout, int(gib * GIB), 32768, max_batch_size=16, host_bytes=int(host * GIB),
-                            typical_step=parse_batch(typical, "typical", "--typical") if typical else None)
-            wl = make_workload(WorkloadSpec("multi-turn", spec.max_seq_len, spec.tokens_per_block, args.requests, 0))
-            cost = CostModel(layout, GPUS["h100"], BY_NAME[name].active_params)
-            plain = simulate(spec, wl, cost, SimConfig())
-            cached = simulate(spec, wl, cost, SimConfig(prefix_caching=True))
-            slot_bytes = tuple(pg.slot_bytes for pg in group_layers(layout, spec.tokens_per_block).pool_groups)
-            print(f"| {name} | {gib:g} GiB | {typical or 'default'} | {occupancy(plain, slot_bytes):.0%} | "
-                  f"{cached.prefix_hit_rate:.1%} | {cached.resent_reuse_rate:.1%} | "
-                  f"{cached.completed}/{cached.requests} | {cached.preemptions} |", flush=True)
-
+        spec = PlanSpec(layout, int(gib * GIB), 32768, max_batch_size=16, host_bytes=int(host * GIB),
+                        typical_step=parse_batch(typical, "typical", "--typical") if typical else None)
+        wl = make_workload(WorkloadSpec("multi-turn", spec.max_seq_len, spec.tokens_per_block, args.requests, 0))
+        cost = CostModel(layout, GPUS["h100"], BY_NAME[name].active_params)
+        plain = simulate(spec, wl, cost, SimConfig())
+        cached = simulate(spec, wl, cost, SimConfig(prefix_caching=True))
+        slot_bytes = tuple(pg.slot_bytes for pg in group_layers(layout, spec.tokens_per_block).pool_groups)
+        print(f"| {name} | {gib:g} GiB | {typical or 'default'} | {host:g} GiB | "
+              f"{occupancy(plain, slot_bytes):.0%} | {cached.prefix_hit_rate:.1%} | {cached.resent_reuse_rate:.1%} | "
+              f"{cached.completed}/{cached.requests} | {cached.preemptions} |", flush=True)
 
 if __name__ == "__main__":
     main()

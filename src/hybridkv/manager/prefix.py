@@ -37,14 +37,19 @@ I64 = npt.NDArray[np.int64]
 @dataclass
 class PrefixStats:
     """Reuse counters: prompt tokens offered to ``open``, tokens served from the cache, and
-    served tokens per tier the pages were found on."""
+    ``hit_tokens[tier][layer_group]``: tokens of the pages each layer group found on each tier
+    (a window group needs only its window, so its counts are smaller than full attention's)."""
 
+    num_layer_groups: int
     lookups: int = 0
     prompt_tokens: int = 0
     reused_tokens: int = 0
-    reused_tokens_by_tier: dict[str, int] = field(default_factory=lambda: {t.name: 0 for t in Tier})
+    hit_tokens: dict[str, list[int]] = field(default_factory=dict)
     evicted_pages: int = 0
     offloaded_pages: int = 0
+
+    def __post_init__(self) -> None:
+        self.hit_tokens = {t.name: [0] * self.num_layer_groups for t in Tier}
 
     @property
     def hit_rate(self) -> float:
@@ -59,7 +64,7 @@ class PrefixCache:
         self.m, self.scope = m, scope or ReuseScope()
         self.index = PrefixIndex(events)
         self.offload_to_host = offload_to_host
-        self.stats = PrefixStats()
+        self.stats = PrefixStats(len(m.grouped.layer_groups))
         self.lcs = [lg.life_cycle for lg in m.grouped.layer_groups]
 
     def keys(self, tokens: npt.ArrayLike) -> list[bytes]:
@@ -151,7 +156,7 @@ class PrefixCache:
         for lg, mb in zip(m.grouped.layer_groups, match.per_group, strict=True):
             slots = self._onboard(keys, lg.id, mb.ordinals, mb.slots, mb.tiers)
             for t in Tier:
-                self.stats.reused_tokens_by_tier[t.name] += int((mb.tiers == t).sum()) * tpb
+                self.stats.hit_tokens[t.name][lg.id] += int((mb.tiers == t).sum()) * tpb
             if lg.life_cycle.is_ssm:  # the request's own state starts as a copy of the snapshot
                 own = gpu[lg.pool_group].allocate(1)
                 assert own is not None

@@ -7,19 +7,9 @@ import itertools
 import numpy as np
 import pytest
 
+from attention_mask import visible
 from hybridkv.errors import ConfigError
 from hybridkv.lifecycle import LifeCycle, live_blocks, stale_range, worst_decode_blocks
-
-
-def visible(lc: LifeCycle, p: int, q: int) -> bool:
-    """The attention mask: does a query at position p see the key at position q?"""
-    if q > p:
-        return False
-    if lc.chunk_tokens is not None:
-        return q // lc.chunk_tokens == p // lc.chunk_tokens
-    if lc.window_tokens is None:
-        return True
-    return q < lc.sink_tokens or p - q < lc.window_tokens
 
 
 def brute_needed(lc: LifeCycle, h: int, q: int) -> bool:

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from attention_mask import visible
 from hybridkv.errors import ConfigError, InvariantError, UsageError
 from hybridkv.lifecycle import LifeCycle, live_blocks
 from hybridkv.reuse import EntryRef, PrefixIndex, ReuseScope, block_keys, longest_match, needed_blocks
@@ -25,16 +26,6 @@ def chain(num_blocks: int, tpb: int, salt: str = "") -> list[bytes]:
 
 
 # ---- brute force: an attention mask evaluated token by token ------------------------------
-
-def visible(lc: LifeCycle, p: int, q: int) -> bool:
-    if q > p:
-        return False
-    if lc.chunk_tokens is not None:
-        return q // lc.chunk_tokens == p // lc.chunk_tokens
-    if lc.window_tokens is None:
-        return True
-    return q < lc.sink_tokens or p - q < lc.window_tokens
-
 
 def brute_needed(lc: LifeCycle, b: int, tpb: int) -> list[int]:
     """Blocks a request resuming at history b * tpb reads: some token of the block is visible

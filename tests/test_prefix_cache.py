@@ -174,3 +174,26 @@ def test_random_reuse_reads_what_the_donors_wrote(seed: int) -> None:
             live.append(h)
         m.check_invariants()
         e.verify()
+
+
+def test_kv_events_through_the_manager() -> None:
+    from hybridkv.reuse import BlockRemoved, BlockStored, EventQueue
+
+    layers = (FULL,)
+    slot = 2 * 8 * 2 * TPB
+    p = plan(PlanSpec(ModelLayout("t", layers), 12 * slot, 48, tokens_per_block=TPB, max_batch_size=2))
+    m = KVCacheManager(p, ManagerConfig(max_active_requests=4))
+    queue = EventQueue(100)
+    m.enable_prefix_cache(events=queue)
+    e = FakeEngine(m)
+    t = tokens(13)
+    a, _ = run(m, e, t)
+    stored = [ev for ev in queue.drain().events if isinstance(ev, BlockStored)]
+    assert len(stored) == 1 and len(stored[0].keys) == 3 and stored[0].tier is Tier.GPU
+    assert [list(row) for row in stored[0].token_ids] == [t[i:i + 4].tolist() for i in (0, 4, 8)]
+    m.close(a)
+    b = m.open()
+    assert b is not None and e.step([b], [48], [0])  # needs all 12 slots: the cache drops its 3 pages
+    removed = [ev for ev in queue.drain().events if isinstance(ev, BlockRemoved)]
+    assert sum(len(ev.keys) for ev in removed) == 3
+    m.check_invariants()

@@ -26,8 +26,9 @@ from hybridkv.types import GIB
 CASES = [  # model, KV quota (GiB), typical step (room for cached windows), host tier for cached pages (GiB)
     ("gpt-oss-20b", 6.0, None, 0.0), ("gpt-oss-20b", 2.5, None, 0.0), ("gpt-oss-20b", 2.5, None, 16.0),
     ("gpt-oss-20b", 1.2, None, 0.0), ("gpt-oss-20b", 1.2, None, 16.0),
+    ("gpt-oss-20b", 0.8, None, 0.0), ("gpt-oss-20b", 0.8, None, 16.0),
     ("gemma-3-27b", 48.0, "16x4k", 0.0), ("gemma-3-27b", 24.0, "16x4k", 0.0), ("gemma-3-27b", 24.0, "16x4k", 64.0),
-    ("gemma-3-27b", 14.0, "16x4k", 64.0),
+    ("gemma-3-27b", 14.0, "16x4k", 64.0), ("gemma-3-27b", 10.0, "16x4k", 64.0),
 ]
 
 

@@ -1,6 +1,7 @@
 """hybridkv: a KV-cache manager for inference engines serving hybrid-attention models.
 
-Start with ``plan(PlanSpec(load_model("gemma-3-27b"), gpu_bytes=40 * GIB, max_seq_len=32768))``;
+Start with ``plan(PlanSpec(load_model("gemma-3-27b"), gpu_bytes=40 * GIB, max_seq_len=32768))``, then
+``KVCacheManager(plan)`` and ``Scheduler(manager)``;
 docs/ARCHITECTURE.md walks through the layers bottom-up.
 """
 
@@ -9,16 +10,25 @@ from hybridkv.errors import CapacityError, ConfigError, HybridKVError, Invariant
 from hybridkv.grouping import GroupedLayout, LayerGroup, PoolGroup, group_layers
 from hybridkv.layout import BufferSpec, LayerSpec, ModelLayout
 from hybridkv.lifecycle import LifeCycle, live_blocks, stale_range, worst_decode_blocks
+from hybridkv.manager.manager import CacheLengths, KVCacheManager, ManagerConfig
+from hybridkv.manager.state import RequestState
+from hybridkv.manager.step_tables import StepTables
+from hybridkv.manager.tiers import StorageConfig
 from hybridkv.models import load_model
 from hybridkv.planner import PlanSpec, PoolGroupPlan, PoolPlan, plan
 from hybridkv.report import ideal_concurrency, max_concurrency, max_seq_len_at, plan_json
+from hybridkv.reuse import EventQueue, ReuseScope
+from hybridkv.scheduler.request import SeqRequest
+from hybridkv.scheduler.scheduler import Scheduler, SchedulerConfig
 from hybridkv.types import GIB, KIB, MIB, LifeCycleKind, Tier
 
 __all__ = [
     "GIB", "KIB", "MIB",
-    "Batch", "BufferSpec", "CapacityError", "ConfigError", "GroupedLayout", "HybridKVError",
-    "InvariantError", "LayerGroup", "LayerSpec", "LifeCycle", "LifeCycleKind", "ModelLayout",
-    "PlanSpec", "PoolGroup", "PoolGroupPlan", "PoolPlan", "Tier", "UsageError",
+    "Batch", "BufferSpec", "CacheLengths", "CapacityError", "ConfigError", "EventQueue", "GroupedLayout",
+    "HybridKVError", "InvariantError", "KVCacheManager", "LayerGroup", "LayerSpec", "LifeCycle", "LifeCycleKind",
+    "ManagerConfig", "ModelLayout", "PlanSpec", "PoolGroup", "PoolGroupPlan", "PoolPlan", "RequestState",
+    "ReuseScope", "Scheduler", "SchedulerConfig", "SeqRequest", "StepTables", "StorageConfig", "Tier",
+    "UsageError",
     "batch_demand", "concurrent_decode_demand", "demand", "group_layers", "ideal_concurrency",
     "live_blocks", "load_model", "max_concurrency", "max_seq_len_at", "plan", "plan_json",
     "stale_range", "worst_decode_blocks", "worst_request_demand",

@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hybridkv.errors import ConfigError, UsageError
-from hybridkv.manager import invariants, paging, sharing
+from hybridkv.manager import invariants, moves, paging, sharing
 from hybridkv.manager.eviction import POLICIES
 from hybridkv.manager.prefix import PrefixCache
 from hybridkv.manager.rows import ActiveRows
@@ -266,85 +266,15 @@ class KVCacheManager:
                 raise UsageError(f"request {int(self.rows.handle[rows[i]])}: {why} (capacity {int(c_new[i])}, "
                                  f"history {int(h_new[i])}, limit {int(ref[i])})")
 
-    # ---- tiers and eviction -------------------------------------------------------------
+    # ---- tiers and eviction (manager/moves.py) -----------------------------------------
     def _pages_per_pool(self, cache: SuspendedCache) -> list[int]:
-        out = [0] * len(self.grouped.pool_groups)
-        for lg in self.grouped.layer_groups:
-            out[lg.pool_group] += int(cache.slots[lg.id].size)
-        return out
-
-    def _sole_pages_per_pool(self, cache: SuspendedCache) -> list[int]:
-        """Pages per pool group that only this cache references (moving them frees GPU slots)."""
-        out = [0] * len(self.grouped.pool_groups)
-        for lg in self.grouped.layer_groups:
-            refs = self.tiers.allocators[cache.tier][lg.pool_group].references(cache.slots[lg.id])
-            out[lg.pool_group] += int((refs == 1).sum())
-        return out
+        return moves.pages_per_pool(self, cache)
 
     def _evict(self, deficit: list[int], exclude: int | None = None, keep: list[bytes] | None = None) -> bool:
-        """Free GPU slots: first pages only the prefix cache holds (except ``keep`` keys), then
-        by moving suspended caches down a tier (policy order). Plans the whole set first: False
-        and nothing moved if it cannot cover ``deficit``."""
-        if all(d <= 0 for d in deficit):
-            return True
-        if self.prefix is not None:
-            cached = self.prefix.evict(deficit, keep, apply=False)
-            if all(c >= d for c, d in zip(cached, deficit, strict=True)):
-                self.prefix.evict(deficit, keep)
-                return True
-            rest = [d - c for d, c in zip(deficit, cached, strict=True)]
-            if not self._evict_suspended(rest, exclude, apply=False):
-                return False
-            self.prefix.evict(deficit, keep)
-            deficit = rest
-        return self._evict_suspended(deficit, exclude)
-
-    def _evict_suspended(self, deficit: list[int], exclude: int | None = None, apply: bool = True) -> bool:
-        if all(d <= 0 for d in deficit):
-            return True
-        free = {t: self.tiers.free_slots(t) for t in (Tier.HOST, Tier.DISK)}
-        remaining, victims = list(deficit), []
-        candidates = (c for c in self.suspended.values() if c.tier is Tier.GPU and c.handle != exclude)
-        for cache in self.policy.order(candidates):
-            pages = self._pages_per_pool(cache)
-            freed = self._sole_pages_per_pool(cache)  # shared pages move as copies, freeing nothing
-            if not any(r > 0 and p > 0 for r, p in zip(remaining, freed, strict=True)):
-                continue
-            dst = next((t for t in (Tier.HOST, Tier.DISK)
-                        if all(p <= f for p, f in zip(pages, free[t], strict=True))), None)
-            if dst is None:
-                continue
-            free[dst] = [f - p for f, p in zip(free[dst], pages, strict=True)]
-            remaining = [r - p for r, p in zip(remaining, freed, strict=True)]
-            victims.append((cache, dst))
-            if all(r <= 0 for r in remaining):
-                if not apply:
-                    return True
-                for victim, tier in victims:
-                    self._move(victim, tier)
-                    self.counters.evictions += 1
-                return True
-        return False
+        return moves.evict(self, deficit, exclude, keep)
 
     def _move(self, cache: SuspendedCache, dst: Tier) -> None:
-        """Move all of a cache's pages to ``dst`` (room checked by the caller)."""
-        lgs = self.grouped.layer_groups
-        per_pool: list[list[int]] = [[] for _ in self.grouped.pool_groups]
-        for lg in lgs:
-            per_pool[lg.pool_group].append(lg.id)
-        joined = [np.concatenate([cache.slots[g] for g in ids]) if ids else np.zeros(0, np.int32)
-                  for ids in per_pool]
-        moved = self.tiers.move(cache.tier, dst, joined)
-        for ids, new in zip(per_pool, moved, strict=True):
-            offset = 0
-            for g in ids:
-                n = cache.slots[g].size
-                cache.slots[g] = new[offset:offset + n]
-                offset += n
-        pages_bytes = sum(int(s.size) * b for s, b in zip(joined, self.tiers.slot_bytes, strict=True))
-        if pages_bytes:  # an empty cache only changes its label
-            self.counters.record_move(cache.tier, dst, pages_bytes)
-        cache.tier = dst
+        moves.move(self, cache, dst)
 
     def _free_by_pool(self, tier: Tier, slots_per_layer_group: list[I32]) -> None:
         """One free per pool group for a cache's pages (distinct by the ownership invariant)."""

@@ -406,3 +406,16 @@ def test_located_and_entries() -> None:
     assert idx.located(Tier.HOST).slots.tolist() == [0] and idx.located(Tier.DISK).slots.size == 0
     assert sorted((int(e.layer_group), int(e.ordinal), e.tier) for e in idx.entries()) == [
         (0, 0, Tier.GPU), (0, 1, Tier.HOST), (0, 2, Tier.GPU), (0, 3, Tier.GPU), (1, 3, Tier.GPU)]
+
+
+def test_windowed_groups_lose_their_oldest_blocks_first() -> None:
+    """Among entries of equal priority and age, full attention loses its deepest block first
+    (a hole in the middle ruins the rest) and a windowed group its shallowest (a continuation
+    needs the newest window)."""
+    idx = PrefixIndex(windowed_groups=[1])
+    keys = [bytes([i]) * 32 for i in range(4)]
+    for group in (0, 1):
+        idx.insert(keys, [0, 1, 2, 3], group, [10, 11, 12, 13], Tier.GPU, root=b"r" * 32)
+    assert [e.ordinal for e in idx.evictable(Tier.GPU, layer_group=0)] == [3, 2, 1, 0]
+    assert [e.ordinal for e in idx.evictable(Tier.GPU, layer_group=1)] == [0, 1, 2, 3]
+    assert [e.ordinal for e in idx.evictable(Tier.GPU, layer_group=1, limit=2)] == [0, 1]

@@ -62,10 +62,12 @@ class PrefixCache:
     def __init__(self, m: KVCacheManager, scope: ReuseScope | None = None, events: EventQueue | None = None,
                  offload_to_host: bool = True) -> None:
         self.m, self.scope = m, scope or ReuseScope()
-        self.index = PrefixIndex(events)
+        self.lcs = [lg.life_cycle for lg in m.grouped.layer_groups]
+        # a window / chunked group keeps its deepest blocks (the window a continuation needs)
+        self.index = PrefixIndex(events, windowed_groups=[g for g, lc in enumerate(self.lcs)
+                                                          if not (lc.is_full or lc.is_ssm)])
         self.offload_to_host = offload_to_host
         self.stats = PrefixStats(len(m.grouped.layer_groups))
-        self.lcs = [lg.life_cycle for lg in m.grouped.layer_groups]
 
     def keys(self, tokens: npt.ArrayLike) -> list[bytes]:
         return list(block_keys(tokens, self.m.tokens_per_block, self.scope))
@@ -201,11 +203,6 @@ class PrefixCache:
             pg = int(self.m.grouped.layer_groups[e.layer_group].pool_group)
             if int(self.m.tiers.allocators[tier][pg].references([e.slot])[0]) == 1:
                 out.append((pg, e))
-        # among pages of equal priority and age, a window group keeps its deepest blocks (the
-        # window a continuation needs) and loses the oldest; full attention keeps the root
-        bounded = [not (lc.is_full or lc.is_ssm) for lc in self.lcs]
-        out.sort(key=lambda p: (p[1].priority, p[1].last_used,
-                                p[1].ordinal if bounded[p[1].layer_group] else -p[1].ordinal))
         return out
 
     def reclaimable(self) -> list[int]:

@@ -3,8 +3,10 @@
 Documented policy (``priority-lru``): lowest priority first, then least recently used (the
 index's logical clock at the last insert / acquire / release / touch), then the deepest block
 first (a chain loses its leaves before its root: a full-attention prefix with a hole in the
-middle is useless past the hole), then layer group, then row (insertion) order. Policies work
-on the index's arrays so ordering 100k candidates stays a handful of NumPy passes.
+middle is useless past the hole) — except in *windowed* layer groups, which lose their
+shallowest block first (a continuation needs the newest window, never the old blocks) — then
+layer group, then row (insertion) order. Policies work on the index's arrays so ordering 100k
+candidates stays a handful of NumPy passes.
 """
 
 from __future__ import annotations
@@ -23,26 +25,27 @@ class EvictionOrder:
 
     name = "base"
 
-    def order(self, t: EntryTable, rows: I64, limit: int | None) -> I64:
+    def order(self, t: EntryTable, rows: I64, limit: int | None, windowed: I64) -> I64:
         """Positions into ``rows`` (ascending row ids) of the first ``limit`` (all when None)
-        candidates, first victim first."""
+        candidates, first victim first. ``windowed``: layer groups that keep their newest blocks."""
         raise NotImplementedError
 
 
 class PriorityLRU(EvictionOrder):
     name = "priority-lru"
 
-    def order(self, t: EntryTable, rows: I64, limit: int | None) -> I64:
+    def order(self, t: EntryTable, rows: I64, limit: int | None, windowed: I64) -> I64:
         # The four keys are packed into one int64 when their ranges allow, so only the
         # `limit` smallest need sorting (a partition: O(n), not O(n log n)).
         if rows.size == 0:
             return rows
         prio, used, ords, groups = t.priority[rows], t.last_used[rows], t.ordinal[rows], t.group[rows]
         p0, o_max = int(prio.min()), int(ords.max())
+        depth = np.where(np.isin(groups, windowed), ords, o_max - ords)  # 0 = evicted first among equals
         spans = (int(prio.max()) - p0 + 1, int(used.max()) + 1, o_max + 1, int(groups.max()) + 1)
         if spans[0] * spans[1] * spans[2] * spans[3] >= 2**62:
-            return np.lexsort((groups, -ords, used, prio))[:limit]
-        key = (((prio - p0) * spans[1] + used) * spans[2] + (o_max - ords)) * spans[3] + groups
+            return np.lexsort((groups, depth, used, prio))[:limit]
+        key = (((prio - p0) * spans[1] + used) * spans[2] + depth) * spans[3] + groups
         if limit is None or limit >= rows.size:
             return np.argsort(key, kind="stable")
         if limit == 0:

@@ -84,9 +84,13 @@ class Locations(NamedTuple):
 class PrefixIndex:
     """Cached entries per (key, layer group) with reference counts, eviction order and events."""
 
-    def __init__(self, events: EventQueue | None = None, eviction: str = PriorityLRU.name) -> None:
+    def __init__(self, events: EventQueue | None = None, eviction: str = PriorityLRU.name,
+                 windowed_groups: Iterable[int] = ()) -> None:
+        """``windowed_groups``: layer groups (window / chunked attention) whose newest blocks are
+        the useful ones, so eviction takes their shallowest first."""
         self.events = events
         self.policy = make_policy(eviction)
+        self._windowed = np.array(sorted(int(g) for g in windowed_groups), np.int64)
         self._t = EntryTable()
         self._roots: set[bytes] = set()
         self._clock = 0
@@ -264,7 +268,7 @@ class PrefixIndex:
         if layer_group is not None:
             mask &= t.group == layer_group
         rows = np.flatnonzero(mask)
-        return t.snapshots(rows[self.policy.order(t, rows, limit)])
+        return t.snapshots(rows[self.policy.order(t, rows, limit, self._windowed)])
 
     def remove(self, refs: Iterable[EntryRef]) -> list[CachedEntry]:
         """Forget these entries (all refcount 0, else UsageError and nothing changes) and hand

@@ -10,6 +10,8 @@ host. Needs torch with CUDA.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -18,11 +20,40 @@ import torch
 from hybridkv.manager.step_tables import StepTables
 
 
-class _GpuTimer:
-    """Optional GPU-timeline timing of the side-stream work (``timing = True``); the
-    measured intervals land in ``gpu_ms``."""
+class _SideStreamUpload:
+    """What both uploaders share: a side stream, two staging buffers used in turn, and the
+    handshake around them — before refilling buffer ``i`` the host waits for the copy that
+    last read it (two steps ago, normally long done); after issuing the copy the compute
+    stream, not the host, waits for it. Optional GPU-timeline timing (``timing = True``):
+    the measured intervals land in ``gpu_ms``."""
 
     timing = False
+
+    def _init_stream(self, device: str) -> None:
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(device=self.device)
+        self._events = [torch.cuda.Event(), torch.cuda.Event()]
+        self._used = [False, False]
+        self.step = 0
+
+    def _next_buffer(self) -> int:
+        """The staging buffer this step may fill, once its previous copy has finished."""
+        i = self.step % 2
+        self.step += 1
+        if self._used[i]:
+            self._events[i].synchronize()
+        return i
+
+    @contextmanager
+    def _on_side_stream(self, i: int) -> Iterator[None]:
+        """Issue the copies of buffer ``i`` on the side stream; the compute stream waits."""
+        with torch.cuda.stream(self.stream):
+            start = self._timer_start()
+            yield
+            self._events[i].record(self.stream)
+            self._timer_stop(start)
+        self._used[i] = True
+        torch.cuda.current_stream(self.device).wait_event(self._events[i])
 
     def _timer_start(self) -> Any:
         if not self.timing:
@@ -41,27 +72,20 @@ class _GpuTimer:
         self.gpu_ms.append((start, end))
 
 
-class PageTableUploader(_GpuTimer):
+class PageTableUploader(_SideStreamUpload):
     """Double-buffered, pinned, non-blocking upload of a step's block tables."""
 
     def __init__(self, num_layer_groups: int, max_rows: int, max_width: int, device: str = "cuda") -> None:
-        self.device = torch.device(device)
-        self.stream = torch.cuda.Stream(device=self.device)
+        self._init_stream(device)
         n = num_layer_groups * max_rows * max_width + max_rows
         self._host = [torch.empty(n, dtype=torch.int32, pin_memory=True) for _ in range(2)]
         self._dev = [torch.empty(n, dtype=torch.int32, device=self.device) for _ in range(2)]
-        self._events = [torch.cuda.Event(), torch.cuda.Event()]
-        self._used = [False, False]
         self.num_layer_groups, self.max_rows, self.max_width = num_layer_groups, max_rows, max_width
-        self.step = 0
 
     def upload(self, tables: StepTables) -> tuple[list[Any], Any]:
         """Device tensors ``([table per layer group], seq_lens)`` for this step. The compute
         stream is made to wait for them; the host returns at once."""
-        i = self.step % 2
-        self.step += 1
-        if self._used[i]:
-            self._events[i].synchronize()  # the copy from two steps ago (normally long done)
+        i = self._next_buffer()
         host, dev = self._host[i].numpy(), self._dev[i]
         shapes, offset = [], 0
         for g in range(self.num_layer_groups):
@@ -74,18 +98,13 @@ class PageTableUploader(_GpuTimer):
         n = len(tables)
         host[offset:offset + n] = tables.seq_lens
         total = offset + n
-        with torch.cuda.stream(self.stream):
-            start = self._timer_start()
+        with self._on_side_stream(i):
             dev[:total].copy_(self._host[i][:total], non_blocking=True)
-            self._events[i].record(self.stream)
-            self._timer_stop(start)
-        self._used[i] = True
-        torch.cuda.current_stream(self.device).wait_event(self._events[i])
         out = [dev[o:o + int(np.prod(s))].view(*s) for o, s in shapes]
         return out, dev[offset:total]
 
 
-class TableMirror(_GpuTimer):
+class TableMirror(_SideStreamUpload):
     """A GPU copy of the manager's block tables, patched every step from its change log.
 
     A decode step changes a few entries per request per block boundary, so ``sync()`` ships
@@ -100,8 +119,7 @@ class TableMirror(_GpuTimer):
 
     def __init__(self, manager: Any, device: str = "cuda", capacity: int = 1 << 16) -> None:
         self.rows = manager.rows
-        self.device = torch.device(device)
-        self.stream = torch.cuda.Stream(device=self.device)
+        self._init_stream(device)
         sizes = [t.size for t in self.rows.tables]
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self._seq_off = int(self._offsets[-1])
@@ -113,9 +131,6 @@ class TableMirror(_GpuTimer):
         self.rows.log = []
         self._capacity = 0
         self._grow(capacity)
-        self._events = [torch.cuda.Event(), torch.cuda.Event()]
-        self._used = [False, False]
-        self.step = 0
 
     def _grow(self, capacity: int) -> None:
         self._capacity = capacity
@@ -139,10 +154,7 @@ class TableMirror(_GpuTimer):
 
     def sync(self) -> None:
         """Ship this step's table changes and seq_lens; the compute stream waits for them."""
-        i = self.step % 2
-        self.step += 1
-        if self._used[i]:
-            self._events[i].synchronize()
+        i = self._next_buffer()
         idx, val = self._pack()
         k = idx.size
         if k > self._capacity:
@@ -151,14 +163,9 @@ class TableMirror(_GpuTimer):
         host = self._staging[i].numpy()
         host[:8 * k].view(np.int64)[:] = idx
         host[8 * k:12 * k].view(np.int32)[:] = val
-        with torch.cuda.stream(self.stream):
-            start = self._timer_start()
+        with self._on_side_stream(i):
             dev = self._staging[i][:12 * k].to(self.device, non_blocking=True)
             self.flat.index_copy_(0, dev[:8 * k].view(torch.int64), dev[8 * k:].view(torch.int32))
-            self._events[i].record(self.stream)
-            self._timer_stop(start)
-        self._used[i] = True
-        torch.cuda.current_stream(self.device).wait_event(self._events[i])
 
     def tables(self, n: int | None = None) -> list[Any]:
         n = self.rows.n if n is None else n

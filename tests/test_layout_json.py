@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import model_files
 from hybridkv.errors import ConfigError
-from hybridkv.layout import BufferSpec, ModelLayout
+from hybridkv.layout import BufferSpec
 from hybridkv.layout_json import parse_layout
 from hybridkv.lifecycle import LifeCycle
 from hybridkv.models import load_model
+from model_files import assert_error_names_file_and_field, load
 
 DOCSTRING_EXAMPLE: dict[str, Any] = {
     "name": "my-model",
@@ -26,13 +27,7 @@ DOCSTRING_EXAMPLE: dict[str, Any] = {
 
 
 def write(tmp_path: Path, data: Any, name: str = "layout.json") -> str:
-    path = tmp_path / name
-    path.write_text(json.dumps(data), encoding="utf-8")
-    return str(path)
-
-
-def load(tmp_path: Path, data: Any) -> ModelLayout:
-    return load_model(write(tmp_path, data))
+    return model_files.write(tmp_path, data, name)
 
 
 def one_layer(**fields: Any) -> dict[str, Any]:
@@ -148,12 +143,7 @@ ERRORS: list[tuple[str, Any, str]] = [
 
 @pytest.mark.parametrize(("data", "field"), [(d, f) for _, d, f in ERRORS], ids=[i for i, _, _ in ERRORS])
 def test_errors_name_file_and_field(tmp_path: Path, data: Any, field: str) -> None:
-    path = write(tmp_path, data)
-    with pytest.raises(ConfigError) as info:
-        load_model(path)
-    message = str(info.value)
-    assert path in message
-    assert field in message
+    assert_error_names_file_and_field(tmp_path, data, field)
 
 
 def test_window_and_chunk_message_names_both(tmp_path: Path) -> None:

@@ -40,7 +40,8 @@ def snapshot(m: KVCacheManager, with_bytes: bool = True) -> dict[str, Any]:
     for tier in Tier:
         for g, a in enumerate(m.tiers.allocators[tier]):
             key = f"{tier.name}[{g}]"
-            snap[f"alloc {key}"] = (_frozen(a._stack), a._top, _frozen(a._refs), a.peak_in_use)
+            snap[f"alloc {key}"] = (_frozen(a._stack), a._top, _frozen(a._refs), a.peak_in_use,
+                                    _frozen(a.is_pinned(np.arange(a.num_slots))), a.num_pinned, a.num_reclaimable)
             if with_bytes:
                 snap[f"bytes {key}"] = _buffer_bytes(m.tiers.buffers[tier][g])
     snap["suspended"] = tuple(sorted(
@@ -49,6 +50,9 @@ def snapshot(m: KVCacheManager, with_bytes: bool = True) -> dict[str, Any]:
         for h, c in m.suspended.items()))
     snap["counters"] = tuple(sorted(vars(m.counters).items()))
     snap["bytes_moved"] = tuple(sorted(m.tiers.bytes_moved.items()))
+    if m.prefix is not None:
+        snap["prefix"] = tuple(sorted((e.key, e.layer_group, e.slot, e.tier, e.last_used)
+                                      for e in m.prefix.index.entries()))
     k = m._num_handles
     snap["handles"] = (k, m._clock, _frozen(m._state[:k]), _frozen(m._row[:k]))
     return snap

@@ -91,7 +91,10 @@ class FakeEngine:
         for lg in self.m.grouped.layer_groups:
             table, words = tables.block_table(lg.id), self._words(Tier.GPU, lg.pool_group)
             if lg.life_cycle.is_ssm:
-                live = np.flatnonzero(c > 0)
+                # the state moves to ``capacity`` tokens; a step that leaves it there (a forked
+                # child's first no-op step) must not relabel the donor's state as the child's
+                seen = np.array([self.written.get(x, -1) for x in h.tolist()], np.int64)
+                live = np.flatnonzero((c > 0) & (c != seen))
                 self._write_state(words, table[live, 0].astype(np.int64), h[live], c[live], self.specs[lg.id])
                 continue
             batch_idx, pos = expand(np.arange(h.size, dtype=np.int64), hist, c - hist)

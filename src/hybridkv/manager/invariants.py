@@ -24,11 +24,14 @@ def _check_ownership(m: KVCacheManager) -> None:
         owned[(Tier.GPU, lg.pool_group)].append(m.rows.all_slots(lg.id))
         for cache in m.suspended.values():
             owned[(cache.tier, lg.pool_group)].append(cache.slots[lg.id])
-    if m.prefix is not None:  # the prefix cache holds one reference to every page it indexes
+    pinned: dict[tuple[Tier, int], list[int]] = {key: [] for key in owned}
+    if m.prefix is not None:  # the prefix cache holds one reference (its pin) to every page it indexes
         m.prefix.index.check_invariants()
         for e in m.prefix.index.entries():
             pg = m.grouped.layer_groups[e.layer_group].pool_group
             owned[(e.tier, pg)].append(np.array([e.slot], np.int32))
+            pinned[(e.tier, pg)].append(e.slot)
+        m.prefix.pins.check()
     for (tier, g), parts in owned.items():
         alloc = m.tiers.allocators[tier][g]
         alloc.check_invariants()
@@ -40,6 +43,9 @@ def _check_ownership(m: KVCacheManager) -> None:
             bad = int(np.flatnonzero(held != refs)[0])
             raise InvariantError(f"{tier.name} pool group {g}: slot {bad} is referenced {int(refs[bad])} "
                                  f"times but held by {int(held[bad])} caches (leak or double owner)")
+        flags = alloc.is_pinned(np.arange(alloc.num_slots))
+        if not np.array_equal(np.flatnonzero(flags), np.sort(np.asarray(pinned[(tier, g)], np.int64))):
+            raise InvariantError(f"{tier.name} pool group {g}: pinned slots differ from the prefix cache's pages")
 
 
 def _check_rows(m: KVCacheManager) -> None:

@@ -11,6 +11,7 @@ pages are short it returns False / None and nothing changed; misuse raises Usage
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -48,6 +49,21 @@ class ManagerConfig:
             raise ConfigError(f"max_active_requests must be >= 1, got {self.max_active_requests}")
         if self.eviction_policy not in POLICIES:
             raise ConfigError(f"unknown eviction_policy {self.eviction_policy!r}; use one of {sorted(POLICIES)}")
+
+
+class StepCheck(NamedTuple):
+    """A step worked out against the current state without changing it: the batch's rows and
+    new lengths, each layer group's page changes, the exact slot need, and how the room would
+    be made (None when it cannot; ``short`` then says by how much per pool group, before
+    counting suspended caches that could move)."""
+
+    rows: I64
+    capacity: I64
+    history: I64
+    deltas: list[paging.GroupDelta]
+    need: paging.SlotNeed
+    room: moves.RoomPlan | None
+    short: list[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,9 +160,7 @@ class KVCacheManager:
         if self.rows.n == self.rows.max_rows:
             return False
         if cache.tier is not Tier.GPU:
-            need = self._pages_per_pool(cache)
-            deficit = [n - f for n, f in zip(need, self.tiers.free_slots(Tier.GPU), strict=True)]
-            if not self._evict(deficit, exclude=handle):
+            if not self._make_room(self._pages_per_pool(cache), exclude=handle):
                 return False
             self._move(cache, Tier.GPU)
         row = self.rows.add(handle, cache.capacity, cache.history, cache.committed, cache.priority)
@@ -225,19 +239,39 @@ class KVCacheManager:
         """Move every request of the batch to its new (capacity, history): release stale window
         blocks, allocate new blocks, evict suspended caches if needed. All or nothing: None
         (nothing changed) when the pages do not exist even after eviction."""
+        check = self._check_step(handles, capacity, history)
+        if check.room is None:
+            return None
+        gpu = self.tiers.allocators[Tier.GPU]
+        moves.apply_moves(self, check.room)
+        paging.apply_frees(self.grouped, self.rows, check.deltas, gpu)
+        moves.evict_cached(self, check.need.fill)
+        paging.apply_grows(self.grouped, self.rows, check.deltas, gpu)
+        rows, c_new, h_new = check.rows, check.capacity, check.history
+        self.rows.capacity[rows], self.rows.history[rows], self.rows.seq_lens[rows] = c_new, h_new, c_new
+        self.counters.steps += 1
+        return StepTables(self.rows, rows, self.tokens_per_block)
+
+    def shortfall(self, handles: npt.ArrayLike, capacity: npt.ArrayLike, history: npt.ArrayLike) -> list[int]:
+        """GPU slots per pool group that ``step`` with these arguments would lack right now, after
+        counting every page it may take (pages only the prefix cache holds, suspended caches a
+        lower tier has room for): all zero means the step succeeds. Changes nothing; misuse
+        raises as ``step`` would. The scheduler asks this before it steps."""
+        check = self._check_step(handles, capacity, history)
+        if check.room is not None:
+            return [0] * len(self.grouped.pool_groups)
+        return [max(0, s) for s in check.short]
+
+    def _check_step(self, handles: npt.ArrayLike, capacity: npt.ArrayLike, history: npt.ArrayLike) -> StepCheck:
         rows = self.row_of(handles)
         c_new = np.asarray(capacity, dtype=np.int64)
         h_new = np.asarray(history, dtype=np.int64)
         self._validate_step(rows, c_new, h_new)
         deltas = paging.plan_step(self.grouped, self.rows, rows, c_new, h_new)
         need = paging.net_slots(self.grouped, self.rows, deltas, self.tiers.allocators[Tier.GPU])
-        deficit = [n - f for n, f in zip(need, self.tiers.free_slots(Tier.GPU), strict=True)]
-        if not self._evict(deficit):
-            return None
-        paging.apply_step(self.grouped, self.rows, deltas, self.tiers.allocators[Tier.GPU])
-        self.rows.capacity[rows], self.rows.history[rows], self.rows.seq_lens[rows] = c_new, h_new, c_new
-        self.counters.steps += 1
-        return StepTables(self.rows, rows, self.tokens_per_block)
+        deficit = [n - f for n, f in zip(need.need, self.tiers.free_slots(Tier.GPU), strict=True)]
+        room, short = moves.plan_room(self, deficit, cache_only_after=need.cache_only)
+        return StepCheck(rows, c_new, h_new, deltas, need, room, short)
 
     def resize(self, handle: RequestId, capacity: int, history: int | None = None) -> bool:
         """One request's step: new capacity (and history, default unchanged). Atomic."""
@@ -270,8 +304,8 @@ class KVCacheManager:
     def _pages_per_pool(self, cache: SuspendedCache) -> list[int]:
         return moves.pages_per_pool(self, cache)
 
-    def _evict(self, deficit: list[int], exclude: int | None = None, keep: list[bytes] | None = None) -> bool:
-        return moves.evict(self, deficit, exclude, keep)
+    def _make_room(self, need: list[int], exclude: int | None = None, keep: list[bytes] | None = None) -> bool:
+        return moves.make_room(self, need, exclude, keep)
 
     def _move(self, cache: SuspendedCache, dst: Tier) -> None:
         moves.move(self, cache, dst)

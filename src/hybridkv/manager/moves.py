@@ -1,12 +1,17 @@
-"""Moving suspended caches between tiers, and freeing GPU slots when a step, resume or
-fork needs them: pages only the prefix cache holds go first, then suspended caches move down
-a tier in the eviction policy's order (priority, then least recently used). Every plan is
-made in full before anything moves: when it cannot cover the deficit nothing changes.
+"""Moving suspended caches between tiers, and freeing GPU slots when a step, resume, fork or
+prefix open needs them: pages only the prefix cache holds count first, then suspended caches
+move down a tier in the eviction policy's order (priority, then least recently used).
+
+The whole plan is made before anything changes (``plan_room``), against the free slots of
+every tier: when it cannot cover the deficit nothing changes. Applying it moves the planned
+caches first, then the operation frees what it frees, and only then are cached pages taken
+(``evict_cached``), offloaded into whatever host room the moves left: so no later part of the
+operation consumes slots an earlier part planned on.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -34,30 +39,65 @@ def sole_pages_per_pool(m: KVCacheManager, cache: SuspendedCache) -> list[int]:
     return out
 
 
-def evict(m: KVCacheManager, deficit: list[int], exclude: int | None = None,
-          keep: list[bytes] | None = None) -> bool:
-    """Free GPU slots: first pages only the prefix cache holds (except ``keep`` keys), then
-    by moving suspended caches down a tier (policy order). Plans the whole set first: False
-    and nothing moved if it cannot cover ``deficit``."""
-    if all(d <= 0 for d in deficit):
-        return True
-    if m.prefix is not None:
-        cached = m.prefix.evict(deficit, keep, apply=False)
-        if all(c >= d for c, d in zip(cached, deficit, strict=True)):
-            m.prefix.evict(deficit, keep)
-            return True
-        rest = [d - c for d, c in zip(deficit, cached, strict=True)]
-        if not evict_suspended(m, rest, exclude, apply=False):
-            return False
-        m.prefix.evict(deficit, keep)
-        deficit = rest
-    return evict_suspended(m, deficit, exclude)
+class RoomPlan(NamedTuple):
+    """How an operation gets its GPU slots, decided before anything changes: the suspended
+    caches to move down and the tier each goes to (planned against those tiers' free slots);
+    the rest comes from pages only the prefix cache holds, taken after the operation's own
+    frees (``evict_cached``), which may use only the host room the moves leave."""
+
+    victims: list[tuple[SuspendedCache, Tier]]
 
 
-def evict_suspended(m: KVCacheManager, deficit: list[int], exclude: int | None = None, apply: bool = True) -> bool:
+def plan_room(m: KVCacheManager, deficit: list[int], exclude: int | None = None, keep: list[bytes] | None = None,
+              cache_only_after: list[int] | None = None) -> tuple[RoomPlan | None, list[int]]:
+    """Plan to free ``deficit`` GPU slots per pool group: cache-only pages first (those now,
+    except ``keep``'s, plus ``cache_only_after``: pages the operation's own frees leave to the
+    cache alone), then suspended caches in policy order. Returns (the plan, or None when it
+    cannot be done; the deficit left after the cache-only pages). Pure."""
     if all(d <= 0 for d in deficit):
-        return True
-    free = {t: m.tiers.free_slots(t) for t in (Tier.HOST, Tier.DISK)}
+        return RoomPlan([]), deficit
+    cached = m.prefix.evictable_counts(keep) if m.prefix is not None else [0] * len(deficit)
+    if cache_only_after is not None:
+        cached = [c + a for c, a in zip(cached, cache_only_after, strict=True)]
+    rest = [d - c for d, c in zip(deficit, cached, strict=True)]
+    victims = plan_suspended(m, rest, exclude)
+    return (None if victims is None else RoomPlan(victims)), rest
+
+
+def apply_moves(m: KVCacheManager, room: RoomPlan) -> None:
+    for victim, tier in room.victims:
+        move(m, victim, tier)
+        m.counters.evictions += 1
+
+
+def evict_cached(m: KVCacheManager, need: list[int], keep: list[bytes] | None = None) -> None:
+    """After the planned moves and the operation's frees: take cache-only pages until ``need``
+    slots per pool group are free (the plan guaranteed there are enough)."""
+    short = [n - f for n, f in zip(need, m.tiers.free_slots(Tier.GPU), strict=True)]
+    if m.prefix is not None and any(s > 0 for s in short):
+        m.prefix.evict(short, keep)
+
+
+def make_room(m: KVCacheManager, need: list[int], exclude: int | None = None, keep: list[bytes] | None = None) -> bool:
+    """Make ``need`` GPU slots per pool group free for an operation that frees nothing itself
+    (resume, fork, prefix open). False and nothing changed when it cannot."""
+    deficit = [n - f for n, f in zip(need, m.tiers.free_slots(Tier.GPU), strict=True)]
+    room, _ = plan_room(m, deficit, exclude, keep)
+    if room is None:
+        return False
+    apply_moves(m, room)
+    evict_cached(m, need, keep)
+    return True
+
+
+def plan_suspended(m: KVCacheManager, deficit: list[int],
+                   exclude: int | None = None) -> list[tuple[SuspendedCache, Tier]] | None:
+    """Suspended GPU caches to move down (policy order) so their sole pages cover ``deficit``,
+    each to the first lower tier with room left by the ones before; None if they cannot."""
+    if all(d <= 0 for d in deficit):
+        return []
+    lower = (Tier.HOST, Tier.DISK)
+    free = {t: m.tiers.free_slots(t) for t in lower}
     remaining, victims = list(deficit), []
     candidates = (c for c in m.suspended.values() if c.tier is Tier.GPU and c.handle != exclude)
     for cache in m.policy.order(candidates):
@@ -65,21 +105,15 @@ def evict_suspended(m: KVCacheManager, deficit: list[int], exclude: int | None =
         freed = sole_pages_per_pool(m, cache)  # shared pages move as copies, freeing nothing
         if not any(r > 0 and p > 0 for r, p in zip(remaining, freed, strict=True)):
             continue
-        dst = next((t for t in (Tier.HOST, Tier.DISK)
-                    if all(p <= f for p, f in zip(pages, free[t], strict=True))), None)
+        dst = next((t for t in lower if all(p <= f for p, f in zip(pages, free[t], strict=True))), None)
         if dst is None:
             continue
         free[dst] = [f - p for f, p in zip(free[dst], pages, strict=True)]
         remaining = [r - p for r, p in zip(remaining, freed, strict=True)]
         victims.append((cache, dst))
         if all(r <= 0 for r in remaining):
-            if not apply:
-                return True
-            for victim, tier in victims:
-                move(m, victim, tier)
-                m.counters.evictions += 1
-            return True
-    return False
+            return victims
+    return None
 
 
 def move(m: KVCacheManager, cache: SuspendedCache, dst: Tier) -> None:

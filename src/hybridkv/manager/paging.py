@@ -99,32 +99,63 @@ def plan_step(grouped: GroupedLayout, state: ActiveRows, rows: I64, c_new: I64, 
     return out
 
 
+class SlotNeed(NamedTuple):
+    """Per pool group, exactly what a step's page changes do to the free count: ``need`` =
+    slots it fills minus slots its frees return to the pool (may be negative), and
+    ``cache_only`` = pages its frees leave held by the prefix cache alone (reclaimable once
+    the frees are applied: the room a window release makes when the cache pins the page),
+    ``fill`` = slots it fills."""
+
+    need: list[int]
+    cache_only: list[int]
+    fill: list[int]
+
+
 def net_slots(grouped: GroupedLayout, state: ActiveRows, deltas: list[GroupDelta],
-              allocators: list[SlotAllocator]) -> list[int]:
-    """Per pool group: slots the change needs beyond what it frees (may be negative). A freed
-    entry whose page someone else also holds (prefix sharing) returns nothing to the pool,
-    so only sole references count as freed (a page two requests both drop this step is not
-    counted: a safe underestimate)."""
-    need = [0] * len(grouped.pool_groups)
+              allocators: list[SlotAllocator]) -> SlotNeed:
+    """Exact ``SlotNeed`` of a step. A page several caches share returns to the pool only when
+    the step drops every reference but the pin, so frees are counted per distinct page with
+    their multiplicity (two caches releasing one shared page in one step free it)."""
+    n = len(grouped.pool_groups)
+    fill, cache_only = [0] * n, [0] * n
+    freed_slots: list[list[I32]] = [[] for _ in range(n)]
     for lg, d in zip(grouped.layer_groups, deltas, strict=True):
-        alloc = allocators[lg.pool_group]
-        freed = int(d.free.rows.size)
-        if freed and alloc.shared:
-            slots = state.tables[lg.id][d.free.rows, d.free.cols]
-            freed = int((alloc.references(slots) == 1).sum())
-        need[lg.pool_group] += int(d.grow.rows.size) - freed
-    return need
+        fill[lg.pool_group] += int(d.grow.rows.size)
+        if d.free.rows.size:
+            freed_slots[lg.pool_group].append(state.tables[lg.id][d.free.rows, d.free.cols])
+    need = list(fill)
+    for g, parts in enumerate(freed_slots):
+        if not parts:
+            continue
+        slots, alloc = np.concatenate(parts), allocators[g]
+        if not alloc.shared:  # no page has two holders: every entry frees its page
+            need[g] -= int(slots.size)
+            continue
+        uniq, counts = np.unique(slots, return_counts=True)
+        refs = alloc.references(uniq)
+        need[g] -= int((refs == counts).sum())
+        cache_only[g] = int((alloc.is_pinned(uniq) & (refs == counts + 1)).sum())
+    return SlotNeed(need, cache_only, fill)
 
 
-def apply_step(grouped: GroupedLayout, state: ActiveRows, deltas: list[GroupDelta],
-               allocators: list[SlotAllocator]) -> None:
-    """Free, then fill, then record stale stops. The caller checked that the slots exist."""
+def apply_frees(grouped: GroupedLayout, state: ActiveRows, deltas: list[GroupDelta],
+                allocators: list[SlotAllocator]) -> None:
+    """Drop the step's stale and shrunk entries (one free per pool group: repeats counted)."""
+    per_pool: list[list[I32]] = [[] for _ in grouped.pool_groups]
     for lg, d in zip(grouped.layer_groups, deltas, strict=True):
         if d.free.rows.size:
             table = state.tables[lg.id]
-            allocators[lg.pool_group].free(table[d.free.rows, d.free.cols], distinct=True)
+            per_pool[lg.pool_group].append(table[d.free.rows, d.free.cols])
             table[d.free.rows, d.free.cols] = NULL_SLOT
             state.record(lg.id, d.free.rows, d.free.cols, np.full(d.free.rows.size, NULL_SLOT, np.int32))
+    for g, parts in enumerate(per_pool):
+        if parts:
+            allocators[g].free(np.concatenate(parts), distinct=True)
+
+
+def apply_grows(grouped: GroupedLayout, state: ActiveRows, deltas: list[GroupDelta],
+                allocators: list[SlotAllocator]) -> None:
+    """Fill the step's new entries, then record stale stops. The caller made the room."""
     for lg, d in zip(grouped.layer_groups, deltas, strict=True):
         if d.grow.rows.size:
             slots = allocators[lg.pool_group].allocate(int(d.grow.rows.size))

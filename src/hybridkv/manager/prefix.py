@@ -12,20 +12,22 @@ blocks); SSM snapshots are copied into the new cache's own state slot.
 Memory policy: a pinned page that no cache uses costs a slot until the GPU needs it; then
 pinned pages go in the index's order (lowest priority, least recently used, deepest block
 first), copied to the host tier when it has room (a later hit brings them back) or dropped.
-``reclaimable()`` counts them as free for admission.
+``reclaimable()`` counts them as free for admission in O(1); the order is kept incrementally
+(manager/cache_pins.py), so taking k pages costs O(k log n) however many are cached.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
 from hybridkv.lifecycle import keep_start
+from hybridkv.manager.cache_pins import PinnedPages
 from hybridkv.manager.state import RequestState
-from hybridkv.reuse import CachedEntry, EntryRef, EventQueue, PrefixIndex, ReuseScope, block_keys
+from hybridkv.reuse import EntryRef, EventQueue, PrefixIndex, ReuseScope, block_keys
 from hybridkv.types import LayerGroupId, RequestId, Tier
 
 if TYPE_CHECKING:
@@ -56,6 +58,14 @@ class PrefixStats:
         return self.reused_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
+class PrefixHit(NamedTuple):
+    """A probe's answer for admission: cached ``tokens`` and, per pool group, ``shared_pages``
+    the hit uses that running caches already hold."""
+
+    tokens: int
+    shared_pages: tuple[int, ...]
+
+
 class PrefixCache:
     """Prefix reuse over one KVCacheManager (create with ``KVCacheManager.enable_prefix_cache``)."""
 
@@ -68,6 +78,8 @@ class PrefixCache:
                                                           if not (lc.is_full or lc.is_ssm)])
         self.offload_to_host = offload_to_host
         self.stats = PrefixStats(len(m.grouped.layer_groups))
+        self.pins = PinnedPages(self.index, m.tiers.allocators[Tier.GPU],
+                                [lg.pool_group for lg in m.grouped.layer_groups])
 
     def keys(self, tokens: npt.ArrayLike) -> list[bytes]:
         return list(block_keys(tokens, self.m.tokens_per_block, self.scope))
@@ -75,6 +87,22 @@ class PrefixCache:
     def probe(self, tokens: npt.ArrayLike) -> int:
         """Tokens a new request with this prompt would reuse (nothing changes)."""
         return self.index.probe(self._usable(self.keys(tokens), tokens), self.lcs, self.m.tokens_per_block).tokens
+
+    def hit(self, tokens: npt.ArrayLike) -> PrefixHit:
+        """What ``open(tokens)`` would reuse now: tokens, and per pool group the matched pages
+        a running cache already holds (they cost the new request no slot). Matched pages only
+        the cache holds are not among them: admission already counts them as free room
+        (``reclaimable``), so the new request takes them like free slots. Changes nothing."""
+        keys = self._usable(self.keys(tokens), tokens)
+        match = self.index.probe(keys, self.lcs, self.m.tokens_per_block)
+        gpu = self.m.tiers.allocators[Tier.GPU]
+        shared = [0] * len(self.m.grouped.pool_groups)
+        for lg, mb in zip(self.m.grouped.layer_groups, match.per_group, strict=True):
+            if lg.life_cycle.is_ssm:  # the new request copies the snapshot into a slot of its own
+                continue
+            on_gpu = mb.slots[mb.tiers == Tier.GPU]
+            shared[lg.pool_group] += int((gpu[lg.pool_group].references(on_gpu) > 1).sum())
+        return PrefixHit(match.tokens, tuple(shared))
 
     def _usable(self, keys: list[bytes], tokens: npt.ArrayLike) -> list[bytes]:
         # leave at least one prompt token to compute: the next token's logits come from it
@@ -99,16 +127,18 @@ class PrefixCache:
             if lg.life_cycle.is_ssm:
                 if upto != lengths.capacity or table[0] < 0 or gpu[lg.pool_group].num_free == 0:
                     continue
+                last = np.array([upto // tpb - 1], np.int64)
+                if self.index.rows_of([keys[-1]], lg.id).size:
+                    continue  # this snapshot is cached already
                 snap = gpu[lg.pool_group].allocate(1)
                 assert snap is not None
                 buf = m.tiers.buffers[Tier.GPU][lg.pool_group]
                 if buf is not None:
                     m.tiers.copy_engine.copy(buf, table[:1], buf, snap)
-                last = np.array([upto // tpb - 1], np.int64)
                 res = self.index.insert(keys, last, lg.id, snap, Tier.GPU, root=self.scope.root(),
                                         block_tokens=self._block_tokens(tokens, last))
-                if not res.num_new:
-                    gpu[lg.pool_group].free(snap)
+                self.pins.placed(lg.pool_group, snap, res.rows)
+                gpu[lg.pool_group].pin(snap, retain=False)  # the allocation is the cache's reference
                 pinned += res.num_new
                 continue
             ords = np.flatnonzero(table[:upto // tpb] >= 0).astype(np.int64)
@@ -116,7 +146,9 @@ class PrefixCache:
                 continue
             res = self.index.insert(keys, ords, lg.id, table[ords], Tier.GPU, root=self.scope.root(),
                                     block_tokens=self._block_tokens(tokens, ords))
-            gpu[lg.pool_group].retain(table[ords][res.new_mask])  # the cache's own reference
+            fresh = table[ords][res.new_mask]
+            self.pins.placed(lg.pool_group, fresh, res.rows[res.new_mask])
+            gpu[lg.pool_group].pin(fresh)  # the cache's own reference
             pinned += res.num_new
         m.tiers.copy_engine.wait_for_copies()
         return pinned
@@ -144,7 +176,7 @@ class PrefixCache:
         for lg, mb in zip(m.grouped.layer_groups, match.per_group, strict=True):
             copies = 1 if lg.life_cycle.is_ssm and match.tokens else 0  # the request's own state
             need[lg.pool_group] += int((mb.tiers != Tier.GPU).sum()) + copies
-        if not m._evict([n - f for n, f in zip(need, m.tiers.free_slots(Tier.GPU), strict=True)], keep=keys):
+        if not m._make_room(need, keep=keys):
             return None
         self.stats.lookups += 1
         self.stats.prompt_tokens += int(tok.size)
@@ -171,7 +203,7 @@ class PrefixCache:
             released = max(m.rows.first_stale[lg.id], int(keep_start(lg.life_cycle, L)) // tpb)
             m.rows.set_pages(row, lg.id, mb.ordinals, slots.astype(np.int32), released)
         m.tiers.copy_engine.wait_for_copies()
-        self.index.touch(keys[:L // tpb])
+        self.pins.touched(self.index.touch(keys[:L // tpb]))
         self.stats.reused_tokens += L
         return handle, L
 
@@ -184,63 +216,56 @@ class PrefixCache:
         pg = self.m.grouped.layer_groups[group].pool_group
         for tier in {Tier(int(t)) for t in tiers[lower]}:
             sel = lower[tiers[lower] == tier]
+            refs = [EntryRef(keys[int(o)], LayerGroupId(group)) for o in ords[sel]]
+            rows = self.index.rows_of([r.key for r in refs], group)
             new = self._move_pages(tier, Tier.GPU, pg, slots[sel])
-            self.index.move([EntryRef(keys[int(o)], LayerGroupId(group)) for o in ords[sel]], Tier.GPU, new)
+            self.index.move(refs, Tier.GPU, new)
+            self.pins.placed(pg, new, rows)
             out[sel] = new
         return out
 
     def _move_pages(self, src: Tier, dst: Tier, pool_group: int, slots: I64) -> I64:
+        """Move pinned pages between tiers: the pin travels with the page."""
+        tiers = self.m.tiers
+        tiers.allocators[src][pool_group].unpin(slots, free=False)
         per_pool = [np.zeros(0, np.int32) for _ in self.m.grouped.pool_groups]
         per_pool[pool_group] = slots.astype(np.int32)
-        moved: I64 = self.m.tiers.move(src, dst, per_pool)[pool_group].astype(np.int64)
+        moved: I64 = tiers.move(src, dst, per_pool)[pool_group].astype(np.int64)
+        tiers.allocators[dst][pool_group].pin(moved, retain=False)
         return moved
 
     # ---- memory pressure -----------------------------------------------------------------
-    def _cache_only(self, tier: Tier) -> list[tuple[int, CachedEntry]]:
-        """(pool group, entry) of pages on ``tier`` that only the cache holds, eviction order."""
-        out: list[tuple[int, CachedEntry]] = []
-        for e in self.index.evictable(tier):
-            pg = int(self.m.grouped.layer_groups[e.layer_group].pool_group)
-            if int(self.m.tiers.allocators[tier][pg].references([e.slot])[0]) == 1:
-                out.append((pg, e))
-        return out
-
     def reclaimable(self) -> list[int]:
-        """GPU slots per pool group held only by the cache (freed on demand). Vectorized over
-        the index: cheap enough for every scheduler step."""
-        groups, slots = self.index.located(Tier.GPU)
-        out = [0] * len(self.m.grouped.pool_groups)
-        for lg in self.m.grouped.layer_groups:
-            mine = slots[groups == lg.id]
-            if mine.size:
-                refs = self.m.tiers.allocators[Tier.GPU][lg.pool_group].references(mine)
-                out[lg.pool_group] += int((refs == 1).sum())
-        return out
+        """GPU slots per pool group held only by the cache (freed on demand): O(1)."""
+        return self.pins.reclaimable()
 
-    def evict(self, deficit: list[int], keep: list[bytes] | None = None, apply: bool = True) -> list[int]:
-        """Free up to ``deficit`` GPU slots per pool group from cache-only pages (to the host
-        tier when it has room, else dropped); returns the slots freed (or, with ``apply=False``,
-        that would be). Keys in ``keep`` (a match being served) are not touched."""
+    def evictable_counts(self, keep: list[bytes] | None = None) -> list[int]:
+        """GPU slots per pool group ``evict`` could free now without touching ``keep``."""
+        return [r - p for r, p in zip(self.pins.reclaimable(), self.pins.protected(keep), strict=True)]
+
+    def evict(self, deficit: list[int], keep: list[bytes] | None = None) -> list[int]:
+        """Free up to ``deficit`` GPU slots per pool group from cache-only pages, in eviction
+        order (to the host tier while it has room, else dropped); returns the slots freed.
+        Keys in ``keep`` (a match being served) are not touched."""
         freed = [0] * len(deficit)
         keep_set = set(keep or ())
-        chosen = []
-        if not any(d > 0 for d in deficit):
-            return freed
-        for pg, e in self._cache_only(Tier.GPU):
-            if freed[pg] < deficit[pg] and e.key not in keep_set:
-                chosen.append((pg, e))
-                freed[pg] += 1
-        if not apply:
-            return freed
         host_free = self.m.tiers.free_slots(Tier.HOST)
-        for pg, e in chosen:
-            ref, slot = e.ref, np.array([e.slot], np.int32)
-            if self.offload_to_host and host_free[pg] > 0:
-                self.index.move([ref], Tier.HOST, self._move_pages(Tier.GPU, Tier.HOST, pg, slot.astype(np.int64)))
-                host_free[pg] -= 1
-                self.stats.offloaded_pages += 1
-            else:
-                self.index.remove([ref])
-                self.m.tiers.allocators[Tier.GPU][pg].free(slot)
-                self.stats.evicted_pages += 1
+        gpu = self.m.tiers.allocators[Tier.GPU]
+        for pg, want in enumerate(deficit):
+            if want <= 0:
+                continue
+            victims = self.pins.take(pg, want, keep_set)
+            rows = np.array([r for r, _ in victims], np.int64)
+            slots = np.array([s for _, s in victims], np.int64)
+            self.pins.left(pg, slots)
+            refs = [self.index.ref_at(int(r)) for r in rows.tolist()]
+            up = min(host_free[pg], rows.size) if self.offload_to_host else 0
+            if up:
+                self.index.move(refs[:up], Tier.HOST, self._move_pages(Tier.GPU, Tier.HOST, pg, slots[:up]))
+                self.stats.offloaded_pages += up
+            if rows.size > up:
+                self.index.remove(refs[up:])
+                gpu[pg].unpin(slots[up:])
+                self.stats.evicted_pages += rows.size - up
+            freed[pg] = int(rows.size)
         return freed

@@ -5,8 +5,8 @@ the slot's reference count goes up (it returns to the pool when the last holder 
 a window release or a close in one cache never frees a page another still reads). A partly
 filled last block is copied into a new slot, never shared, so neither cache ever writes into
 a page the other reads. SSM state is per request: the fork gets a copy of the state, which
-exists only at the donor's current history. A window group needs only the blocks still live
-at the fork point; if the donor already released one of them the prefix cannot be served.
+exists only at the donor's capacity (the engine has run every position below it). A window
+group needs only the blocks still live at the fork point; if the donor already released one of them the prefix cannot be served.
 This is the mechanism prefix reuse (radix tree, parallel sampling, beam search) builds on.
 """
 
@@ -61,9 +61,12 @@ def fork(m: KVCacheManager, handle: RequestId, tokens: int) -> RequestId | None:
     lengths = m.lengths(handle)
     if not 0 < tokens <= lengths.committed:
         raise UsageError(f"fork({handle}, {tokens}): need 0 < tokens <= committed ({lengths.committed})")
-    if m.rows.has_ssm and tokens != lengths.history:
-        raise UsageError(f"fork({handle}, {tokens}): SSM state exists only at the donor's history "
-                         f"({lengths.history})")
+    if m.rows.has_ssm and tokens != lengths.capacity:
+        # after a step the engine has run positions history .. capacity-1: the state is at
+        # capacity, and no snapshot of an earlier point exists
+        raise UsageError(f"fork({handle}, {tokens}): SSM state exists only at the donor's capacity "
+                         f"({lengths.capacity} tokens, history {lengths.history}, committed {lengths.committed}); "
+                         "step it to history = capacity and commit, then fork at that length")
     if m.rows.n == m.rows.max_rows:
         return None
     row = int(m._row[handle])
@@ -74,7 +77,7 @@ def fork(m: KVCacheManager, handle: RequestId, tokens: int) -> RequestId | None:
     need = [0] * len(m.grouped.pool_groups)
     for lg, mask in zip(m.grouped.layer_groups, copied, strict=True):
         need[lg.pool_group] += int(mask.sum())
-    if not m._evict([n - f for n, f in zip(need, m.tiers.free_slots(Tier.GPU), strict=True)]):
+    if not m._make_room(need):
         return None
     child = m.create(int(m.rows.priority[row]))
     cache = m.suspended.pop(child)

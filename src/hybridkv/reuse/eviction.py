@@ -30,9 +30,20 @@ class EvictionOrder:
         candidates, first victim first. ``windowed``: layer groups that keep their newest blocks."""
         raise NotImplementedError
 
+    def keys(self, t: EntryTable, rows: I64, windowed: I64) -> list[tuple[int, ...]]:
+        """One comparable tuple per row, smallest evicted first, ending with the row: the
+        same order as ``order``, for callers that keep candidates in a heap."""
+        raise NotImplementedError
+
 
 class PriorityLRU(EvictionOrder):
     name = "priority-lru"
+
+    def keys(self, t: EntryTable, rows: I64, windowed: I64) -> list[tuple[int, ...]]:
+        groups = t.group[rows]
+        depth = np.where(np.isin(groups, windowed), t.ordinal[rows], -t.ordinal[rows])
+        return list(zip(t.priority[rows].tolist(), t.last_used[rows].tolist(), depth.tolist(),
+                        groups.tolist(), rows.tolist(), strict=True))
 
     def order(self, t: EntryTable, rows: I64, limit: int | None, windowed: I64) -> I64:
         # The four keys are packed into one int64 when their ranges allow, so only the

@@ -49,6 +49,7 @@ class InsertResult:
 
     new_mask: npt.NDArray[np.bool_]
     cached_slots: I64
+    rows: I64  # the index row of each offered entry (new or already cached)
 
     @property
     def num_new(self) -> int:
@@ -156,6 +157,7 @@ class PrefixIndex:
         found = [d.get(keys[o]) for o in ords.tolist()]
         new_mask = np.fromiter((r is None for r in found), np.bool_, ords.size)
         cached = slot_arr.copy()
+        rows = np.fromiter((-1 if r is None else r for r in found), np.int64, ords.size)
         if not new_mask.all():
             old = np.flatnonzero(~new_mask)
             old_rows = np.array([found[i] for i in old.tolist()], np.int64)
@@ -171,11 +173,11 @@ class PrefixIndex:
         parents = [keys[o - 1] if o else root for o in new_ords.tolist()]
         self._clock += 1
         self._roots.add(root)
-        self._t.add(new_keys, parents, new_ords, LayerGroupId(layer_group), slot_arr[new_mask], Tier(tier),
-                    priority, self._clock)
+        rows[new_mask] = self._t.add(new_keys, parents, new_ords, LayerGroupId(layer_group), slot_arr[new_mask],
+                                     Tier(tier), priority, self._clock)
         if self.events is not None and tokens is not None and new_ords.size:
             self._emit_stored(new_keys, parents, new_ords, tokens[new_mask], Tier(tier), LayerGroupId(layer_group))
-        return InsertResult(new_mask, cached)
+        return InsertResult(new_mask, cached, rows)
 
     def _emit_stored(self, keys: list[bytes], parents: list[bytes], ords: I64, tokens: I64, tier: Tier,
                      group: LayerGroupId) -> None:
@@ -219,16 +221,46 @@ class PrefixIndex:
         self._t.refcount[rows] += delta
         self._t.last_used[rows] = self._clock
 
-    def touch(self, keys: Iterable[bytes], layer_group: int | None = None) -> int:
+    def touch(self, keys: Iterable[bytes], layer_group: int | None = None) -> I64:
         """Mark the cached entries of these keys (in one or every group) as just used;
-        keys not cached are skipped. Returns how many entries were touched."""
+        keys not cached are skipped. Returns the rows touched (their eviction keys changed)."""
         groups = self._t.by_group if layer_group is None else {
             LayerGroupId(layer_group): self._t.by_group.get(LayerGroupId(layer_group), {})}
         self._clock += 1
         keys = list(keys)
-        rows = [r for d in groups.values() for k in keys if (r := d.get(k)) is not None]
+        rows = np.fromiter((r for d in groups.values() for k in keys if (r := d.get(k)) is not None), np.int64)
         self._t.last_used[rows] = self._clock
-        return len(rows)
+        return rows
+
+    # ---- rows: stable names of live entries, for callers that keep their own order ---------
+
+    def eviction_keys(self, rows: I64) -> list[tuple[int, ...]]:
+        """The eviction policy's sort key of each live row as a comparable tuple ending with
+        the row (``priority-lru``: priority, last_used, depth, layer group, row): a caller that
+        keeps candidates in a heap pushes these; an item is current while
+        ``eviction_keys([row])`` still equals it (an insert, touch or acquire changes it)."""
+        return self.policy.keys(self._t, rows, self._windowed)
+
+    def is_live(self, row: int) -> bool:
+        return bool(row < self._t.live.size and self._t.live[row])
+
+    def row_locations(self, rows: I64) -> tuple[I64, I64, I64]:
+        """(layer groups, tiers, slots) of live rows, as arrays."""
+        t = self._t
+        return t.group[rows].copy(), t.tier[rows].copy(), t.slot[rows].copy()
+
+    def row_location(self, row: int) -> tuple[Tier, int]:
+        """(tier, slot) of a live row."""
+        return Tier(int(self._t.tier[row])), int(self._t.slot[row])
+
+    def ref_at(self, row: int) -> EntryRef:
+        """The name of a live row's entry."""
+        return EntryRef(self._t.keys[row], LayerGroupId(int(self._t.group[row])))
+
+    def rows_of(self, keys: Iterable[bytes], layer_group: int) -> I64:
+        """Rows of the cached entries among ``keys`` in one layer group (absent keys skipped)."""
+        d = self._t.by_group.get(LayerGroupId(layer_group), {})
+        return np.fromiter((r for k in keys if (r := d.get(k)) is not None), np.int64)
 
     # ---- probe -----------------------------------------------------------------------------
 

@@ -92,6 +92,7 @@ class Scheduler:
         self._order = np.zeros(0, np.int64)  # per handle: arrival seq
         self._chunk = np.zeros(0, np.int64)  # per handle: prefill chunk cap
         self.preemptions = self.suspensions = self.reused_tokens = 0
+        self._resumed_now: set[int] = set()  # handles resumed by this step's admission
 
     # ---- submission -------------------------------------------------------------------
     def submit(self, spec: SeqRequest) -> Tracked:
@@ -164,18 +165,49 @@ class Scheduler:
         adm_h, adm_c, adm_hist = self._admit(free_after, 0 if made_room else budget)
         hs, c = np.concatenate([hs, adm_h]), np.concatenate([h_new + tokens, adm_c])
         hist = np.concatenate([h_new, adm_hist])
+        hs, c, hist = self._agree_with_manager(hs, c, hist, adm_h.size)
         tables = m.step(hs, c, hist)
-        while tables is None and m.prefix is not None and hs.size > 1:
-            # shared pages make the per-request demand an overestimate of what a victim frees:
-            # give way one more request (the latest arrival) and try again
-            i = int(np.argmax(self._order[hs]))
-            self._suspend_or_preempt(self.by_handle[int(hs[i])])
+        if tables is None:
+            raise InvariantError("the manager refused a step it said would fit")
+        return StepPlan(hs, c, hist, c - hist, tables)
+
+    def _agree_with_manager(self, hs: I64, c: I64, hist: I64, admitted: int) -> tuple[I64, I64, I64]:
+        """Ask the manager whether the step fits before taking it. Without shared pages the
+        demand function is exact and it always does; with them (prefix hits, forks) a page one
+        request releases may still be held by another, so per-request demand can overstate the
+        room. Then give way: the latest admitted request goes back to the queue unharmed, then
+        the latest arrival is suspended or preempted, and the head alone shrinks its chunk."""
+        m = self.manager
+        if not any(a.shared for a in m.tiers.allocators[Tier.GPU]):
+            return hs, c, hist
+        while any(m.shortfall(hs, c, hist)):
+            if admitted:
+                i = hs.size - 1
+                self._unadmit(self.by_handle[int(hs[i])])
+                admitted -= 1
+            elif hs.size > 1:
+                i = int(np.argmax(self._order[hs]))
+                self._suspend_or_preempt(self.by_handle[int(hs[i])])
+            else:
+                if c[0] - hist[0] <= 1:
+                    raise InvariantError(f"request {self.by_handle[int(hs[0])].spec.request_id} cannot take one "
+                                         "token with the GPU to itself: the plan's floor (a) is broken")
+                c = hist + (c - hist) // 2
+                continue
             keep = np.arange(hs.size) != i
             hs, c, hist = hs[keep], c[keep], hist[keep]
-            tables = m.step(hs, c, hist)
-        if tables is None:
-            raise InvariantError("the manager refused a step the demand function accepted")
-        return StepPlan(hs, c, hist, c - hist, tables)
+        return hs, c, hist
+
+    def _unadmit(self, t: Tracked) -> None:
+        """Undo this step's admission of ``t`` (it has computed nothing since): back to the
+        queue in its arrival place, not counted as a preemption or suspension."""
+        assert t.handle is not None
+        if t.handle in self._resumed_now:  # its pages came up this step: send them back down
+            self._suspend_or_preempt(t)
+            return
+        self._release(t)
+        t.status = Status.WAITING
+        heapq.heappush(self._waiting, (t.seq, t.spec.request_id))
 
     def _tokens(self, hs: I64, h: I64, cap_override: dict[int, int]) -> I64:
         """Decodes take 1 token; prefill chunks share the rest of the budget in arrival order."""
@@ -206,6 +238,7 @@ class Scheduler:
         step, out of the slots free right now."""
         m, out_h, out_c, out_hist = self.manager, [], [], []
         free_now = self._free_gpu()
+        self._resumed_now.clear()
         while self._waiting and m.rows.n < self.config.max_batch_size and budget > 0:
             t = self.requests[self._waiting[0][1]]
             reused = np.zeros_like(free)
@@ -214,8 +247,8 @@ class Scheduler:
                 h = m.lengths(RequestId(t.handle)).capacity
                 held = per_request_demand(m.grouped, [h], [m.lengths(RequestId(t.handle)).history])[0]
             else:
-                h, held = self._cached_prefix(t), np.zeros_like(free)
-                reused = per_request_demand(m.grouped, [h], [h])[0] if h else reused
+                h, shared = self._cached_prefix(t)
+                held, reused = np.zeros_like(free), np.asarray(shared, np.int64)
             chunk = self._first_chunk(t)
             tok = 1 if h >= t.prefill_target else min(chunk, t.prefill_target - h, budget)
             need = np.maximum(per_request_demand(m.grouped, [h + tok], [h])[0] - reused, held)
@@ -226,6 +259,9 @@ class Scheduler:
                 break
             if t.preemptions and m.rows.n and (self._prefill_peak(t, tok) > free).any():
                 break  # a recomputing request comes back only with room for its whole prefill
+            if t.status is Status.SUSPENDED:
+                assert t.handle is not None
+                self._resumed_now.add(t.handle)
             if not self._activate(t, h):
                 break  # the prefix pages could not be brought back now
             heapq.heappop(self._waiting)
@@ -253,11 +289,14 @@ class Scheduler:
             free += np.asarray(self.manager.prefix.reclaimable(), dtype=np.int64)
         return free
 
-    def _cached_prefix(self, t: Tracked) -> int:
-        """Tokens of the request's prompt (prefill target) the prefix cache can serve now."""
+    def _cached_prefix(self, t: Tracked) -> tuple[int, tuple[int, ...]]:
+        """Tokens of the request's prompt (prefill target) the prefix cache can serve now, and
+        per pool group the hit's pages running caches already hold (they need no slot; the
+        others are reclaimable pages, already counted as free, or on a lower tier)."""
         if self.manager.prefix is None or t.spec.tokens is None:
-            return 0
-        return self.manager.prefix.probe(t.spec.tokens[:t.prefill_target])
+            return 0, (0,) * len(self.slots)
+        hit = self.manager.prefix.hit(t.spec.tokens[:t.prefill_target])
+        return hit.tokens, hit.shared_pages
 
     def _activate(self, t: Tracked, reused: int = 0) -> bool:
         """Make ``t`` active: resume it, or open a cache (at ``reused`` cached tokens)."""

@@ -6,8 +6,8 @@ a window release or a close in one cache never frees a page another still reads)
 filled last block is copied into a new slot, never shared, so neither cache ever writes into
 a page the other reads. SSM state is per request: the fork gets a copy of the state, which
 exists only at the donor's capacity (the engine has run every position below it). A window
-group needs only the blocks still live at the fork point; if the donor already released one of them the prefix cannot be served.
-This is the mechanism prefix reuse (radix tree, parallel sampling, beam search) builds on.
+group needs only the blocks still live at the fork point; if the donor already released one
+of them the prefix cannot be served. This is the mechanism prefix reuse (radix tree, parallel sampling, beam search) builds on.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ filled last block is copied into a new slot, never shared, so neither cache ever
 a page the other reads. SSM state is per request: the fork gets a copy of the state, which
 exists only at the donor's capacity (the engine has run every position below it). A window
 group needs only the blocks still live at the fork point; if the donor already released one
-of them the prefix cannot be served. This is the mechanism prefix reuse (radix tree, parallel sampling, beam search) builds on.
+of them the prefix cannot be served. This is the mechanism prefix reuse (radix tree, parallel
+sampling, beam search) builds on.
 """
 
 from __future__ import annotations

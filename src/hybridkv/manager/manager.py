@@ -20,7 +20,7 @@ from hybridkv.errors import ConfigError, UsageError
 from hybridkv.manager import invariants, moves, paging, sharing
 from hybridkv.manager.eviction import POLICIES
 from hybridkv.manager.prefix import PrefixCache
-from hybridkv.manager.rows import ActiveRows
+from hybridkv.manager.rows import NULL_SLOT, ActiveRows
 from hybridkv.manager.state import RequestState, check_transition
 from hybridkv.manager.stats import Counters, ManagerStats, collect_stats
 from hybridkv.manager.step_tables import StepTables
@@ -200,6 +200,39 @@ class KVCacheManager:
             cache = self.suspended.pop(handle)
             self._free_by_pool(cache.tier, cache.slots)
         self._state[handle] = RequestState.CLOSED
+
+    def close_many(self, handles: npt.ArrayLike) -> None:
+        """``close`` for many caches at once: active ones in one vectorized pass (one free per
+        pool group, rows compacted together). UsageError (nothing changed) if a handle is
+        unknown, named twice, or already closed."""
+        h = np.asarray(handles, dtype=np.int64).ravel()
+        if h.size == 0:
+            return
+        if int(h.min()) < 0 or int(h.max()) >= self._num_handles:
+            bad = h[(h < 0) | (h >= self._num_handles)][:8].tolist()
+            raise UsageError(f"close_many: unknown request handle(s) {bad}")
+        if np.unique(h).size != h.size:
+            raise UsageError("close_many: a handle is named twice")
+        states = self._state[h]
+        if (states == RequestState.CLOSED).any():
+            check_transition("close", int(h[states == RequestState.CLOSED][0]), RequestState.CLOSED)
+        active = h[states == RequestState.ACTIVE]
+        if active.size:
+            rows = self._row[active]
+            gpu = self.tiers.allocators[Tier.GPU]
+            per_pool: list[list[I32]] = [[] for _ in self.grouped.pool_groups]
+            width = -(-int(self.rows.capacity[rows].max()) // self.tokens_per_block)  # no page beyond capacity
+            for lg in self.grouped.layer_groups:
+                t = self.rows.tables[lg.id][rows, :max(width, 1)]
+                per_pool[lg.pool_group].append(t[t != NULL_SLOT])
+            for g, parts in enumerate(per_pool):
+                gpu[g].free(np.concatenate(parts), distinct=True)
+            moved, new_rows = self.rows.remove_many(rows)
+            self._row[moved] = new_rows
+            self._row[active] = _NOT_ACTIVE
+            self._state[active] = RequestState.CLOSED
+        for handle in h[states == RequestState.SUSPENDED].tolist():
+            self.close(RequestId(handle))
 
     def fork(self, handle: RequestId, tokens: int) -> RequestId | None:
         """A new active cache sharing ``handle``'s first ``tokens`` committed tokens (full

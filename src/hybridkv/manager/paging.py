@@ -119,18 +119,18 @@ def net_slots(grouped: GroupedLayout, state: ActiveRows, deltas: list[GroupDelta
     n = len(grouped.pool_groups)
     fill, cache_only = [0] * n, [0] * n
     freed_slots: list[list[I32]] = [[] for _ in range(n)]
+    need = [0] * n
     for lg, d in zip(grouped.layer_groups, deltas, strict=True):
         fill[lg.pool_group] += int(d.grow.rows.size)
-        if d.free.rows.size:
+        need[lg.pool_group] += int(d.grow.rows.size)
+        if not allocators[lg.pool_group].shared:  # no page has two holders: every entry frees its page
+            need[lg.pool_group] -= int(d.free.rows.size)
+        elif d.free.rows.size:
             freed_slots[lg.pool_group].append(state.tables[lg.id][d.free.rows, d.free.cols])
-    need = list(fill)
     for g, parts in enumerate(freed_slots):
         if not parts:
             continue
         slots, alloc = np.concatenate(parts), allocators[g]
-        if not alloc.shared:  # no page has two holders: every entry frees its page
-            need[g] -= int(slots.size)
-            continue
         uniq, counts = np.unique(slots, return_counts=True)
         refs = alloc.references(uniq)
         need[g] -= int((refs == counts).sum())

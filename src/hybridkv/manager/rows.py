@@ -92,6 +92,24 @@ class ActiveRows:
         self._log_rows(row)
         return int(self.handle[row])
 
+    def remove_many(self, rows: I64) -> tuple[I64, I64]:
+        """Remove distinct ``rows`` at once: the surviving rows past the new end move into the
+        holes below it. Returns (handles that moved, their new rows)."""
+        new_n = self.n - rows.size
+        closing = np.zeros(self.n, np.bool_)
+        closing[rows] = True
+        holes = np.sort(rows[rows < new_n])
+        movers = np.flatnonzero(~closing[new_n:]) + new_n
+        arrays: list[I32 | I64] = [self.handle, self.capacity, self.history, self.committed,
+                                   self.priority, self.seq_lens, *self.tables]
+        arrays += [r for r in self.released if r is not None]
+        for arr in arrays:
+            arr[holes] = arr[movers]
+        self.n = new_n
+        for row in holes.tolist():
+            self._log_rows(row)
+        return self.handle[holes].copy(), holes
+
     def pages(self, row: int, layer_group: int) -> tuple[I64, I32]:
         """(block ordinals, slot ids) of the pages a row holds in one layer group."""
         t = self.tables[layer_group][row]

@@ -43,16 +43,31 @@ class Status(enum.Enum):
     REJECTED = "rejected"  # could never fit: refused at submission with ``reason``
 
 
+class Progress:
+    """Counters the scheduler updates for a whole batch at once (one NumPy operation per
+    step, not an attribute write per request), indexed by arrival order (``Tracked.seq``)."""
+
+    def __init__(self) -> None:
+        self.generated = np.zeros(1024, np.int64)
+
+    def reserve(self, seq: int) -> None:
+        if seq >= self.generated.size:
+            grown = np.zeros(max(2 * self.generated.size, seq + 1), np.int64)
+            grown[:self.generated.size] = self.generated
+            self.generated = grown
+
+
 @dataclass(slots=True)
 class Tracked:
-    """The scheduler's record of one request (cold path: touched on admission and exit)."""
+    """The scheduler's record of one request (cold path: touched on admission and exit);
+    ``generated`` lives in the scheduler's ``Progress`` arrays."""
 
     spec: SeqRequest
     seq: int  # arrival order: victims are chosen latest first, admission earliest first
+    progress: Progress = field(default_factory=Progress, repr=False, compare=False)
     status: Status = Status.WAITING
     handle: int | None = None
     prefill_target: int = 0  # tokens to prefill (prompt, plus outputs after a preemption)
-    generated: int = 0
     first_token_s: float | None = None
     finish_s: float | None = None
     preemptions: int = 0
@@ -60,3 +75,12 @@ class Tracked:
     reason: str = ""
     reservation: tuple[int, ...] = field(default=())
     chunk_limit: int = 0  # 0: the scheduler's prefill_chunk_tokens; else a smaller cap (no-evict)
+
+    @property
+    def generated(self) -> int:
+        """Output tokens so far."""
+        return int(self.progress.generated[self.seq])
+
+    @generated.setter
+    def generated(self, value: int) -> None:
+        self.progress.generated[self.seq] = value

@@ -26,7 +26,7 @@ from hybridkv.manager.step_tables import StepTables
 from hybridkv.scheduler.max_utilization import MaxUtilization
 from hybridkv.scheduler.no_evict import NoEvict
 from hybridkv.scheduler.policy import SchedulingPolicy
-from hybridkv.scheduler.request import SeqRequest, Status, Tracked
+from hybridkv.scheduler.request import Progress, SeqRequest, Status, Tracked
 from hybridkv.types import RequestId, Tier
 
 I64 = npt.NDArray[np.int64]
@@ -91,6 +91,8 @@ class Scheduler:
         self._target = np.zeros(0, np.int64)  # per handle: prefill target
         self._order = np.zeros(0, np.int64)  # per handle: arrival seq
         self._chunk = np.zeros(0, np.int64)  # per handle: prefill chunk cap
+        self._max_new = np.zeros(0, np.int64)  # per handle: max_new_tokens
+        self.progress = Progress()
         self.preemptions = self.suspensions = self.reused_tokens = 0
         self._resumed_now: set[int] = set()  # handles resumed by this step's admission
 
@@ -99,7 +101,8 @@ class Scheduler:
         """Queue a request, or refuse it now (status REJECTED, ``reason`` says why)."""
         if spec.request_id in self.requests:
             raise ConfigError(f"request id {spec.request_id} submitted twice")
-        t = Tracked(spec, self._seq, prefill_target=spec.prompt_tokens)
+        self.progress.reserve(self._seq)
+        t = Tracked(spec, self._seq, self.progress, prefill_target=spec.prompt_tokens)
         self._seq += 1
         self.requests[spec.request_id] = t
         t.reason = self._never_fits(spec)
@@ -323,6 +326,7 @@ class Scheduler:
             self.by_handle[t.handle] = t
             self._grow_handle_arrays(t.handle)
             self._target[t.handle], self._order[t.handle] = t.prefill_target, t.seq
+            self._max_new[t.handle] = t.spec.max_new_tokens
             self.policy.on_admit(self, t)
             self._chunk[t.handle] = t.chunk_limit or self.config.prefill_chunk_tokens
         t.status = Status.RUNNING
@@ -334,6 +338,7 @@ class Scheduler:
             self._target = np.resize(self._target, n)
             self._order = np.resize(self._order, n)
             self._chunk = np.resize(self._chunk, n)
+            self._max_new = np.resize(self._max_new, n)
 
     def _suspend_or_preempt(self, t: Tracked) -> None:
         """Free a victim's GPU pages: to a lower tier when one has room, else drop its KV
@@ -361,21 +366,30 @@ class Scheduler:
     # ---- after the engine ran the step ------------------------------------------------
     def complete(self, plan: StepPlan, now_s: float) -> list[Tracked]:
         """Record the step's outputs: a request whose computed tokens reach its prefill
-        target emits one token; those with max_new_tokens outputs finish (pages freed)."""
-        emitted = (plan.num_tokens > 0) & (plan.capacity >= self._target[plan.handles])
-        finished = []
+        target emits one token; those with max_new_tokens outputs finish (pages freed).
+        Vectorized over the batch; only requests with an event (first token, publish,
+        finish) are touched one by one."""
+        handles = plan.handles[(plan.num_tokens > 0) & (plan.capacity >= self._target[plan.handles])]
+        seqs = self._order[handles]
+        before = self.progress.generated[seqs]
+        last = before + 1 >= self._max_new[handles]
         prefix = self.manager.prefix
-        for handle in plan.handles[emitted].tolist():
-            t = self.by_handle[handle]
-            last = t.generated + 1 >= t.spec.max_new_tokens
-            if prefix is not None and t.spec.tokens is not None and (t.generated == 0 or last):
-                # publish the computed blocks: the prompt once prefilled, the whole exchange at the end
-                prefix.publish(RequestId(handle), t.spec.tokens, self.manager.lengths(RequestId(handle)).capacity)
-            t.generated += 1
-            if t.first_token_s is None:
-                t.first_token_s = now_s
-            if t.generated >= t.spec.max_new_tokens:
-                self._release(t)
-                t.status, t.finish_s = Status.FINISHED, now_s
-                finished.append(t)
+        if prefix is not None:
+            # publish the computed blocks: the prompt once prefilled, the whole exchange at the end
+            for i in np.flatnonzero((before == 0) | last).tolist():
+                t = self.by_handle[int(handles[i])]
+                if t.spec.tokens is not None:
+                    h = RequestId(int(handles[i]))
+                    prefix.publish(h, t.spec.tokens, self.manager.lengths(h).capacity)
+        self.progress.generated[seqs] = before + 1
+        for handle in handles[before == 0].tolist():
+            self.by_handle[handle].first_token_s = now_s
+        finished = [self.by_handle[h] for h in handles[last].tolist()]
+        if finished:
+            self.manager.close_many(handles[last])
+            for t in finished:
+                assert t.handle is not None
+                self.by_handle.pop(t.handle)
+                self.policy.on_exit(self, t)
+                t.handle, t.status, t.finish_s = None, Status.FINISHED, now_s
         return finished

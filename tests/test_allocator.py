@@ -192,3 +192,77 @@ def test_random_bulk_ops_against_a_set_model(num_slots: int, ops: list[tuple[boo
         assert a.num_in_use == len(held) and a.peak_in_use == peak
         if num_slots:
             assert set(np.flatnonzero(a.is_allocated(np.arange(num_slots))).tolist()) == held
+
+
+# ---- shared pages and pins ---------------------------------------------------------------
+
+
+def test_shared_page_dropped_twice_in_one_free_returns_to_the_pool() -> None:
+    """Two tables release one shared page in the same batched free: both references go
+    (regression: a fancy-index update applied a repeated id once and leaked the page)."""
+    a = SlotAllocator(4)
+    s = a.allocate(2)
+    assert s is not None
+    a.retain(s)  # both pages shared by two tables
+    a.free(np.concatenate([s, s]), distinct=True)  # the caller's hint cannot hold once pages are shared
+    assert a.num_free == 4 and a.references(s).tolist() == [0, 0]
+    a.check_invariants()
+
+
+def test_reclaimable_count_is_exact_across_retain_free_pin_unpin() -> None:
+    a = SlotAllocator(6)
+    s = a.allocate(3)
+    assert s is not None
+    a.pin(s[:2])  # the cache pins two pages a request holds: refs 2, not reclaimable
+    assert (a.num_pinned, a.num_reclaimable) == (2, 0)
+    a.retain(s[:1])  # a second request shares page 0: refs 3
+    a.free(np.array([s[0], s[0], s[1]]))  # both requests drop page 0, the first drops page 1
+    assert (a.num_reclaimable, sorted(a.drain_reclaimed().tolist())) == (2, sorted(s[:2].tolist()))
+    assert a.drain_reclaimed().size == 0
+    a.retain(s[:1])  # a hit takes page 0 again
+    assert a.num_reclaimable == 1 and a.reclaimable_slots().tolist() == [int(s[1])]
+    with pytest.raises(UsageError):  # the pin is the last reference: only unpin may drop it
+        a.free(s[1:2])
+    assert a.num_reclaimable == 1
+    a.unpin(s[1:2])
+    assert (a.num_pinned, a.num_reclaimable, a.num_free) == (1, 0, 4)
+    fresh = a.allocate(1)
+    assert fresh is not None
+    a.pin(fresh, retain=False)  # the allocation itself becomes the pin: reclaimable at once
+    assert a.num_reclaimable == 1 and a.drain_reclaimed().tolist() == fresh.tolist()
+    with pytest.raises(UsageError):
+        a.pin(fresh)  # already pinned
+    with pytest.raises(UsageError):
+        a.unpin(s[2:3])  # never pinned
+    a.check_invariants()
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["alloc", "retain", "free", "pin", "unpin"]), st.integers(0, 7),
+                              st.integers(1, 3)), max_size=60))
+def test_random_pins_keep_the_reclaimable_count_exact(ops: list[tuple[str, int, int]]) -> None:
+    """A plain model (reference counts and a pinned set) against the allocator's counters."""
+    a, refs, pinned = SlotAllocator(8), [0] * 8, set()
+    for op, slot, times in ops:
+        ok = refs[slot] > 0
+        if op == "alloc" and a.num_free:
+            got = a.allocate(1)
+            assert got is not None
+            refs[int(got[0])] = 1
+        elif op == "retain" and ok:
+            a.retain([slot] * times)
+            refs[slot] += times
+        elif op == "free" and ok and refs[slot] - times >= (1 if slot in pinned else 0):
+            a.free([slot] * times)
+            refs[slot] -= times
+        elif op == "pin" and ok and slot not in pinned:
+            a.pin([slot])
+            refs[slot] += 1
+            pinned.add(slot)
+        elif op == "unpin" and slot in pinned:
+            a.unpin([slot])
+            refs[slot] -= 1
+            pinned.discard(slot)
+        a.check_invariants()
+        assert a.num_reclaimable == sum(1 for s in pinned if refs[s] == 1)
+        assert a.references(np.arange(8)).tolist() == refs

@@ -686,3 +686,46 @@ def test_offload_from_cuda_to_pinned_host_keeps_every_byte() -> None:
         fake.verify()
     finally:
         m.close_storage()
+
+
+# ---- batched close and the step check ------------------------------------------------------
+
+
+def test_close_many_frees_every_page_and_keeps_rows_dense(managers: Callable[..., KVCacheManager]) -> None:
+    m = managers(MIX, 4 * MIX_BYTES, batch=5, max_active=6)
+    fake = FakeEngine(m)
+    hs = [m.open() for _ in range(5)]
+    ok(fake, hs, [5, 9, 3, 12, 7], [0, 0, 0, 0, 0])
+    m.suspend(hs[4])  # a suspended cache closes in the same call
+    survivors_before = {h: [row(m, h, g) for g in range(3)] for h in (hs[1], hs[3])}
+    in_use = gpu_in_use(m)
+    freed = [int(live_blocks(lc, c, 0, 4)) for lc in (FULL, W8) for c in (5, 3, 7)]
+    m.close_many([hs[0], hs[2], hs[4]])
+    assert [m.state(h) for h in hs] == [RequestState.CLOSED, RequestState.ACTIVE, RequestState.CLOSED,
+                                        RequestState.ACTIVE, RequestState.CLOSED]
+    assert m.active_handles().tolist() in ([hs[3], hs[1]], [hs[1], hs[3]]) and m.rows.n == 2
+    assert {h: [row(m, h, g) for g in range(3)] for h in (hs[1], hs[3])} == survivors_before
+    gpu_after = gpu_in_use(m)
+    assert gpu_after == [in_use[0] - sum(freed), in_use[1] - 3]
+    m.check_invariants()
+    fake.verify()
+    before = snapshot(m)
+    for bad in ([hs[1], hs[1]], [hs[0]], [99], [hs[1], -1]):
+        with pytest.raises(UsageError):
+            m.close_many(bad)
+        assert snapshot(m) == before
+
+
+def test_shortfall_answers_what_step_does(managers: Callable[..., KVCacheManager]) -> None:
+    """``shortfall`` changes nothing and is zero exactly when the same step succeeds."""
+    m = managers(MIX, MIX_BYTES, batch=2)
+    fake = FakeEngine(m)
+    a, b = fill_mix(m, fake)  # pool group 0 full
+    before = snapshot(m)
+    assert m.shortfall([a, b], [13, 10], [12, 9]) == [2, 0]  # each crosses into a new block
+    assert snapshot(m) == before
+    assert m.step([a, b], [13, 10], [12, 9]) is None
+    assert m.shortfall([a], [12], [12]) == [0, 0]
+    assert m.step([a], [12], [12]) is not None
+    with pytest.raises(UsageError):
+        m.shortfall([a], [40], [12])  # beyond max_seq_len: misuse, as in step

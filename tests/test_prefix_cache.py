@@ -197,3 +197,54 @@ def test_kv_events_through_the_manager() -> None:
     removed = [ev for ev in queue.drain().events if isinstance(ev, BlockRemoved)]
     assert sum(len(ev.keys) for ev in removed) == 3
     m.check_invariants()
+
+
+def test_eviction_takes_cache_only_pages_in_the_index_order() -> None:
+    """The incremental heaps give the same victims as sorting every cache-only entry (the
+    index's ``evictable`` order filtered by 'only the cache holds the page')."""
+    m, e = setup((FULL, WINDOW), gpu_slots=120)
+    handles = [run(m, e, tokens(18 + 3 * i, seed=i))[0] for i in range(6)]
+    for h in handles[:4]:
+        m.close(h)  # their pages are now the cache's alone; handles 4, 5 still hold theirs
+    assert m.prefix is not None
+    again = e.open_with_prefix(tokens(18, seed=0))  # a hit on request 0 touches its entries
+    assert again is not None
+    m.close(again[0])
+    m.check_invariants()
+    gpu = m.tiers.allocators[Tier.GPU]
+    pool_of = [lg.pool_group for lg in m.grouped.layer_groups]
+    expected = [(int(x.layer_group), int(x.ordinal), x.key) for x in m.prefix.index.evictable(Tier.GPU)
+                if gpu[pool_of[x.layer_group]].references([x.slot])[0] == 1]
+    assert len(expected) == sum(m.prefix.reclaimable()) > 10
+    before = {(int(x.layer_group), x.key) for x in m.prefix.index.entries()}
+    k = 7
+    freed = m.prefix.evict([k] * len(m.grouped.pool_groups))
+    after = {(int(x.layer_group), x.key) for x in m.prefix.index.entries()}
+    gone = before - after
+    for pg in range(len(m.grouped.pool_groups)):
+        mine = [(g, key) for g, _, key in expected if pool_of[g] == pg][:k]
+        assert freed[pg] == len(mine)
+        assert {x for x in gone if pool_of[x[0]] == pg} == set(mine)
+    m.check_invariants()
+    e.verify()
+
+
+def test_reclaimable_is_exact_after_every_operation_with_a_host_tier() -> None:
+    """``reclaimable`` (O(1) counters) equals a recount over the index after every step."""
+    m, e = setup((FULL, WINDOW), gpu_slots=40, host_slots=12)
+    assert m.prefix is not None
+    gpu = m.tiers.allocators[Tier.GPU]
+    pool_of = [lg.pool_group for lg in m.grouped.layer_groups]
+    for i in range(12):
+        h, _ = run(m, e, tokens(20 + i, seed=i % 4))
+        if i % 3:
+            m.close(h)
+        else:
+            m.suspend(h)
+        recount = [0] * len(m.grouped.pool_groups)
+        groups, slots = m.prefix.index.located(Tier.GPU)
+        for g, s in zip(groups.tolist(), slots.tolist(), strict=True):
+            recount[pool_of[g]] += int(gpu[pool_of[g]].references([s])[0] == 1)
+        assert m.prefix.reclaimable() == recount
+        m.check_invariants()
+        e.verify()

@@ -354,7 +354,8 @@ def scenarios(draw: st.DrawFn) -> tuple[PlanSpec, WorkloadSpec, SimConfig]:
     policy = draw(st.sampled_from(["max-utilization", "no-evict"]))
     chunk = draw(st.sampled_from([1, 3, tpb, 2048]))
     config = SimConfig(policy=policy, check=True,
-                       token_budget=max(batch, draw(st.sampled_from([batch, 16, 8192]))), prefill_chunk_tokens=chunk)
+                       token_budget=max(batch, draw(st.sampled_from([batch, 16, 8192]))), prefill_chunk_tokens=chunk,
+                       prefix_caching=draw(st.booleans()))  # liveness must hold with cached pages too
     return spec, wl, config
 
 

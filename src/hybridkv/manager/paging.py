@@ -30,13 +30,30 @@ class Coords(NamedTuple):
     cols: I64
 
 
+class Span(NamedTuple):
+    """Per row, the block range ``[start, stop)`` that went stale this step (rows with none
+    are left out). Kept as ranges, not expanded entries: after a long prefill a decode step
+    releases most of every window table at once, and the ranges are freed with slices."""
+
+    rows: I64
+    start: I64
+    stop: I64
+
+    @property
+    def count(self) -> int:
+        return int((self.stop - self.start).sum())
+
+    def coords(self) -> Coords:
+        return expand(self.rows, self.start, self.stop - self.start)
+
+
 class GroupDelta(NamedTuple):
-    """One layer group's change: entries to free, entries to fill, new stale stops."""
+    """One layer group's change: entries to free (a shrunk tail, an SSM state), entries to
+    fill, and the stale ranges to release (which also set the rows' new stale stops)."""
 
     free: Coords
     grow: Coords
-    released_rows: I64
-    released_stop: I64
+    stale: Span
 
 
 def expand(rows: I64, start: I64, count: I64) -> Coords:
@@ -52,6 +69,7 @@ def expand(rows: I64, start: I64, count: I64) -> Coords:
 
 
 _NONE = Coords(_EMPTY, _EMPTY)
+_NO_SPAN = Span(_EMPTY, _EMPTY, _EMPTY)
 
 
 def _tail_changes(rows: I64, tot_old: I64, tot_new: I64) -> tuple[Coords, Coords]:
@@ -81,21 +99,19 @@ def plan_step(grouped: GroupedLayout, state: ActiveRows, rows: I64, c_new: I64, 
         lc = lg.life_cycle
         rel = state.released[g]
         if lc.is_ssm:
-            out.append(GroupDelta(ssm[1], ssm[0], _EMPTY, _EMPTY))
+            out.append(GroupDelta(ssm[1], ssm[0], _NO_SPAN))
             continue
         if rel is None:  # full attention: only the tail moves
-            out.append(GroupDelta(shrink_all, grow_all, _EMPTY, _EMPTY))
+            out.append(GroupDelta(shrink_all, grow_all, _NO_SPAN))
             continue
         stop = keep_start(lc, h_new) // tpb
-        gain = stop - rel[rows]
+        start = rel[rows]
+        gain = stop - start
         if int(gain.max(initial=0)) <= 0:  # no block went stale this step
-            out.append(GroupDelta(shrink_all, grow_all, _EMPTY, _EMPTY))
+            out.append(GroupDelta(shrink_all, grow_all, _NO_SPAN))
             continue
-        stale = expand(rows, rel[rows], gain)
-        moved = np.flatnonzero(gain > 0)
-        free = stale if shrink_all.rows.size == 0 else Coords(
-            np.concatenate([stale.rows, shrink_all.rows]), np.concatenate([stale.cols, shrink_all.cols]))
-        out.append(GroupDelta(free, grow_all, rows[moved], stop[moved]))
+        moved = np.flatnonzero(gain > 0)  # stale blocks lie below the (new) tail: no overlap
+        out.append(GroupDelta(shrink_all, grow_all, Span(rows[moved], start[moved], stop[moved])))
     return out
 
 
@@ -124,9 +140,11 @@ def net_slots(grouped: GroupedLayout, state: ActiveRows, deltas: list[GroupDelta
         fill[lg.pool_group] += int(d.grow.rows.size)
         need[lg.pool_group] += int(d.grow.rows.size)
         if not allocators[lg.pool_group].shared:  # no page has two holders: every entry frees its page
-            need[lg.pool_group] -= int(d.free.rows.size)
-        elif d.free.rows.size:
-            freed_slots[lg.pool_group].append(state.tables[lg.id][d.free.rows, d.free.cols])
+            need[lg.pool_group] -= int(d.free.rows.size) + d.stale.count
+            continue
+        for c in (d.free, d.stale.coords()):
+            if c.rows.size:
+                freed_slots[lg.pool_group].append(state.tables[lg.id][c.rows, c.cols])
     for g, parts in enumerate(freed_slots):
         if not parts:
             continue
@@ -143,14 +161,49 @@ def apply_frees(grouped: GroupedLayout, state: ActiveRows, deltas: list[GroupDel
     """Drop the step's stale and shrunk entries (one free per pool group: repeats counted)."""
     per_pool: list[list[I32]] = [[] for _ in grouped.pool_groups]
     for lg, d in zip(grouped.layer_groups, deltas, strict=True):
+        table = state.tables[lg.id]
         if d.free.rows.size:
-            table = state.tables[lg.id]
             per_pool[lg.pool_group].append(table[d.free.rows, d.free.cols])
             table[d.free.rows, d.free.cols] = NULL_SLOT
             state.record(lg.id, d.free.rows, d.free.cols, np.full(d.free.rows.size, NULL_SLOT, np.int32))
+        if d.stale.rows.size:
+            per_pool[lg.pool_group].append(_release_span(state, lg.id, d.stale))
     for g, parts in enumerate(per_pool):
         if parts:
-            allocators[g].free(np.concatenate(parts), distinct=True)
+            allocators[g].free(np.concatenate(parts), distinct=True, trusted=True)
+
+
+def _release_span(state: ActiveRows, layer_group: int, span: Span) -> I32:
+    """NULL the stale ranges of one layer group's table; returns the slots they held. When the
+    ranges fill most of the rectangle they span (the step after long prefills), a mask over
+    that rectangle does it with a few contiguous passes (a slice view when the batch is the
+    active rows in order); otherwise the entries are addressed one by one."""
+    table = state.tables[layer_group]
+    lo, hi = int(span.start.min()), int(span.stop.max())
+    n = span.rows.size
+    if n * (hi - lo) > 2 * span.count:  # sparse: ordinary fancy indexing
+        c = span.coords()
+        slots: I32 = table[c.rows, c.cols]
+        table[c.rows, c.cols] = NULL_SLOT
+        state.record(layer_group, c.rows, c.cols, np.full(c.rows.size, NULL_SLOT, np.int32))
+        return slots
+    in_order = n == state.n and int(span.rows[0]) == 0 and bool((np.diff(span.rows) == 1).all())
+    block = table[:n, lo:hi] if in_order else table[span.rows, lo:hi]
+    if n * (hi - lo) == span.count:  # every row releases the same range: the whole rectangle
+        mask = np.ones(block.shape, np.bool_)
+        slots = block.flatten()  # a copy, before the block is overwritten
+        block[...] = NULL_SLOT
+    else:
+        cols = np.arange(lo, hi, dtype=np.int64)
+        mask = (cols >= span.start[:, None]) & (cols < span.stop[:, None])
+        slots = block[mask]
+        block[mask] = NULL_SLOT
+    if not in_order:
+        table[span.rows, lo:hi] = block
+    if state.log is not None:
+        r, k = np.nonzero(mask)
+        state.record(layer_group, span.rows[r], k + lo, np.full(r.size, NULL_SLOT, np.int32))
+    return slots
 
 
 def apply_grows(grouped: GroupedLayout, state: ActiveRows, deltas: list[GroupDelta],
@@ -164,5 +217,5 @@ def apply_grows(grouped: GroupedLayout, state: ActiveRows, deltas: list[GroupDel
             state.tables[lg.id][d.grow.rows, d.grow.cols] = slots
             state.record(lg.id, d.grow.rows, d.grow.cols, slots)
         rel = state.released[lg.id]
-        if rel is not None and d.released_rows.size:
-            rel[d.released_rows] = d.released_stop
+        if rel is not None and d.stale.rows.size:
+            rel[d.stale.rows] = d.stale.stop

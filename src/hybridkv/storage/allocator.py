@@ -89,16 +89,19 @@ class SlotAllocator:
         np.add.at(self._refs, arr, 1)
         self._shared = True
 
-    def free(self, ids: npt.ArrayLike, distinct: bool = False) -> None:
+    def free(self, ids: npt.ArrayLike, distinct: bool = False, trusted: bool = False) -> None:
         """Drop one reference per id (repeats drop several); slots left with none return to
         the pool. UsageError (nothing changed) if an id is not allocated or is dropped more
         times than it is held. ``distinct=True``: the caller guarantees no repeats (block-table
         entries of one request), which skips the sort while no slot is shared; once slots are
-        shared, several tables can name one page and repeats are always counted."""
+        shared, several tables can name one page and repeats are always counted.
+        ``trusted=True``: the ids come from the manager's own block tables, which
+        ``check_invariants`` proves are held; the hot path skips re-checking them."""
         arr = np.asarray(ids, dtype=np.int32).ravel()
         if arr.size == 0:
             return
-        self._check_held(arr)
+        if not trusted:
+            self._check_held(arr)
         uniq: npt.NDArray[np.int32] = arr
         counts: npt.NDArray[np.int64] = np.ones(1, np.int64)
         if arr.size > 1 and (self._shared or not distinct):

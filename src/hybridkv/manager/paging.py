@@ -40,7 +40,7 @@ class Span(NamedTuple):
     stop: I64
 
     @property
-    def count(self) -> int:
+    def num_blocks(self) -> int:
         return int((self.stop - self.start).sum())
 
     def coords(self) -> Coords:
@@ -140,7 +140,7 @@ def net_slots(grouped: GroupedLayout, state: ActiveRows, deltas: list[GroupDelta
         fill[lg.pool_group] += int(d.grow.rows.size)
         need[lg.pool_group] += int(d.grow.rows.size)
         if not allocators[lg.pool_group].shared:  # no page has two holders: every entry frees its page
-            need[lg.pool_group] -= int(d.free.rows.size) + d.stale.count
+            need[lg.pool_group] -= int(d.free.rows.size) + d.stale.num_blocks
             continue
         for c in (d.free, d.stale.coords()):
             if c.rows.size:
@@ -181,7 +181,7 @@ def _release_span(state: ActiveRows, layer_group: int, span: Span) -> I32:
     table = state.tables[layer_group]
     lo, hi = int(span.start.min()), int(span.stop.max())
     n = span.rows.size
-    if n * (hi - lo) > 2 * span.count:  # sparse: ordinary fancy indexing
+    if n * (hi - lo) > 2 * span.num_blocks:  # sparse: ordinary fancy indexing
         c = span.coords()
         slots: I32 = table[c.rows, c.cols]
         table[c.rows, c.cols] = NULL_SLOT
@@ -189,7 +189,7 @@ def _release_span(state: ActiveRows, layer_group: int, span: Span) -> I32:
         return slots
     in_order = n == state.n and int(span.rows[0]) == 0 and bool((np.diff(span.rows) == 1).all())
     block = table[:n, lo:hi] if in_order else table[span.rows, lo:hi]
-    if n * (hi - lo) == span.count:  # every row releases the same range: the whole rectangle
+    if n * (hi - lo) == span.num_blocks:  # every row releases the same range: the whole rectangle
         mask = np.ones(block.shape, np.bool_)
         slots = block.flatten()  # a copy, before the block is overwritten
         block[...] = NULL_SLOT

@@ -88,12 +88,14 @@ class PrefixCache:
         """Tokens a new request with this prompt would reuse (nothing changes)."""
         return self.index.probe(self._usable(self.keys(tokens), tokens), self.lcs, self.m.tokens_per_block).tokens
 
-    def hit(self, tokens: npt.ArrayLike) -> PrefixHit:
+    def hit(self, tokens: npt.ArrayLike, keys: list[bytes] | None = None) -> PrefixHit:
         """What ``open(tokens)`` would reuse now: tokens, and per pool group the matched pages
         a running cache already holds (they cost the new request no slot). Matched pages only
         the cache holds are not among them: admission already counts them as free room
-        (``reclaimable``), so the new request takes them like free slots. Changes nothing."""
-        keys = self._usable(self.keys(tokens), tokens)
+        (``reclaimable``), so the new request takes them like free slots. ``keys``: this
+        prompt's ``keys(tokens)`` if already computed (a request waiting several steps hashes
+        its prompt once). Changes nothing."""
+        keys = self._usable(self.keys(tokens) if keys is None else keys, tokens)
         match = self.index.probe(keys, self.lcs, self.m.tokens_per_block)
         gpu = self.m.tiers.allocators[Tier.GPU]
         shared = [0] * len(self.m.grouped.pool_groups)
@@ -162,15 +164,17 @@ class PrefixCache:
         return rows.reshape(ords.size, tpb)
 
     # ---- reuse ---------------------------------------------------------------------------
-    def open(self, tokens: npt.ArrayLike, priority: int = 0) -> tuple[RequestId, int] | None:
+    def open(self, tokens: npt.ArrayLike, priority: int = 0,
+             keys: list[bytes] | None = None) -> tuple[RequestId, int] | None:
         """A new active cache for a prompt, starting at the longest cached prefix: (handle,
         reused tokens); capacity = history = committed = reused. None (nothing changed) when
-        no row or no slots for the pages that must be brought back or copied."""
+        no row or no slots for the pages that must be brought back or copied. ``keys``: as in
+        ``hit``."""
         m, tpb = self.m, self.m.tokens_per_block
         if m.rows.n == m.rows.max_rows:
             return None
         tok = np.asarray(tokens)
-        keys = self._usable(self.keys(tok), tok)
+        keys = self._usable(self.keys(tok) if keys is None else keys, tok)
         match = self.index.probe(keys, self.lcs, tpb)
         need = [0] * len(m.grouped.pool_groups)
         for lg, mb in zip(m.grouped.layer_groups, match.per_group, strict=True):

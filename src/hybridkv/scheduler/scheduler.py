@@ -95,6 +95,7 @@ class Scheduler:
         self.progress = Progress()
         self.preemptions = self.suspensions = self.reused_tokens = 0
         self._resumed_now: set[int] = set()  # handles resumed by this step's admission
+        self._keys: dict[int, list[bytes]] = {}  # request id -> block keys of its prompt (while waiting)
 
     # ---- submission -------------------------------------------------------------------
     def submit(self, spec: SeqRequest) -> Tracked:
@@ -298,8 +299,17 @@ class Scheduler:
         others are reclaimable pages, already counted as free, or on a lower tier)."""
         if self.manager.prefix is None or t.spec.tokens is None:
             return 0, (0,) * len(self.slots)
-        hit = self.manager.prefix.hit(t.spec.tokens[:t.prefill_target])
+        hit = self.manager.prefix.hit(t.spec.tokens[:t.prefill_target], self._prompt_keys(t))
         return hit.tokens, hit.shared_pages
+
+    def _prompt_keys(self, t: Tracked) -> list[bytes]:
+        """Block keys of the prompt to prefill, hashed once per prefill target (a waiting head
+        is probed every step)."""
+        assert self.manager.prefix is not None and t.spec.tokens is not None
+        keys = self._keys.get(t.spec.request_id)
+        if keys is None or len(keys) != t.prefill_target // self.manager.tokens_per_block:
+            keys = self._keys[t.spec.request_id] = self.manager.prefix.keys(t.spec.tokens[:t.prefill_target])
+        return keys
 
     def _activate(self, t: Tracked, reused: int = 0) -> bool:
         """Make ``t`` active: resume it, or open a cache (at ``reused`` cached tokens)."""
@@ -311,7 +321,7 @@ class Scheduler:
         else:
             if reused:
                 assert m.prefix is not None and t.spec.tokens is not None
-                opened = m.prefix.open(t.spec.tokens[:t.prefill_target], t.spec.priority)
+                opened = m.prefix.open(t.spec.tokens[:t.prefill_target], t.spec.priority, self._prompt_keys(t))
                 if opened is None or opened[1] != reused:
                     if opened is not None:
                         m.close(opened[0])
@@ -329,6 +339,7 @@ class Scheduler:
             self._max_new[t.handle] = t.spec.max_new_tokens
             self.policy.on_admit(self, t)
             self._chunk[t.handle] = t.chunk_limit or self.config.prefill_chunk_tokens
+        self._keys.pop(t.spec.request_id, None)  # admitted: not probed again
         t.status = Status.RUNNING
         return True
 

@@ -248,3 +248,27 @@ def test_reclaimable_is_exact_after_every_operation_with_a_host_tier() -> None:
         assert m.prefix.reclaimable() == recount
         m.check_invariants()
         e.verify()
+
+
+def test_suspended_cache_takes_the_host_room_of_cached_pages_nobody_uses() -> None:
+    """The host tier full of offloaded cached pages still takes a suspended request: its pages
+    are worth more than a prefix nobody uses, which is dropped (eviction order) to make room."""
+    m, e = setup((FULL,), gpu_slots=12, host_slots=6)
+    assert m.prefix is not None
+    for seed in range(4):  # 4 x 5 published pages through a 12-slot GPU: the host fills with cached pages
+        h, _ = run(m, e, tokens(22, seed=seed))
+        m.close(h)
+    host = m.tiers.allocators[Tier.HOST][0]
+    assert host.num_free == 0 and m.prefix.lower_room(Tier.HOST) == [6]
+    s = e.open_with_prefix(tokens(17, seed=99))
+    assert s is not None
+    assert e.step([s[0]], [17], [0])
+    m.suspend(s[0])
+    before = len(m.prefix.index)
+    assert m.offload(s[0], Tier.HOST)  # 5 pages: 5 cached host pages dropped
+    assert m.suspended[s[0]].tier is Tier.HOST and len(m.prefix.index) == before - 5
+    assert host.num_free == 0 and m.prefix.lower_room(Tier.HOST) == [1]
+    m.check_invariants()
+    e.verify()
+    assert m.resume(s[0])
+    e.verify()

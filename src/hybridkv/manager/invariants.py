@@ -31,7 +31,8 @@ def _check_ownership(m: KVCacheManager) -> None:
             pg = m.grouped.layer_groups[e.layer_group].pool_group
             owned[(e.tier, pg)].append(np.array([e.slot], np.int32))
             pinned[(e.tier, pg)].append(e.slot)
-        m.prefix.pins.check()
+        for pins in m.prefix.pins_on.values():
+            pins.check()
     for (tier, g), parts in owned.items():
         alloc = m.tiers.allocators[tier][g]
         alloc.check_invariants()

@@ -249,10 +249,10 @@ class KVCacheManager:
         cache = self.suspended[handle]
         if cache.tier is tier:
             return True
-        free = self.tiers.free_slots(tier)
-        if any(n > f for n, f in zip(self._pages_per_pool(cache), free, strict=True)):
+        room = moves.lower_room(self, tier)
+        if any(n > f for n, f in zip(self._pages_per_pool(cache), room, strict=True)):
             return False
-        self._move(cache, tier)
+        moves.move_down(self, cache, tier)
         return True
 
     def commit(self, handle: RequestId, tokens: int) -> None:

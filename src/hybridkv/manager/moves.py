@@ -66,8 +66,25 @@ def plan_room(m: KVCacheManager, deficit: list[int], exclude: int | None = None,
 
 def apply_moves(m: KVCacheManager, room: RoomPlan) -> None:
     for victim, tier in room.victims:
-        move(m, victim, tier)
+        move_down(m, victim, tier)
         m.counters.evictions += 1
+
+
+def lower_room(m: KVCacheManager, tier: Tier) -> list[int]:
+    """Slots per pool group a suspended cache moving down to ``tier`` may use: free ones, and
+    those the prefix cache holds there for pages nobody uses (dropped to make the room)."""
+    free = m.tiers.free_slots(tier)
+    if m.prefix is None:
+        return free
+    return [f + r for f, r in zip(free, m.prefix.lower_room(tier), strict=True)]
+
+
+def move_down(m: KVCacheManager, cache: SuspendedCache, dst: Tier) -> None:
+    """Move a suspended cache to a lower tier, dropping cached pages there if it needs their
+    room (the caller checked ``lower_room``)."""
+    if m.prefix is not None:
+        m.prefix.drop_lower(dst, pages_per_pool(m, cache))
+    move(m, cache, dst)
 
 
 def evict_cached(m: KVCacheManager, need: list[int], keep: list[bytes] | None = None) -> None:
@@ -97,7 +114,7 @@ def plan_suspended(m: KVCacheManager, deficit: list[int],
     if all(d <= 0 for d in deficit):
         return []
     lower = (Tier.HOST, Tier.DISK)
-    free = {t: m.tiers.free_slots(t) for t in lower}
+    free = {t: lower_room(m, t) for t in lower}
     remaining, victims = list(deficit), []
     candidates = (c for c in m.suspended.values() if c.tier is Tier.GPU and c.handle != exclude)
     for cache in m.policy.order(candidates):

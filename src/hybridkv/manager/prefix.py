@@ -78,8 +78,9 @@ class PrefixCache:
                                                           if not (lc.is_full or lc.is_ssm)])
         self.offload_to_host = offload_to_host
         self.stats = PrefixStats(len(m.grouped.layer_groups))
-        self.pins = PinnedPages(self.index, m.tiers.allocators[Tier.GPU],
-                                [lg.pool_group for lg in m.grouped.layer_groups])
+        pool_of_group = [int(lg.pool_group) for lg in m.grouped.layer_groups]
+        self.pins_on = {t: PinnedPages(self.index, t, m.tiers.allocators[t], pool_of_group) for t in Tier}
+        self.pins = self.pins_on[Tier.GPU]
 
     def keys(self, tokens: npt.ArrayLike) -> list[bytes]:
         return list(block_keys(tokens, self.m.tokens_per_block, self.scope))
@@ -207,7 +208,9 @@ class PrefixCache:
             released = max(m.rows.first_stale[lg.id], int(keep_start(lg.life_cycle, L)) // tpb)
             m.rows.set_pages(row, lg.id, mb.ordinals, slots.astype(np.int32), released)
         m.tiers.copy_engine.wait_for_copies()
-        self.pins.touched(self.index.touch(keys[:L // tpb]))
+        touched = self.index.touch(keys[:L // tpb])
+        for pins in self.pins_on.values():
+            pins.touched(touched)
         self.stats.reused_tokens += L
         return handle, L
 
@@ -222,19 +225,20 @@ class PrefixCache:
             sel = lower[tiers[lower] == tier]
             refs = [EntryRef(keys[int(o)], LayerGroupId(group)) for o in ords[sel]]
             rows = self.index.rows_of([r.key for r in refs], group)
-            new = self._move_pages(tier, Tier.GPU, pg, slots[sel])
+            new = self._move_pages(tier, Tier.GPU, pg, slots[sel], rows)
             self.index.move(refs, Tier.GPU, new)
-            self.pins.placed(pg, new, rows)
             out[sel] = new
         return out
 
-    def _move_pages(self, src: Tier, dst: Tier, pool_group: int, slots: I64) -> I64:
-        """Move pinned pages between tiers: the pin travels with the page."""
+    def _move_pages(self, src: Tier, dst: Tier, pool_group: int, slots: I64, rows: I64) -> I64:
+        """Move pinned pages (of index ``rows``) between tiers: the pin travels with the page."""
         tiers = self.m.tiers
+        self.pins_on[src].left(pool_group, slots)
         tiers.allocators[src][pool_group].unpin(slots, free=False)
         per_pool = [np.zeros(0, np.int32) for _ in self.m.grouped.pool_groups]
         per_pool[pool_group] = slots.astype(np.int32)
         moved: I64 = tiers.move(src, dst, per_pool)[pool_group].astype(np.int64)
+        self.pins_on[dst].placed(pool_group, moved, rows)
         tiers.allocators[dst][pool_group].pin(moved, retain=False)
         return moved
 
@@ -254,22 +258,38 @@ class PrefixCache:
         freed = [0] * len(deficit)
         keep_set = set(keep or ())
         host_free = self.m.tiers.free_slots(Tier.HOST)
-        gpu = self.m.tiers.allocators[Tier.GPU]
         for pg, want in enumerate(deficit):
             if want <= 0:
                 continue
             victims = self.pins.take(pg, want, keep_set)
             rows = np.array([r for r, _ in victims], np.int64)
             slots = np.array([s for _, s in victims], np.int64)
-            self.pins.left(pg, slots)
             refs = [self.index.ref_at(int(r)) for r in rows.tolist()]
             up = min(host_free[pg], rows.size) if self.offload_to_host else 0
             if up:
-                self.index.move(refs[:up], Tier.HOST, self._move_pages(Tier.GPU, Tier.HOST, pg, slots[:up]))
+                moved = self._move_pages(Tier.GPU, Tier.HOST, pg, slots[:up], rows[:up])
+                self.index.move(refs[:up], Tier.HOST, moved)
                 self.stats.offloaded_pages += up
             if rows.size > up:
-                self.index.remove(refs[up:])
-                gpu[pg].unpin(slots[up:])
-                self.stats.evicted_pages += rows.size - up
+                self._drop(Tier.GPU, pg, refs[up:], slots[up:])
             freed[pg] = int(rows.size)
         return freed
+
+    def lower_room(self, tier: Tier) -> list[int]:
+        """Per pool group, slots of a lower tier its cached pages could give up: O(1)."""
+        return self.pins_on[tier].reclaimable()
+
+    def drop_lower(self, tier: Tier, need: list[int]) -> None:
+        """Drop cached pages on a lower tier (eviction order) until ``need`` slots per pool
+        group are free there, to make room for a suspended cache moving down."""
+        for pg, (n, f) in enumerate(zip(need, self.m.tiers.free_slots(tier), strict=True)):
+            if n > f:
+                victims = self.pins_on[tier].take(pg, n - f, set())
+                refs = [self.index.ref_at(r) for r, _ in victims]
+                self._drop(tier, pg, refs, np.array([s for _, s in victims], np.int64))
+
+    def _drop(self, tier: Tier, pool_group: int, refs: list[EntryRef], slots: I64) -> None:
+        self.pins_on[tier].left(pool_group, slots)
+        self.index.remove(refs)
+        self.m.tiers.allocators[tier][pool_group].unpin(slots)
+        self.stats.evicted_pages += len(refs)

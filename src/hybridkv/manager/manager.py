@@ -37,15 +37,16 @@ _NOT_ACTIVE = -1
 
 @dataclass(frozen=True)
 class ManagerConfig:
-    """Runtime settings besides the plan: how many caches may be active, the eviction
+    """Runtime settings besides the plan: how many caches may be active (default: the plan's
+    ``max_batch_size``, the concurrency its guarantees were computed for), the eviction
     policy by name, and where each tier's bytes live."""
 
-    max_active_requests: int = 1024
+    max_active_requests: int | None = None
     eviction_policy: str = "priority-lru"
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
-        if self.max_active_requests < 1:
+        if self.max_active_requests is not None and self.max_active_requests < 1:
             raise ConfigError(f"max_active_requests must be >= 1, got {self.max_active_requests}")
         if self.eviction_policy not in POLICIES:
             raise ConfigError(f"unknown eviction_policy {self.eviction_policy!r}; use one of {sorted(POLICIES)}")
@@ -83,7 +84,8 @@ class KVCacheManager:
         self.grouped = plan.grouped
         self.tokens_per_block = plan.spec.tokens_per_block
         self.max_seq_len = plan.spec.max_seq_len
-        self.rows = ActiveRows(self.grouped, self.config.max_active_requests, self.max_seq_len)
+        self.max_active_requests = self.config.max_active_requests or plan.spec.max_batch_size
+        self.rows = ActiveRows(self.grouped, self.max_active_requests, self.max_seq_len)
         self.tiers = TierPools(plan, self.config.storage)
         self.policy = POLICIES[self.config.eviction_policy]()
         self.counters = Counters()
@@ -92,7 +94,7 @@ class KVCacheManager:
         self._row = np.full(1024, _NOT_ACTIVE, np.int64)
         self._num_handles = 0
         self._clock = 0
-        self._mark = np.zeros(self.config.max_active_requests, np.int64)
+        self._mark = np.zeros(self.max_active_requests, np.int64)
         self.prefix: PrefixCache | None = None
 
     def enable_prefix_cache(self, scope: ReuseScope | None = None, events: EventQueue | None = None,

@@ -37,18 +37,20 @@ POLICIES: dict[str, type[SchedulingPolicy]] = {MaxUtilization.name: MaxUtilizati
 class SchedulerConfig:
     """``admission_check``: "lifetime" refuses at submission a request whose peak demand (one
     token at a time) exceeds a pool group; "final-length" checks only its last position (what
-    a single-request planner assumes; kept to reproduce that bug class in the simulator)."""
+    a single-request planner assumes; kept to reproduce that bug class in the simulator).
+    ``max_batch_size`` defaults to the manager's active rows (the plan's ``max_batch_size``
+    unless the manager was told otherwise): one home for the setting."""
 
-    max_batch_size: int = 32
+    max_batch_size: int | None = None
     token_budget: int = 8192
     prefill_chunk_tokens: int = 2048
     policy: str = "max-utilization"
     admission_check: str = "lifetime"
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.prefill_chunk_tokens < 1:
+        if (self.max_batch_size is not None and self.max_batch_size < 1) or self.prefill_chunk_tokens < 1:
             raise ConfigError("max_batch_size and prefill_chunk_tokens must be >= 1")
-        if self.token_budget < self.max_batch_size:
+        if self.max_batch_size is not None and self.token_budget < self.max_batch_size:
             raise ConfigError(f"token_budget ({self.token_budget}) must be >= max_batch_size "
                               f"({self.max_batch_size}) so every running request can decode")
         if self.policy not in POLICIES:
@@ -79,9 +81,13 @@ class Scheduler:
 
     def __init__(self, manager: KVCacheManager, config: SchedulerConfig | None = None) -> None:
         self.manager, self.config = manager, config or SchedulerConfig()
-        if manager.rows.max_rows < self.config.max_batch_size:
-            raise ConfigError(f"manager max_active_requests ({manager.rows.max_rows}) < max_batch_size "
-                              f"({self.config.max_batch_size})")
+        self.max_batch_size = self.config.max_batch_size or manager.max_active_requests
+        if manager.max_active_requests < self.max_batch_size:
+            raise ConfigError(f"manager max_active_requests ({manager.max_active_requests}) < max_batch_size "
+                              f"({self.max_batch_size})")
+        if self.config.token_budget < self.max_batch_size:
+            raise ConfigError(f"token_budget ({self.config.token_budget}) must be >= max_batch_size "
+                              f"({self.max_batch_size}) so every running request can decode")
         self.policy = POLICIES[self.config.policy]()
         self.slots = list(manager.plan.slots)
         self.requests: dict[int, Tracked] = {}
@@ -243,7 +249,7 @@ class Scheduler:
         m, out_h, out_c, out_hist = self.manager, [], [], []
         free_now = self._free_gpu()
         self._resumed_now.clear()
-        while self._waiting and m.rows.n < self.config.max_batch_size and budget > 0:
+        while self._waiting and m.rows.n < self.max_batch_size and budget > 0:
             t = self.requests[self._waiting[0][1]]
             reused = np.zeros_like(free)
             if t.status is Status.SUSPENDED:

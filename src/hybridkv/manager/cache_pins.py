@@ -27,6 +27,7 @@ import numpy.typing as npt
 
 from hybridkv.errors import InvariantError
 from hybridkv.reuse import PrefixIndex
+from hybridkv.reuse.eviction import ROW_MASK
 from hybridkv.storage.allocator import SlotAllocator
 from hybridkv.types import Tier
 
@@ -42,7 +43,7 @@ class PinnedPages:
                  pool_of_group: list[int]) -> None:
         self.index, self.tier, self.allocators, self.pool_of_group = index, tier, allocators, pool_of_group
         self.row_of_slot = [np.full(a.num_slots, _NO_ROW, np.int64) for a in allocators]
-        self.heaps: list[list[tuple[int, ...]]] = [[] for _ in allocators]
+        self.heaps: list[list[int]] = [[] for _ in allocators]
 
     # ---- bookkeeping calls from the prefix cache ----------------------------------------
     def placed(self, pool_group: int, slots: npt.ArrayLike, rows: npt.ArrayLike) -> None:
@@ -87,43 +88,41 @@ class PinnedPages:
 
     def take(self, pool_group: int, count: int, keep: set[bytes]) -> list[tuple[int, int]]:
         """Up to ``count`` (row, slot) victims of one pool group, first in eviction order, none
-        named in ``keep``; they leave the heap (the caller drops or moves them at once)."""
+        named in ``keep``; they leave the heap (the caller drops or moves them at once).
+        Candidates are popped and checked in batches (one vectorized check per batch)."""
         self._refresh(pool_group)
         heap, kept, seen = self.heaps[pool_group], [], set()
         out: list[tuple[int, int]] = []
         while heap and len(out) < count:
-            item = heapq.heappop(heap)
-            row = int(item[-1])
-            slot = self._current_slot(pool_group, item)
-            if slot is None or row in seen:  # stale, or a duplicate push of a row already taken
-                continue
-            seen.add(row)
-            if keep and self.index.ref_at(row).key in keep:
-                kept.append(item)
-                continue
-            out.append((row, slot))
+            batch = [heapq.heappop(heap) for _ in range(min(len(heap), count - len(out)))]
+            rows = np.fromiter((item & ROW_MASK for item in batch), np.int64, len(batch))
+            current, slots = self._current(pool_group, batch, rows)
+            for item, row, slot, ok in zip(batch, rows.tolist(), slots.tolist(), current.tolist(), strict=True):
+                if not ok or row in seen:  # stale, or a duplicate push of a row already taken
+                    continue
+                seen.add(row)
+                if keep and self.index.ref_at(row).key in keep:
+                    kept.append(item)
+                    continue
+                out.append((row, slot))
         for item in kept:
             heapq.heappush(heap, item)
         return out
 
-    def _current_slot(self, pool_group: int, item: tuple[int, ...]) -> int | None:
-        row = int(item[-1])
-        if not self.index.is_live(row):
-            return None
-        tier, slot = self.index.row_location(row)
-        if tier is not self.tier or self.row_of_slot[pool_group][slot] != row:
-            return None
-        alloc = self.allocators[pool_group]
-        if alloc.references([slot])[0] != 1 or self.index.eviction_keys(np.array([row]))[0] != item:
-            return None
-        return slot
+    def _current(self, pool_group: int, items: list[int], rows: I64) -> tuple[npt.NDArray[np.bool_], I64]:
+        """Per item: whether it still names a reclaimable page of this tier with its current
+        key; and the page's slot."""
+        _, tiers, slots = self.index.row_locations(rows)
+        ok = self.index.live_mask(rows) & (tiers == int(self.tier))
+        safe = np.where(ok, slots, 0)
+        ok &= self.row_of_slot[pool_group][safe] == rows
+        ok &= self.allocators[pool_group].references(safe) == 1
+        if ok.any():
+            keys = self.index.eviction_keys(rows)
+            ok &= np.fromiter((k == item for k, item in zip(keys, items, strict=True)), np.bool_, len(items))
+        return ok, slots
 
     # ---- the heaps -----------------------------------------------------------------------
-    def _push(self, pool_group: int, rows: I64) -> None:
-        heap = self.heaps[pool_group]
-        for item in self.index.eviction_keys(rows):
-            heapq.heappush(heap, item)
-
     def _refresh(self, pool_group: int) -> None:
         """Push the slots the allocator reports as newly reclaimable; rebuild a bloated heap."""
         alloc = self.allocators[pool_group]
@@ -141,6 +140,18 @@ class PinnedPages:
             rows = self.row_of_slot[pool_group][slots[sole]]
             self._push(pool_group, rows[rows != _NO_ROW])
 
+    def _push(self, pool_group: int, rows: I64) -> None:
+        """Push items for ``rows``; a large batch is merged with one heapify (O(n)) instead
+        of n pushes (O(n log n))."""
+        heap = self.heaps[pool_group]
+        items = self.index.eviction_keys(rows)
+        if len(items) > 64 and len(items) * 8 > len(heap):
+            heap.extend(items)
+            heapq.heapify(heap)
+            return
+        for item in items:
+            heapq.heappush(heap, item)
+
     def check(self) -> None:
         """Every reclaimable page is pinned by an entry and has a current heap item."""
         for pg, alloc in enumerate(self.allocators):
@@ -149,7 +160,10 @@ class PinnedPages:
             rows = self.row_of_slot[pg][slots]
             if (rows == _NO_ROW).any():
                 raise InvariantError(f"{self.tier.name} pool group {pg}: a pinned slot with no cached entry")
-            current = {int(item[-1]) for item in self.heaps[pg] if self._current_slot(pg, item) is not None}
+            heap = self.heaps[pg]
+            rows_in = np.fromiter((item & ROW_MASK for item in heap), np.int64, len(heap))
+            ok, _ = self._current(pg, heap, rows_in) if heap else (np.zeros(0, np.bool_), rows_in)
+            current = set(rows_in[ok].tolist())
             missing = set(rows.tolist()) - current
             if missing:
                 raise InvariantError(f"{self.tier.name} pool group {pg}: reclaimable entries {sorted(missing)[:8]} "

@@ -264,14 +264,13 @@ class PrefixCache:
             victims = self.pins.take(pg, want, keep_set)
             rows = np.array([r for r, _ in victims], np.int64)
             slots = np.array([s for _, s in victims], np.int64)
-            refs = [self.index.ref_at(int(r)) for r in rows.tolist()]
             up = min(host_free[pg], rows.size) if self.offload_to_host else 0
             if up:
                 moved = self._move_pages(Tier.GPU, Tier.HOST, pg, slots[:up], rows[:up])
-                self.index.move(refs[:up], Tier.HOST, moved)
+                self.index.move_rows(rows[:up], Tier.HOST, moved)
                 self.stats.offloaded_pages += up
             if rows.size > up:
-                self._drop(Tier.GPU, pg, refs[up:], slots[up:])
+                self._drop(Tier.GPU, pg, rows[up:], slots[up:])
             freed[pg] = int(rows.size)
         return freed
 
@@ -285,11 +284,11 @@ class PrefixCache:
         for pg, (n, f) in enumerate(zip(need, self.m.tiers.free_slots(tier), strict=True)):
             if n > f:
                 victims = self.pins_on[tier].take(pg, n - f, set())
-                refs = [self.index.ref_at(r) for r, _ in victims]
-                self._drop(tier, pg, refs, np.array([s for _, s in victims], np.int64))
+                self._drop(tier, pg, np.array([r for r, _ in victims], np.int64),
+                           np.array([s for _, s in victims], np.int64))
 
-    def _drop(self, tier: Tier, pool_group: int, refs: list[EntryRef], slots: I64) -> None:
+    def _drop(self, tier: Tier, pool_group: int, rows: I64, slots: I64) -> None:
         self.pins_on[tier].left(pool_group, slots)
-        self.index.remove(refs)
+        self.index.remove_rows(rows)
         self.m.tiers.allocators[tier][pool_group].unpin(slots)
-        self.stats.evicted_pages += len(refs)
+        self.stats.evicted_pages += int(rows.size)

@@ -30,20 +30,29 @@ class EvictionOrder:
         candidates, first victim first. ``windowed``: layer groups that keep their newest blocks."""
         raise NotImplementedError
 
-    def keys(self, t: EntryTable, rows: I64, windowed: I64) -> list[tuple[int, ...]]:
-        """One comparable tuple per row, smallest evicted first, ending with the row: the
-        same order as ``order``, for callers that keep candidates in a heap."""
+    def keys(self, t: EntryTable, rows: I64, windowed: I64) -> list[int]:
+        """One int per row, smallest evicted first, in the same order as ``order``, with the
+        row in the low ``ROW_BITS`` bits (``key & ROW_MASK``): for callers that keep
+        candidates in a heap (one small object per item, compared without tuples)."""
         raise NotImplementedError
+
+
+ROW_BITS = 40
+ROW_MASK = (1 << ROW_BITS) - 1
 
 
 class PriorityLRU(EvictionOrder):
     name = "priority-lru"
 
-    def keys(self, t: EntryTable, rows: I64, windowed: I64) -> list[tuple[int, ...]]:
+    def keys(self, t: EntryTable, rows: I64, windowed: I64) -> list[int]:
+        # fields, most significant first: priority (+2^63), last_used, depth (+2^40: windowed
+        # groups their ordinal, others minus it), layer group (16 bits), row (40 bits)
         groups = t.group[rows]
-        depth = np.where(np.isin(groups, windowed), t.ordinal[rows], -t.ordinal[rows])
-        return list(zip(t.priority[rows].tolist(), t.last_used[rows].tolist(), depth.tolist(),
-                        groups.tolist(), rows.tolist(), strict=True))
+        depth = np.where(np.isin(groups, windowed), t.ordinal[rows], -t.ordinal[rows]) + (1 << 40)
+        low = (groups.astype(np.uint64) << np.uint64(ROW_BITS)) | rows.astype(np.uint64)
+        return [((p + (1 << 63)) << 168) | (u << 105) | (d << 56) | lo
+                for p, u, d, lo in zip(t.priority[rows].tolist(), t.last_used[rows].tolist(), depth.tolist(),
+                                       low.tolist(), strict=True)]
 
     def order(self, t: EntryTable, rows: I64, limit: int | None, windowed: I64) -> I64:
         # The four keys are packed into one int64 when their ranges allow, so only the

@@ -234,12 +234,17 @@ class PrefixIndex:
 
     # ---- rows: stable names of live entries, for callers that keep their own order ---------
 
-    def eviction_keys(self, rows: I64) -> list[tuple[int, ...]]:
-        """The eviction policy's sort key of each live row as a comparable tuple ending with
-        the row (``priority-lru``: priority, last_used, depth, layer group, row): a caller that
-        keeps candidates in a heap pushes these; an item is current while
-        ``eviction_keys([row])`` still equals it (an insert, touch or acquire changes it)."""
+    def eviction_keys(self, rows: I64) -> list[int]:
+        """The eviction policy's sort key of each live row as one comparable int whose low bits
+        are the row (``reuse.eviction.ROW_MASK``): a caller that keeps candidates in a heap
+        pushes these; an item is current while ``eviction_keys([row])`` still equals it (an
+        insert, touch or acquire changes it)."""
         return self.policy.keys(self._t, rows, self._windowed)
+
+    def live_mask(self, rows: I64) -> npt.NDArray[np.bool_]:
+        """Which of these rows (any row ever handed out) hold a live entry now."""
+        out: npt.NDArray[np.bool_] = self._t.live[rows]
+        return out
 
     def is_live(self, row: int) -> bool:
         return bool(row < self._t.live.size and self._t.live[row])
@@ -306,29 +311,46 @@ class PrefixIndex:
         """Forget these entries (all refcount 0, else UsageError and nothing changes) and hand
         them back: their slots are the caller's to free."""
         rows = self._ref_rows(refs, "remove")
+        gone = self._t.snapshots(rows)
+        self.remove_rows(rows)
+        return gone
+
+    def remove_rows(self, rows: I64) -> None:
+        """``remove`` by row (distinct live rows, as ``eviction_keys`` names them): no key
+        lookups, no snapshots unless events are on."""
+        self._check_rows(rows, "remove")
         if (self._t.refcount[rows] > 0).any():
             raise UsageError("remove: an entry is still used by a request (refcount > 0); release it first")
-        gone = self._t.snapshots(rows)
+        gone = self._t.snapshots(rows) if self.events is not None else []
         self._t.drop(rows)
         if self.events is not None:
             for (g, tier), ks in _grouped(gone, lambda e: (e.layer_group, e.tier)).items():
                 self.events.put(BlockRemoved(tuple(ks), tier, g))
-        return gone
+
+    def _check_rows(self, rows: I64, op: str) -> None:
+        if rows.size and (not self._t.live[rows].all() or np.unique(rows).size != rows.size):
+            raise UsageError(f"{op}: rows must be distinct live entries")
 
     def move(self, refs: Iterable[EntryRef], new_tier: Tier, new_slots: npt.ArrayLike) -> list[CachedEntry]:
         """Entries now live in ``new_slots`` on ``new_tier`` (offload / onload after the caller
         copied the pages). Returns the old locations, whose slots the caller frees. Moving an
         entry a request uses is allowed; that request must switch to the new slot itself."""
         rows = self._ref_rows(refs, "move")
+        old = self._t.snapshots(rows)
+        self.move_rows(rows, new_tier, new_slots)
+        return old
+
+    def move_rows(self, rows: I64, new_tier: Tier, new_slots: npt.ArrayLike) -> None:
+        """``move`` by row (distinct live rows): no key lookups, no snapshots unless events are on."""
+        self._check_rows(rows, "move")
         slots = np.asarray(new_slots, dtype=np.int64)
         if slots.shape != rows.shape or (slots < 0).any():
             raise UsageError(f"move: need one slot id >= 0 per entry ({rows.size}), got {slots.tolist()}")
-        old = self._t.snapshots(rows)
+        old = self._t.snapshots(rows) if self.events is not None else []
         self._t.tier[rows], self._t.slot[rows] = int(new_tier), slots
         if self.events is not None:
             for (g, prio), ks in _grouped(old, lambda e: (e.layer_group, e.priority)).items():
                 self.events.put(BlockUpdated(tuple(ks), Tier(new_tier), prio, g))
-        return old
 
     def clear(self) -> list[CachedEntry]:
         """Forget everything (nothing may be in use) and hand every entry back."""

@@ -6,10 +6,13 @@ import itertools
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attention_mask import visible
 from hybridkv.errors import ConfigError
 from hybridkv.lifecycle import LifeCycle, live_blocks, stale_range, worst_decode_blocks
+from hybridkv.limits import MAX_TOKENS
 
 
 def brute_needed(lc: LifeCycle, h: int, q: int) -> bool:
@@ -71,6 +74,38 @@ def test_worst_decode_of_a_mixed_pool_group_is_the_max_of_the_sum() -> None:
         assert worst_decode_blocks(lcs, tpb, max_len) == want
 
 
+LIFE_CYCLES = st.one_of(
+    st.just(LifeCycle.full()), st.just(LifeCycle.ssm()),
+    st.builds(LifeCycle.sliding, st.integers(1, 80), st.sampled_from([0, 0, 1, 3, 17])),
+    st.builds(LifeCycle.chunked, st.integers(1, 80)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(lcs=st.sets(LIFE_CYCLES, min_size=1, max_size=3).map(tuple), tpb=st.integers(1, 20),
+       max_len=st.integers(1, 400))
+def test_worst_decode_matches_every_position(lcs: tuple[LifeCycle, ...], tpb: int, max_len: int) -> None:
+    """worst_decode_blocks looks at a few candidate positions; the max over all of them agrees."""
+    h = np.arange(max_len)
+    want = max(sum(live_blocks(lc, h + 1, h, tpb) for lc in lcs).tolist())
+    assert worst_decode_blocks.__wrapped__(lcs, tpb, max_len) == want
+
+
+@pytest.mark.parametrize(("lcs", "tpb", "want"), [
+    ((LifeCycle.sliding(10**12),), 16, -(-(10**12 - 1) // 16) + 1),  # the straddle of a huge window
+    ((LifeCycle.chunked(3),), 1 << 20, 2),  # a chunk boundary in every block
+    ((LifeCycle.chunked(2**39 + 1),), 16, 2**35 + 1),  # the first chunk, [0, 2^39], is the longest
+    ((LifeCycle.chunked(8192), LifeCycle.full()), 16, 2**36 + 8192 // 16),
+])
+def test_worst_decode_up_to_max_tokens_is_immediate(lcs: tuple[LifeCycle, ...], tpb: int, want: int) -> None:
+    """No dense scan: a window or chunk up to 2^40 tokens over 2^40 positions is a few evaluations."""
+    assert worst_decode_blocks(lcs, tpb, MAX_TOKENS) == want
+
+
+def test_worst_decode_refuses_chunk_patterns_too_long_to_check() -> None:
+    with pytest.raises(ConfigError, match=r"chunk sizes \[3, 1073741825\] share one pool group"):
+        worst_decode_blocks((LifeCycle.chunked(3), LifeCycle.chunked(2**30 + 1)), 1, MAX_TOKENS)
+
+
 def test_straddle_formula_for_large_positions() -> None:
     # sink blocks + ceil((window - 1) / tpb) + 1, the worst case once the window left the sinks
     for w, s, tpb in [(128, 0, 256), (8, 0, 256), (1024, 0, 16), (1000, 4, 16), (257, 300, 256)]:
@@ -94,6 +129,8 @@ def test_ssm_holds_one_slot_per_request() -> None:
 
 @pytest.mark.parametrize("bad", [
     lambda: LifeCycle.sliding(0), lambda: LifeCycle.sliding(4, -1), lambda: LifeCycle.chunked(0),
+    lambda: LifeCycle.sliding(MAX_TOKENS + 1), lambda: LifeCycle.sliding(4, MAX_TOKENS + 1),
+    lambda: LifeCycle.chunked(MAX_TOKENS + 1),
 ])
 def test_invalid_life_cycles_raise(bad: object) -> None:
     with pytest.raises(ConfigError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -95,6 +97,37 @@ def test_split_slots_water_fills_and_respects_granularity() -> None:
     assert slots == (100, 1000)
     slots = split_slots((3, 5), (0, 0), (1, 1), 80, granularity=4)
     assert slots == (12, 8) and 3 * 12 + 5 * 8 <= 80
+
+
+def greedy_leftover(slot_bytes: tuple[int, ...], slots: tuple[int, ...], typical: tuple[int, ...], quota: int,
+                    granularity: int) -> tuple[int, ...]:
+    """The leftover rule one granule at a time: to the group furthest below its share that can pay."""
+    out, left = list(slots), quota - sum(b * s for b, s in zip(slot_bytes, slots, strict=True))
+    while fits := [g for g, d in enumerate(typical) if d and slot_bytes[g] * granularity <= left]:
+        g = min(fits, key=lambda i: (Fraction(out[i], typical[i]), i))
+        out[g] += granularity
+        left -= slot_bytes[g] * granularity
+    return tuple(out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(groups=st.lists(st.tuples(st.integers(1, 50), st.integers(0, 20), st.sampled_from([0, 1, 2, 3, 7, 100])),
+                       min_size=1, max_size=4),
+       extra=st.integers(0, 3000), granularity=st.integers(1, 4))
+def test_split_spreads_leftover_like_one_granule_at_a_time(groups: list[tuple[int, int, int]], extra: int,
+                                                           granularity: int) -> None:
+    slot_bytes, floors, typical = (tuple(x) for x in zip(*groups, strict=True))
+    quota = sum(b * f for b, f in zip(slot_bytes, floors, strict=True)) + extra
+    rounded = split_slots(slot_bytes, floors, typical, quota, granularity, spread_leftover=False)
+    assert split_slots(slot_bytes, floors, typical, quota, granularity) == \
+        greedy_leftover(slot_bytes, rounded, typical, quota, granularity)
+
+
+def test_split_with_slot_sizes_2_to_the_40_apart_ends() -> None:
+    """The leftover a 2^40-byte slot cannot use goes to the 1-byte group in one pass, not 2^40."""
+    slots = split_slots((1 << 40, 1, 1), (0, 0, 0), (2, 1, 1), 1 << 60)
+    assert slots == (1048575, 549755813888, 549755813888)
+    assert (1 << 40) * slots[0] + slots[1] + slots[2] == 1 << 60
 
 
 def test_max_seq_len_at_batch() -> None:

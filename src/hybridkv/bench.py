@@ -35,6 +35,7 @@ from hybridkv.errors import ConfigError, InvariantError
 from hybridkv.grouping import group_layers
 from hybridkv.layout import ModelLayout, attention_layer
 from hybridkv.lifecycle import LifeCycle
+from hybridkv.limits import check_max
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
 from hybridkv.manager.tiers import StorageConfig
 from hybridkv.planner import PlanSpec, plan
@@ -42,6 +43,8 @@ from hybridkv.planner import PlanSpec, plan
 PROMPT_TOKENS = 2000
 TOKENS_PER_BLOCK = 16
 DEFAULT_BATCHES = (64, 256, 1024)
+MAX_BATCH, MAX_STEPS, MAX_REPEATS = 1 << 16, 1 << 16, 1000
+MAX_REQUEST_STEPS = 1 << 26  # --batch x --steps: the engine's output-token table (int32) stays <= 256 MiB
 I64 = npt.NDArray[np.int64]
 
 _LAYOUTS: dict[str, tuple[tuple[int, LifeCycle], ...]] = {  # (KV heads, life cycle) per layer
@@ -192,6 +195,10 @@ def bench_step(batches: tuple[int, ...] = DEFAULT_BATCHES, steps: int = 200, rep
     for what, value in {"--batch": min(batches, default=0), "--steps": steps, "--repeats": repeats}.items():
         if value < 1:
             raise ConfigError(f"bench step: {what} must be >= 1, got {value}")
+    for what, value, bound in (("--batch", max(batches), MAX_BATCH), ("--steps", steps, MAX_STEPS),
+                               ("--repeats", repeats, MAX_REPEATS),
+                               ("--batch x --steps", max(batches) * steps, MAX_REQUEST_STEPS)):
+        check_max(f"bench step: {what}", value, bound, "a benchmark run needs far fewer")
     runs: dict[int, list[StepRun]] = {b: [] for b in batches}
     for _ in range(repeats):
         for b in batches:

@@ -1,11 +1,14 @@
 """The ``hybridkv`` command: ``models``, ``plan`` (and more as layers land).
 
-User mistakes print one clear line to stderr and exit with code 2; no tracebacks.
+User mistakes print one clear line to stderr and exit with code 2; no tracebacks. Values
+are bounded where they are validated (limits.py); ``main`` keeps a last net for the errors
+Python raises on absurd sizes, worded as the hybridkv bug it would be.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from collections.abc import Sequence
@@ -26,12 +29,19 @@ from hybridkv.specs import parse_batch, parse_size, parse_tokens
 from hybridkv.types import GIB, MIB
 
 EXIT_USAGE = 2
+SAFETY_NET = "hybridkv should have refused this input earlier; please report the command line"
+_LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
+
+
+def _print_error(message: str) -> None:
+    """One line on stderr, whatever a user-given path or name inside ``message`` holds."""
+    print(f"hybridkv: error: {message.translate(_LINE_BREAKS)}", file=sys.stderr)
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # argparse's own errors: same exit code, no traceback
         self.print_usage(sys.stderr)
-        print(f"hybridkv: error: {message}", file=sys.stderr)
+        _print_error(message)
         raise SystemExit(EXIT_USAGE)
 
 
@@ -128,18 +138,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _escape_unencodable_output() -> None:
+    """A file name that is not valid UTF-8 (surrogate escapes in argv) can become a model
+    name: print it escaped rather than fail mid-table with UnicodeEncodeError."""
+    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
+        sys.stdout.reconfigure(errors="backslashreplace")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _escape_unencodable_output()
     try:
         code: int = args.func(args)
         return code
     except HybridKVError as e:
-        print(f"hybridkv: error: {e}", file=sys.stderr)
+        _print_error(str(e))
         return EXIT_USAGE
     except BrokenPipeError:  # `hybridkv models | head`: the reader left; not an error
         sys.stderr.close()
         return 0
+    except (MemoryError, RecursionError, OverflowError, OSError) as e:  # the last net, not the plan
+        _print_error(f"{type(e).__name__}: {e} ({SAFETY_NET})")
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

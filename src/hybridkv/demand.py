@@ -20,6 +20,7 @@ from hybridkv.errors import ConfigError
 from hybridkv.grouping import GroupedLayout
 from hybridkv.lifecycle import IntArray, LifeCycle, keep_start, live_blocks, sink_blocks
 from hybridkv.lifecycle import worst_decode_blocks as _worst
+from hybridkv.limits import MAX_REQUESTS, MAX_TOKENS, check_max
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +42,8 @@ class Batch:
                               f"{len(self.history)} histories")
         if not self.capacity:
             raise ConfigError(f"batch {self.name!r} has no requests")
+        check_max(f"batch {self.name!r}: requests", len(self.capacity), MAX_REQUESTS, "split it or lower the count")
+        check_max(f"batch {self.name!r}: capacity", max(self.capacity), MAX_TOKENS, "shorten the requests")
         for c, h in zip(self.capacity, self.history, strict=True):
             if not 0 <= h <= c or c < 1:
                 raise ConfigError(f"batch {self.name!r}: need 0 <= history <= capacity and "
@@ -56,6 +59,7 @@ class Batch:
         """``count`` equal requests; history defaults to capacity - 1 (a decode step)."""
         if count < 1:
             raise ConfigError(f"batch {name!r}: count must be >= 1, got {count}")
+        check_max(f"batch {name!r}: requests", count, MAX_REQUESTS, "split it or lower the count")
         h = capacity - 1 if history is None else history
         return Batch(name, (capacity,) * count, (h,) * count, prefix)
 

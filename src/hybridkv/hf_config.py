@@ -23,6 +23,7 @@ from hybridkv.layout import (
     ssm_layer,
 )
 from hybridkv.lifecycle import LifeCycle
+from hybridkv.limits import MAX_LAYERS, MAX_TOKENS, check_max
 
 _FULL = "full_attention"
 _SLIDING = "sliding_attention"
@@ -47,30 +48,45 @@ class _Cfg:
         value = self.data.get(key)
         return default if value is None else value
 
-    def int(self, key: str, default: int | None = None, minimum: int = 1) -> int:
+    def int(self, key: str, default: int | None = None, minimum: int = 1, maximum: int = MAX_TOKENS) -> int:
+        """An integer field in [minimum, maximum]; every dimension and length of a config is
+        far below MAX_TOKENS (2^40), and products of them are checked where they are made."""
         value = self.get(key, default)
         if value is None:
             raise ConfigError(f"{self.path}: missing field {key!r}")
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ConfigError(f"{self.path}: field {key!r} must be an integer >= {minimum}, "
-                              f"got {value!r}")
+                              f"got {value!r:.60}")
+        check_max(f"{self.path}: field {key!r}", value, maximum, "no model needs that much")
         return value
+
+
+def _str_list(cfg: _Cfg, key: str, n: int) -> list[str]:
+    """Field ``key``: a list of ``n`` strings (one per layer)."""
+    value = cfg.get(key)
+    if not isinstance(value, list) or len(value) != n:
+        raise ConfigError(f"{cfg.path}: field {key!r} must list {n} entries (num_hidden_layers), got {value!r:.80}")
+    bad = next((i for i, t in enumerate(value) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise ConfigError(f"{cfg.path}: field {key!r} must list layer type names (strings); entry {bad} is "
+                          f"{value[bad]!r:.60}")
+    return value
 
 
 def _layer_types(cfg: _Cfg, n: int) -> list[str]:
     mt = cfg.get("model_type", "")
-    explicit = cfg.get("layer_types")
-    if explicit is not None:
-        if not isinstance(explicit, list) or len(explicit) != n:
-            raise ConfigError(f"{cfg.path}: field 'layer_types' must list {n} entries "
-                              f"(num_hidden_layers), got {explicit!r:.80}")
+    if cfg.get("layer_types") is not None:
+        explicit = _str_list(cfg, "layer_types", n)
         unknown = sorted({t for t in explicit if t not in _TYPE_ALIASES})
         if unknown:
             raise ConfigError(f"{cfg.path}: field 'layer_types' has unknown type(s) {unknown}; "
                               f"known: {sorted(_TYPE_ALIASES)}")
         return [_TYPE_ALIASES[t] for t in explicit]
     if cfg.get("hybrid_override_pattern") is not None:
-        pattern = str(cfg.get("hybrid_override_pattern"))
+        pattern = cfg.get("hybrid_override_pattern")
+        if not isinstance(pattern, str):
+            raise ConfigError(f"{cfg.path}: field 'hybrid_override_pattern' must be a string such as "
+                              f"'M-M*', got {pattern!r:.60}")
         if len(pattern) != n:
             raise ConfigError(f"{cfg.path}: 'hybrid_override_pattern' has {len(pattern)} "
                               f"layers, num_hidden_layers is {n}")
@@ -86,8 +102,8 @@ def _layer_types(cfg: _Cfg, n: int) -> list[str]:
         return [_FULL if (i + 1) % k == 0 else _LINEAR for i in range(n)]
     if cfg.get("attention_chunk_size") is not None:  # Llama 4: RoPE layers are chunked
         no_rope = cfg.get("no_rope_layers") or [int((i + 1) % 4 != 0) for i in range(n)]
-        if not isinstance(no_rope, list) or len(no_rope) != n:
-            raise ConfigError(f"{cfg.path}: field 'no_rope_layers' must list {n} entries "
+        if not isinstance(no_rope, list) or len(no_rope) != n or any(f not in (0, 1) for f in no_rope):
+            raise ConfigError(f"{cfg.path}: field 'no_rope_layers' must list {n} entries of 0 or 1 "
                               "(num_hidden_layers)")
         return [_CHUNKED if no_rope[i] else _FULL for i in range(n)]
     window = cfg.get("sliding_window")
@@ -130,6 +146,9 @@ def _attention_spec(cfg: _Cfg, kind: str, elem: int, max_pos: int | None) -> Lay
         return mla_layer(cfg.int("kv_lora_rank"), cfg.int("qk_rope_head_dim"), elem)
     heads = cfg.int("num_attention_heads")
     hd = cfg.int("head_dim") if cfg.get("head_dim") is not None else cfg.int("hidden_size") // heads
+    if hd < 1:
+        raise ConfigError(f"{cfg.path}: field 'hidden_size' ({cfg.int('hidden_size')}) is smaller than "
+                          f"'num_attention_heads' ({heads}): no head dimension; give 'head_dim'")
     kv = cfg.int("num_key_value_heads", heads)
     if kind == _CHUNKED:
         return attention_layer(kv, hd, elem, LifeCycle.chunked(cfg.int("attention_chunk_size")))
@@ -148,7 +167,7 @@ def parse_hf_config(data: Any, path: str) -> ModelLayout:
         outer_dtype = {k: v for k, v in data.items() if k in ("torch_dtype", "dtype")}
         data = {**outer_dtype, **data["text_config"]}
     cfg = _Cfg(data, path)
-    n = cfg.int("num_hidden_layers")
+    n = cfg.int("num_hidden_layers", maximum=MAX_LAYERS)
     dtype = cfg.get("torch_dtype", cfg.get("dtype"))
     notes = [] if dtype else ["no torch_dtype in config: bfloat16 assumed"]
     elem = dtype_bytes(dtype or "bfloat16", f"{path}: field 'torch_dtype'")
@@ -161,9 +180,21 @@ def parse_hf_config(data: Any, path: str) -> ModelLayout:
         if kind == _NONE:
             continue
         if kind not in cache:
-            is_state = kind in (_LINEAR, _MAMBA)
-            cache[kind] = (_ssm_state(cfg, kind, cfg.int("hidden_size")) if is_state
-                           else _attention_spec(cfg, kind, elem, max_pos))
+            cache[kind] = _layer_spec(cfg, kind, elem, max_pos)
         layers.append(cache[kind])
-    name = str(cfg.get("_name_or_path", "") or cfg.get("model_type", "") or path)
-    return ModelLayout(name, tuple(layers), max_pos, f"hf-config:{path}", tuple(notes))
+    names = [cfg.get("_name_or_path"), cfg.get("model_type"), path]
+    name = next(v for v in names if (isinstance(v, str) and v and v.isprintable()) or v is path)
+    try:
+        return ModelLayout(name, tuple(layers), max_pos, f"hf-config:{path}", tuple(notes))
+    except ConfigError as e:  # e.g. every layer cache-free: name the file
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _layer_spec(cfg: _Cfg, kind: str, elem: int, max_pos: int | None) -> LayerSpec:
+    """One layer of ``kind``; a size the layout helpers reject is reported with the file."""
+    try:
+        if kind in (_LINEAR, _MAMBA):
+            return _ssm_state(cfg, kind, cfg.int("hidden_size"))
+        return _attention_spec(cfg, kind, elem, max_pos)
+    except ConfigError as e:
+        raise ConfigError(str(e) if str(e).startswith(cfg.path) else f"{cfg.path}: {e}") from None

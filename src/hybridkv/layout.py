@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from hybridkv.errors import ConfigError
 from hybridkv.lifecycle import LifeCycle
+from hybridkv.limits import MAX_BYTES, MAX_LAYERS, check_max
 
 DTYPE_BYTES: dict[str, int] = {
     "float32": 4, "fp32": 4, "float": 4,
@@ -47,6 +48,8 @@ class BufferSpec:
         if (self.bytes_per_token > 0) == (self.state_bytes > 0):
             raise ConfigError(f"buffer {self.name!r}: give exactly one of bytes_per_token "
                               f"({self.bytes_per_token}) or state_bytes ({self.state_bytes}) > 0")
+        check_max(f"buffer {self.name!r}: bytes", max(self.bytes_per_token, self.state_bytes), MAX_BYTES,
+                  "no cache buffer is that large")
 
     def page_bytes(self, tokens_per_block: int) -> int:
         """Bytes of one slot of this buffer for one layer."""
@@ -96,30 +99,44 @@ class ModelLayout:
     def __post_init__(self) -> None:
         if not self.layers:
             raise ConfigError(f"layout {self.name!r} has no cache-holding layers")
+        check_max(f"layout {self.name!r}: cache-holding layers", len(self.layers), MAX_LAYERS,
+                  "no model has that many layers")
 
     def kv_bytes_per_token(self) -> int:
         """Bytes one token adds across all attention layers (before any window applies)."""
         return sum(layer.kv_bytes_per_token for layer in self.layers)
 
 
+def _check_bytes(what: str, factors: str, value: int) -> None:
+    """Name the dimensions a helper multiplied when the product is past MAX_BYTES (the
+    buffer names k, v, conv... are the helper's, not the user's)."""
+    check_max(f"{what} ({factors})", value, MAX_BYTES, "check those dimensions")
+
+
 def attention_layer(kv_heads: int, head_dim: int, elem_bytes: int, lc: LifeCycle) -> LayerSpec:
     """Standard attention: separate K and V buffers of kv_heads x head_dim elements per token."""
     per = kv_heads * head_dim * elem_bytes
+    _check_bytes("attention layer bytes per token", f"{kv_heads} KV heads x head_dim {head_dim} x {elem_bytes} B",
+                 per)
     return LayerSpec(lc, (BufferSpec("k", per), BufferSpec("v", per)))
 
 
 def mla_layer(kv_lora_rank: int, rope_dim: int, elem_bytes: int) -> LayerSpec:
     """Multi-head latent attention (absorbed): a latent and a decoupled RoPE key per token."""
+    latent, rope = kv_lora_rank * elem_bytes, rope_dim * elem_bytes
+    _check_bytes("MLA latent bytes per token", f"kv_lora_rank {kv_lora_rank} x {elem_bytes} B", latent)
+    _check_bytes("MLA rope key bytes per token", f"rope dim {rope_dim} x {elem_bytes} B", rope)
     return LayerSpec(
         LifeCycle.full(),
-        (BufferSpec("kv_latent", kv_lora_rank * elem_bytes), BufferSpec("k_rope", rope_dim * elem_bytes)),
+        (BufferSpec("kv_latent", latent), BufferSpec("k_rope", rope)),
     )
 
 
 def ssm_layer(conv_elems: int, ssm_elems: int, conv_bytes: int, ssm_bytes: int) -> LayerSpec:
-    """A recurrent layer: a convolution state and an SSM / linear-attention state per request."""
-    return LayerSpec(
-        LifeCycle.ssm(),
-        (BufferSpec("conv", state_bytes=conv_elems * conv_bytes),
-         BufferSpec("ssm", state_bytes=ssm_elems * ssm_bytes)),
-    )
+    """A recurrent layer: a convolution state and an SSM / linear-attention state per request.
+    A convolution of width 1 keeps no past inputs: no conv buffer then."""
+    conv, state = conv_elems * conv_bytes, ssm_elems * ssm_bytes
+    _check_bytes("ssm conv state bytes", f"{conv_elems} conv state elements x {conv_bytes} B", conv)
+    _check_bytes("ssm state bytes", f"{ssm_elems} state elements x {ssm_bytes} B", state)
+    conv_buffer = (BufferSpec("conv", state_bytes=conv),) if conv else ()
+    return LayerSpec(LifeCycle.ssm(), (*conv_buffer, BufferSpec("ssm", state_bytes=state)))

@@ -21,10 +21,15 @@ from typing import Any
 from hybridkv.errors import ConfigError
 from hybridkv.layout import BufferSpec, LayerSpec, ModelLayout
 from hybridkv.lifecycle import LifeCycle
+from hybridkv.limits import MAX_BYTES, MAX_LAYERS, MAX_TOKENS, check_max
 
 _ATTENTION_KEYS = {"type", "window", "sink_tokens", "chunk", "kv_bytes_per_token", "count"}
 _SSM_KEYS = {"type", "state_bytes", "count"}
 _TOP_KEYS = {"name", "layers", "max_position_embeddings"}
+
+
+_MAXIMUM = {"window": MAX_TOKENS, "sink_tokens": MAX_TOKENS, "chunk": MAX_TOKENS, "max_position_embeddings": MAX_TOKENS,
+            "kv_bytes_per_token": MAX_BYTES, "state_bytes": MAX_BYTES, "count": MAX_LAYERS}
 
 
 def _int(entry: dict[str, Any], key: str, where: str, minimum: int, optional: bool = False,
@@ -35,7 +40,8 @@ def _int(entry: dict[str, Any], key: str, where: str, minimum: int, optional: bo
     if value is None:
         raise ConfigError(f"{where}: missing field {key!r}")
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{where}: field {key!r} must be an integer >= {minimum}, got {value!r}")
+        raise ConfigError(f"{where}: field {key!r} must be an integer >= {minimum}, got {value!r:.60}")
+    check_max(f"{where}: field {key!r}", value, _MAXIMUM[key], "no model needs that much")
     return value
 
 
@@ -51,8 +57,9 @@ def _attention(entry: dict[str, Any], where: str) -> LayerSpec:
         raise ConfigError(f"{where}: 'sink_tokens' needs a 'window' (full attention keeps all)")
     lc = LifeCycle.chunked(chunk) if chunk is not None else (
         LifeCycle.full() if window is None else LifeCycle.sliding(window, sinks))
-    halves = (BufferSpec("k", kv // 2), BufferSpec("v", kv // 2))
-    return LayerSpec(lc, halves if kv % 2 == 0 else (BufferSpec("kv", kv),))
+    if kv % 2:  # odd: one buffer (built only then: halves of 1 byte would be empty buffers)
+        return LayerSpec(lc, (BufferSpec("kv", kv),))
+    return LayerSpec(lc, (BufferSpec("k", kv // 2), BufferSpec("v", kv // 2)))
 
 
 def _layer(entry: Any, where: str) -> tuple[LayerSpec, int]:
@@ -61,7 +68,7 @@ def _layer(entry: Any, where: str) -> tuple[LayerSpec, int]:
     kind = entry.get("type")
     allowed = {"attention": _ATTENTION_KEYS, "ssm": _SSM_KEYS}.get(kind) if isinstance(kind, str) else None
     if allowed is None:
-        raise ConfigError(f"{where}: field 'type' must be 'attention' or 'ssm', got {kind!r}")
+        raise ConfigError(f"{where}: field 'type' must be 'attention' or 'ssm', got {kind!r:.60}")
     unknown = sorted(set(entry) - allowed)
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown} for type {kind!r}; "
@@ -82,8 +89,8 @@ def parse_layout(data: Any, path: str) -> ModelLayout:
     if unknown:
         raise ConfigError(f"{path}: unknown top-level field(s) {unknown}; allowed: {sorted(_TOP_KEYS)}")
     name = data.get("name")
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"{path}: field 'name' must be a non-empty string")
+    if not isinstance(name, str) or not name or not name.isprintable():
+        raise ConfigError(f"{path}: field 'name' must be a non-empty string of printable characters")
     layers_data = data.get("layers")
     if not isinstance(layers_data, list) or not layers_data:
         raise ConfigError(f"{path}: field 'layers' must be a non-empty list")
@@ -95,5 +102,7 @@ def parse_layout(data: Any, path: str) -> ModelLayout:
             layer, count = _layer(entry, where)
         except ConfigError as e:
             raise ConfigError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+        check_max(f"{where}: layers in the model with this 'count'", len(layers) + count, MAX_LAYERS,
+                  "no model has that many layers")
         layers += [layer] * count
     return ModelLayout(name, tuple(layers), max_pos, f"layout:{path}")

@@ -35,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hybridkv.errors import ConfigError
+from hybridkv.limits import MAX_TOKENS, check_max, show
 from hybridkv.types import LifeCycleKind
 
 IntArray = npt.NDArray[np.int64]
@@ -69,6 +70,9 @@ class LifeCycle:
             raise ConfigError(f"chunk must be >= 1 token, got {self.chunk_tokens}")
         if self.sink_tokens < 0:
             raise ConfigError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
+        for what, tokens in (("window", self.window_tokens), ("chunk", self.chunk_tokens),
+                             ("sink_tokens", self.sink_tokens)):
+            check_max(what, tokens or 0, MAX_TOKENS, "no model attends that far")
         if self.kind is LifeCycleKind.CHUNKED and (
             self.chunk_tokens is None or self.window_tokens is not None or self.sink_tokens
         ):
@@ -179,32 +183,50 @@ def live_blocks(
     return total - stale
 
 
-def _period(lc: LifeCycle, tokens_per_block: int) -> tuple[int, int]:
-    """(start, period): live(h+1, h) is periodic in h with this period from start on."""
-    if lc.kind is LifeCycleKind.CHUNKED:
-        assert lc.chunk_tokens is not None
-        return 0, math.lcm(lc.chunk_tokens, tokens_per_block)
-    assert lc.window_tokens is not None
-    # past this point the window no longer reaches a sink block, so only h mod tpb matters
-    return sink_blocks(lc, tokens_per_block) * tokens_per_block + lc.window_tokens, tokens_per_block
+MAX_DECODE_POSITIONS = 1 << 21
+"""Positions worst_decode_blocks may evaluate. One chunk size needs at most
+``min(tpb, max_len / tpb) + 2 <= 2^20 + 2``; only several chunk sizes with a huge common
+period in one pool group can need more."""
 
 
 def decode_positions(lcs: tuple[LifeCycle, ...], tokens_per_block: int, max_len: int) -> IntArray:
     """Histories ``h < max_len`` at which a decode's summed live blocks over ``lcs`` can peak.
 
-    Bounded life cycles repeat with a period from some point on and full attention only
-    grows, so the head (until every pattern repeats) plus the last period before ``max_len``
-    contain the maximum. Exact, and small enough to evaluate densely.
+    A block is added only when ``h`` reaches a block start (a multiple of tpb) and stale
+    ranges only grow, so no position beats the block start before it. From one block start
+    to the next, full, windowed and SSM groups never lose a block (a window's live blocks
+    grow, then stay); a chunked group loses its chunk when the next block start passes a
+    chunk boundary. So the peak is at the last block start before ``max_len`` or at a block
+    start just before a chunk boundary; and as the chunked part repeats every ``lcm(chunk,
+    tpb)`` tokens while the rest never shrinks, only the last such period counts::
+
+        tokens   ... | k*tpb ........ m*chunk ........ (k+1)*tpb | ...
+                       ^ candidate: the chunk [.., m*chunk) is still whole here
+
+    Exact, and a handful of positions for any window or length.
     """
-    head, period = 1, 1
-    for lc in lcs:
-        if lc.is_ssm or lc.is_full:
-            continue
-        start, p = _period(lc, tokens_per_block)
-        head, period = max(head, start + p), math.lcm(period, p)
-    head = min(head, max_len)
-    tail_start = max(head, max_len - period)
-    return np.concatenate([np.arange(head), np.arange(tail_start, max_len)]).astype(np.int64)
+    last = (max_len - 1) // tokens_per_block  # block index of the last decode position
+    chunks = sorted({lc.chunk_tokens for lc in lcs if lc.chunk_tokens is not None})
+    period = 1  # in blocks
+    for c in chunks:
+        period = math.lcm(period, math.lcm(c, tokens_per_block) // tokens_per_block)
+    first = max(0, last - period + 1)
+    parts = [np.array([last], np.int64)]
+    for c in chunks:
+        if c <= tokens_per_block:  # every block holds a chunk boundary
+            count, lo = last - first + 1, first
+        else:  # boundaries m * c in (first * tpb, last * tpb]: the block start before each
+            lo, hi = first * tokens_per_block // c + 1, last * tokens_per_block // c
+            count = hi - lo + 1
+        if sum(len(p) for p in parts) + count > MAX_DECODE_POSITIONS:
+            raise ConfigError(f"chunk sizes {chunks} share one pool group at tokens_per_block "
+                              f"{tokens_per_block}: their pattern repeats only every "
+                              f"{show(period * tokens_per_block)} tokens, too many positions to check "
+                              f"up to max_seq_len {max_len}; lower --max-seq-len or give the "
+                              "chunked layers different slot sizes")
+        steps = np.arange(lo, lo + max(count, 0), dtype=np.int64)
+        parts.append(steps if c <= tokens_per_block else -(-steps * c // tokens_per_block) - 1)
+    return np.concatenate(parts) * tokens_per_block  # repeats are harmless: only the max is taken
 
 
 @functools.lru_cache(maxsize=4096)
@@ -216,6 +238,7 @@ def worst_decode_blocks(lcs: tuple[LifeCycle, ...], tokens_per_block: int, max_l
     """
     if max_len < 1:
         return 0
+    check_max("max_len", max_len, MAX_TOKENS, "lower --max-seq-len")
     h = decode_positions(lcs, tokens_per_block, max_len)
     total = np.zeros_like(h)
     for lc in lcs:

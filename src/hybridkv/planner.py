@@ -16,11 +16,13 @@ hold the floors, CapacityError says how much is needed; a quota is never silentl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 from hybridkv.demand import Batch, batch_demand, concurrent_decode_demand, worst_request_demand
 from hybridkv.errors import CapacityError, ConfigError
 from hybridkv.grouping import GroupedLayout, LayerGroup, group_layers
 from hybridkv.layout import ModelLayout
+from hybridkv.limits import MAX_BYTES, MAX_REQUESTS, MAX_TOKENS, check_max
 from hybridkv.types import GIB, PoolGroupId
 
 DEFAULT_TOKENS_PER_BLOCK = 16
@@ -70,11 +72,23 @@ class PlanSpec:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
         if self.host_bytes < 0:
             raise ConfigError(f"host_bytes (--host-mem) must be >= 0, got {self.host_bytes}")
+        self._check_upper_bounds()
         for batch in self.constraints:
             if max(batch.capacity) > self.max_seq_len:
                 raise ConfigError(f"constraint {batch.name!r} has a request of "
                                   f"{max(batch.capacity)} tokens > max_seq_len "
                                   f"{self.max_seq_len}; raise --max-seq-len or shorten it")
+
+    def _check_upper_bounds(self) -> None:
+        check_max("gpu_bytes (--gpu-mem)", self.gpu_bytes, MAX_BYTES, "lower --gpu-mem")
+        check_max("host_bytes (--host-mem)", self.host_bytes, MAX_BYTES, "lower --host-mem")
+        check_max("max_seq_len (--max-seq-len)", self.max_seq_len, MAX_TOKENS, "lower --max-seq-len")
+        check_max("tokens_per_block (--tokens-per-block)", self.tokens_per_block, MAX_TOKENS,
+                  "lower --tokens-per-block (16 is a common choice)")
+        check_max("max_batch_size (--max-batch-size)", self.max_batch_size, MAX_REQUESTS, "lower --max-batch-size")
+        batches = [*self.constraints, *([self.typical_step] if self.typical_step else [])]
+        check_max("requests in all constraints and the typical step (--constraint, --typical)",
+                  sum(len(b) for b in batches), MAX_REQUESTS, "give fewer or smaller batches")
 
     def typical_name(self) -> str:
         return self.typical_step.name if self.typical_step else DEFAULT_TYPICAL
@@ -180,15 +194,60 @@ def split_slots(
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if cost(mid) <= quota else (lo, mid)
     slots = [max(f, granularity * int(lo * d // granularity)) for f, d in zip(floors, typical, strict=True)]
-    left = quota - sum(b * s for b, s in zip(slot_bytes, slots, strict=True))
-    while spread_leftover:
-        fits = [g for g, d in enumerate(typical) if d > 0 and slot_bytes[g] * granularity <= left]
-        if not fits:
-            return tuple(slots)
-        g = min(fits, key=lambda i: slots[i] / typical[i])
-        slots[g] += granularity
-        left -= slot_bytes[g] * granularity
+    _undo_rounding_overrun(slot_bytes, floors, typical, quota, granularity, slots)
+    if spread_leftover:
+        _spread_leftover(slot_bytes, typical, quota, granularity, slots)
     return tuple(slots)
+
+
+def _undo_rounding_overrun(slot_bytes: tuple[int, ...], floors: tuple[int, ...], typical: tuple[int, ...],
+                           quota: int, granularity: int, slots: list[int]) -> None:
+    """Near 2^60 bytes the float search can overshoot the quota by a few granules: take
+    them back, one at a time, from the group furthest above its share (never below a floor)."""
+    while sum(b * s for b, s in zip(slot_bytes, slots, strict=True)) > quota:
+        above = [g for g, (s, f) in enumerate(zip(slots, floors, strict=True)) if s - granularity >= f]
+        g = max(above, key=lambda i: slots[i] / typical[i])
+        slots[g] -= granularity
+
+
+def _granules_up_to(slots: int, typical: int, gran: int, level: int, level_typical: int, tie: bool) -> int:
+    """Granules a group at ``slots`` takes before its share ``slots / typical`` passes the
+    share ``level / level_typical`` (reaching it too when ``tie``: it wins ties)."""
+    num, den = level * typical - slots * level_typical, gran * level_typical
+    if num < 0:
+        return 0
+    return -(-num // den) + (1 if tie and num % den == 0 else 0)
+
+
+def _spread_leftover(slot_bytes: tuple[int, ...], typical: tuple[int, ...], quota: int, granularity: int,
+                     slots: list[int]) -> None:
+    """Leftover granules one at a time to the group furthest below its share (lowest
+    slots / typical, ties to the lower id); a group leaves for good at the first granule it
+    cannot pay for. Computed in bulk: each pass takes the longest run of that order the
+    leftover pays for, then drops the group whose granule comes next (<= one pass per group)."""
+    live = [g for g, d in enumerate(typical) if d > 0]
+    left = quota - sum(b * s for b, s in zip(slot_bytes, slots, strict=True))
+
+    def run(k: int, level: int) -> tuple[list[int], int]:  # granules per live group up to (level, k)
+        n = [_granules_up_to(slots[g], typical[g], granularity, level, typical[k], g <= k) for g in live]
+        return n, sum(slot_bytes[g] * granularity * c for g, c in zip(live, n, strict=True))
+
+    while live:
+        best: tuple[int, int] | None = None  # (group, level) of the last granule the run pays for
+        for k in live:
+            lo, hi = -1, left // (slot_bytes[k] * granularity)  # k's granule j ends at slots[k] + j * gran
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if run(k, slots[k] + mid * granularity)[1] <= left else (lo, mid - 1)
+            level = slots[k] + lo * granularity
+            if lo >= 0 and (best is None or (level * typical[best[0]], k) > (best[1] * typical[k], best[0])):
+                best = (k, level)
+        if best is not None:
+            counts, spent = run(*best)
+            for g, c in zip(live, counts, strict=True):
+                slots[g] += c * granularity
+            left -= spent
+        live.remove(min(live, key=lambda g: (Fraction(slots[g], typical[g]), g)))  # the next granule: unpaid
 
 
 def plan(

@@ -21,7 +21,7 @@ from hybridkv.models import load_model
 from hybridkv.planner import DEFAULT_MAX_BATCH_SIZE, DEFAULT_TOKENS_PER_BLOCK, PlanSpec, default_max_seq_len
 from hybridkv.scheduler.scheduler import POLICIES
 from hybridkv.sim.baseline import PLANNERS
-from hybridkv.sim.cost import GPUS, CostModel
+from hybridkv.sim.cost import GPUS, MAX_ACTIVE_PARAMS, CostModel
 from hybridkv.sim.plot import plot_occupancy, require_matplotlib
 from hybridkv.sim.result import format_table
 from hybridkv.sim.simulator import SimConfig, SimProgress, simulate
@@ -30,7 +30,7 @@ from hybridkv.specs import parse_batch, parse_size, parse_tokens
 
 FILE_DEFAULT_ACTIVE_PARAMS = 8e9
 PROGRESS_INTERVAL_S = 0.25
-_PARAMS = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([KMBT]?)\s*$", re.IGNORECASE)
+_PARAMS = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e\d+)?)\s*([KMBT]?)\s*$", re.IGNORECASE | re.ASCII)
 
 
 def parse_params(text: str) -> float:
@@ -41,6 +41,8 @@ def parse_params(text: str) -> float:
     value = float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}[m.group(2).upper()]
     if value <= 0:
         raise ConfigError(f"--active-params must be > 0, got {text!r}")
+    if not value <= MAX_ACTIVE_PARAMS:  # 1e400 reads as infinity
+        raise ConfigError(f"--active-params must be <= {MAX_ACTIVE_PARAMS:g}, got {text.strip()!r:.40}")
     return value
 
 

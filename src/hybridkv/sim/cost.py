@@ -28,6 +28,7 @@ Peak numbers: dense bf16 tensor-core FLOP/s and HBM bandwidth from the vendor da
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +41,7 @@ from hybridkv.types import LifeCycleKind
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 KV_ELEMENT_BYTES = 2  # bf16 keys and values (the attention FLOP estimate only)
+MAX_ACTIVE_PARAMS = 1e15  # a thousand times the largest models: step times stay finite
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,11 +124,11 @@ class CostModel:
     kv: LiveKvBytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not self.active_params > 0:
-            raise ConfigError(f"--active-params must be > 0, got {self.active_params}")
-        if not (0 < self.mfu <= 1 and 0 < self.mbu <= 1):
+        if not 0 < self.active_params <= MAX_ACTIVE_PARAMS:
+            raise ConfigError(f"--active-params must be > 0 and <= {MAX_ACTIVE_PARAMS:g}, got {self.active_params:g}")
+        if not (0 < self.mfu <= 1 and 0 < self.mbu <= 1):  # NaN fails these too
             raise ConfigError(f"mfu and mbu must be in (0, 1], got {self.mfu} and {self.mbu}")
-        if self.overhead_s < 0:
+        if not 0 <= self.overhead_s < math.inf:
             raise ConfigError(f"overhead_s must be >= 0, got {self.overhead_s}")
         object.__setattr__(self, "kv", LiveKvBytes(self.layout))  # derived once (frozen)
 

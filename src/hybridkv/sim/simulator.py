@@ -27,9 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from hybridkv.errors import ConfigError, InvariantError
+from hybridkv.limits import check_max
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
 from hybridkv.manager.tiers import StorageConfig
-from hybridkv.planner import PlanSpec
+from hybridkv.planner import PlanSpec, PoolPlan
 from hybridkv.scheduler.request import SeqRequest, Status, Tracked
 from hybridkv.scheduler.scheduler import POLICIES, Scheduler, SchedulerConfig, StepPlan
 from hybridkv.sim.baseline import PLANNERS
@@ -39,6 +40,12 @@ from hybridkv.sim.workloads import Workload
 from hybridkv.types import Tier
 
 PROGRESS_EVERY_STEPS = 64
+# What one simulation holds in memory; far above the shipped workloads (issue-15401: 64 x 8.6k
+# table entries, 8.8M tokens), far below what a laptop runs out of.
+MAX_SIM_SEQ_LEN = 1 << 24  # the scheduler evaluates a request's demand at every position
+MAX_SIM_SLOTS = 1 << 24  # bookkeeping arrays per slot, GPU and host
+MAX_SIM_TABLE_ENTRIES = 1 << 26  # block-table entries per layer group: max_batch_size x blocks
+MAX_SIM_TOKENS = 1 << 28  # token ids of every session of the workload
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +81,21 @@ class SimProgress:
     sim_seconds: float
 
 
+def check_simulable(spec: PlanSpec, workload: Workload, plan: PoolPlan) -> None:
+    """ConfigError naming the option when the run would hold more than the MAX_SIM_* bounds
+    (a plan alone takes any size; a simulation allocates per slot, row, position and token)."""
+    check_max("simulate: --max-seq-len", spec.max_seq_len, MAX_SIM_SEQ_LEN, "simulate shorter requests")
+    blocks = -(-spec.max_seq_len // spec.tokens_per_block)
+    check_max(f"simulate: --max-batch-size ({spec.max_batch_size}) x blocks of --max-seq-len ({blocks})",
+              spec.max_batch_size * blocks, MAX_SIM_TABLE_ENTRIES, "lower either, or raise --tokens-per-block")
+    slots = sum(plan.slots) + sum(pg.host_slots for pg in plan.pool_groups)
+    check_max(f"simulate: slots of the plan ({plan.slots} GPU)", slots, MAX_SIM_SLOTS,
+              "lower --gpu-mem / --host-mem, or raise --tokens-per-block")
+    tokens = sum(max((t.prompt_tokens + t.max_new_tokens for t in s.turns), default=0) for s in workload.sessions)
+    check_max("simulate: tokens of the workload's sessions", tokens, MAX_SIM_TOKENS,
+              "lower --requests or --max-seq-len")
+
+
 class Simulator:
     """One run: build the plan, the manager and the scheduler; ``run()`` once."""
 
@@ -83,6 +105,7 @@ class Simulator:
         self.config = config or SimConfig()
         choice = PLANNERS[self.config.planner]
         self.plan = choice.build(spec)
+        check_simulable(spec, workload, self.plan)
         self.manager = KVCacheManager(self.plan, ManagerConfig(
             max_active_requests=spec.max_batch_size, storage=StorageConfig(with_data=False)))
         self.scheduler = Scheduler(self.manager, SchedulerConfig(

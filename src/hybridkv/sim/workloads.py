@@ -27,12 +27,17 @@ multi-turn workload holds exactly that many requests over its conversations.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from hybridkv.errors import ConfigError
+from hybridkv.limits import MAX_REQUESTS, check_max
+
+MAX_SEED = (1 << 64) - 1
+MIN_RATE_PER_S, MAX_RATE_PER_S = 1e-6, 1e9  # a session every 11.6 days .. every nanosecond: times stay finite
 
 Rng = np.random.Generator
 
@@ -70,11 +75,17 @@ class WorkloadSpec:
             raise ConfigError(f"unknown workload {self.name!r}; use one of {', '.join(WORKLOADS)}")
         if self.num_requests is not None and self.num_requests < 1:
             raise ConfigError(f"--requests must be >= 1, got {self.num_requests}")
+        check_max("--requests", self.num_requests or 0, MAX_REQUESTS, "simulate fewer requests")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"--seed must be in [0, 2^64 - 1] (NumPy seeds are unsigned), got {self.seed}")
         if self.max_seq_len < 2 or self.tokens_per_block < 1:
             raise ConfigError(f"workload needs max_seq_len >= 2 and tokens_per_block >= 1, got "
                               f"{self.max_seq_len} and {self.tokens_per_block}")
-        if self.rate_per_s is not None and not self.rate_per_s > 0:
-            raise ConfigError(f"--rate must be > 0 requests/s, got {self.rate_per_s}")
+        if self.rate_per_s is not None and not (math.isfinite(self.rate_per_s) and self.rate_per_s > 0):
+            raise ConfigError(f"--rate must be > 0 requests/s and finite, got {self.rate_per_s}")
+        if self.rate_per_s is not None and not MIN_RATE_PER_S <= self.rate_per_s <= MAX_RATE_PER_S:
+            raise ConfigError(f"--rate must be in [{MIN_RATE_PER_S:g}, {MAX_RATE_PER_S:g}] per second so that "
+                              f"arrival times stay finite, got {self.rate_per_s:g}")
 
 
 @dataclass(frozen=True, slots=True)

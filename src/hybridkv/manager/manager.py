@@ -52,6 +52,14 @@ class ManagerConfig:
             raise ConfigError(f"unknown eviction_policy {self.eviction_policy!r}; use one of {sorted(POLICIES)}")
 
 
+class StepResult(NamedTuple):
+    """What ``try_step`` did: the step's tables, or None and the GPU slots per pool group it
+    lacked (all zero when it ran)."""
+
+    tables: StepTables | None
+    short: list[int]
+
+
 class StepCheck(NamedTuple):
     """A step worked out against the current state without changing it: the batch's rows and
     new lengths, each layer group's page changes, the exact slot need, and how the room would
@@ -274,11 +282,20 @@ class KVCacheManager:
         """Move every request of the batch to its new (capacity, history): release stale window
         blocks, allocate new blocks, evict suspended caches if needed. All or nothing: None
         (nothing changed) when the pages do not exist even after eviction."""
+        return self.try_step(handles, capacity, history).tables
+
+    def try_step(self, handles: npt.ArrayLike, capacity: npt.ArrayLike, history: npt.ArrayLike) -> StepResult:
+        """``step``, answering a refusal with what is short: the tables, or None and the GPU
+        slots per pool group the step lacks (as ``shortfall`` says), having changed nothing.
+        One planning pass serves both the question and the step."""
         check = self._check_step(handles, capacity, history)
         if check.room is None:
-            return None
+            return StepResult(None, [max(0, s) for s in check.short])
+        return StepResult(self._apply_step(check, check.room), [0] * len(self.grouped.pool_groups))
+
+    def _apply_step(self, check: StepCheck, room: moves.RoomPlan) -> StepTables:
         gpu = self.tiers.allocators[Tier.GPU]
-        moves.apply_moves(self, check.room)
+        moves.apply_moves(self, room)
         paging.apply_frees(self.grouped, self.rows, check.deltas, gpu)
         moves.evict_cached(self, check.need.fill)
         paging.apply_grows(self.grouped, self.rows, check.deltas, gpu)

@@ -175,22 +175,24 @@ class Scheduler:
         adm_h, adm_c, adm_hist = self._admit(free_after, 0 if made_room else budget)
         hs, c = np.concatenate([hs, adm_h]), np.concatenate([h_new + tokens, adm_c])
         hist = np.concatenate([h_new, adm_hist])
-        hs, c, hist = self._agree_with_manager(hs, c, hist, adm_h.size)
-        tables = m.step(hs, c, hist)
-        if tables is None:
-            raise InvariantError("the manager refused a step it said would fit")
-        return StepPlan(hs, c, hist, c - hist, tables)
+        return self._step_agreed(hs, c, hist, adm_h.size)
 
-    def _agree_with_manager(self, hs: I64, c: I64, hist: I64, admitted: int) -> tuple[I64, I64, I64]:
-        """Ask the manager whether the step fits before taking it. Without shared pages the
-        demand function is exact and it always does; with them (prefix hits, forks) a page one
-        request releases may still be held by another, so per-request demand can overstate the
-        room. Then give way: the latest admitted request goes back to the queue unharmed, then
-        the latest arrival is suspended or preempted, and the head alone shrinks its chunk."""
+    def _step_agreed(self, hs: I64, c: I64, hist: I64, admitted: int) -> StepPlan:
+        """Take the step, the manager answering a refusal with what is short. Without shared
+        pages the demand function is exact and the step always fits; with them (prefix hits,
+        forks) a page one request releases may still be held by another, so per-request
+        demand can overstate the room. Then give way: the latest admitted request goes back
+        to the queue unharmed, then the latest arrival is suspended or preempted, and the head
+        alone halves its chunk (it cannot be short at one token: docs/ARCHITECTURE.md)."""
         m = self.manager
-        if not any(a.shared for a in m.tiers.allocators[Tier.GPU]):
-            return hs, c, hist
-        while any(m.shortfall(hs, c, hist)):
+        sharing = any(a.shared for a in m.tiers.allocators[Tier.GPU])
+        while True:
+            result = m.try_step(hs, c, hist)
+            if result.tables is not None:
+                return StepPlan(hs, c, hist, c - hist, result.tables)
+            if not sharing:
+                raise InvariantError("the manager refused a step the demand function accepted "
+                                     f"(short {result.short} slots per pool group)")
             if admitted:
                 i = hs.size - 1
                 self._unadmit(self.by_handle[int(hs[i])])
@@ -206,7 +208,6 @@ class Scheduler:
                 continue
             keep = np.arange(hs.size) != i
             hs, c, hist = hs[keep], c[keep], hist[keep]
-        return hs, c, hist
 
     def _unadmit(self, t: Tracked) -> None:
         """Undo this step's admission of ``t`` (it has computed nothing since): back to the

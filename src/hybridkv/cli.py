@@ -39,9 +39,8 @@ def _print_error(message: str) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # argparse's own errors: same exit code, no traceback
-        self.print_usage(sys.stderr)
-        _print_error(message)
+    def error(self, message: str) -> Any:  # argparse's own errors: one line, same exit code, no traceback
+        _print_error(f"{message} (see `{self.prog} --help`)")
         raise SystemExit(EXIT_USAGE)
 
 

@@ -10,7 +10,8 @@ from hybridkv.errors import CapacityError, ConfigError, HybridKVError, Invariant
 from hybridkv.grouping import GroupedLayout, LayerGroup, PoolGroup, group_layers
 from hybridkv.layout import BufferSpec, LayerSpec, ModelLayout
 from hybridkv.lifecycle import LifeCycle, live_blocks, stale_range, worst_decode_blocks
-from hybridkv.manager.manager import CacheLengths, KVCacheManager, ManagerConfig
+from hybridkv.manager.manager import CacheLengths, KVCacheManager, ManagerConfig, StepResult
+from hybridkv.manager.prefix import PrefixCache, PrefixHit
 from hybridkv.manager.state import RequestState
 from hybridkv.manager.step_tables import StepTables
 from hybridkv.manager.tiers import StorageConfig
@@ -18,17 +19,17 @@ from hybridkv.models import load_model
 from hybridkv.planner import PlanSpec, PoolGroupPlan, PoolPlan, plan
 from hybridkv.report import ideal_concurrency, max_concurrency, max_seq_len_at, plan_json
 from hybridkv.reuse import EventQueue, ReuseScope
-from hybridkv.scheduler.request import SeqRequest
-from hybridkv.scheduler.scheduler import Scheduler, SchedulerConfig
+from hybridkv.scheduler.request import SeqRequest, Status, Tracked
+from hybridkv.scheduler.scheduler import Scheduler, SchedulerConfig, StepPlan
 from hybridkv.types import GIB, KIB, MIB, LifeCycleKind, Tier
 
 __all__ = [
     "GIB", "KIB", "MIB",
     "Batch", "BufferSpec", "CacheLengths", "CapacityError", "ConfigError", "EventQueue", "GroupedLayout",
     "HybridKVError", "InvariantError", "KVCacheManager", "LayerGroup", "LayerSpec", "LifeCycle", "LifeCycleKind",
-    "ManagerConfig", "ModelLayout", "PlanSpec", "PoolGroup", "PoolGroupPlan", "PoolPlan", "RequestState",
-    "ReuseScope", "Scheduler", "SchedulerConfig", "SeqRequest", "StepTables", "StorageConfig", "Tier",
-    "UsageError",
+    "ManagerConfig", "ModelLayout", "PlanSpec", "PoolGroup", "PoolGroupPlan", "PoolPlan", "PrefixCache",
+    "PrefixHit", "RequestState", "ReuseScope", "Scheduler", "SchedulerConfig", "SeqRequest", "Status", "StepPlan",
+    "StepResult", "StepTables", "StorageConfig", "Tier", "Tracked", "UsageError",
     "batch_demand", "concurrent_decode_demand", "demand", "group_layers", "ideal_concurrency",
     "live_blocks", "load_model", "max_concurrency", "max_seq_len_at", "plan", "plan_json",
     "stale_range", "worst_decode_blocks", "worst_request_demand",

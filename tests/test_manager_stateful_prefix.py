@@ -583,7 +583,6 @@ def test_prefix_cache_state_machine(request: pytest.FixtureRequest) -> None:
 
 # ---- regression tests ------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=False, reason="issue 9 bug 1")
 def test_refused_step_would_fit_after_dropping_cached_pages_and_moving_a_suspended_cache() -> None:
     """Bug 1: a step needing 5 slots with 1 free, 2 cache-only pages and a 3-page suspended
     cache that fits the host was refused, after the prefix cache had already moved pages."""
@@ -615,7 +614,6 @@ def test_refused_step_would_fit_after_dropping_cached_pages_and_moving_a_suspend
     e.verify()
 
 
-@pytest.mark.xfail(strict=False, reason="issue 9 bug 4")
 def test_shared_window_blocks_released_by_both_holders_in_one_step() -> None:
     """Bug 4: a page two caches drop in the same step lost one reference only (leaked)."""
     lay = ModelLayout("w", (attention_layer(1, 8, 1, LifeCycle.sliding(8)),))
@@ -642,7 +640,6 @@ def test_shared_window_blocks_released_by_both_holders_in_one_step() -> None:
     assert m.tiers.free_slots(Tier.GPU)[0] == free  # 2 shared pages back, 2 new ones for blocks 6
 
 
-@pytest.mark.xfail(strict=False, reason="issue 9 bug 5")
 def test_fork_of_an_ssm_cache_after_a_decode_step() -> None:
     """Bug 5: at capacity 5, history 4 the SSM state has seen 5 tokens; a fork at 4 must refuse
     (UsageError, nothing changed) or hand over a state at 4 tokens, never the state at 5."""
@@ -665,7 +662,6 @@ def test_fork_of_an_ssm_cache_after_a_decode_step() -> None:
     e.verify()  # the child's state must read as the state after 4 tokens
 
 
-@pytest.mark.xfail(strict=False, reason="found by the prefix state machine: drop_lower drops pages an open is reusing")
 def test_open_keeps_the_host_pages_it_reuses_while_a_suspended_cache_moves_down() -> None:
     """A hit on a page cached on the host, with the GPU full of a suspended cache: making room
     moves that cache to the host, whose only room is cached pages, the hit's own among them.

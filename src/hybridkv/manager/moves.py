@@ -46,6 +46,7 @@ class RoomPlan(NamedTuple):
     frees (``evict_cached``), which may use only the host room the moves leave."""
 
     victims: list[tuple[SuspendedCache, Tier]]
+    keep: list[bytes] | None = None  # keys of a match being served: their pages stay, on every tier
 
 
 def plan_room(m: KVCacheManager, deficit: list[int], exclude: int | None = None, keep: list[bytes] | None = None,
@@ -55,35 +56,36 @@ def plan_room(m: KVCacheManager, deficit: list[int], exclude: int | None = None,
     cache alone), then suspended caches in policy order. Returns (the plan, or None when it
     cannot be done; the deficit left after the cache-only pages). Pure."""
     if all(d <= 0 for d in deficit):
-        return RoomPlan([]), deficit
+        return RoomPlan([], keep), deficit
     cached = m.prefix.evictable_counts(keep) if m.prefix is not None else [0] * len(deficit)
     if cache_only_after is not None:
         cached = [c + a for c, a in zip(cached, cache_only_after, strict=True)]
     rest = [d - c for d, c in zip(deficit, cached, strict=True)]
-    victims = plan_suspended(m, rest, exclude)
-    return (None if victims is None else RoomPlan(victims)), rest
+    victims = plan_suspended(m, rest, exclude, keep)
+    return (None if victims is None else RoomPlan(victims, keep)), rest
 
 
 def apply_moves(m: KVCacheManager, room: RoomPlan) -> None:
     for victim, tier in room.victims:
-        move_down(m, victim, tier)
+        move_down(m, victim, tier, room.keep)
         m.counters.evictions += 1
 
 
-def lower_room(m: KVCacheManager, tier: Tier) -> list[int]:
+def lower_room(m: KVCacheManager, tier: Tier, keep: list[bytes] | None = None) -> list[int]:
     """Slots per pool group a suspended cache moving down to ``tier`` may use: free ones, and
-    those the prefix cache holds there for pages nobody uses (dropped to make the room)."""
+    those the prefix cache holds there for pages nobody uses (dropped to make the room),
+    except the pages of ``keep`` (a match being served)."""
     free = m.tiers.free_slots(tier)
     if m.prefix is None:
         return free
-    return [f + r for f, r in zip(free, m.prefix.lower_room(tier), strict=True)]
+    return [f + r for f, r in zip(free, m.prefix.lower_room(tier, keep), strict=True)]
 
 
-def move_down(m: KVCacheManager, cache: SuspendedCache, dst: Tier) -> None:
+def move_down(m: KVCacheManager, cache: SuspendedCache, dst: Tier, keep: list[bytes] | None = None) -> None:
     """Move a suspended cache to a lower tier, dropping cached pages there if it needs their
     room (the caller checked ``lower_room``)."""
     if m.prefix is not None:
-        m.prefix.drop_lower(dst, pages_per_pool(m, cache))
+        m.prefix.drop_lower(dst, pages_per_pool(m, cache), keep)
     move(m, cache, dst)
 
 
@@ -107,14 +109,14 @@ def make_room(m: KVCacheManager, need: list[int], exclude: int | None = None, ke
     return True
 
 
-def plan_suspended(m: KVCacheManager, deficit: list[int],
-                   exclude: int | None = None) -> list[tuple[SuspendedCache, Tier]] | None:
+def plan_suspended(m: KVCacheManager, deficit: list[int], exclude: int | None = None,
+                   keep: list[bytes] | None = None) -> list[tuple[SuspendedCache, Tier]] | None:
     """Suspended GPU caches to move down (policy order) so their sole pages cover ``deficit``,
     each to the first lower tier with room left by the ones before; None if they cannot."""
     if all(d <= 0 for d in deficit):
         return []
     lower = (Tier.HOST, Tier.DISK)
-    free = {t: lower_room(m, t) for t in lower}
+    free = {t: lower_room(m, t, keep) for t in lower}
     remaining, victims = list(deficit), []
     candidates = (c for c in m.suspended.values() if c.tier is Tier.GPU and c.handle != exclude)
     for cache in m.policy.order(candidates):

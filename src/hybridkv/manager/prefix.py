@@ -274,16 +274,19 @@ class PrefixCache:
             freed[pg] = int(rows.size)
         return freed
 
-    def lower_room(self, tier: Tier) -> list[int]:
-        """Per pool group, slots of a lower tier its cached pages could give up: O(1)."""
-        return self.pins_on[tier].reclaimable()
+    def lower_room(self, tier: Tier, keep: list[bytes] | None = None) -> list[int]:
+        """Per pool group, slots of a lower tier its cached pages could give up (those of
+        ``keep``, a match being served, excepted)."""
+        pins = self.pins_on[tier]
+        return [r - p for r, p in zip(pins.reclaimable(), pins.protected(keep), strict=True)]
 
-    def drop_lower(self, tier: Tier, need: list[int]) -> None:
-        """Drop cached pages on a lower tier (eviction order) until ``need`` slots per pool
-        group are free there, to make room for a suspended cache moving down."""
+    def drop_lower(self, tier: Tier, need: list[int], keep: list[bytes] | None = None) -> None:
+        """Drop cached pages on a lower tier (eviction order, ``keep``'s excepted) until
+        ``need`` slots per pool group are free there, to make room for a suspended cache
+        moving down."""
         for pg, (n, f) in enumerate(zip(need, self.m.tiers.free_slots(tier), strict=True)):
             if n > f:
-                victims = self.pins_on[tier].take(pg, n - f, set())
+                victims = self.pins_on[tier].take(pg, n - f, set(keep or ()))
                 self._drop(tier, pg, np.array([r for r, _ in victims], np.int64),
                            np.array([s for _, s in victims], np.int64))
 

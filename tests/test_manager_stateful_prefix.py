@@ -33,165 +33,18 @@ from hypothesis.stateful import (
 
 from conftest import snapshot
 from hybridkv.errors import UsageError
-from hybridkv.fake_engine import FakeEngine, tag
+from hybridkv.fake_engine import FakeEngine
 from hybridkv.grouping import group_layers
 from hybridkv.layout import BufferSpec, LayerSpec, ModelLayout, attention_layer, ssm_layer
 from hybridkv.lifecycle import LifeCycle, keep_start, live_blocks, sink_blocks
 from hybridkv.manager.manager import CacheLengths, KVCacheManager, ManagerConfig
-from hybridkv.manager.paging import expand
 from hybridkv.manager.state import RequestState
 from hybridkv.manager.tiers import StorageConfig
 from hybridkv.planner import PlanSpec, compute_floors, plan
-from hybridkv.reuse import CachedEntry
 from hybridkv.types import Tier
 
 I64 = npt.NDArray[np.int64]
 ACTIVE, SUSPENDED, CLOSED = RequestState.ACTIVE, RequestState.SUSPENDED, RequestState.CLOSED
-
-
-class ReuseFake(FakeEngine):
-    """The fake engine with writers kept per (layer group, position) instead of per block key.
-
-    Why: with prefix reuse and forks together, one cache holds positions that different
-    requests wrote: a fork of a prefix-cache hit (the base engine's fork chain does not follow
-    the donor's own hits), a partly copied block that is later published, a key dropped from
-    one layer group and republished by another request while the other groups keep the first
-    writer's page (the base engine keeps one writer per key). ``who[h][g, p]`` names the request
-    whose tag position ``p`` of layer group ``g`` of cache ``h`` holds (for an SSM group, the
-    state's writer sits at ``p = tokens seen - 1``). ``verify`` also reads back every page the
-    prefix index holds, on whichever tier it sits.
-    """
-
-    def __init__(self, m: KVCacheManager) -> None:
-        super().__init__(m)
-        self.groups = m.grouped.layer_groups
-        self.shape = (len(self.groups), m.max_seq_len)
-        self.who: dict[int, I64] = {}
-        self.entry_who: dict[tuple[bytes, int], I64] = {}  # (key, layer group) -> writer per block position
-
-    def writers(self, h: int) -> I64:
-        if h not in self.who:
-            self.who[h] = np.full(self.shape, h, np.int64)
-        return self.who[h]
-
-    def step(self, handles: list[int], capacity: list[int], history: list[int]) -> bool:
-        """``manager.step``, then tag positions [history, capacity). An SSM state moves to
-        ``capacity`` tokens only when that differs from where it stands: a step that leaves a
-        forked child at its fork point runs nothing, so the donor's state stays."""
-        seen = np.array([self.written.get(x, 0) for x in handles], np.int64)
-        tables = self.m.step(handles, capacity, history)
-        if tables is None:
-            return False
-        h = np.asarray(handles, np.int64)
-        c, hist = np.asarray(capacity, np.int64), np.asarray(history, np.int64)
-        for lg in self.groups:
-            table, words = tables.block_table(lg.id), self._words(Tier.GPU, lg.pool_group)
-            if lg.life_cycle.is_ssm:
-                live = np.flatnonzero((c > 0) & (c != seen))
-                self._write_state(words, table[live, 0].astype(np.int64), h[live], c[live], self.specs[lg.id])
-                for i in live.tolist():
-                    self.writers(int(h[i]))[lg.id, c[i] - 1] = h[i]
-                continue
-            batch_idx, pos = expand(np.arange(h.size, dtype=np.int64), hist, c - hist)
-            slots = table[batch_idx, pos // self.tpb].astype(np.int64)
-            for bi, spec in enumerate(self.specs[lg.id]):
-                words.set(slots, (spec.offset + (pos % self.tpb) * spec.bytes_per_token) // 8,
-                          tag(h[batch_idx], spec.layer_id, bi, pos))
-            for x, cap, start in zip(h.tolist(), c.tolist(), hist.tolist(), strict=True):
-                self.writers(x)[lg.id, start:cap] = x
-        for x, cap in zip(h.tolist(), c.tolist(), strict=True):
-            self.written[x] = cap
-        return True
-
-    def fork(self, donor: int, tokens: int) -> int | None:
-        child = self.m.fork(donor, tokens)  # type: ignore[arg-type]
-        if child is not None:
-            w = self.writers(donor).copy()
-            w[:, tokens:] = child
-            self.who[int(child)], self.written[int(child)] = w, tokens
-        return child
-
-    def publish(self, handle: int, tokens: npt.ArrayLike, upto: int) -> int:
-        """``prefix.publish``; each entry it adds holds what ``handle`` holds at that block."""
-        index = self._prefix().index
-        before = {(e.key, int(e.layer_group)) for e in index.entries()}
-        pinned = self._prefix().publish(handle, tokens, upto)  # type: ignore[arg-type]
-        for e in index.entries():
-            g, o = int(e.layer_group), int(e.ordinal)
-            if (e.key, g) not in before:
-                self.entry_who[(e.key, g)] = self.writers(handle)[g, o * self.tpb:(o + 1) * self.tpb].copy()
-        return pinned
-
-    def open_with_prefix(self, tokens: npt.ArrayLike) -> tuple[int, int] | None:
-        """``prefix.open``; each reused page (or SSM snapshot) reads as its entry's writers wrote it."""
-        prefix = self._prefix()
-        opened = prefix.open(tokens)
-        if opened is None:
-            return None
-        h, reused = int(opened[0]), opened[1]
-        keys = prefix.keys(np.asarray(tokens)[:reused])
-        w = self.writers(h)
-        row = int(self.m.row_of([h])[0])
-        for lg in self.groups:
-            if lg.life_cycle.is_ssm:
-                if reused and (keys[-1], lg.id) in self.entry_who:
-                    w[lg.id, reused - 1] = self.entry_who[(keys[-1], lg.id)][-1]
-                continue
-            for o in self.m.rows.pages(row, lg.id)[0].tolist():
-                if prefix.index.entry(keys[o], lg.id) is not None:  # else: left as h, verify flags it
-                    w[lg.id, o * self.tpb:(o + 1) * self.tpb] = self.entry_who[(keys[o], lg.id)]
-        self.written[h] = reused
-        return h, reused
-
-    def forget(self, handle: int) -> None:
-        self.written.pop(handle, None)
-        self.who.pop(handle, None)
-
-    def _prefix(self) -> Any:
-        assert self.m.prefix is not None
-        return self.m.prefix
-
-    def verify(self) -> int:
-        """Every live position of every cache, and every page of the prefix index."""
-        m, checked = self.m, 0
-        for row in range(m.rows.n):
-            pages = [m.rows.pages(row, lg.id) for lg in self.groups]
-            checked += self._cache(int(m.rows.handle[row]), Tier.GPU, pages)
-        for handle, cache in m.suspended.items():
-            checked += self._cache(handle, cache.tier, list(zip(cache.ordinals, cache.slots, strict=True)))
-        for e in self._prefix().index.entries():
-            checked += self._entry(e)
-        return checked
-
-    def _cache(self, handle: int, tier: Tier, pages: list[tuple[I64, Any]]) -> int:
-        written, w, checked = self.written.get(handle, 0), self.writers(handle), 0
-        for lg in self.groups:
-            ordinals, slots = pages[lg.id]
-            if ordinals.size == 0:
-                continue
-            words, specs = self._words(tier, lg.pool_group), self.specs[lg.id]
-            if lg.life_cycle.is_ssm:
-                seen = np.array([written])
-                checked += self._check(words, slots.astype(np.int64), specs, w[lg.id, seen - 1],
-                                       lambda s: np.array([s.offset // 8]), seen)
-                continue
-            pos = (ordinals[:, None] * self.tpb + np.arange(self.tpb)[None, :]).ravel()
-            keep = pos < written
-            pos, slot = pos[keep], np.repeat(slots.astype(np.int64), self.tpb)[keep]
-            checked += self._check(words, slot, specs, w[lg.id, pos],
-                                   lambda s, p=pos: (s.offset + (p % self.tpb) * s.bytes_per_token) // 8, pos)
-        return checked
-
-    def _entry(self, e: CachedEntry) -> int:
-        lg, o, tpb = self.groups[int(e.layer_group)], int(e.ordinal), self.tpb
-        words, specs = self._words(e.tier, lg.pool_group), self.specs[lg.id]
-        w = self.entry_who[(e.key, lg.id)]
-        if lg.life_cycle.is_ssm:  # a snapshot of the state after the entry's block
-            return self._check(words, np.array([e.slot], np.int64), specs, w[-1:],
-                               lambda s: np.array([s.offset // 8]), np.array([(o + 1) * tpb]))
-        pos = o * tpb + np.arange(tpb)
-        return self._check(words, np.full(tpb, e.slot, np.int64), specs, w,
-                           lambda s: (s.offset + (pos % tpb) * s.bytes_per_token) // 8, pos)
 
 
 # ---- the state machine ----------------------------------------------------------------------
@@ -236,7 +89,7 @@ class PrefixMachine(RuleBasedStateMachine):
         storage = StorageConfig(disk_bytes=int(need * disk), disk_directory=self.directory)
         self.m = KVCacheManager(p, ManagerConfig(max_active_requests=max_active, storage=storage))
         self.pc = self.m.enable_prefix_cache(offload_to_host=offload_to_host)
-        self.fake = ReuseFake(self.m)
+        self.fake = FakeEngine(self.m)
         self.tpb, self.max_seq_len = tpb, max_seq_len
         self.has_ssm = any(lg.life_cycle.is_ssm for lg in self.m.grouped.layer_groups)
         self.state: dict[int, RequestState] = {}

@@ -22,7 +22,9 @@ import numpy.typing as npt
 from hybridkv.errors import ConfigError, InvariantError
 from hybridkv.manager.manager import KVCacheManager
 from hybridkv.manager.paging import expand
+from hybridkv.manager.prefix import PrefixCache
 from hybridkv.manager.rows import NULL_SLOT
+from hybridkv.reuse import CachedEntry
 from hybridkv.storage.pages import PageSpec, page_specs
 from hybridkv.types import Tier
 
@@ -60,20 +62,156 @@ class _Words:
 
 
 class FakeEngine:
-    """Drives a KVCacheManager and checks every byte it wrote through the tables."""
+    """Drives a KVCacheManager and checks every byte it wrote through the tables.
 
-    def __init__(self, manager: KVCacheManager) -> None:
-        self.m = manager
-        self.tpb = manager.tokens_per_block
-        self.specs = [page_specs(manager.grouped, lg.id) for lg in manager.grouped.layer_groups]
+    It keeps, per cache, which request's tag each position of each layer group holds (for an
+    SSM group the state's writer sits at ``p = tokens seen - 1``), and per cached entry the
+    writers of its block: with forks and prefix reuse together one cache holds positions that
+    different requests wrote (a fork of a prefix-cache hit, a partly copied block published
+    later, a key dropped from one layer group and republished by another request).
+    ``verify`` reads back every live position of every cache and every page the prefix index
+    holds, on whichever tier it sits.
+    """
+
+    def __init__(self, m: KVCacheManager) -> None:
+        self.m = m
+        self.tpb = m.tokens_per_block
+        self.specs = [page_specs(m.grouped, lg.id) for lg in m.grouped.layer_groups]
         for specs in self.specs:
             for s in specs:
                 if s.offset % 8 or (s.bytes_per_token or s.page_bytes) % 8:
                     raise ConfigError("the fake engine needs 8-byte multiples for every page size")
         self.written: dict[int, int] = {}  # handle -> positions [0, n) carry tags
-        self.origin: dict[int, tuple[int, int]] = {}  # forked handle -> (donor, shared tokens)
-        self.block_writer: dict[bytes, int] = {}  # published block key -> request that wrote it
-        self.reused: dict[int, npt.NDArray[np.int64]] = {}  # handle -> writer of each reused block
+        self.groups = m.grouped.layer_groups
+        self.shape = (len(self.groups), m.max_seq_len)
+        self.who: dict[int, I64] = {}
+        self.entry_who: dict[tuple[bytes, int], I64] = {}  # (key, layer group) -> writer per block position
+
+    def writers(self, h: int) -> I64:
+        if h not in self.who:
+            self.who[h] = np.full(self.shape, h, np.int64)
+        return self.who[h]
+
+    def step(self, handles: list[int], capacity: list[int], history: list[int]) -> bool:
+        """``manager.step``, then tag positions [history, capacity). An SSM state moves to
+        ``capacity`` tokens only when that differs from where it stands: a step that leaves a
+        forked child at its fork point runs nothing, so the donor's state stays."""
+        seen = np.array([self.written.get(x, 0) for x in handles], np.int64)
+        tables = self.m.step(handles, capacity, history)
+        if tables is None:
+            return False
+        h = np.asarray(handles, np.int64)
+        c, hist = np.asarray(capacity, np.int64), np.asarray(history, np.int64)
+        for lg in self.groups:
+            table, words = tables.block_table(lg.id), self._words(Tier.GPU, lg.pool_group)
+            if lg.life_cycle.is_ssm:
+                live = np.flatnonzero((c > 0) & (c != seen))
+                self._write_state(words, table[live, 0].astype(np.int64), h[live], c[live], self.specs[lg.id])
+                for i in live.tolist():
+                    self.writers(int(h[i]))[lg.id, c[i] - 1] = h[i]
+                continue
+            batch_idx, pos = expand(np.arange(h.size, dtype=np.int64), hist, c - hist)
+            slots = table[batch_idx, pos // self.tpb].astype(np.int64)
+            for bi, spec in enumerate(self.specs[lg.id]):
+                words.set(slots, (spec.offset + (pos % self.tpb) * spec.bytes_per_token) // 8,
+                          tag(h[batch_idx], spec.layer_id, bi, pos))
+            for x, cap, start in zip(h.tolist(), c.tolist(), hist.tolist(), strict=True):
+                self.writers(x)[lg.id, start:cap] = x
+        for x, cap in zip(h.tolist(), c.tolist(), strict=True):
+            self.written[x] = cap
+        return True
+
+    def fork(self, donor: int, tokens: int) -> int | None:
+        child = self.m.fork(donor, tokens)  # type: ignore[arg-type]
+        if child is not None:
+            w = self.writers(donor).copy()
+            w[:, tokens:] = child
+            self.who[int(child)], self.written[int(child)] = w, tokens
+        return child
+
+    def publish(self, handle: int, tokens: npt.ArrayLike, upto: int) -> int:
+        """``prefix.publish``; each entry it adds holds what ``handle`` holds at that block."""
+        index = self._prefix().index
+        before = {(e.key, int(e.layer_group)) for e in index.entries()}
+        pinned = self._prefix().publish(handle, tokens, upto)  # type: ignore[arg-type]
+        for e in index.entries():
+            g, o = int(e.layer_group), int(e.ordinal)
+            if (e.key, g) not in before:
+                self.entry_who[(e.key, g)] = self.writers(handle)[g, o * self.tpb:(o + 1) * self.tpb].copy()
+        return pinned
+
+    def open_with_prefix(self, tokens: npt.ArrayLike) -> tuple[int, int] | None:
+        """``prefix.open``; each reused page (or SSM snapshot) reads as its entry's writers wrote it."""
+        prefix = self._prefix()
+        opened = prefix.open(tokens)
+        if opened is None:
+            return None
+        h, reused = int(opened[0]), opened[1]
+        keys = prefix.keys(np.asarray(tokens)[:reused])
+        w = self.writers(h)
+        row = int(self.m.row_of([h])[0])
+        for lg in self.groups:
+            if lg.life_cycle.is_ssm:
+                if reused and (keys[-1], lg.id) in self.entry_who:
+                    w[lg.id, reused - 1] = self.entry_who[(keys[-1], lg.id)][-1]
+                continue
+            for o in self.m.rows.pages(row, lg.id)[0].tolist():
+                if prefix.index.entry(keys[o], lg.id) is not None:  # else: left as h, verify flags it
+                    w[lg.id, o * self.tpb:(o + 1) * self.tpb] = self.entry_who[(keys[o], lg.id)]
+        self.written[h] = reused
+        return h, reused
+
+    def forget(self, handle: int) -> None:
+        self.written.pop(handle, None)
+        self.who.pop(handle, None)
+
+    def _prefix(self) -> PrefixCache:
+        if self.m.prefix is None:
+            raise ConfigError("the fake engine's publish / open_with_prefix need m.enable_prefix_cache()")
+        return self.m.prefix
+
+    def verify(self) -> int:
+        """Every live position of every cache, and every page of the prefix index."""
+        m, checked = self.m, 0
+        for row in range(m.rows.n):
+            pages = [m.rows.pages(row, lg.id) for lg in self.groups]
+            checked += self._cache(int(m.rows.handle[row]), Tier.GPU, pages)
+        for handle, cache in m.suspended.items():
+            checked += self._cache(handle, cache.tier, list(zip(cache.ordinals, cache.slots, strict=True)))
+        if self.m.prefix is not None:
+            for e in self.m.prefix.index.entries():
+                checked += self._entry(e)
+        return checked
+
+    def _cache(self, handle: int, tier: Tier, pages: list[tuple[I64, Any]]) -> int:
+        written, w, checked = self.written.get(handle, 0), self.writers(handle), 0
+        for lg in self.groups:
+            ordinals, slots = pages[lg.id]
+            if ordinals.size == 0:
+                continue
+            words, specs = self._words(tier, lg.pool_group), self.specs[lg.id]
+            if lg.life_cycle.is_ssm:
+                seen = np.array([written])
+                checked += self._check(words, slots.astype(np.int64), specs, w[lg.id, seen - 1],
+                                       lambda s: np.array([s.offset // 8]), seen)
+                continue
+            pos = (ordinals[:, None] * self.tpb + np.arange(self.tpb)[None, :]).ravel()
+            keep = pos < written
+            pos, slot = pos[keep], np.repeat(slots.astype(np.int64), self.tpb)[keep]
+            checked += self._check(words, slot, specs, w[lg.id, pos],
+                                   lambda s, p=pos: (s.offset + (p % self.tpb) * s.bytes_per_token) // 8, pos)
+        return checked
+
+    def _entry(self, e: CachedEntry) -> int:
+        lg, o, tpb = self.groups[int(e.layer_group)], int(e.ordinal), self.tpb
+        words, specs = self._words(e.tier, lg.pool_group), self.specs[lg.id]
+        w = self.entry_who[(e.key, lg.id)]
+        if lg.life_cycle.is_ssm:  # a snapshot of the state after the entry's block
+            return self._check(words, np.array([e.slot], np.int64), specs, w[-1:],
+                               lambda s: np.array([s.offset // 8]), np.array([(o + 1) * tpb]))
+        pos = o * tpb + np.arange(tpb)
+        return self._check(words, np.full(tpb, e.slot, np.int64), specs, w,
+                           lambda s: (s.offset + (pos % tpb) * s.bytes_per_token) // 8, pos)
 
     def _words(self, tier: Tier, pool_group: int) -> _Words:
         buf = self.m.tiers.buffers[tier][pool_group]
@@ -81,117 +219,10 @@ class FakeEngine:
             raise ConfigError("the fake engine needs a manager with data (with_data=True)")
         return _Words(buf)
 
-    def step(self, handles: list[int], capacity: list[int], history: list[int]) -> bool:
-        """``manager.step`` then write the tags of positions [history, capacity)."""
-        tables = self.m.step(handles, capacity, history)
-        if tables is None:
-            return False
-        h = np.asarray(handles, np.int64)
-        c, hist = np.asarray(capacity, np.int64), np.asarray(history, np.int64)
-        for lg in self.m.grouped.layer_groups:
-            table, words = tables.block_table(lg.id), self._words(Tier.GPU, lg.pool_group)
-            if lg.life_cycle.is_ssm:
-                # the state moves to ``capacity`` tokens; a step that leaves it there (a forked
-                # child's first no-op step) must not relabel the donor's state as the child's
-                seen = np.array([self.written.get(x, -1) for x in h.tolist()], np.int64)
-                live = np.flatnonzero((c > 0) & (c != seen))
-                self._write_state(words, table[live, 0].astype(np.int64), h[live], c[live], self.specs[lg.id])
-                continue
-            batch_idx, pos = expand(np.arange(h.size, dtype=np.int64), hist, c - hist)
-            slots = table[batch_idx, pos // self.tpb].astype(np.int64)
-            for bi, spec in enumerate(self.specs[lg.id]):
-                words.set(slots, (spec.offset + (pos % self.tpb) * spec.bytes_per_token) // 8,
-                          tag(h[batch_idx], spec.layer_id, bi, pos))
-        for handle, cap in zip(h.tolist(), c.tolist(), strict=True):
-            self.written[handle] = cap
-        return True
-
     @staticmethod
     def _write_state(words: _Words, slots: I64, handles: I64, seen: I64, specs: tuple[PageSpec, ...]) -> None:
         for bi, spec in enumerate(specs):
             words.set(slots, np.full(slots.size, spec.offset // 8, np.int64), tag(handles, spec.layer_id, bi, seen))
-
-    def fork(self, donor: int, tokens: int) -> int | None:
-        """``manager.fork``; positions below ``tokens`` of the child carry the donor's tags."""
-        child = self.m.fork(donor, tokens)  # type: ignore[arg-type]
-        if child is not None:
-            self.origin[int(child)] = (donor, tokens)
-            self.written[int(child)] = tokens
-        return child
-
-    def publish(self, handle: int, tokens: npt.ArrayLike, upto: int) -> int:
-        """``manager.prefix.publish``, remembering who wrote each newly cached block."""
-        prefix = self.m.prefix
-        assert prefix is not None
-        keys = prefix.keys(np.asarray(tokens)[:upto])
-        starts = np.arange(len(keys), dtype=np.int64) * self.tpb
-        for key, who in zip(keys, self._writer(handle, starts).tolist(), strict=True):
-            self.block_writer.setdefault(key, who)
-        return prefix.publish(handle, tokens, upto)  # type: ignore[arg-type]
-
-    def open_with_prefix(self, tokens: npt.ArrayLike) -> tuple[int, int] | None:
-        """``manager.prefix.open``; the reused blocks read as their writers wrote them."""
-        prefix = self.m.prefix
-        assert prefix is not None
-        opened = prefix.open(tokens)
-        if opened is None:
-            return None
-        handle, reused = int(opened[0]), opened[1]
-        keys = prefix.keys(np.asarray(tokens))[:reused // self.tpb]
-        self.reused[handle] = np.array([self.block_writer[k] for k in keys], np.int64)
-        self.written[handle] = reused
-        return handle, reused
-
-    def _writer(self, handle: int, pos: I64) -> I64:
-        """Which request wrote each position of ``handle``'s cache (forks inherit prefixes,
-        prefix-cache hits read their publishers' blocks)."""
-        who = np.full(pos.shape, handle, np.int64)
-        if handle in self.reused:
-            blocks = self.reused[handle]
-            inside = pos // self.tpb < blocks.size
-            who[inside] = blocks[pos[inside] // self.tpb]
-        h = handle
-        while h in self.origin:
-            donor, tokens = self.origin[h]
-            who[(who == h) & (pos < tokens)] = donor
-            h = donor
-        return who
-
-    def forget(self, handle: int) -> None:
-        self.written.pop(handle, None)
-
-    def verify(self) -> int:
-        """Check every live position of every cache; returns the number of words checked."""
-        checked = 0
-        m = self.m
-        for row in range(m.rows.n):
-            handle = int(m.rows.handle[row])
-            pages = [m.rows.pages(row, lg.id) for lg in m.grouped.layer_groups]
-            checked += self._verify_cache(handle, Tier.GPU, pages)
-        for handle, cache in m.suspended.items():
-            pages = list(zip(cache.ordinals, cache.slots, strict=True))
-            checked += self._verify_cache(handle, cache.tier, pages)
-        return checked
-
-    def _verify_cache(self, handle: int, tier: Tier, pages: list[tuple[I64, Any]]) -> int:
-        written = self.written.get(handle, 0)
-        checked = 0
-        for lg in self.m.grouped.layer_groups:
-            ordinals, slots = pages[lg.id]
-            if ordinals.size == 0:
-                continue
-            words = self._words(tier, lg.pool_group)
-            if lg.life_cycle.is_ssm:
-                seen = np.array([written])
-                checked += self._check(words, slots.astype(np.int64), self.specs[lg.id],
-                                       self._writer(handle, seen - 1), lambda s: np.array([s.offset // 8]), seen)
-                continue
-            pos = (ordinals[:, None] * self.tpb + np.arange(self.tpb)[None, :]).ravel()
-            keep = pos < written
-            pos, slot = pos[keep], np.repeat(slots.astype(np.int64), self.tpb)[keep]
-            checked += self._check(words, slot, self.specs[lg.id], self._writer(handle, pos),
-                                   lambda s, p=pos: (s.offset + (p % self.tpb) * s.bytes_per_token) // 8, pos)
-        return checked
 
     @staticmethod
     def _check(words: _Words, slots: I64, specs: tuple[PageSpec, ...], writer: I64, word_of: Any, pos: I64) -> int:

@@ -38,6 +38,7 @@ from hybridkv.grouping import group_layers
 from hybridkv.layout import BufferSpec, LayerSpec, ModelLayout, attention_layer, ssm_layer
 from hybridkv.lifecycle import LifeCycle, keep_start, live_blocks, sink_blocks
 from hybridkv.manager.manager import CacheLengths, KVCacheManager, ManagerConfig
+from hybridkv.manager.prefix import PrefixCache
 from hybridkv.manager.state import RequestState
 from hybridkv.manager.tiers import StorageConfig
 from hybridkv.planner import PlanSpec, compute_floors, plan
@@ -436,15 +437,21 @@ def test_prefix_cache_state_machine(request: pytest.FixtureRequest) -> None:
 
 # ---- regression tests ------------------------------------------------------------------------
 
+def one_full_layer(gpu_slots: int, max_seq_len: int, host_slots: int) -> tuple[KVCacheManager, PrefixCache,
+                                                                                FakeEngine]:
+    """The issue's repro shape: one full-attention layer, 4-token blocks of 8-byte tokens
+    (32-byte slots), batch 1, the prefix cache on."""
+    lyr = LayerSpec(LifeCycle.full(), (BufferSpec("kv", 8),))
+    m = KVCacheManager(plan(PlanSpec(ModelLayout("t", (lyr,)), gpu_slots * 32, max_seq_len, tokens_per_block=4,
+                                     max_batch_size=1, host_bytes=host_slots * 32)))
+    pc = m.enable_prefix_cache()
+    return m, pc, FakeEngine(m)
+
+
 def test_refused_step_would_fit_after_dropping_cached_pages_and_moving_a_suspended_cache() -> None:
     """Bug 1: a step needing 5 slots with 1 free, 2 cache-only pages and a 3-page suspended
     cache that fits the host was refused, after the prefix cache had already moved pages."""
-    lyr = LayerSpec(LifeCycle.full(), (BufferSpec("kv", 8),))
-    sb = 32
-    m = KVCacheManager(plan(PlanSpec(ModelLayout("t", (lyr,)), 8 * sb, 32, tokens_per_block=4, max_batch_size=1,
-                                     host_bytes=3 * sb)))
-    pc = m.enable_prefix_cache()
-    e = FakeEngine(m)
+    m, pc, e = one_full_layer(gpu_slots=8, max_seq_len=32, host_slots=3)
     a = m.open()
     assert a is not None and e.step([a], [8], [0])
     assert e.publish(a, np.arange(9), 8) == 2
@@ -520,12 +527,7 @@ def test_open_keeps_the_host_pages_it_reuses_while_a_suspended_cache_moves_down(
     moves that cache to the host, whose only room is cached pages, the hit's own among them.
     The open must serve the hit or refuse with nothing changed; it raised UsageError ("unpin of
     a slot that is not pinned") after moving the suspended cache and creating the request."""
-    lyr = LayerSpec(LifeCycle.full(), (BufferSpec("kv", 8),))
-    sb = 32
-    m = KVCacheManager(plan(PlanSpec(ModelLayout("t", (lyr,)), 2 * sb, 8, tokens_per_block=4, max_batch_size=1,
-                                     host_bytes=2 * sb)))
-    pc = m.enable_prefix_cache()
-    e = FakeEngine(m)
+    m, pc, e = one_full_layer(gpu_slots=2, max_seq_len=8, host_slots=2)
     t = np.arange(8)
     a = m.open()
     assert a is not None and e.step([a], [8], [0])

@@ -16,16 +16,11 @@ from typing import Any
 
 from hybridkv.catalog import ENTRIES
 from hybridkv.errors import HybridKVError
-from hybridkv.models import load_model
+from hybridkv.plan_args import add_plan_arguments, plan_spec_from_args
 from hybridkv.planner import (
-    DEFAULT_MAX_BATCH_SIZE,
-    DEFAULT_TOKENS_PER_BLOCK,
-    PlanSpec,
-    default_max_seq_len,
     plan,
 )
 from hybridkv.report import plan_json
-from hybridkv.specs import parse_batch, parse_size, parse_tokens
 from hybridkv.types import GIB, MIB
 
 EXIT_USAGE = 2
@@ -64,20 +59,6 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan_spec(args: argparse.Namespace) -> PlanSpec:
-    layout = load_model(args.model)
-    max_seq_len = (parse_tokens(args.max_seq_len, "--max-seq-len") if args.max_seq_len
-                   else default_max_seq_len(layout))
-    constraints = tuple(parse_batch(c, f"constraint{i}") for i, c in enumerate(args.constraint))
-    typical = parse_batch(args.typical, "typical", "--typical") if args.typical else None
-    return PlanSpec(
-        layout=layout, gpu_bytes=parse_size(args.gpu_mem, "--gpu-mem"), max_seq_len=max_seq_len,
-        tokens_per_block=args.tokens_per_block, max_batch_size=args.max_batch_size,
-        host_bytes=parse_size(args.host_mem, "--host-mem", allow_zero=True) if args.host_mem else 0,
-        constraints=constraints, typical_step=typical,
-    )
-
-
 def _print_plan(j: dict[str, Any]) -> None:
     print(f"model {j['model']}: KV quota {_fmt_bytes(j['gpu_bytes'])} "
           f"(used {_fmt_bytes(j['gpu_bytes_used'])}), tokens_per_block {j['tokens_per_block']}, "
@@ -102,7 +83,7 @@ def _print_plan(j: dict[str, Any]) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    j = plan_json(plan(_plan_spec(args)))
+    j = plan_json(plan(plan_spec_from_args(args)))
     if args.json:
         print(json.dumps(j, indent=2))
     else:
@@ -117,15 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
     pl = sub.add_parser("plan", help="plan pool sizes for a model and a memory quota")
-    pl.add_argument("model", help="catalog name, hybridkv layout JSON, or HF config.json path")
-    pl.add_argument("--gpu-mem", required=True, help="GPU bytes for KV cache, e.g. 40GiB")
-    pl.add_argument("--host-mem", help="host bytes for the offload tier, e.g. 64GiB")
-    pl.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE)
-    pl.add_argument("--max-seq-len", help="tokens (default: model max, capped at 32k)")
-    pl.add_argument("--tokens-per-block", type=int, default=DEFAULT_TOKENS_PER_BLOCK)
-    pl.add_argument("--constraint", action="append", default=[],
-                    help="batch that must fit at once: COUNTxCAP[@HIST][+...][,prefix=N]")
-    pl.add_argument("--typical", help="typical step (sets the split), same syntax")
+    add_plan_arguments(pl, "host bytes for the offload tier, e.g. 64GiB", constraints=True)
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)
     from hybridkv.bench import add_bench_parser  # `bench` lives with the benchmark; imported only here

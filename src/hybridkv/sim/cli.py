@@ -17,8 +17,8 @@ from typing import Any
 from hybridkv.catalog import BY_NAME
 from hybridkv.errors import ConfigError
 from hybridkv.layout import ModelLayout
-from hybridkv.models import load_model
-from hybridkv.planner import DEFAULT_MAX_BATCH_SIZE, DEFAULT_TOKENS_PER_BLOCK, PlanSpec, default_max_seq_len
+from hybridkv.plan_args import add_plan_arguments, plan_spec_from_args
+from hybridkv.planner import PlanSpec
 from hybridkv.scheduler.scheduler import POLICIES
 from hybridkv.sim.baseline import PLANNERS
 from hybridkv.sim.cost import GPUS, MAX_ACTIVE_PARAMS, CostModel
@@ -26,7 +26,6 @@ from hybridkv.sim.plot import plot_occupancy, require_matplotlib
 from hybridkv.sim.result import format_table
 from hybridkv.sim.simulator import SimConfig, SimProgress, simulate
 from hybridkv.sim.workloads import WORKLOADS, WorkloadSpec, make_workload
-from hybridkv.specs import parse_batch, parse_size, parse_tokens
 
 FILE_DEFAULT_ACTIVE_PARAMS = 8e9
 PROGRESS_INTERVAL_S = 0.25
@@ -59,15 +58,7 @@ def active_params(layout: ModelLayout, override: str | None) -> tuple[float, tup
 
 def plan_spec(args: argparse.Namespace) -> PlanSpec:
     """The PlanSpec ``hybridkv plan`` would build from the same options."""
-    layout = load_model(args.model)
-    max_seq_len = (parse_tokens(args.max_seq_len, "--max-seq-len") if args.max_seq_len
-                   else default_max_seq_len(layout))
-    return PlanSpec(
-        layout=layout, gpu_bytes=parse_size(args.gpu_mem, "--gpu-mem"), max_seq_len=max_seq_len,
-        tokens_per_block=args.tokens_per_block, max_batch_size=args.max_batch_size,
-        host_bytes=parse_size(args.host_mem, "--host-mem", allow_zero=True) if args.host_mem else 0,
-        typical_step=parse_batch(args.typical, "typical", "--typical") if args.typical else None,
-    )
+    return plan_spec_from_args(args)
 
 
 class _Progress:
@@ -120,21 +111,14 @@ def add_simulate_parser(subparsers: Any) -> None:
     """Register ``simulate`` on the ``hybridkv`` command's subparsers."""
     s = subparsers.add_parser("simulate", help="run a workload through the scheduler and manager",
                               description=__doc__)
-    s.add_argument("model", help="catalog name, hybridkv layout JSON, or HF config.json path")
-    s.add_argument("--gpu-mem", required=True, help="GPU bytes for KV cache, e.g. 40GiB")
-    s.add_argument("--host-mem", help="host bytes for the offload tier (suspend instead of preempt)")
+    add_plan_arguments(s, "host bytes for the offload tier (suspend instead of preempt)", constraints=False)
     s.add_argument("--workload", required=True, choices=list(WORKLOADS))
     s.add_argument("--requests", type=int, help="requests (turns) to generate (default: per workload)")
-    s.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE)
-    s.add_argument("--max-seq-len", help="tokens (default: model max, capped at 32k)")
-    s.add_argument("--tokens-per-block", type=int, default=DEFAULT_TOKENS_PER_BLOCK)
     s.add_argument("--planner", choices=list(PLANNERS), default="guaranteed",
                    help="guaranteed (hybridkv) or single-request (the production baseline of issue 15401)")
     s.add_argument("--policy", choices=list(POLICIES), default="max-utilization")
     s.add_argument("--prefix-cache", action="store_true",
                    help="reuse computed prefixes across requests (multi-turn: each turn resends the conversation)")
-    s.add_argument("--typical", help="typical step that sets the pool split, as in `hybridkv plan` (e.g. 16x4k: "
-                   "room for cached sliding-window blocks when requests are shorter than max_seq_len)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--rate", type=float, help="Poisson arrivals, sessions per second (default: all at t=0)")
     s.add_argument("--gpu", choices=list(GPUS), default="h100", help="GPU of the step-time cost model")

@@ -35,9 +35,7 @@ POLICIES: dict[str, type[SchedulingPolicy]] = {MaxUtilization.name: MaxUtilizati
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """``admission_check``: "lifetime" refuses at submission a request whose peak demand (one
-    token at a time) exceeds a pool group; "final-length" checks only its last position (what
-    a single-request planner assumes; kept to reproduce that bug class in the simulator).
+    """Batch limits, prefill chunking and the policy by name.
     ``max_batch_size`` defaults to the manager's active rows (the plan's ``max_batch_size``
     unless the manager was told otherwise): one home for the setting."""
 
@@ -45,7 +43,6 @@ class SchedulerConfig:
     token_budget: int = 8192
     prefill_chunk_tokens: int = 2048
     policy: str = "max-utilization"
-    admission_check: str = "lifetime"
 
     def __post_init__(self) -> None:
         if (self.max_batch_size is not None and self.max_batch_size < 1) or self.prefill_chunk_tokens < 1:
@@ -55,8 +52,6 @@ class SchedulerConfig:
                               f"({self.max_batch_size}) so every running request can decode")
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown policy {self.policy!r}; use one of {sorted(POLICIES)}")
-        if self.admission_check not in ("lifetime", "final-length"):
-            raise ConfigError("admission_check must be 'lifetime' or 'final-length'")
 
 
 @dataclass(frozen=True)
@@ -124,15 +119,17 @@ class Scheduler:
         if spec.total_tokens > limit:
             return f"needs {spec.total_tokens} tokens > max_seq_len {limit}"
         g = self.manager.grouped
-        if self.config.admission_check == "lifetime":
-            need = lifetime_peak_demand(g, spec.prompt_tokens, spec.total_tokens, 1)
-        else:
-            need = tuple(int(x) for x in per_request_demand(g, [spec.total_tokens], [spec.total_tokens - 1])[0])
+        need = self.submission_demand(spec)
         for pg, (n, s) in enumerate(zip(need, self.slots, strict=True)):
             if n > s:
                 lcs = "+".join(lc.describe() for lc in g.life_cycles(g.pool_groups[pg].id))
                 return f"pool group {pg} ({lcs}) needs {n} slots even alone, it has {s}"
         return ""
+
+    def submission_demand(self, spec: SeqRequest) -> tuple[int, ...]:
+        """Slots per pool group the request needs alone at its peak, one token at a time: more
+        than a pool group has and it is refused at submission."""
+        return lifetime_peak_demand(self.manager.grouped, spec.prompt_tokens, spec.total_tokens, 1)
 
     @property
     def num_waiting(self) -> int:

@@ -7,7 +7,7 @@ groups follows that same request, and slot counts are rounded down (no leftover 
 In a windowed group that request keeps only its last block live, so the floor is 1 slot and
 the split gives the group a tiny share: it sits at 1 slot, while any request whose window
 straddles a block boundary needs 2. It is paired with the admission check that trusted the
-same formula (``SchedulerConfig(admission_check="final-length")``).
+same formula (``FinalLengthScheduler``: only the last position is checked at submission).
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hybridkv.demand import demand
+from hybridkv.demand import demand, per_request_demand
 from hybridkv.grouping import group_layers
 from hybridkv.planner import Floor, PlanSpec, PoolPlan, plan
+from hybridkv.scheduler.request import SeqRequest
+from hybridkv.scheduler.scheduler import Scheduler
 
 
 def single_request_plan(spec: PlanSpec) -> PoolPlan:
@@ -34,16 +36,26 @@ def guaranteed_plan(spec: PlanSpec) -> PoolPlan:
     return plan(spec)
 
 
+class FinalLengthScheduler(Scheduler):
+    """The baseline's admission: a request is refused at submission only if its LAST position
+    does not fit alone, the formula the single-request planner trusted (its window straddles
+    earlier are missed). Lives here: nothing but the baseline uses it."""
+
+    def submission_demand(self, spec: SeqRequest) -> tuple[int, ...]:
+        need = per_request_demand(self.manager.grouped, [spec.total_tokens], [spec.total_tokens - 1])[0]
+        return tuple(int(x) for x in need)
+
+
 @dataclass(frozen=True, slots=True)
 class PlannerChoice:
-    """A planner and the scheduler admission check it comes with."""
+    """A planner and the scheduler (admission check) it comes with."""
 
     name: str
     build: Callable[[PlanSpec], PoolPlan]
-    admission_check: str
+    scheduler: type[Scheduler]
 
 
 PLANNERS: dict[str, PlannerChoice] = {
-    "guaranteed": PlannerChoice("guaranteed", guaranteed_plan, "lifetime"),
-    "single-request": PlannerChoice("single-request", single_request_plan, "final-length"),
+    "guaranteed": PlannerChoice("guaranteed", guaranteed_plan, Scheduler),
+    "single-request": PlannerChoice("single-request", single_request_plan, FinalLengthScheduler),
 }

@@ -32,7 +32,7 @@ from hybridkv.manager.manager import KVCacheManager, ManagerConfig
 from hybridkv.manager.tiers import StorageConfig
 from hybridkv.planner import PlanSpec, PoolPlan
 from hybridkv.scheduler.request import SeqRequest, Status, Tracked
-from hybridkv.scheduler.scheduler import POLICIES, Scheduler, SchedulerConfig, StepPlan
+from hybridkv.scheduler.scheduler import POLICIES, SchedulerConfig, StepPlan
 from hybridkv.sim.baseline import PLANNERS
 from hybridkv.sim.cost import CostModel
 from hybridkv.sim.result import REJECTED_REASONS_KEPT, SimResult, StepLog, percentile_ms
@@ -108,10 +108,9 @@ class Simulator:
         check_simulable(spec, workload, self.plan)
         self.manager = KVCacheManager(self.plan, ManagerConfig(
             max_active_requests=spec.max_batch_size, storage=StorageConfig(with_data=False)))
-        self.scheduler = Scheduler(self.manager, SchedulerConfig(
+        self.scheduler = choice.scheduler(self.manager, SchedulerConfig(
             max_batch_size=spec.max_batch_size, token_budget=max(self.config.token_budget, spec.max_batch_size),
-            prefill_chunk_tokens=self.config.prefill_chunk_tokens, policy=self.config.policy,
-            admission_check=choice.admission_check))
+            prefill_chunk_tokens=self.config.prefill_chunk_tokens, policy=self.config.policy))
         if self.config.prefix_caching:
             self.manager.enable_prefix_cache()
         self._streams: dict[int, np.ndarray] = {}  # session -> its token ids (prompts + outputs)

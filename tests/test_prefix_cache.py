@@ -259,7 +259,7 @@ def test_suspended_cache_takes_the_host_room_of_cached_pages_nobody_uses() -> No
         h, _ = run(m, e, tokens(22, seed=seed))
         m.close(h)
     host = m.tiers.allocators[Tier.HOST][0]
-    assert host.num_free == 0 and m.prefix.lower_room(Tier.HOST) == [6]
+    assert host.num_free == 0 and m.prefix.cached_room(Tier.HOST) == [6]
     s = e.open_with_prefix(tokens(17, seed=99))
     assert s is not None
     assert e.step([s[0]], [17], [0])
@@ -267,7 +267,7 @@ def test_suspended_cache_takes_the_host_room_of_cached_pages_nobody_uses() -> No
     before = len(m.prefix.index)
     assert m.offload(s[0], Tier.HOST)  # 5 pages: 5 cached host pages dropped
     assert m.suspended[s[0]].tier is Tier.HOST and len(m.prefix.index) == before - 5
-    assert host.num_free == 0 and m.prefix.lower_room(Tier.HOST) == [1]
+    assert host.num_free == 0 and m.prefix.cached_room(Tier.HOST) == [1]
     m.check_invariants()
     e.verify()
     assert m.resume(s[0])

@@ -63,9 +63,7 @@ class PinnedPages:
         for pg, alloc in enumerate(self.allocators):
             sel = (pools == pg) & (tiers == int(self.tier))
             if sel.any():
-                s = slots[sel]
-                sole = alloc.is_pinned(s) & (alloc.references(s) == 1)
-                self._push(pg, rows[sel][sole])
+                self._push(pg, rows[sel][alloc.is_reclaimable(slots[sel])])
 
     # ---- queries -------------------------------------------------------------------------
     def reclaimable(self) -> list[int]:
@@ -81,15 +79,13 @@ class PinnedPages:
         keys = list(keys)
         for g, pg in enumerate(self.pool_of_group):
             _, tiers, slots = self.index.row_locations(self.index.rows_of(keys, g))
-            s = slots[tiers == int(self.tier)]
-            alloc = self.allocators[pg]
-            out[pg] += int((alloc.is_pinned(s) & (alloc.references(s) == 1)).sum())
+            out[pg] += int(self.allocators[pg].is_reclaimable(slots[tiers == int(self.tier)]).sum())
         return out
 
-    def take(self, pool_group: int, count: int, keep: set[bytes]) -> list[tuple[int, int]]:
-        """Up to ``count`` (row, slot) victims of one pool group, first in eviction order, none
-        named in ``keep``; they leave the heap (the caller drops or moves them at once).
-        Candidates are popped and checked in batches (one vectorized check per batch)."""
+    def take(self, pool_group: int, count: int, keep: set[bytes]) -> tuple[I64, I64]:
+        """Up to ``count`` victims of one pool group as (index rows, slots), first in eviction
+        order, none named in ``keep``; they leave the heap (the caller drops or moves them at
+        once). Candidates are popped and checked in batches (one vectorized check per batch)."""
         self._refresh(pool_group)
         heap, kept, seen = self.heaps[pool_group], [], set()
         out: list[tuple[int, int]] = []
@@ -107,7 +103,7 @@ class PinnedPages:
                 out.append((row, slot))
         for item in kept:
             heapq.heappush(heap, item)
-        return out
+        return (np.array([r for r, _ in out], np.int64), np.array([s for _, s in out], np.int64))
 
     def _current(self, pool_group: int, items: list[int], rows: I64) -> tuple[npt.NDArray[np.bool_], I64]:
         """Per item: whether it still names a reclaimable page of this tier with its current
@@ -116,7 +112,7 @@ class PinnedPages:
         ok = self.index.live_mask(rows) & (tiers == int(self.tier))
         safe = np.where(ok, slots, 0)
         ok &= self.row_of_slot[pool_group][safe] == rows
-        ok &= self.allocators[pool_group].references(safe) == 1
+        ok &= self.allocators[pool_group].is_reclaimable(safe)
         if ok.any():
             keys = self.index.eviction_keys(rows)
             ok &= np.fromiter((k == item for k, item in zip(keys, items, strict=True)), np.bool_, len(items))
@@ -129,15 +125,13 @@ class PinnedPages:
         slots = alloc.drain_reclaimed().astype(np.int64)
         if len(self.heaps[pool_group]) + slots.size > 2 * alloc.num_reclaimable + _REBUILD_MARGIN:
             slots = alloc.reclaimable_slots().astype(np.int64)
-            self.heaps[pool_group] = []
             rows = self.row_of_slot[pool_group][slots]
             items = self.index.eviction_keys(rows[rows != _NO_ROW])
             heapq.heapify(items)
             self.heaps[pool_group] = items
             return
-        if slots.size:
-            sole = alloc.references(slots) == 1
-            rows = self.row_of_slot[pool_group][slots[sole]]
+        if slots.size:  # drained slots may have been retained or unpinned since
+            rows = self.row_of_slot[pool_group][slots[alloc.is_reclaimable(slots)]]
             self._push(pool_group, rows[rows != _NO_ROW])
 
     def _push(self, pool_group: int, rows: I64) -> None:
@@ -167,5 +161,4 @@ class PinnedPages:
             missing = set(rows.tolist()) - current
             if missing:
                 raise InvariantError(f"{self.tier.name} pool group {pg}: reclaimable entries {sorted(missing)[:8]} "
-                                     "are not in the "
-                                     "eviction heap")
+                                     "are not in the eviction heap")

@@ -229,14 +229,9 @@ class KVCacheManager:
         active = h[states == RequestState.ACTIVE]
         if active.size:
             rows = self._row[active]
-            gpu = self.tiers.allocators[Tier.GPU]
-            per_pool: list[list[I32]] = [[] for _ in self.grouped.pool_groups]
-            width = -(-int(self.rows.capacity[rows].max()) // self.tokens_per_block)  # no page beyond capacity
-            for lg in self.grouped.layer_groups:
-                t = self.rows.tables[lg.id][rows, :max(width, 1)]
-                per_pool[lg.pool_group].append(t[t != NULL_SLOT])
-            for g, parts in enumerate(per_pool):
-                gpu[g].free(np.concatenate(parts), distinct=True)
+            width = max(1, -(-int(self.rows.capacity[rows].max()) // self.tokens_per_block))  # none beyond capacity
+            tables = [self.rows.tables[lg.id][rows, :width] for lg in self.grouped.layer_groups]
+            self._free_by_pool(Tier.GPU, [t[t != NULL_SLOT] for t in tables])
             moved, new_rows = self.rows.remove_many(rows)
             self._row[moved] = new_rows
             self._row[active] = _NOT_ACTIVE
@@ -290,8 +285,8 @@ class KVCacheManager:
         One planning pass serves both the question and the step."""
         check = self._check_step(handles, capacity, history)
         if check.room is None:
-            return StepResult(None, [max(0, s) for s in check.short])
-        return StepResult(self._apply_step(check, check.room), [0] * len(self.grouped.pool_groups))
+            return StepResult(None, self._short(check))
+        return StepResult(self._apply_step(check, check.room), self._short(check))
 
     def _apply_step(self, check: StepCheck, room: moves.RoomPlan) -> StepTables:
         gpu = self.tiers.allocators[Tier.GPU]
@@ -309,7 +304,10 @@ class KVCacheManager:
         counting every page it may take (pages only the prefix cache holds, suspended caches a
         lower tier has room for): all zero means the step succeeds. Changes nothing; misuse
         raises as ``step`` would. The scheduler asks this before it steps."""
-        check = self._check_step(handles, capacity, history)
+        return self._short(self._check_step(handles, capacity, history))
+
+    def _short(self, check: StepCheck) -> list[int]:
+        """Slots per pool group the checked step lacks: zeros when it has its room."""
         if check.room is not None:
             return [0] * len(self.grouped.pool_groups)
         return [max(0, s) for s in check.short]
@@ -363,7 +361,8 @@ class KVCacheManager:
         moves.move(self, cache, dst)
 
     def _free_by_pool(self, tier: Tier, slots_per_layer_group: list[I32]) -> None:
-        """One free per pool group for a cache's pages (distinct by the ownership invariant)."""
+        """One free per pool group for one or more caches' pages (distinct within a cache by the
+        ownership invariant; shared pages across caches are counted by the allocator)."""
         per_pool: list[list[I32]] = [[] for _ in self.grouped.pool_groups]
         for lg in self.grouped.layer_groups:
             per_pool[lg.pool_group].append(slots_per_layer_group[lg.id])

@@ -57,7 +57,7 @@ def plan_room(m: KVCacheManager, deficit: list[int], exclude: int | None = None,
     cannot be done; the deficit left after the cache-only pages). Pure."""
     if all(d <= 0 for d in deficit):
         return RoomPlan([], keep), deficit
-    cached = m.prefix.evictable_counts(keep) if m.prefix is not None else [0] * len(deficit)
+    cached = m.prefix.cached_room(Tier.GPU, keep) if m.prefix is not None else [0] * len(deficit)
     if cache_only_after is not None:
         cached = [c + a for c, a in zip(cached, cache_only_after, strict=True)]
     rest = [d - c for d, c in zip(deficit, cached, strict=True)]
@@ -78,7 +78,7 @@ def lower_room(m: KVCacheManager, tier: Tier, keep: list[bytes] | None = None) -
     free = m.tiers.free_slots(tier)
     if m.prefix is None:
         return free
-    return [f + r for f, r in zip(free, m.prefix.lower_room(tier, keep), strict=True)]
+    return [f + r for f, r in zip(free, m.prefix.cached_room(tier, keep), strict=True)]
 
 
 def move_down(m: KVCacheManager, cache: SuspendedCache, dst: Tier, keep: list[bytes] | None = None) -> None:

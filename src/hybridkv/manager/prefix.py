@@ -27,8 +27,8 @@ import numpy.typing as npt
 from hybridkv.lifecycle import keep_start
 from hybridkv.manager.cache_pins import PinnedPages
 from hybridkv.manager.state import RequestState
-from hybridkv.reuse import EntryRef, EventQueue, PrefixIndex, ReuseScope, block_keys
-from hybridkv.types import LayerGroupId, RequestId, Tier
+from hybridkv.reuse import EventQueue, PrefixIndex, ReuseScope, block_keys
+from hybridkv.types import RequestId, Tier
 
 if TYPE_CHECKING:
     from hybridkv.manager.manager import KVCacheManager
@@ -223,10 +223,9 @@ class PrefixCache:
         pg = self.m.grouped.layer_groups[group].pool_group
         for tier in {Tier(int(t)) for t in tiers[lower]}:
             sel = lower[tiers[lower] == tier]
-            refs = [EntryRef(keys[int(o)], LayerGroupId(group)) for o in ords[sel]]
-            rows = self.index.rows_of([r.key for r in refs], group)
+            rows = self.index.rows_of([keys[int(o)] for o in ords[sel]], group)
             new = self._move_pages(tier, Tier.GPU, pg, slots[sel], rows)
-            self.index.move(refs, Tier.GPU, new)
+            self.index.move_rows(rows, Tier.GPU, new)
             out[sel] = new
         return out
 
@@ -247,10 +246,6 @@ class PrefixCache:
         """GPU slots per pool group held only by the cache (freed on demand): O(1)."""
         return self.pins.reclaimable()
 
-    def evictable_counts(self, keep: list[bytes] | None = None) -> list[int]:
-        """GPU slots per pool group ``evict`` could free now without touching ``keep``."""
-        return [r - p for r, p in zip(self.pins.reclaimable(), self.pins.protected(keep), strict=True)]
-
     def evict(self, deficit: list[int], keep: list[bytes] | None = None) -> list[int]:
         """Free up to ``deficit`` GPU slots per pool group from cache-only pages, in eviction
         order (to the host tier while it has room, else dropped); returns the slots freed.
@@ -261,9 +256,7 @@ class PrefixCache:
         for pg, want in enumerate(deficit):
             if want <= 0:
                 continue
-            victims = self.pins.take(pg, want, keep_set)
-            rows = np.array([r for r, _ in victims], np.int64)
-            slots = np.array([s for _, s in victims], np.int64)
+            rows, slots = self.pins.take(pg, want, keep_set)
             up = min(host_free[pg], rows.size) if self.offload_to_host else 0
             if up:
                 moved = self._move_pages(Tier.GPU, Tier.HOST, pg, slots[:up], rows[:up])
@@ -274,9 +267,10 @@ class PrefixCache:
             freed[pg] = int(rows.size)
         return freed
 
-    def lower_room(self, tier: Tier, keep: list[bytes] | None = None) -> list[int]:
-        """Per pool group, slots of a lower tier its cached pages could give up (those of
-        ``keep``, a match being served, excepted)."""
+    def cached_room(self, tier: Tier, keep: list[bytes] | None = None) -> list[int]:
+        """Per pool group, slots of ``tier`` the cache could give up now: pages nobody but the
+        cache holds, those of ``keep`` (a match being served) excepted. On the GPU that is what
+        ``evict`` can free; on a lower tier, what ``drop_lower`` can."""
         pins = self.pins_on[tier]
         return [r - p for r, p in zip(pins.reclaimable(), pins.protected(keep), strict=True)]
 
@@ -286,9 +280,7 @@ class PrefixCache:
         moving down."""
         for pg, (n, f) in enumerate(zip(need, self.m.tiers.free_slots(tier), strict=True)):
             if n > f:
-                victims = self.pins_on[tier].take(pg, n - f, set(keep or ()))
-                self._drop(tier, pg, np.array([r for r, _ in victims], np.int64),
-                           np.array([s for _, s in victims], np.int64))
+                self._drop(tier, pg, *self.pins_on[tier].take(pg, n - f, set(keep or ())))
 
     def _drop(self, tier: Tier, pool_group: int, rows: I64, slots: I64) -> None:
         self.pins_on[tier].left(pool_group, slots)

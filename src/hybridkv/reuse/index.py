@@ -246,17 +246,10 @@ class PrefixIndex:
         out: npt.NDArray[np.bool_] = self._t.live[rows]
         return out
 
-    def is_live(self, row: int) -> bool:
-        return bool(row < self._t.live.size and self._t.live[row])
-
     def row_locations(self, rows: I64) -> tuple[I64, I64, I64]:
         """(layer groups, tiers, slots) of live rows, as arrays."""
         t = self._t
         return t.group[rows].copy(), t.tier[rows].copy(), t.slot[rows].copy()
-
-    def row_location(self, row: int) -> tuple[Tier, int]:
-        """(tier, slot) of a live row."""
-        return Tier(int(self._t.tier[row])), int(self._t.slot[row])
 
     def ref_at(self, row: int) -> EntryRef:
         """The name of a live row's entry."""

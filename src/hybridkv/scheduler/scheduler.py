@@ -33,6 +33,13 @@ I64 = npt.NDArray[np.int64]
 POLICIES: dict[str, type[SchedulingPolicy]] = {MaxUtilization.name: MaxUtilization, NoEvict.name: NoEvict}
 
 
+def check_token_budget(token_budget: int, max_batch_size: int) -> None:
+    """Every running request must be able to decode in one step."""
+    if token_budget < max_batch_size:
+        raise ConfigError(f"token_budget ({token_budget}) must be >= max_batch_size "
+                          f"({max_batch_size}) so every running request can decode")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Batch limits, prefill chunking and the policy by name.
@@ -47,9 +54,8 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if (self.max_batch_size is not None and self.max_batch_size < 1) or self.prefill_chunk_tokens < 1:
             raise ConfigError("max_batch_size and prefill_chunk_tokens must be >= 1")
-        if self.max_batch_size is not None and self.token_budget < self.max_batch_size:
-            raise ConfigError(f"token_budget ({self.token_budget}) must be >= max_batch_size "
-                              f"({self.max_batch_size}) so every running request can decode")
+        if self.max_batch_size is not None:
+            check_token_budget(self.token_budget, self.max_batch_size)
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown policy {self.policy!r}; use one of {sorted(POLICIES)}")
 
@@ -80,9 +86,7 @@ class Scheduler:
         if manager.max_active_requests < self.max_batch_size:
             raise ConfigError(f"manager max_active_requests ({manager.max_active_requests}) < max_batch_size "
                               f"({self.max_batch_size})")
-        if self.config.token_budget < self.max_batch_size:
-            raise ConfigError(f"token_budget ({self.config.token_budget}) must be >= max_batch_size "
-                              f"({self.max_batch_size}) so every running request can decode")
+        check_token_budget(self.config.token_budget, self.max_batch_size)
         self.policy = POLICIES[self.config.policy]()
         self.slots = list(manager.plan.slots)
         self.requests: dict[int, Tracked] = {}
@@ -374,6 +378,11 @@ class Scheduler:
     def _release(self, t: Tracked) -> None:
         assert t.handle is not None
         self.manager.close(RequestId(t.handle))
+        self._forget(t)
+
+    def _forget(self, t: Tracked) -> None:
+        """Drop the scheduler's hold on ``t``'s (already closed) cache."""
+        assert t.handle is not None
         self.by_handle.pop(t.handle)
         self.policy.on_exit(self, t)
         t.handle = None
@@ -403,8 +412,6 @@ class Scheduler:
         if finished:
             self.manager.close_many(handles[last])
             for t in finished:
-                assert t.handle is not None
-                self.by_handle.pop(t.handle)
-                self.policy.on_exit(self, t)
-                t.handle, t.status, t.finish_s = None, Status.FINISHED, now_s
+                self._forget(t)
+                t.status, t.finish_s = Status.FINISHED, now_s
         return finished

@@ -171,6 +171,12 @@ class SlotAllocator:
         out: npt.NDArray[np.bool_] = self._pinned[np.asarray(ids, dtype=np.int64)]
         return out
 
+    def is_reclaimable(self, ids: npt.ArrayLike) -> npt.NDArray[np.bool_]:
+        """Which of these slots are pinned and held by the pin alone."""
+        idx = np.asarray(ids, dtype=np.intp)
+        out: npt.NDArray[np.bool_] = self._pinned[idx] & (self._refs[idx] == 1)
+        return out
+
     def reclaimable_slots(self) -> SlotArray:
         """Pinned slots whose only reference is the pin (O(num_slots): for checks and rebuilds)."""
         out: SlotArray = np.flatnonzero(self._pinned & (self._refs == 1)).astype(np.int32)

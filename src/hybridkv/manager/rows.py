@@ -78,16 +78,19 @@ class ActiveRows:
         self._log_rows(row)
         return row
 
+    def _row_arrays(self) -> list[I32 | I64]:
+        """Every per-row array: what moves when a row moves."""
+        arrays: list[I32 | I64] = [self.handle, self.capacity, self.history, self.committed,
+                                   self.priority, self.seq_lens, *self.tables]
+        return arrays + [r for r in self.released if r is not None]
+
     def remove(self, row: int) -> int | None:
         """Swap-remove ``row``; returns the handle whose row moved into it (or None)."""
         last = self.n - 1
         self.n = last
         if row == last:
             return None
-        arrays: list[I32 | I64] = [self.handle, self.capacity, self.history, self.committed,
-                                   self.priority, self.seq_lens, *self.tables]
-        arrays += [r for r in self.released if r is not None]
-        for arr in arrays:
+        for arr in self._row_arrays():
             arr[row] = arr[last]
         self._log_rows(row)
         return int(self.handle[row])
@@ -100,10 +103,7 @@ class ActiveRows:
         closing[rows] = True
         holes = np.sort(rows[rows < new_n])
         movers = np.flatnonzero(~closing[new_n:]) + new_n
-        arrays: list[I32 | I64] = [self.handle, self.capacity, self.history, self.committed,
-                                   self.priority, self.seq_lens, *self.tables]
-        arrays += [r for r in self.released if r is not None]
-        for arr in arrays:
+        for arr in self._row_arrays():
             arr[holes] = arr[movers]
         self.n = new_n
         for row in holes.tolist():

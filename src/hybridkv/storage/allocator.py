@@ -84,8 +84,7 @@ class SlotAllocator:
             return
         self._check_held(arr)
         if self.num_pinned:
-            uniq = np.unique(arr)
-            self.num_reclaimable -= int((self._pinned[uniq] & (self._refs[uniq] == 1)).sum())
+            self.num_reclaimable -= int(self.is_reclaimable(np.unique(arr)).sum())
         np.add.at(self._refs, arr, 1)
         self._shared = True
 
@@ -161,7 +160,7 @@ class SlotAllocator:
         self._check_held(arr)
         if not self._pinned[arr].all() or np.unique(arr).size != arr.size:
             raise UsageError(f"{self.name}: unpin of a slot that is not pinned (or named twice)")
-        self.num_reclaimable -= int((self._refs[arr] == 1).sum())
+        self.num_reclaimable -= int(self.is_reclaimable(arr).sum())
         self._pinned[arr] = False
         self.num_pinned -= int(arr.size)
         if free:

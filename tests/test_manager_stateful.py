@@ -9,9 +9,6 @@ net new pages fit the free GPU slots, or an offload that fits its tier, has to s
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -30,17 +27,11 @@ from hypothesis.stateful import (
 
 from conftest import snapshot
 from hybridkv.errors import UsageError
-from hybridkv.fake_engine import FakeEngine
-from hybridkv.grouping import group_layers
-from hybridkv.layout import LayerSpec, ModelLayout, attention_layer, ssm_layer
+from hybridkv.layout import LayerSpec
 from hybridkv.lifecycle import LifeCycle, live_blocks
-from hybridkv.manager.manager import CacheLengths, KVCacheManager, ManagerConfig
-from hybridkv.manager.state import RequestState
-from hybridkv.manager.tiers import StorageConfig
-from hybridkv.planner import PlanSpec, compute_floors, plan
+from hybridkv.manager.manager import CacheLengths
 from hybridkv.types import Tier
-
-ACTIVE, SUSPENDED, CLOSED = RequestState.ACTIVE, RequestState.SUSPENDED, RequestState.CLOSED
+from stateful_common import ACTIVE, CLOSED, SUSPENDED, CacheModel, make_layer
 
 LIFE_CYCLES = st.one_of(
     st.just(LifeCycle.full()),
@@ -50,18 +41,12 @@ LIFE_CYCLES = st.one_of(
 )
 
 
-def make_layer(lc: LifeCycle, width: int) -> LayerSpec:
-    """8-byte multiples throughout, as the fake engine needs; ``width`` varies the slot sizes so
-    some layer groups share a pool group and some do not."""
-    return ssm_layer(8, 8 * width, 1, 1) if lc.is_ssm else attention_layer(width, 8, 1, lc)
-
-
 LAYERS = st.lists(st.builds(make_layer, LIFE_CYCLES, st.integers(1, 2)), min_size=1, max_size=4)
 GPU_EXTRA = st.sampled_from([0.0, 0.0, 0.1, 0.3])  # budgets at or near the floors
 LOWER_TIER = st.sampled_from([0.0, 0.3, 1.0, 2.0])  # host / disk bytes as a share of the floors
 
 
-class ManagerMachine(RuleBasedStateMachine):
+class ManagerMachine(CacheModel, RuleBasedStateMachine):
     """Storage options come from ``storage_options()``: NumPy here, torch in the subclasses."""
 
     storage_options: ClassVar[Callable[[], dict[str, Any]]] = dict
@@ -71,32 +56,9 @@ class ManagerMachine(RuleBasedStateMachine):
                 max_active=st.integers(1, 6))
     def setup(self, layers: list[LayerSpec], tpb: int, max_seq_len: int, batch: int, gpu_extra: float,
               host: float, disk: float, max_active: int) -> None:
-        layout = ModelLayout("random", tuple(layers))
-        probe = PlanSpec(layout, 1, max_seq_len, tokens_per_block=tpb, max_batch_size=batch)
-        grouped = group_layers(layout, tpb)
-        need = sum(f.min_slots * pg.slot_bytes
-                   for f, pg in zip(compute_floors(probe, grouped), grouped.pool_groups, strict=True))
-        p = plan(PlanSpec(layout, max(1, int(need * (1 + gpu_extra))), max_seq_len, tokens_per_block=tpb,
-                          max_batch_size=batch, host_bytes=int(need * host)))
-        self.directory = tempfile.mkdtemp(prefix="hybridkv-test-")
-        storage = StorageConfig(disk_bytes=int(need * disk), disk_directory=self.directory,
-                                **type(self).storage_options())
-        self.m = KVCacheManager(p, ManagerConfig(max_active_requests=max_active, storage=storage))
-        self.fake = FakeEngine(self.m)
-        self.max_seq_len = max_seq_len
-        self.state: dict[int, RequestState] = {}
-        self.lengths: dict[int, CacheLengths] = {}
-
-    def teardown(self) -> None:
-        if hasattr(self, "m"):
-            self.m.close_storage()
-            assert os.listdir(self.directory) == []  # every disk pool file went with its buffer
-            shutil.rmtree(self.directory)
+        self.build(layers, tpb, max_seq_len, batch, gpu_extra, host, disk, max_active, **type(self).storage_options())
 
     # ---- helpers ---------------------------------------------------------------------------
-    def handles(self, *states: RequestState) -> list[int]:
-        return sorted(h for h, s in self.state.items() if s in states)
-
     def unchanged(self, before: dict[str, Any]) -> None:
         assert snapshot(self.m) == before
 
@@ -198,16 +160,6 @@ class ManagerMachine(RuleBasedStateMachine):
         self.m.commit(h, tokens)
         self.lengths[h] = CacheLengths(n.capacity, n.history, tokens)
 
-    @precondition(lambda self: self.handles(ACTIVE))
-    @rule(data=st.data())
-    def suspend(self, data: st.DataObject) -> None:
-        h = data.draw(st.sampled_from(self.handles(ACTIVE)), label="handle")
-        in_use = [a.num_in_use for a in self.m.tiers.allocators[Tier.GPU]]
-        self.m.suspend(h)
-        assert self.m.suspended[h].tier is Tier.GPU
-        assert [a.num_in_use for a in self.m.tiers.allocators[Tier.GPU]] == in_use  # pages stay put
-        self.state[h] = SUSPENDED
-
     def try_resume(self, h: int) -> None:
         tier = self.m.suspended[h].tier
         row_free = len(self.handles(ACTIVE)) < self.m.config.max_active_requests
@@ -251,15 +203,6 @@ class ManagerMachine(RuleBasedStateMachine):
             self.unchanged(before)
             return
         assert self.m.suspended[h].tier is tier
-
-    @precondition(lambda self: self.handles(ACTIVE, SUSPENDED))
-    @rule(data=st.data())
-    def close(self, data: st.DataObject) -> None:
-        h = data.draw(st.sampled_from(self.handles(ACTIVE, SUSPENDED)), label="handle")
-        self.m.close(h)
-        self.fake.forget(h)
-        self.state[h] = CLOSED
-        del self.lengths[h]
 
     @precondition(lambda self: self.state)
     @rule(data=st.data())

@@ -12,9 +12,6 @@ tests follow the machine: the bugs reported in issue 9, and one the machine foun
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -34,18 +31,15 @@ from hypothesis.stateful import (
 from conftest import snapshot
 from hybridkv.errors import UsageError
 from hybridkv.fake_engine import FakeEngine
-from hybridkv.grouping import group_layers
 from hybridkv.layout import BufferSpec, LayerSpec, ModelLayout, attention_layer, ssm_layer
 from hybridkv.lifecycle import LifeCycle, keep_start, live_blocks, sink_blocks
 from hybridkv.manager.manager import CacheLengths, KVCacheManager, ManagerConfig
 from hybridkv.manager.prefix import PrefixCache
-from hybridkv.manager.state import RequestState
-from hybridkv.manager.tiers import StorageConfig
-from hybridkv.planner import PlanSpec, compute_floors, plan
+from hybridkv.planner import PlanSpec, plan
 from hybridkv.types import Tier
+from stateful_common import ACTIVE, CLOSED, SUSPENDED, CacheModel, make_layer
 
 I64 = npt.NDArray[np.int64]
-ACTIVE, SUSPENDED, CLOSED = RequestState.ACTIVE, RequestState.SUSPENDED, RequestState.CLOSED
 
 
 # ---- the state machine ----------------------------------------------------------------------
@@ -58,11 +52,6 @@ LIFE_CYCLES = st.one_of(
 )
 
 
-def make_layer(lc: LifeCycle, width: int) -> LayerSpec:
-    """8-byte multiples, as the fake engine needs; ``width`` varies slot sizes across groups."""
-    return ssm_layer(8, 8 * width, 1, 1) if lc.is_ssm else attention_layer(width, 8, 1, lc)
-
-
 LAYERS = st.lists(st.builds(make_layer, LIFE_CYCLES, st.integers(1, 2)), min_size=2, max_size=3)  # hybrids
 GPU_EXTRA = st.sampled_from([0.0, 0.1, 0.3, 1.0])  # at or near the floors: the cache must give way
 HOST_TIER = st.sampled_from([0.3, 1.0, 2.0])  # lower-tier bytes as a share of the floors
@@ -70,7 +59,7 @@ DISK_TIER = st.sampled_from([0.0, 0.0, 0.5, 2.0])
 STEMS = 2  # shared prompt stems: stem s, position i holds token 1000 * s + i
 
 
-class PrefixMachine(RuleBasedStateMachine):
+class PrefixMachine(CacheModel, RuleBasedStateMachine):
     """Requests keep a token array fixed at creation (a stem's first tokens, then their own
     tail), so a position's token id never changes and publish / open keys agree."""
 
@@ -79,30 +68,12 @@ class PrefixMachine(RuleBasedStateMachine):
                 max_active=st.integers(3, 6), offload_to_host=st.sampled_from([True, True, False]))
     def setup(self, layers: list[LayerSpec], tpb: int, max_seq_len: int, batch: int, gpu_extra: float,
               host: float, disk: float, max_active: int, offload_to_host: bool) -> None:
-        layout = ModelLayout("random", tuple(layers))
-        probe = PlanSpec(layout, 1, max_seq_len, tokens_per_block=tpb, max_batch_size=batch)
-        grouped = group_layers(layout, tpb)
-        need = sum(f.min_slots * pg.slot_bytes
-                   for f, pg in zip(compute_floors(probe, grouped), grouped.pool_groups, strict=True))
-        p = plan(PlanSpec(layout, max(1, int(need * (1 + gpu_extra))), max_seq_len, tokens_per_block=tpb,
-                          max_batch_size=batch, host_bytes=int(need * host)))
-        self.directory = tempfile.mkdtemp(prefix="hybridkv-test-")
-        storage = StorageConfig(disk_bytes=int(need * disk), disk_directory=self.directory)
-        self.m = KVCacheManager(p, ManagerConfig(max_active_requests=max_active, storage=storage))
+        self.build(layers, tpb, max_seq_len, batch, gpu_extra, host, disk, max_active)
         self.pc = self.m.enable_prefix_cache(offload_to_host=offload_to_host)
-        self.fake = FakeEngine(self.m)
-        self.tpb, self.max_seq_len = tpb, max_seq_len
+        self.tpb = tpb
         self.has_ssm = any(lg.life_cycle.is_ssm for lg in self.m.grouped.layer_groups)
-        self.state: dict[int, RequestState] = {}
-        self.lengths: dict[int, CacheLengths] = {}
         self.tokens: dict[int, I64] = {}
         self.serial = 0
-
-    def teardown(self) -> None:
-        if hasattr(self, "m"):
-            self.m.close_storage()
-            assert os.listdir(self.directory) == []
-            shutil.rmtree(self.directory)
 
     # ---- helpers ---------------------------------------------------------------------------
     def request_tokens(self, stem: int, cut: int, prefix: I64 | None = None) -> I64:
@@ -113,9 +84,6 @@ class PrefixMachine(RuleBasedStateMachine):
         head = 1000 * stem + np.arange(cut, dtype=np.int64) if prefix is None else prefix
         out[:head.size] = head
         return out
-
-    def handles(self, *states: RequestState) -> list[int]:
-        return sorted(h for h, s in self.state.items() if s in states)
 
     def row_free(self) -> bool:
         return len(self.handles(ACTIVE)) < self.m.config.max_active_requests
@@ -353,16 +321,6 @@ class PrefixMachine(RuleBasedStateMachine):
         self.state[child], self.lengths[child] = ACTIVE, CacheLengths(tokens, tokens, tokens)
         self.tokens[child] = self.request_tokens(0, 0, self.tokens[donor][:tokens])
 
-    @precondition(lambda self: self.handles(ACTIVE))
-    @rule(data=st.data())
-    def suspend(self, data: st.DataObject) -> None:
-        h = data.draw(st.sampled_from(self.handles(ACTIVE)), label="handle")
-        in_use = [a.num_in_use for a in self.m.tiers.allocators[Tier.GPU]]
-        self.m.suspend(h)
-        assert self.m.suspended[h].tier is Tier.GPU
-        assert [a.num_in_use for a in self.m.tiers.allocators[Tier.GPU]] == in_use  # pages stay put
-        self.state[h] = SUSPENDED
-
     @precondition(lambda self: self.handles(SUSPENDED))
     @rule(data=st.data(), tier=st.sampled_from([Tier.HOST, Tier.DISK]))
     def offload(self, data: st.DataObject, tier: Tier) -> None:
@@ -395,15 +353,6 @@ class PrefixMachine(RuleBasedStateMachine):
             return
         assert self.row_free()
         self.state[h] = ACTIVE
-
-    @precondition(lambda self: self.handles(ACTIVE, SUSPENDED))
-    @rule(data=st.data())
-    def close(self, data: st.DataObject) -> None:
-        h = data.draw(st.sampled_from(self.handles(ACTIVE, SUSPENDED)), label="handle")
-        self.m.close(h)
-        self.fake.forget(h)
-        self.state[h] = CLOSED
-        del self.lengths[h]
 
     # ---- after every rule ------------------------------------------------------------------
     @invariant()

@@ -3,7 +3,7 @@ of prefills, and closing a batch.
 
 For each B (default 64 ... 4096) and each bench layout ("vllm": full + window 1024 in one
 pool group; "three-group": windows 128 and 1024 and full attention, three pool groups; see
-``hybridkv.bench``), one run:
+``hybridkv.cli.bench``), one run:
 
 1. B requests with 2,000-token prompts and ``--steps`` outputs are submitted to a Scheduler
    over a bookkeeping-only manager sized for them; the first ``schedule()`` admits all of
@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from hybridkv.bench import PROMPT_TOKENS, _prefill, bench_layout, make_manager
-from hybridkv.errors import InvariantError
+from hybridkv.cli.bench import PROMPT_TOKENS, _prefill, bench_layout, make_manager
+from hybridkv.core.errors import InvariantError
 from hybridkv.scheduler.request import SeqRequest, Status
 from hybridkv.scheduler.scheduler import Scheduler, SchedulerConfig
 

@@ -9,12 +9,12 @@ import argparse
 import statistics
 import time
 
-from hybridkv.demand import Batch
-from hybridkv.layout import ModelLayout, attention_layer, ssm_layer
-from hybridkv.lifecycle import LifeCycle, worst_decode_blocks
-from hybridkv.planner import PlanSpec, plan
-from hybridkv.report import plan_json
-from hybridkv.types import GIB
+from hybridkv.core.types import GIB
+from hybridkv.layouts.spec import ModelLayout, attention_layer, ssm_layer
+from hybridkv.lifecycles.lifecycle import LifeCycle, worst_decode_blocks
+from hybridkv.planning.demand import Batch
+from hybridkv.planning.planner import PlanSpec, plan
+from hybridkv.planning.report import plan_json
 
 
 def layout_128() -> ModelLayout:

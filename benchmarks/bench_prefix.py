@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import argparse
 
-from hybridkv.catalog import BY_NAME
-from hybridkv.grouping import group_layers
-from hybridkv.models import load_model
-from hybridkv.planner import PlanSpec
+from hybridkv.cli.specs import parse_batch
+from hybridkv.core.types import GIB
+from hybridkv.layouts.catalog import BY_NAME
+from hybridkv.layouts.grouping import group_layers
+from hybridkv.layouts.models import load_model
+from hybridkv.planning.planner import PlanSpec
 from hybridkv.sim.cost import GPUS, CostModel
 from hybridkv.sim.simulator import SimConfig, simulate
 from hybridkv.sim.workloads import WorkloadSpec, make_workload
-from hybridkv.specs import parse_batch
-from hybridkv.types import GIB
 
 CASES = [  # model, KV quota (GiB), typical step (room for cached windows), host tier for cached pages (GiB)
     ("gpt-oss-20b", 6.0, None, 0.0), ("gpt-oss-20b", 2.5, None, 0.0), ("gpt-oss-20b", 2.5, None, 16.0),

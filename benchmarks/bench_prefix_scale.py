@@ -58,15 +58,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.errors import InvariantError
-from hybridkv.layout import ModelLayout, attention_layer
-from hybridkv.lifecycle import LifeCycle
+from hybridkv.core.errors import InvariantError
+from hybridkv.core.types import Tier
+from hybridkv.layouts.spec import ModelLayout, attention_layer
+from hybridkv.lifecycles.lifecycle import LifeCycle
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
 from hybridkv.manager.tiers import StorageConfig
-from hybridkv.planner import PlanSpec, plan
+from hybridkv.planning.planner import PlanSpec, plan
 from hybridkv.scheduler.request import SeqRequest
 from hybridkv.scheduler.scheduler import Scheduler, SchedulerConfig, StepPlan
-from hybridkv.types import Tier
 
 TPB, PROMPT_TOKENS, PAGES = 16, 1024, 64
 FILL_BATCH = 512

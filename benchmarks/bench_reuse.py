@@ -17,9 +17,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from hybridkv.lifecycle import LifeCycle
+from hybridkv.core.types import Tier
+from hybridkv.lifecycles.lifecycle import LifeCycle
 from hybridkv.reuse import PrefixIndex, ReuseScope, block_keys
-from hybridkv.types import Tier
 
 TPB, PROMPT_TOKENS = 16, 1024
 LAYOUTS: dict[str, list[LifeCycle]] = {

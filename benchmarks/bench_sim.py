@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from hybridkv.catalog import BY_NAME
-from hybridkv.models import load_model
-from hybridkv.planner import PlanSpec
+from hybridkv.layouts.catalog import BY_NAME
+from hybridkv.layouts.models import load_model
+from hybridkv.planning.planner import PlanSpec
 from hybridkv.sim import GPUS, CostModel, SimConfig, Simulator, WorkloadSpec, make_workload
 
 MAX_SEQ_LEN = 4608  # prompt <= 256 + output <= 4096 fits

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from hybridkv.bench import StepResult, StepRun, bookkeeping_memory, run_once, summarize
+from hybridkv.cli.bench import StepResult, StepRun, bookkeeping_memory, run_once, summarize
 
 PEER_PYTHON = Path("/tmp/vllm_peer/bin/python")
 PEER_SCRIPT = Path(__file__).with_name("vllm_peer_step.py")

@@ -154,14 +154,14 @@ def overlap(rng: np.random.Generator) -> dict:
 
 
 def table_upload() -> dict:
-    from hybridkv.demand import Batch
-    from hybridkv.gpu_tables import PageTableUploader, TableMirror
-    from hybridkv.layout import ModelLayout, attention_layer
-    from hybridkv.lifecycle import LifeCycle
+    from hybridkv.core.types import GIB
+    from hybridkv.engine.tables import PageTableUploader, TableMirror
+    from hybridkv.layouts.spec import ModelLayout, attention_layer
+    from hybridkv.lifecycles.lifecycle import LifeCycle
     from hybridkv.manager.manager import KVCacheManager, ManagerConfig
     from hybridkv.manager.tiers import StorageConfig
-    from hybridkv.planner import PlanSpec, plan
-    from hybridkv.types import GIB
+    from hybridkv.planning.demand import Batch
+    from hybridkv.planning.planner import PlanSpec, plan
 
     layers = (attention_layer(8, 128, 2, LifeCycle.sliding(128)), attention_layer(8, 96, 2, LifeCycle.sliding(1024)),
               attention_layer(8, 64, 2, LifeCycle.full()))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hybridkv.lifecycle import LifeCycle
+from hybridkv.lifecycles.lifecycle import LifeCycle
 
 
 def visible(lc: LifeCycle, p: int, q: int) -> bool:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from hybridkv.cli import SAFETY_NET, main
+from hybridkv.cli.main import SAFETY_NET, main
 
 
 @dataclass(frozen=True)

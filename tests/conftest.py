@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from hybridkv.core.types import Tier
 from hybridkv.manager.manager import KVCacheManager
-from hybridkv.types import Tier
 
 
 def _frozen(a: Any) -> tuple[str, tuple[int, ...], bytes]:

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from hybridkv.errors import ConfigError
-from hybridkv.layout import ModelLayout
-from hybridkv.models import load_model
+from hybridkv.core.errors import ConfigError
+from hybridkv.layouts.models import load_model
+from hybridkv.layouts.spec import ModelLayout
 
 
 def write(tmp_path: Path, data: Any, name: str = "model.json") -> str:

@@ -12,15 +12,15 @@ from typing import Any
 from hypothesis import strategies as st
 from hypothesis.stateful import precondition, rule
 
-from hybridkv.fake_engine import FakeEngine
-from hybridkv.grouping import group_layers
-from hybridkv.layout import LayerSpec, ModelLayout, attention_layer, ssm_layer
-from hybridkv.lifecycle import LifeCycle
+from hybridkv.core.types import Tier
+from hybridkv.engine.fake import FakeEngine
+from hybridkv.layouts.grouping import group_layers
+from hybridkv.layouts.spec import LayerSpec, ModelLayout, attention_layer, ssm_layer
+from hybridkv.lifecycles.lifecycle import LifeCycle
 from hybridkv.manager.manager import CacheLengths, KVCacheManager, ManagerConfig
 from hybridkv.manager.state import RequestState
 from hybridkv.manager.tiers import StorageConfig
-from hybridkv.planner import PlanSpec, compute_floors, plan
-from hybridkv.types import Tier
+from hybridkv.planning.planner import PlanSpec, compute_floors, plan
 
 ACTIVE, SUSPENDED, CLOSED = RequestState.ACTIVE, RequestState.SUSPENDED, RequestState.CLOSED
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hybridkv.errors import UsageError
+from hybridkv.core.errors import UsageError
 from hybridkv.storage.allocator import SlotAllocator
 
 

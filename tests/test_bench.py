@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from hybridkv.bench import bench_layout, bench_step, bookkeeping_memory, make_manager, run_once
-from hybridkv.cli import main
+from hybridkv.cli.bench import bench_layout, bench_step, bookkeeping_memory, make_manager, run_once
+from hybridkv.cli.main import main
 
 KEYS = {"batch", "steps", "us_per_step_median", "us_per_request_step_median", "step_call_us_per_step_median"}
 

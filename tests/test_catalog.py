@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from hybridkv.catalog import BY_NAME, ENTRIES, CatalogEntry, catalog_layout
-from hybridkv.errors import ConfigError
-from hybridkv.layout import LayerSpec, ModelLayout
-from hybridkv.lifecycle import LifeCycle
-from hybridkv.report import ideal_bytes_per_request
+from hybridkv.core.errors import ConfigError
+from hybridkv.layouts.catalog import BY_NAME, ENTRIES, CatalogEntry, catalog_layout
+from hybridkv.layouts.spec import LayerSpec, ModelLayout
+from hybridkv.lifecycles.lifecycle import LifeCycle
+from hybridkv.planning.report import ideal_bytes_per_request
 
 T32K, T128K = 32 * 1024, 128 * 1024
 

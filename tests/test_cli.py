@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from hybridkv.catalog import ENTRIES
-from hybridkv.cli import main
+from hybridkv.cli.main import main
+from hybridkv.layouts.catalog import ENTRIES
 
 NAMES = [e.name for e in ENTRIES]
 POOL_GROUP_KEYS = {"id", "kind", "window", "sink_tokens", "layer_ids", "slot_bytes", "slots", "min_slots",
@@ -214,7 +214,7 @@ def test_argparse_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: list[s
 
 
 def test_module_runs_as_a_subprocess() -> None:
-    proc = subprocess.run([sys.executable, "-m", "hybridkv.cli", "plan", "gemma-3-27b", "--gpu-mem", "40GiB"],
+    proc = subprocess.run([sys.executable, "-m", "hybridkv.cli.main", "plan", "gemma-3-27b", "--gpu-mem", "40GiB"],
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "max concurrency" in proc.stdout
@@ -222,7 +222,7 @@ def test_module_runs_as_a_subprocess() -> None:
 
 
 def test_module_subprocess_user_error() -> None:
-    proc = subprocess.run([sys.executable, "-m", "hybridkv.cli", "plan", "gemma-3-27b", "--gpu-mem", "0"],
+    proc = subprocess.run([sys.executable, "-m", "hybridkv.cli.main", "plan", "gemma-3-27b", "--gpu-mem", "0"],
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2
     assert proc.stderr.startswith("hybridkv: error: --gpu-mem")

@@ -129,7 +129,7 @@ def test_a_newline_in_a_path_stays_on_one_line(tmp_path: Path) -> None:
 
 def _console_script() -> list[str]:
     script = shutil.which("hybridkv")
-    return [script] if script else [sys.executable, "-m", "hybridkv.cli"]
+    return [script] if script else [sys.executable, "-m", "hybridkv.cli.main"]
 
 
 @pytest.mark.parametrize("argv", [["plan", "gemma-3-27b", "--gpu-mem", "9" * 400],

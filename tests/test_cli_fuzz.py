@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import test_hf_config as hf
 from cli_run import check
-from hybridkv.bench import MAX_BATCH, MAX_REPEATS, MAX_REQUEST_STEPS, MAX_STEPS
+from hybridkv.cli.bench import MAX_BATCH, MAX_REPEATS, MAX_REQUEST_STEPS, MAX_STEPS
 
 FUZZ = settings(max_examples=200, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
 HF_CONFIGS = [hf.GEMMA3_27B, hf.GEMMA2_27B, hf.GPT_OSS_20B, hf.LLAMA4_SCOUT, hf.QWEN3_NEXT, hf.JAMBA,

@@ -10,14 +10,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-from hybridkv.fake_engine import FakeEngine  # noqa: E402
-from hybridkv.layout import ModelLayout, attention_layer, ssm_layer  # noqa: E402
-from hybridkv.lifecycle import LifeCycle  # noqa: E402
+from hybridkv.core.types import Tier  # noqa: E402
+from hybridkv.engine.fake import FakeEngine  # noqa: E402
+from hybridkv.layouts.spec import ModelLayout, attention_layer, ssm_layer  # noqa: E402
+from hybridkv.lifecycles.lifecycle import LifeCycle  # noqa: E402
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig  # noqa: E402
 from hybridkv.manager.state import RequestState  # noqa: E402
 from hybridkv.manager.tiers import StorageConfig  # noqa: E402
-from hybridkv.planner import PlanSpec, plan  # noqa: E402
-from hybridkv.types import Tier  # noqa: E402
+from hybridkv.planning.planner import PlanSpec, plan  # noqa: E402
 
 
 def make_manager(tmp_path, mechanism: str) -> KVCacheManager:

@@ -6,11 +6,11 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hybridkv.demand import Batch, batch_demand, concurrent_decode_demand, demand, layer_group_demand
-from hybridkv.errors import ConfigError
-from hybridkv.grouping import group_layers
-from hybridkv.layout import ModelLayout, attention_layer, ssm_layer
-from hybridkv.lifecycle import LifeCycle, live_blocks, stale_range
+from hybridkv.core.errors import ConfigError
+from hybridkv.layouts.grouping import group_layers
+from hybridkv.layouts.spec import ModelLayout, attention_layer, ssm_layer
+from hybridkv.lifecycles.lifecycle import LifeCycle, live_blocks, stale_range
+from hybridkv.planning.demand import Batch, batch_demand, concurrent_decode_demand, demand, layer_group_demand
 
 LIFE_CYCLES = st.sampled_from([
     LifeCycle.full(), LifeCycle.sliding(1), LifeCycle.sliding(5), LifeCycle.sliding(16, 4),

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 
 import model_files
-from hybridkv.catalog import catalog_layout
-from hybridkv.errors import ConfigError
-from hybridkv.layout import BufferSpec, ModelLayout
-from hybridkv.lifecycle import LifeCycle
-from hybridkv.models import load_model
+from hybridkv.core.errors import ConfigError
+from hybridkv.layouts.catalog import catalog_layout
+from hybridkv.layouts.models import load_model
+from hybridkv.layouts.spec import BufferSpec, ModelLayout
+from hybridkv.lifecycles.lifecycle import LifeCycle
 from model_files import assert_error_names_file_and_field, load
 
 NEMOTRON_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"

@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 
 import model_files
-from hybridkv.errors import ConfigError
-from hybridkv.layout import BufferSpec
-from hybridkv.layout_json import parse_layout
-from hybridkv.lifecycle import LifeCycle
-from hybridkv.models import load_model
+from hybridkv.core.errors import ConfigError
+from hybridkv.layouts.json_format import parse_layout
+from hybridkv.layouts.models import load_model
+from hybridkv.layouts.spec import BufferSpec
+from hybridkv.lifecycles.lifecycle import LifeCycle
 from model_files import assert_error_names_file_and_field, load
 
 DOCSTRING_EXAMPLE: dict[str, Any] = {

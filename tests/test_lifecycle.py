@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attention_mask import visible
-from hybridkv.errors import ConfigError
-from hybridkv.lifecycle import LifeCycle, live_blocks, stale_range, worst_decode_blocks
-from hybridkv.limits import MAX_TOKENS
+from hybridkv.core.errors import ConfigError
+from hybridkv.core.limits import MAX_TOKENS
+from hybridkv.lifecycles.lifecycle import LifeCycle, live_blocks, stale_range, worst_decode_blocks
 
 
 def brute_needed(lc: LifeCycle, h: int, q: int) -> bool:

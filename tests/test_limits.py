@@ -7,13 +7,13 @@ from collections.abc import Callable
 
 import pytest
 
-from hybridkv.catalog import catalog_layout
-from hybridkv.demand import Batch
-from hybridkv.errors import ConfigError
-from hybridkv.layout import BufferSpec, LayerSpec, ModelLayout, attention_layer, ssm_layer
-from hybridkv.lifecycle import LifeCycle
-from hybridkv.limits import MAX_BYTES, MAX_LAYERS, MAX_REQUESTS, MAX_TOKENS, check_max, show
-from hybridkv.planner import PlanSpec
+from hybridkv.core.errors import ConfigError
+from hybridkv.core.limits import MAX_BYTES, MAX_LAYERS, MAX_REQUESTS, MAX_TOKENS, check_max, show
+from hybridkv.layouts.catalog import catalog_layout
+from hybridkv.layouts.spec import BufferSpec, LayerSpec, ModelLayout, attention_layer, ssm_layer
+from hybridkv.lifecycles.lifecycle import LifeCycle
+from hybridkv.planning.demand import Batch
+from hybridkv.planning.planner import PlanSpec
 from hybridkv.sim.cost import GPUS, CostModel
 from hybridkv.sim.workloads import WorkloadSpec
 

@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 
 from conftest import snapshot
-from hybridkv.errors import ConfigError, UsageError
-from hybridkv.fake_engine import FakeEngine
-from hybridkv.layout import LayerSpec, ModelLayout, attention_layer, ssm_layer
-from hybridkv.lifecycle import LifeCycle, live_blocks, worst_decode_blocks
+from hybridkv.core.errors import ConfigError, UsageError
+from hybridkv.core.types import Tier
+from hybridkv.engine.fake import FakeEngine
+from hybridkv.layouts.spec import LayerSpec, ModelLayout, attention_layer, ssm_layer
+from hybridkv.lifecycles.lifecycle import LifeCycle, live_blocks, worst_decode_blocks
 from hybridkv.manager.manager import CacheLengths, KVCacheManager, ManagerConfig
 from hybridkv.manager.state import RequestState
 from hybridkv.manager.stats import Counters, PoolTierStats
 from hybridkv.manager.tiers import StorageConfig
-from hybridkv.planner import PlanSpec, plan
-from hybridkv.types import Tier
+from hybridkv.planning.planner import PlanSpec, plan
 
 NULL = -1
 FULL = LifeCycle.full()

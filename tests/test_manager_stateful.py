@@ -26,11 +26,11 @@ from hypothesis.stateful import (
 )
 
 from conftest import snapshot
-from hybridkv.errors import UsageError
-from hybridkv.layout import LayerSpec
-from hybridkv.lifecycle import LifeCycle, live_blocks
+from hybridkv.core.errors import UsageError
+from hybridkv.core.types import Tier
+from hybridkv.layouts.spec import LayerSpec
+from hybridkv.lifecycles.lifecycle import LifeCycle, live_blocks
 from hybridkv.manager.manager import CacheLengths
-from hybridkv.types import Tier
 from stateful_common import ACTIVE, CLOSED, SUSPENDED, CacheModel, make_layer
 
 LIFE_CYCLES = st.one_of(

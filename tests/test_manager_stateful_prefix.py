@@ -29,14 +29,14 @@ from hypothesis.stateful import (
 )
 
 from conftest import snapshot
-from hybridkv.errors import UsageError
-from hybridkv.fake_engine import FakeEngine
-from hybridkv.layout import BufferSpec, LayerSpec, ModelLayout, attention_layer, ssm_layer
-from hybridkv.lifecycle import LifeCycle, keep_start, live_blocks, sink_blocks
+from hybridkv.core.errors import UsageError
+from hybridkv.core.types import Tier
+from hybridkv.engine.fake import FakeEngine
+from hybridkv.layouts.spec import BufferSpec, LayerSpec, ModelLayout, attention_layer, ssm_layer
+from hybridkv.lifecycles.lifecycle import LifeCycle, keep_start, live_blocks, sink_blocks
 from hybridkv.manager.manager import CacheLengths, KVCacheManager, ManagerConfig
 from hybridkv.manager.prefix import PrefixCache
-from hybridkv.planner import PlanSpec, plan
-from hybridkv.types import Tier
+from hybridkv.planning.planner import PlanSpec, plan
 from stateful_common import ACTIVE, CLOSED, SUSPENDED, CacheModel, make_layer
 
 I64 = npt.NDArray[np.int64]

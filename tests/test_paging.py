@@ -8,9 +8,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hybridkv.grouping import group_layers
-from hybridkv.layout import ModelLayout, attention_layer
-from hybridkv.lifecycle import LifeCycle
+from hybridkv.layouts.grouping import group_layers
+from hybridkv.layouts.spec import ModelLayout, attention_layer
+from hybridkv.lifecycles.lifecycle import LifeCycle
 from hybridkv.manager.paging import Span, _release_span
 from hybridkv.manager.rows import NULL_SLOT, ActiveRows
 

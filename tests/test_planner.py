@@ -9,15 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hybridkv.catalog import catalog_layout
-from hybridkv.demand import Batch, batch_demand, demand
-from hybridkv.errors import CapacityError, ConfigError
-from hybridkv.grouping import group_layers
-from hybridkv.layout import ModelLayout, attention_layer, ssm_layer
-from hybridkv.lifecycle import LifeCycle
-from hybridkv.planner import PlanSpec, PoolPlan, compute_floors, plan, split_slots
-from hybridkv.report import ideal_concurrency, max_concurrency, max_seq_len_at
-from hybridkv.types import GIB
+from hybridkv.core.errors import CapacityError, ConfigError
+from hybridkv.core.types import GIB
+from hybridkv.layouts.catalog import catalog_layout
+from hybridkv.layouts.grouping import group_layers
+from hybridkv.layouts.spec import ModelLayout, attention_layer, ssm_layer
+from hybridkv.lifecycles.lifecycle import LifeCycle
+from hybridkv.planning.demand import Batch, batch_demand, demand
+from hybridkv.planning.planner import PlanSpec, PoolPlan, compute_floors, plan, split_slots
+from hybridkv.planning.report import ideal_concurrency, max_concurrency, max_seq_len_at
 
 
 def check_plan(p: PoolPlan) -> None:

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from conftest import snapshot
-from hybridkv.fake_engine import FakeEngine
-from hybridkv.layout import ModelLayout, attention_layer, ssm_layer
-from hybridkv.lifecycle import LifeCycle
+from hybridkv.core.types import Tier
+from hybridkv.engine.fake import FakeEngine
+from hybridkv.layouts.spec import ModelLayout, attention_layer, ssm_layer
+from hybridkv.lifecycles.lifecycle import LifeCycle
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
-from hybridkv.planner import PlanSpec, plan
+from hybridkv.planning.planner import PlanSpec, plan
 from hybridkv.reuse import ReuseScope
-from hybridkv.types import Tier
 
 TPB = 4
 FULL = attention_layer(1, 8, 2, LifeCycle.full())

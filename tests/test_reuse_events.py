@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from hybridkv.errors import ConfigError, UsageError
-from hybridkv.lifecycle import LifeCycle
+from hybridkv.core.errors import ConfigError, UsageError
+from hybridkv.core.types import LayerGroupId, Tier
+from hybridkv.lifecycles.lifecycle import LifeCycle
 from hybridkv.reuse import (
     AllCleared,
     BlockRemoved,
@@ -21,7 +22,6 @@ from hybridkv.reuse import (
     ReuseScope,
     block_keys,
 )
-from hybridkv.types import LayerGroupId, Tier
 
 SCOPE = ReuseScope(lora_id=2)
 ROOT = SCOPE.root()

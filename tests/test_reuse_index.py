@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attention_mask import visible
-from hybridkv.errors import ConfigError, InvariantError, UsageError
-from hybridkv.lifecycle import LifeCycle, live_blocks
+from hybridkv.core.errors import ConfigError, InvariantError, UsageError
+from hybridkv.core.types import LayerGroupId, Tier
+from hybridkv.lifecycles.lifecycle import LifeCycle, live_blocks
 from hybridkv.reuse import EntryRef, PrefixIndex, ReuseScope, block_keys, longest_match, needed_blocks
-from hybridkv.types import LayerGroupId, Tier
 
 SCOPE = ReuseScope()
 ROOT = SCOPE.root()

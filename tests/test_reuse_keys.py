@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hybridkv.errors import ConfigError, UsageError
-from hybridkv.lifecycle import LifeCycle
+from hybridkv.core.errors import ConfigError, UsageError
+from hybridkv.core.types import Tier
+from hybridkv.lifecycles.lifecycle import LifeCycle
 from hybridkv.reuse import MultimodalItem, PrefixIndex, ReuseScope, block_keys
-from hybridkv.types import Tier
 
 TPB = 4
 SCOPE = ReuseScope()

@@ -9,14 +9,14 @@ import json
 import numpy as np
 import pytest
 
-from hybridkv.cli import main
-from hybridkv.layout import BufferSpec, LayerSpec, ModelLayout
-from hybridkv.lifecycle import LifeCycle
+from hybridkv.cli.main import main
+from hybridkv.core.types import Tier
+from hybridkv.layouts.spec import BufferSpec, LayerSpec, ModelLayout
+from hybridkv.lifecycles.lifecycle import LifeCycle
 from hybridkv.manager.manager import KVCacheManager
-from hybridkv.planner import PlanSpec, plan
+from hybridkv.planning.planner import PlanSpec, plan
 from hybridkv.scheduler.request import SeqRequest, Status
 from hybridkv.scheduler.scheduler import Scheduler, SchedulerConfig
-from hybridkv.types import Tier
 
 FULL = LayerSpec(LifeCycle.full(), (BufferSpec("kv", 8),))  # 32-byte slots at 4 tokens per block
 

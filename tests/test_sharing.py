@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from conftest import snapshot
-from hybridkv.errors import UsageError
-from hybridkv.fake_engine import FakeEngine
-from hybridkv.layout import ModelLayout, attention_layer, ssm_layer
-from hybridkv.lifecycle import LifeCycle
+from hybridkv.core.errors import UsageError
+from hybridkv.core.types import Tier
+from hybridkv.engine.fake import FakeEngine
+from hybridkv.layouts.spec import ModelLayout, attention_layer, ssm_layer
+from hybridkv.lifecycles.lifecycle import LifeCycle
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
-from hybridkv.planner import PlanSpec, plan
-from hybridkv.types import Tier
+from hybridkv.planning.planner import PlanSpec, plan
 
 TPB = 4
 

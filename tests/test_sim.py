@@ -15,17 +15,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hybridkv.catalog import BY_NAME
-from hybridkv.cli import main
-from hybridkv.demand import demand
-from hybridkv.grouping import group_layers
-from hybridkv.layout import LayerSpec, ModelLayout, attention_layer, ssm_layer
-from hybridkv.lifecycle import LifeCycle
+from hybridkv.cli.main import main
+from hybridkv.core.types import GIB
+from hybridkv.layouts.catalog import BY_NAME
+from hybridkv.layouts.grouping import group_layers
+from hybridkv.layouts.models import load_model
+from hybridkv.layouts.spec import LayerSpec, ModelLayout, attention_layer, ssm_layer
+from hybridkv.lifecycles.lifecycle import LifeCycle
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
 from hybridkv.manager.tiers import StorageConfig
-from hybridkv.models import load_model
-from hybridkv.planner import PlanSpec, compute_floors, plan
-from hybridkv.report import ideal_bytes_per_request
+from hybridkv.planning.demand import demand
+from hybridkv.planning.planner import PlanSpec, compute_floors, plan
+from hybridkv.planning.report import ideal_bytes_per_request
 from hybridkv.scheduler.request import SeqRequest, Status
 from hybridkv.scheduler.scheduler import Scheduler, SchedulerConfig
 from hybridkv.sim import (
@@ -44,7 +45,6 @@ from hybridkv.sim import (
     simulate,
     single_request_plan,
 )
-from hybridkv.types import GIB
 
 ISSUE_LEN, ISSUE_TPB, ISSUE_BATCH = 137984, 256, 64
 ISSUE_FLOOR_BYTES = 3748659200  # what `hybridkv plan issue-15401 ... --gpu-mem 1GiB` says it needs

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hybridkv.errors import ConfigError
-from hybridkv.specs import parse_batch, parse_size, parse_tokens
+from hybridkv.cli.specs import parse_batch, parse_size, parse_tokens
+from hybridkv.core.errors import ConfigError
 
 GIB = 1024**3
 

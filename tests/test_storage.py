@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from hybridkv.errors import ConfigError, UsageError
-from hybridkv.grouping import group_layers
-from hybridkv.layout import ModelLayout, attention_layer, ssm_layer
-from hybridkv.lifecycle import LifeCycle
+from hybridkv.core.errors import ConfigError, UsageError
+from hybridkv.layouts.grouping import group_layers
+from hybridkv.layouts.spec import ModelLayout, attention_layer, ssm_layer
+from hybridkv.lifecycles.lifecycle import LifeCycle
 from hybridkv.storage.backends import DiskBuffer, NumpyBuffer, PoolBuffer, make_buffer
 from hybridkv.storage.copy import MIN_RUN_SLOTS, HostCopyEngine, check_copy_args, contiguous_runs
 from hybridkv.storage.pages import PageSpec, page_specs, pool_page_specs

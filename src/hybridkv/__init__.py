@@ -5,23 +5,23 @@ Start with ``plan(PlanSpec(load_model("gemma-3-27b"), gpu_bytes=40 * GIB, max_se
 docs/ARCHITECTURE.md walks through the layers bottom-up.
 """
 
-from hybridkv.demand import Batch, batch_demand, concurrent_decode_demand, demand, worst_request_demand
-from hybridkv.errors import CapacityError, ConfigError, HybridKVError, InvariantError, UsageError
-from hybridkv.grouping import GroupedLayout, LayerGroup, PoolGroup, group_layers
-from hybridkv.layout import BufferSpec, LayerSpec, ModelLayout
-from hybridkv.lifecycle import LifeCycle, live_blocks, stale_range, worst_decode_blocks
+from hybridkv.core.errors import CapacityError, ConfigError, HybridKVError, InvariantError, UsageError
+from hybridkv.core.types import GIB, KIB, MIB, LifeCycleKind, Tier
+from hybridkv.layouts.grouping import GroupedLayout, LayerGroup, PoolGroup, group_layers
+from hybridkv.layouts.models import load_model
+from hybridkv.layouts.spec import BufferSpec, LayerSpec, ModelLayout
+from hybridkv.lifecycles.lifecycle import LifeCycle, live_blocks, stale_range, worst_decode_blocks
 from hybridkv.manager.manager import CacheLengths, KVCacheManager, ManagerConfig, StepResult
 from hybridkv.manager.prefix import PrefixCache, PrefixHit
 from hybridkv.manager.state import RequestState
 from hybridkv.manager.step_tables import StepTables
 from hybridkv.manager.tiers import StorageConfig
-from hybridkv.models import load_model
-from hybridkv.planner import PlanSpec, PoolGroupPlan, PoolPlan, plan
-from hybridkv.report import ideal_concurrency, max_concurrency, max_seq_len_at, plan_json
+from hybridkv.planning.demand import Batch, batch_demand, concurrent_decode_demand, demand, worst_request_demand
+from hybridkv.planning.planner import PlanSpec, PoolGroupPlan, PoolPlan, plan
+from hybridkv.planning.report import ideal_concurrency, max_concurrency, max_seq_len_at, plan_json
 from hybridkv.reuse import EventQueue, ReuseScope
 from hybridkv.scheduler.request import SeqRequest, Status, Tracked
 from hybridkv.scheduler.scheduler import Scheduler, SchedulerConfig, StepPlan
-from hybridkv.types import GIB, KIB, MIB, LifeCycleKind, Tier
 
 __all__ = [
     "GIB", "KIB", "MIB",

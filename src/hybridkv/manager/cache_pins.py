@@ -25,11 +25,11 @@ from collections.abc import Iterable
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.errors import InvariantError
+from hybridkv.core.errors import InvariantError
+from hybridkv.core.types import Tier
 from hybridkv.reuse import PrefixIndex
 from hybridkv.reuse.eviction import ROW_MASK
 from hybridkv.storage.allocator import SlotAllocator
-from hybridkv.types import Tier
 
 I64 = npt.NDArray[np.int64]
 _NO_ROW = -1

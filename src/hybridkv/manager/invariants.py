@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hybridkv.errors import InvariantError
-from hybridkv.lifecycle import keep_start, live_blocks
+from hybridkv.core.errors import InvariantError
+from hybridkv.core.types import Tier
+from hybridkv.lifecycles.lifecycle import keep_start, live_blocks
 from hybridkv.manager.rows import NULL_SLOT
 from hybridkv.manager.state import RequestState
-from hybridkv.types import Tier
 
 if TYPE_CHECKING:
     from hybridkv.manager.manager import KVCacheManager

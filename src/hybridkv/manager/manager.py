@@ -16,7 +16,8 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.errors import ConfigError, UsageError
+from hybridkv.core.errors import ConfigError, UsageError
+from hybridkv.core.types import RequestId, Tier
 from hybridkv.manager import invariants, moves, paging, sharing
 from hybridkv.manager.eviction import POLICIES
 from hybridkv.manager.prefix import PrefixCache
@@ -26,9 +27,8 @@ from hybridkv.manager.stats import Counters, ManagerStats, collect_stats
 from hybridkv.manager.step_tables import StepTables
 from hybridkv.manager.suspended import SuspendedCache
 from hybridkv.manager.tiers import StorageConfig, TierPools
-from hybridkv.planner import PoolPlan
+from hybridkv.planning.planner import PoolPlan
 from hybridkv.reuse import EventQueue, ReuseScope
-from hybridkv.types import RequestId, Tier
 
 I64 = npt.NDArray[np.int64]
 I32 = npt.NDArray[np.int32]

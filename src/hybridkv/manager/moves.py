@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from hybridkv.core.types import Tier
 from hybridkv.manager.suspended import SuspendedCache
-from hybridkv.types import Tier
 
 if TYPE_CHECKING:
     from hybridkv.manager.manager import KVCacheManager

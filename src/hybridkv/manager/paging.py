@@ -13,8 +13,8 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.grouping import GroupedLayout
-from hybridkv.lifecycle import keep_start
+from hybridkv.layouts.grouping import GroupedLayout
+from hybridkv.lifecycles.lifecycle import keep_start
 from hybridkv.manager.rows import NULL_SLOT, ActiveRows
 from hybridkv.storage.allocator import SlotAllocator
 

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.lifecycle import keep_start
+from hybridkv.core.types import RequestId, Tier
+from hybridkv.lifecycles.lifecycle import keep_start
 from hybridkv.manager.cache_pins import PinnedPages
 from hybridkv.manager.state import RequestState
 from hybridkv.reuse import EventQueue, PrefixIndex, ReuseScope, block_keys
-from hybridkv.types import RequestId, Tier
 
 if TYPE_CHECKING:
     from hybridkv.manager.manager import KVCacheManager

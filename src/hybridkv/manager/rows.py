@@ -16,9 +16,9 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.errors import UsageError
-from hybridkv.grouping import GroupedLayout
-from hybridkv.lifecycle import sink_blocks
+from hybridkv.core.errors import UsageError
+from hybridkv.layouts.grouping import GroupedLayout
+from hybridkv.lifecycles.lifecycle import sink_blocks
 
 NULL_SLOT = -1
 I32 = npt.NDArray[np.int32]

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.errors import UsageError
-from hybridkv.lifecycle import keep_start, live_blocks
+from hybridkv.core.errors import UsageError
+from hybridkv.core.types import RequestId, Tier
+from hybridkv.lifecycles.lifecycle import keep_start, live_blocks
 from hybridkv.manager.rows import NULL_SLOT
 from hybridkv.manager.state import RequestState
-from hybridkv.types import RequestId, Tier
 
 if TYPE_CHECKING:
     from hybridkv.manager.manager import KVCacheManager

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 
-from hybridkv.errors import UsageError
+from hybridkv.core.errors import UsageError
 
 
 class RequestState(enum.IntEnum):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from hybridkv.types import Tier
+from hybridkv.core.types import Tier
 
 if TYPE_CHECKING:
     from hybridkv.manager.manager import KVCacheManager

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.types import Tier
+from hybridkv.core.types import Tier
 
 
 @dataclass(slots=True)

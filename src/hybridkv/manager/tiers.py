@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.errors import ConfigError
-from hybridkv.planner import PoolPlan
+from hybridkv.core.errors import ConfigError
+from hybridkv.core.types import Tier
+from hybridkv.planning.planner import PoolPlan
 from hybridkv.storage.allocator import SlotAllocator
 from hybridkv.storage.backends import PoolBuffer, make_buffer
 from hybridkv.storage.copy import CopyEngine, HostCopyEngine
-from hybridkv.types import Tier
 
 I32 = npt.NDArray[np.int32]
 

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.types import BlockIndex, LayerGroupId, SlotId, Tier
+from hybridkv.core.types import BlockIndex, LayerGroupId, SlotId, Tier
 
 I64 = npt.NDArray[np.int64]
 

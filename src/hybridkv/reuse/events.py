@@ -25,8 +25,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from hybridkv.errors import ConfigError, UsageError
-from hybridkv.types import LayerGroupId, Tier
+from hybridkv.core.errors import ConfigError, UsageError
+from hybridkv.core.types import LayerGroupId, Tier
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.errors import ConfigError
+from hybridkv.core.errors import ConfigError
 from hybridkv.reuse.entries import EntryTable
 
 I64 = npt.NDArray[np.int64]

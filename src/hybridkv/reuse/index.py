@@ -29,13 +29,13 @@ from typing import NamedTuple, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.errors import InvariantError, UsageError
-from hybridkv.lifecycle import LifeCycle
+from hybridkv.core.errors import InvariantError, UsageError
+from hybridkv.core.types import LayerGroupId, Tier
+from hybridkv.lifecycles.lifecycle import LifeCycle
 from hybridkv.reuse.entries import CachedEntry, EntryRef, EntryTable
 from hybridkv.reuse.events import AllCleared, BlockRemoved, BlockStored, BlockUpdated, EventQueue
 from hybridkv.reuse.eviction import PriorityLRU, make_policy
 from hybridkv.reuse.match import Present, longest_match, needed_blocks
-from hybridkv.types import LayerGroupId, Tier
 
 I64 = npt.NDArray[np.int64]
 K = TypeVar("K", bound=Hashable)

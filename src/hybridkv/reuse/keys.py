@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.errors import ConfigError, UsageError
+from hybridkv.core.errors import ConfigError, UsageError
 
 KEY_BYTES = 32
 """A key is a 32-byte SHA-256 digest naming one full block together with everything before it."""

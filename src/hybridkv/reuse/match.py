@@ -30,8 +30,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.errors import UsageError
-from hybridkv.lifecycle import LifeCycle, keep_start, sink_blocks
+from hybridkv.core.errors import UsageError
+from hybridkv.lifecycles.lifecycle import LifeCycle, keep_start, sink_blocks
 
 I64 = npt.NDArray[np.int64]
 Present = Callable[[int], bool]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hybridkv.demand import lifetime_peak_demand
+from hybridkv.planning.demand import lifetime_peak_demand
 from hybridkv.scheduler.policy import SchedulingPolicy
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.errors import ConfigError
+from hybridkv.core.errors import ConfigError
 
 
 @dataclass(frozen=True, slots=True)

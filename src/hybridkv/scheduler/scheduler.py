@@ -19,15 +19,15 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.demand import lifetime_peak_demand, per_request_demand
-from hybridkv.errors import ConfigError, InvariantError
+from hybridkv.core.errors import ConfigError, InvariantError
+from hybridkv.core.types import RequestId, Tier
 from hybridkv.manager.manager import KVCacheManager
 from hybridkv.manager.step_tables import StepTables
+from hybridkv.planning.demand import lifetime_peak_demand, per_request_demand
 from hybridkv.scheduler.max_utilization import MaxUtilization
 from hybridkv.scheduler.no_evict import NoEvict
 from hybridkv.scheduler.policy import SchedulingPolicy
 from hybridkv.scheduler.request import Progress, SeqRequest, Status, Tracked
-from hybridkv.types import RequestId, Tier
 
 I64 = npt.NDArray[np.int64]
 POLICIES: dict[str, type[SchedulingPolicy]] = {MaxUtilization.name: MaxUtilization, NoEvict.name: NoEvict}

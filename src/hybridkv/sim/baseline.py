@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hybridkv.demand import demand, per_request_demand
-from hybridkv.grouping import group_layers
-from hybridkv.planner import Floor, PlanSpec, PoolPlan, plan
+from hybridkv.layouts.grouping import group_layers
+from hybridkv.planning.demand import demand, per_request_demand
+from hybridkv.planning.planner import Floor, PlanSpec, PoolPlan, plan
 from hybridkv.scheduler.request import SeqRequest
 from hybridkv.scheduler.scheduler import Scheduler
 

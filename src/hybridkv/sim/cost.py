@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.errors import ConfigError
-from hybridkv.layout import ModelLayout
-from hybridkv.types import LifeCycleKind
+from hybridkv.core.errors import ConfigError
+from hybridkv.core.types import LifeCycleKind
+from hybridkv.layouts.spec import ModelLayout
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]

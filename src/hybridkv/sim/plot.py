@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-from hybridkv.errors import ConfigError
+from hybridkv.core.errors import ConfigError
 from hybridkv.sim.result import SimResult
 
 INSTALL_HINT = "--plot needs matplotlib: pip install matplotlib (or pip install 'hybridkv[plot]')"

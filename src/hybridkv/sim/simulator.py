@@ -26,18 +26,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hybridkv.errors import ConfigError, InvariantError
-from hybridkv.limits import check_max
+from hybridkv.core.errors import ConfigError, InvariantError
+from hybridkv.core.limits import check_max
+from hybridkv.core.types import Tier
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
 from hybridkv.manager.tiers import StorageConfig
-from hybridkv.planner import PlanSpec, PoolPlan
+from hybridkv.planning.planner import PlanSpec, PoolPlan
 from hybridkv.scheduler.request import SeqRequest, Status, Tracked
 from hybridkv.scheduler.scheduler import POLICIES, SchedulerConfig, StepPlan
 from hybridkv.sim.baseline import PLANNERS
 from hybridkv.sim.cost import CostModel
 from hybridkv.sim.result import REJECTED_REASONS_KEPT, SimResult, StepLog, percentile_ms
 from hybridkv.sim.workloads import Workload
-from hybridkv.types import Tier
 
 PROGRESS_EVERY_STEPS = 64
 # What one simulation holds in memory; far above the shipped workloads (issue-15401: 64 x 8.6k

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hybridkv.errors import ConfigError
-from hybridkv.limits import MAX_REQUESTS, check_max
+from hybridkv.core.errors import ConfigError
+from hybridkv.core.limits import MAX_REQUESTS, check_max
 
 MAX_SEED = (1 << 64) - 1
 MIN_RATE_PER_S, MAX_RATE_PER_S = 1e-6, 1e9  # a session every 11.6 days .. every nanosecond: times stay finite

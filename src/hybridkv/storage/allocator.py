@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.errors import InvariantError, UsageError
+from hybridkv.core.errors import InvariantError, UsageError
 
 SlotArray = npt.NDArray[np.int32]
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.errors import ConfigError
+from hybridkv.core.errors import ConfigError
 
 ByteArray = npt.NDArray[np.uint8]
 

@@ -12,7 +12,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.errors import UsageError
+from hybridkv.core.errors import UsageError
 from hybridkv.storage.backends import NumpyBuffer, PoolBuffer
 
 SlotArray = npt.NDArray[np.int32]

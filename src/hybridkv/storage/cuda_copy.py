@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from hybridkv.errors import ConfigError
+from hybridkv.core.errors import ConfigError
 from hybridkv.storage.backends import PoolBuffer
 from hybridkv.storage.copy import check_copy_args, contiguous_runs
 from hybridkv.storage.torch_backend import TorchBuffer

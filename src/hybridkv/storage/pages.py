@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hybridkv.grouping import GroupedLayout
-from hybridkv.types import LayerGroupId, PoolGroupId
+from hybridkv.core.types import LayerGroupId, PoolGroupId
+from hybridkv.layouts.grouping import GroupedLayout
 
 
 @dataclass(frozen=True, slots=True)

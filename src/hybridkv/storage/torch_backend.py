@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.errors import ConfigError
+from hybridkv.core.errors import ConfigError
 from hybridkv.storage.backends import ByteArray, PoolBuffer
 from hybridkv.storage.copy import check_copy_args
 

@@ -8,10 +8,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from hybridkv.demand import worst_request_demand
-from hybridkv.layout import ModelLayout
-from hybridkv.planner import PoolGroupPlan, PoolPlan
-from hybridkv.types import LifeCycleKind
+from hybridkv.core.types import LifeCycleKind
+from hybridkv.layouts.spec import ModelLayout
+from hybridkv.planning.demand import worst_request_demand
+from hybridkv.planning.planner import PoolGroupPlan, PoolPlan
 
 _UNBOUNDED_TOKENS = 1 << 40
 

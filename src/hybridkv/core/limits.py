@@ -10,7 +10,7 @@ before they build anything sized by the value.
 
 from __future__ import annotations
 
-from hybridkv.errors import ConfigError
+from hybridkv.core.errors import ConfigError
 
 MAX_TOKENS = 1 << 40
 """Token counts: sequence lengths, windows, chunks, sink tokens, shared prefixes, tokens_per_block."""

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hybridkv.errors import ConfigError
-from hybridkv.layout import LayerSpec, ModelLayout, attention_layer, mla_layer, ssm_layer
-from hybridkv.lifecycle import LifeCycle
+from hybridkv.core.errors import ConfigError
+from hybridkv.layouts.spec import LayerSpec, ModelLayout, attention_layer, mla_layer, ssm_layer
+from hybridkv.lifecycles.lifecycle import LifeCycle
 
 BF16 = 2
 

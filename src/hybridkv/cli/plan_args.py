@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from hybridkv.models import load_model
-from hybridkv.planner import DEFAULT_MAX_BATCH_SIZE, DEFAULT_TOKENS_PER_BLOCK, PlanSpec, default_max_seq_len
-from hybridkv.specs import parse_batch, parse_size, parse_tokens
+from hybridkv.cli.specs import parse_batch, parse_size, parse_tokens
+from hybridkv.layouts.models import load_model
+from hybridkv.planning.planner import DEFAULT_MAX_BATCH_SIZE, DEFAULT_TOKENS_PER_BLOCK, PlanSpec, default_max_seq_len
 
 
 def add_plan_arguments(p: argparse.ArgumentParser, host_help: str, constraints: bool) -> None:

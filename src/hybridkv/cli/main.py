@@ -14,14 +14,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from hybridkv.catalog import ENTRIES
-from hybridkv.errors import HybridKVError
-from hybridkv.plan_args import add_plan_arguments, plan_spec_from_args
-from hybridkv.planner import (
+from hybridkv.cli.plan_args import add_plan_arguments, plan_spec_from_args
+from hybridkv.core.errors import HybridKVError
+from hybridkv.core.types import GIB, MIB
+from hybridkv.layouts.catalog import ENTRIES
+from hybridkv.planning.planner import (
     plan,
 )
-from hybridkv.report import plan_json
-from hybridkv.types import GIB, MIB
+from hybridkv.planning.report import plan_json
 
 EXIT_USAGE = 2
 SAFETY_NET = "hybridkv should have refused this input earlier; please report the command line"
@@ -101,10 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_arguments(pl, "host bytes for the offload tier, e.g. 64GiB", constraints=True)
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)
-    from hybridkv.bench import add_bench_parser  # `bench` lives with the benchmark; imported only here
+    from hybridkv.cli.bench import add_bench_parser  # `bench` lives with the benchmark; imported only here
 
     add_bench_parser(sub)
-    from hybridkv.sim.cli import add_simulate_parser  # `simulate` lives with the simulator
+    from hybridkv.cli.simulate import add_simulate_parser  # `simulate` lives with the simulator
 
     add_simulate_parser(sub)
     return p

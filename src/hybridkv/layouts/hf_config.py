@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from hybridkv.errors import ConfigError
-from hybridkv.layout import (
+from hybridkv.core.errors import ConfigError
+from hybridkv.core.limits import MAX_LAYERS, MAX_TOKENS, check_max
+from hybridkv.layouts.spec import (
     LayerSpec,
     ModelLayout,
     attention_layer,
@@ -22,8 +23,7 @@ from hybridkv.layout import (
     mla_layer,
     ssm_layer,
 )
-from hybridkv.lifecycle import LifeCycle
-from hybridkv.limits import MAX_LAYERS, MAX_TOKENS, check_max
+from hybridkv.lifecycles.lifecycle import LifeCycle
 
 _FULL = "full_attention"
 _SLIDING = "sliding_attention"

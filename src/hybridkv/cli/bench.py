@@ -30,15 +30,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.demand import Batch
-from hybridkv.errors import ConfigError, InvariantError
-from hybridkv.grouping import group_layers
-from hybridkv.layout import ModelLayout, attention_layer
-from hybridkv.lifecycle import LifeCycle
-from hybridkv.limits import check_max
+from hybridkv.core.errors import ConfigError, InvariantError
+from hybridkv.core.limits import check_max
+from hybridkv.layouts.grouping import group_layers
+from hybridkv.layouts.spec import ModelLayout, attention_layer
+from hybridkv.lifecycles.lifecycle import LifeCycle
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
 from hybridkv.manager.tiers import StorageConfig
-from hybridkv.planner import PlanSpec, plan
+from hybridkv.planning.demand import Batch
+from hybridkv.planning.planner import PlanSpec, plan
 
 PROMPT_TOKENS = 2000
 TOKENS_PER_BLOCK = 16

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hybridkv.errors import ConfigError
-from hybridkv.layout import ModelLayout
-from hybridkv.lifecycle import LifeCycle
-from hybridkv.types import LayerGroupId, PoolGroupId
+from hybridkv.core.errors import ConfigError
+from hybridkv.core.types import LayerGroupId, PoolGroupId
+from hybridkv.layouts.spec import ModelLayout
+from hybridkv.lifecycles.lifecycle import LifeCycle
 
 
 @dataclass(frozen=True, slots=True)

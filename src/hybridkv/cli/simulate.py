@@ -14,11 +14,11 @@ import sys
 import time
 from typing import Any
 
-from hybridkv.catalog import BY_NAME
-from hybridkv.errors import ConfigError
-from hybridkv.layout import ModelLayout
-from hybridkv.plan_args import add_plan_arguments, plan_spec_from_args
-from hybridkv.planner import PlanSpec
+from hybridkv.cli.plan_args import add_plan_arguments, plan_spec_from_args
+from hybridkv.core.errors import ConfigError
+from hybridkv.layouts.catalog import BY_NAME
+from hybridkv.layouts.spec import ModelLayout
+from hybridkv.planning.planner import PlanSpec
 from hybridkv.scheduler.scheduler import POLICIES
 from hybridkv.sim.baseline import PLANNERS
 from hybridkv.sim.cost import GPUS, MAX_ACTIVE_PARAMS, CostModel

@@ -18,9 +18,9 @@ from __future__ import annotations
 import re
 from decimal import Decimal, localcontext
 
-from hybridkv.demand import Batch
-from hybridkv.errors import ConfigError
-from hybridkv.limits import MAX_BYTES, MAX_REQUESTS, MAX_TOKENS, check_max
+from hybridkv.core.errors import ConfigError
+from hybridkv.core.limits import MAX_BYTES, MAX_REQUESTS, MAX_TOKENS, check_max
+from hybridkv.planning.demand import Batch
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE | re.ASCII)
 _UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}

@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.errors import ConfigError, InvariantError
+from hybridkv.core.errors import ConfigError, InvariantError
+from hybridkv.core.types import Tier
 from hybridkv.manager.manager import KVCacheManager
 from hybridkv.manager.paging import expand
 from hybridkv.manager.prefix import PrefixCache
 from hybridkv.manager.rows import NULL_SLOT
 from hybridkv.reuse import CachedEntry
 from hybridkv.storage.pages import PageSpec, page_specs
-from hybridkv.types import Tier
 
 I64 = npt.NDArray[np.int64]
 

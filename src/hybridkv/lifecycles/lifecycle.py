@@ -34,9 +34,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.errors import ConfigError
-from hybridkv.limits import MAX_TOKENS, check_max, show
-from hybridkv.types import LifeCycleKind
+from hybridkv.core.errors import ConfigError
+from hybridkv.core.limits import MAX_TOKENS, check_max, show
+from hybridkv.core.types import LifeCycleKind
 
 IntArray = npt.NDArray[np.int64]
 

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.errors import ConfigError
-from hybridkv.grouping import GroupedLayout
-from hybridkv.lifecycle import IntArray, LifeCycle, keep_start, live_blocks, sink_blocks
-from hybridkv.lifecycle import worst_decode_blocks as _worst
-from hybridkv.limits import MAX_REQUESTS, MAX_TOKENS, check_max
+from hybridkv.core.errors import ConfigError
+from hybridkv.core.limits import MAX_REQUESTS, MAX_TOKENS, check_max
+from hybridkv.layouts.grouping import GroupedLayout
+from hybridkv.lifecycles.lifecycle import IntArray, LifeCycle, keep_start, live_blocks, sink_blocks
+from hybridkv.lifecycles.lifecycle import worst_decode_blocks as _worst
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from hybridkv.errors import ConfigError
-from hybridkv.layout import BufferSpec, LayerSpec, ModelLayout
-from hybridkv.lifecycle import LifeCycle
-from hybridkv.limits import MAX_BYTES, MAX_LAYERS, MAX_TOKENS, check_max
+from hybridkv.core.errors import ConfigError
+from hybridkv.core.limits import MAX_BYTES, MAX_LAYERS, MAX_TOKENS, check_max
+from hybridkv.layouts.spec import BufferSpec, LayerSpec, ModelLayout
+from hybridkv.lifecycles.lifecycle import LifeCycle
 
 _ATTENTION_KEYS = {"type", "window", "sink_tokens", "chunk", "kv_bytes_per_token", "count"}
 _SSM_KEYS = {"type", "state_bytes", "count"}

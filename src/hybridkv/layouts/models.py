@@ -8,11 +8,11 @@ import os
 import stat
 from pathlib import Path
 
-from hybridkv.catalog import catalog_layout
-from hybridkv.errors import ConfigError
-from hybridkv.hf_config import parse_hf_config
-from hybridkv.layout import ModelLayout
-from hybridkv.layout_json import parse_layout
+from hybridkv.core.errors import ConfigError
+from hybridkv.layouts.catalog import catalog_layout
+from hybridkv.layouts.hf_config import parse_hf_config
+from hybridkv.layouts.json_format import parse_layout
+from hybridkv.layouts.spec import ModelLayout
 
 MAX_MODEL_FILE_BYTES = 1 << 24
 """A config.json is a few KiB and a layout JSON less; 16 MiB is no model file."""

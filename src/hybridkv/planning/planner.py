@@ -18,12 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 
-from hybridkv.demand import Batch, batch_demand, concurrent_decode_demand, worst_request_demand
-from hybridkv.errors import CapacityError, ConfigError
-from hybridkv.grouping import GroupedLayout, LayerGroup, group_layers
-from hybridkv.layout import ModelLayout
-from hybridkv.limits import MAX_BYTES, MAX_REQUESTS, MAX_TOKENS, check_max
-from hybridkv.types import GIB, PoolGroupId
+from hybridkv.core.errors import CapacityError, ConfigError
+from hybridkv.core.limits import MAX_BYTES, MAX_REQUESTS, MAX_TOKENS, check_max
+from hybridkv.core.types import GIB, PoolGroupId
+from hybridkv.layouts.grouping import GroupedLayout, LayerGroup, group_layers
+from hybridkv.layouts.spec import ModelLayout
+from hybridkv.planning.demand import Batch, batch_demand, concurrent_decode_demand, worst_request_demand
 
 DEFAULT_TOKENS_PER_BLOCK = 16
 DEFAULT_MAX_BATCH_SIZE = 32

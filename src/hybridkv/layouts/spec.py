@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hybridkv.errors import ConfigError
-from hybridkv.lifecycle import LifeCycle
-from hybridkv.limits import MAX_BYTES, MAX_LAYERS, check_max
+from hybridkv.core.errors import ConfigError
+from hybridkv.core.limits import MAX_BYTES, MAX_LAYERS, check_max
+from hybridkv.lifecycles.lifecycle import LifeCycle
 
 DTYPE_BYTES: dict[str, int] = {
     "float32": 4, "fp32": 4, "float": 4,

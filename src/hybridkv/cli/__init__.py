@@ -1,0 +1,1 @@
+"""The console script: hybridkv models, plan, simulate and bench step."""

@@ -1,0 +1,1 @@
+"""Bottom layer: NewType ids, units, tiers, the error hierarchy and the upper bounds every config checks."""

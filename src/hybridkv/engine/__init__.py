@@ -1,0 +1,1 @@
+"""Engine glue: page tables to the GPU without a sync, and the fake engine that verifies pages."""

@@ -11,18 +11,18 @@ import time
 
 from hybridkv.core.types import GIB
 from hybridkv.layouts.spec import ModelLayout, attention_layer, ssm_layer
-from hybridkv.lifecycles.lifecycle import LifeCycle, worst_decode_blocks
+from hybridkv.lifecycles import Chunked, Full, Sliding, worst_decode_blocks
 from hybridkv.planning.demand import Batch
 from hybridkv.planning.planner import PlanSpec, plan
 from hybridkv.planning.report import plan_json
 
 
 def layout_128() -> ModelLayout:
-    kinds = [attention_layer(8, 128, 2, LifeCycle.sliding(1024)),
-             attention_layer(8, 128, 2, LifeCycle.sliding(128, 4)),
-             attention_layer(8, 128, 2, LifeCycle.chunked(8192)),
+    kinds = [attention_layer(8, 128, 2, Sliding(1024)),
+             attention_layer(8, 128, 2, Sliding(128, 4)),
+             attention_layer(8, 128, 2, Chunked(8192)),
              ssm_layer(24576, 524288, 2, 2)]
-    layers = [kinds[i % 4] if i % 8 else attention_layer(8, 128, 2, LifeCycle.full()) for i in range(128)]
+    layers = [kinds[i % 4] if i % 8 else attention_layer(8, 128, 2, Full()) for i in range(128)]
     return ModelLayout("bench-128", tuple(layers), 131072)
 
 

@@ -59,9 +59,9 @@ import numpy as np
 import numpy.typing as npt
 
 from hybridkv.core.errors import InvariantError
-from hybridkv.core.types import Tier
+from hybridkv.core.types import GPU
 from hybridkv.layouts.spec import ModelLayout, attention_layer
-from hybridkv.lifecycles.lifecycle import LifeCycle
+from hybridkv.lifecycles import Full
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
 from hybridkv.manager.tiers import StorageConfig
 from hybridkv.planning.planner import PlanSpec, plan
@@ -140,7 +140,7 @@ class Prompts:
 
 def make_manager(num_slots: int, max_active: int, prefix: bool = True) -> KVCacheManager:
     """Bookkeeping-only manager with exactly ``num_slots`` GPU slots and no host tier."""
-    layout = ModelLayout("bench-full", (attention_layer(8, 128, 2, LifeCycle.full()),))
+    layout = ModelLayout("bench-full", (attention_layer(8, 128, 2, Full()),))
     spec = PlanSpec(layout, num_slots * TPB * 8 * 128 * 2 * 2, MAX_SEQ_LEN, TPB, max_batch_size=1)
     m = KVCacheManager(plan(spec), ManagerConfig(max_active_requests=max_active,
                                                  storage=StorageConfig(with_data=False)))
@@ -186,9 +186,9 @@ class EvictState:
         self.build_s = time.perf_counter() - t0
         assert self.m.prefix is not None
         self.prefix = self.m.prefix
-        if self.prefix.reclaimable() != [entries] or self.m.tiers.free_slots(Tier.GPU) != [0]:
+        if self.prefix.reclaimable() != [entries] or self.m.tiers.free_slots(GPU) != [0]:
             raise InvariantError(f"bench: after the build {self.prefix.reclaimable()} reclaimable, "
-                                 f"{self.m.tiers.free_slots(Tier.GPU)} free")
+                                 f"{self.m.tiers.free_slots(GPU)} free")
         gc.collect()
         self.first_evict_ms = timed(lambda: self.prefix.evict([PAGES])) / 1e3
         self.refill()
@@ -217,7 +217,7 @@ class EvictState:
             gc.collect()
             self.evict.time(lambda: prefix.evict([PAGES]))
             self.refill()
-            if prefix.stats.evicted_pages - evicted != 2 * PAGES or m.tiers.free_slots(Tier.GPU) != [0]:
+            if prefix.stats.evicted_pages - evicted != 2 * PAGES or m.tiers.free_slots(GPU) != [0]:
                 raise InvariantError("bench: a repeat did not evict 2 x 64 cached pages")
         self.reclaimable_us += [timed(prefix.reclaimable) for _ in range(1000 // max(1, repeats))]
 
@@ -238,11 +238,11 @@ class SchedState:
         self.now = 0.0
         while self.s.num_waiting or any(t.generated < 2 for t in self.s.requests.values()):
             self.step()
-        self.held = self.m.tiers.allocators[Tier.GPU][0].num_in_use
+        self.held = self.m.tiers.allocators[GPU][0].num_in_use
         if mode in ("full", "spare"):
             fill(self.m, entries, prompts)
-            if self.m.tiers.free_slots(Tier.GPU) != [spare]:
-                raise InvariantError(f"bench: {self.m.tiers.free_slots(Tier.GPU)} slots free after the fill")
+            if self.m.tiers.free_slots(GPU) != [spare]:
+                raise InvariantError(f"bench: {self.m.tiers.free_slots(GPU)} slots free after the fill")
         self.times = Samples()
 
     def step(self) -> StepPlan:

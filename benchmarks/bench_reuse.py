@@ -17,16 +17,16 @@ from collections.abc import Callable
 
 import numpy as np
 
-from hybridkv.core.types import Tier
-from hybridkv.lifecycles.lifecycle import LifeCycle
+from hybridkv.core.types import GPU
+from hybridkv.lifecycles import Chunked, Full, LifeCycle, Sliding, Ssm
 from hybridkv.reuse import PrefixIndex, ReuseScope, block_keys
 
 TPB, PROMPT_TOKENS = 16, 1024
 LAYOUTS: dict[str, list[LifeCycle]] = {
-    "full": [LifeCycle.full()],
-    "full+window128": [LifeCycle.full(), LifeCycle.sliding(128)],
-    "hybrid-5": [LifeCycle.full(), LifeCycle.sliding(1024), LifeCycle.sliding(128, 4), LifeCycle.chunked(8192),
-                 LifeCycle.ssm()],
+    "full": [Full()],
+    "full+window128": [Full(), Sliding(128)],
+    "hybrid-5": [Full(), Sliding(1024), Sliding(128, 4), Chunked(8192),
+                 Ssm()],
 }
 SCOPE = ReuseScope()
 
@@ -43,8 +43,8 @@ def median_us(fn: Callable[[], object], repeats: int) -> float:
 def insert_prompt(idx: PrefixIndex, keys: list[bytes], lcs: list[LifeCycle], slot0: int) -> None:
     n = len(keys)
     for g, lc in enumerate(lcs):
-        ords = np.array([n - 1]) if lc.is_ssm else np.arange(n)
-        idx.insert(keys, ords, g, slot0 + ords, Tier.GPU, root=SCOPE.root())
+        ords = np.array([n - 1]) if isinstance(lc, Ssm) else np.arange(n)
+        idx.insert(keys, ords, g, slot0 + ords, GPU, root=SCOPE.root())
 
 
 def bench_layout(name: str, lcs: list[LifeCycle], repeats: int, background: int, rng: np.random.Generator) -> None:
@@ -67,7 +67,7 @@ def bench_layout(name: str, lcs: list[LifeCycle], repeats: int, background: int,
     half = cached[:32] + cold[32:]
     part = median_us(lambda: idx.probe(half, lcs, TPB), repeats)
     assert idx.probe(cached, lcs, TPB).tokens == PROMPT_TOKENS and idx.probe(cold, lcs, TPB).tokens == 0
-    evict = median_us(lambda: idx.evictable(Tier.GPU, limit=64), max(5, repeats // 20))
+    evict = median_us(lambda: idx.evictable(GPU, limit=64), max(5, repeats // 20))
     print(f"{name:16s} {len(idx):8d} {ins:9.1f} {dup:9.1f} {hit:9.1f} {part:9.1f} {miss:9.1f} {evict:11.0f}")
 
 

@@ -157,14 +157,14 @@ def table_upload() -> dict:
     from hybridkv.core.types import GIB
     from hybridkv.engine.tables import PageTableUploader, TableMirror
     from hybridkv.layouts.spec import ModelLayout, attention_layer
-    from hybridkv.lifecycles.lifecycle import LifeCycle
+    from hybridkv.lifecycles import Full, Sliding
     from hybridkv.manager.manager import KVCacheManager, ManagerConfig
     from hybridkv.manager.tiers import StorageConfig
     from hybridkv.planning.demand import Batch
     from hybridkv.planning.planner import PlanSpec, plan
 
-    layers = (attention_layer(8, 128, 2, LifeCycle.sliding(128)), attention_layer(8, 96, 2, LifeCycle.sliding(1024)),
-              attention_layer(8, 64, 2, LifeCycle.full()))
+    layers = (attention_layer(8, 128, 2, Sliding(128)), attention_layer(8, 96, 2, Sliding(1024)),
+              attention_layer(8, 64, 2, Full()))
     prefill = Batch.uniform("prefill", 1024, 2000, 0)
     p = plan(PlanSpec(ModelLayout("three", layers), 64 * GIB, 4096, max_batch_size=1024, constraints=(prefill,)))
     m = KVCacheManager(p, ManagerConfig(max_active_requests=1024, storage=StorageConfig(with_data=False)))

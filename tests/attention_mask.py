@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hybridkv.lifecycles.lifecycle import LifeCycle
+from hybridkv.lifecycles import LifeCycle
 
 
 def visible(lc: LifeCycle, p: int, q: int) -> bool:

@@ -7,8 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from hybridkv.core.types import Tier
+from hybridkv.core.types import TierId
 from hybridkv.manager.manager import KVCacheManager
+
+HOST, DISK = TierId(1), TierId(2)
+"""The lower tiers of the default list (``StorageConfig.local``): host memory, then disk."""
 
 
 def _frozen(a: Any) -> tuple[str, tuple[int, ...], bytes]:
@@ -37,9 +40,9 @@ def snapshot(m: KVCacheManager, with_bytes: bool = True) -> dict[str, Any]:
         snap[f"rows.tables[{g}]"] = _frozen(table[:n])
         rel = r.released[g]
         snap[f"rows.released[{g}]"] = None if rel is None else _frozen(rel[:n])
-    for tier in Tier:
+    for tier in m.tiers.ids:
         for g, a in enumerate(m.tiers.allocators[tier]):
-            key = f"{tier.name}[{g}]"
+            key = f"{m.tiers.names[tier].upper()}[{g}]"
             snap[f"alloc {key}"] = (_frozen(a._stack), a._top, _frozen(a._refs), a.peak_in_use,
                                     _frozen(a.is_pinned(np.arange(a.num_slots))), a.num_pinned, a.num_reclaimable)
             if with_bytes:

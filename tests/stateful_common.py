@@ -12,11 +12,11 @@ from typing import Any
 from hypothesis import strategies as st
 from hypothesis.stateful import precondition, rule
 
-from hybridkv.core.types import Tier
+from hybridkv.core.types import GPU
 from hybridkv.engine.fake import FakeEngine
 from hybridkv.layouts.grouping import group_layers
 from hybridkv.layouts.spec import LayerSpec, ModelLayout, attention_layer, ssm_layer
-from hybridkv.lifecycles.lifecycle import LifeCycle
+from hybridkv.lifecycles import LifeCycle, Ssm
 from hybridkv.manager.manager import CacheLengths, KVCacheManager, ManagerConfig
 from hybridkv.manager.state import RequestState
 from hybridkv.manager.tiers import StorageConfig
@@ -28,7 +28,7 @@ ACTIVE, SUSPENDED, CLOSED = RequestState.ACTIVE, RequestState.SUSPENDED, Request
 def make_layer(lc: LifeCycle, width: int) -> LayerSpec:
     """8-byte multiples throughout, as the fake engine needs; ``width`` varies the slot sizes so
     some layer groups share a pool group and some do not."""
-    return ssm_layer(8, 8 * width, 1, 1) if lc.is_ssm else attention_layer(width, 8, 1, lc)
+    return ssm_layer(8, 8 * width, 1, 1) if isinstance(lc, Ssm) else attention_layer(width, 8, 1, lc)
 
 
 class CacheModel:
@@ -53,7 +53,7 @@ class CacheModel:
         p = plan(PlanSpec(layout, max(1, int(need * (1 + gpu_extra))), max_seq_len, tokens_per_block=tpb,
                           max_batch_size=batch, host_bytes=int(need * host)))
         self.directory = tempfile.mkdtemp(prefix="hybridkv-test-")
-        config = StorageConfig(disk_bytes=int(need * disk), disk_directory=self.directory, **storage)
+        config = StorageConfig.local(disk_bytes=int(need * disk), disk_directory=self.directory, **storage)
         self.m = KVCacheManager(p, ManagerConfig(max_active_requests=max_active, storage=config))
         self.fake = FakeEngine(self.m)
         self.max_seq_len = max_seq_len
@@ -72,10 +72,10 @@ class CacheModel:
     @rule(data=st.data())
     def suspend(self, data: st.DataObject) -> None:
         h = data.draw(st.sampled_from(self.handles(ACTIVE)), label="handle")
-        in_use = [a.num_in_use for a in self.m.tiers.allocators[Tier.GPU]]
+        in_use = [a.num_in_use for a in self.m.tiers.allocators[GPU]]
         self.m.suspend(h)
-        assert self.m.suspended[h].tier is Tier.GPU
-        assert [a.num_in_use for a in self.m.tiers.allocators[Tier.GPU]] == in_use  # pages stay put
+        assert self.m.suspended[h].tier == GPU
+        assert [a.num_in_use for a in self.m.tiers.allocators[GPU]] == in_use  # pages stay put
         self.state[h] = SUSPENDED
 
     @precondition(lambda self: self.handles(ACTIVE, SUSPENDED))

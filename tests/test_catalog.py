@@ -8,7 +8,7 @@ import pytest
 from hybridkv.core.errors import ConfigError
 from hybridkv.layouts.catalog import BY_NAME, ENTRIES, CatalogEntry, catalog_layout
 from hybridkv.layouts.spec import LayerSpec, ModelLayout
-from hybridkv.lifecycles.lifecycle import LifeCycle
+from hybridkv.lifecycles import Chunked, Full, LifeCycle, Sliding, Ssm
 from hybridkv.planning.report import ideal_bytes_per_request
 
 T32K, T128K = 32 * 1024, 128 * 1024
@@ -21,7 +21,7 @@ REQUIRED = [
 
 def all_full(layout: ModelLayout) -> ModelLayout:
     """The same layout with every attention layer turned into full attention (SSM kept)."""
-    layers = tuple(layer if layer.life_cycle.is_ssm else LayerSpec(LifeCycle.full(), layer.buffers)
+    layers = tuple(layer if isinstance(layer.life_cycle, Ssm) else LayerSpec(Full(), layer.buffers)
                    for layer in layout.layers)
     return ModelLayout(f"{layout.name}-all-full", layers, layout.max_position_embeddings)
 
@@ -36,8 +36,8 @@ def test_every_entry_builds(entry: CatalogEntry) -> None:
     assert layout.unverified == entry.unverified
     assert entry.description
     for layer in layout.layers:
-        assert (layer.kv_bytes_per_token > 0) != layer.life_cycle.is_ssm
-        assert (layer.state_bytes > 0) == layer.life_cycle.is_ssm
+        assert (layer.kv_bytes_per_token > 0) != isinstance(layer.life_cycle, Ssm)
+        assert (layer.state_bytes > 0) == isinstance(layer.life_cycle, Ssm)
 
 
 def test_names_are_unique_lowercase() -> None:
@@ -66,21 +66,21 @@ def test_unknown_name_lists_the_catalog() -> None:
 @pytest.mark.parametrize(("name", "layers", "full", "kv_bytes", "window"), [
     ("llama-3.1-8b", 32, 32, 4096, None),
     ("llama-3.1-70b", 80, 80, 4096, None),
-    ("mistral-7b-v0.1", 32, 0, 4096, LifeCycle.sliding(4096)),
-    ("gemma-2-27b", 46, 23, 8192, LifeCycle.sliding(4096)),
-    ("gemma-3-1b", 26, 4, 1024, LifeCycle.sliding(512)),
-    ("gemma-3-27b", 62, 10, 8192, LifeCycle.sliding(1024)),
-    ("gpt-oss-20b", 24, 12, 2048, LifeCycle.sliding(128)),
-    ("gpt-oss-120b", 36, 18, 2048, LifeCycle.sliding(128)),
-    ("llama-4-scout", 48, 12, 4096, LifeCycle.chunked(8192)),
+    ("mistral-7b-v0.1", 32, 0, 4096, Sliding(4096)),
+    ("gemma-2-27b", 46, 23, 8192, Sliding(4096)),
+    ("gemma-3-1b", 26, 4, 1024, Sliding(512)),
+    ("gemma-3-27b", 62, 10, 8192, Sliding(1024)),
+    ("gpt-oss-20b", 24, 12, 2048, Sliding(128)),
+    ("gpt-oss-120b", 36, 18, 2048, Sliding(128)),
+    ("llama-4-scout", 48, 12, 4096, Chunked(8192)),
 ])
 def test_attention_only_shapes(name: str, layers: int, full: int, kv_bytes: int,
                                window: LifeCycle | None) -> None:
     layout = catalog_layout(name)
     assert len(layout.layers) == layers
     lcs = [layer.life_cycle for layer in layout.layers]
-    assert sum(lc.is_full for lc in lcs) == full
-    assert {lc for lc in lcs if not lc.is_full} == ({window} if window else set())
+    assert sum(isinstance(lc, Full) for lc in lcs) == full
+    assert {lc for lc in lcs if not isinstance(lc, Full)} == ({window} if window else set())
     assert {layer.kv_bytes_per_token for layer in layout.layers} == {kv_bytes}
 
 
@@ -161,7 +161,7 @@ def test_ideal_bytes_reference_literals() -> None:
 
 def test_ssm_state_sizes() -> None:
     def state(name: str) -> int:
-        return next(layer.state_bytes for layer in catalog_layout(name).layers if layer.life_cycle.is_ssm)
+        return next(layer.state_bytes for layer in catalog_layout(name).layers if isinstance(layer.life_cycle, Ssm))
     assert state("qwen3-next-80b-a3b") == (24_576 + 524_288) * 2 == 1_097_728
     assert state("jamba-1.5-mini") == (24_576 + 131_072) * 2 == 311_296
     assert state("nemotron-3-nano-30b-a3b") == 18_432 * 2 + 524_288 * 4 == 2_134_016

@@ -10,10 +10,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-from hybridkv.core.types import Tier  # noqa: E402
+from hybridkv.core.types import TierId  # noqa: E402
 from hybridkv.engine.fake import FakeEngine  # noqa: E402
 from hybridkv.layouts.spec import ModelLayout, attention_layer, ssm_layer  # noqa: E402
-from hybridkv.lifecycles.lifecycle import LifeCycle  # noqa: E402
+from hybridkv.lifecycles import Chunked, Full, Sliding  # noqa: E402
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig  # noqa: E402
 from hybridkv.manager.state import RequestState  # noqa: E402
 from hybridkv.manager.tiers import StorageConfig  # noqa: E402
@@ -25,11 +25,11 @@ def make_manager(tmp_path, mechanism: str) -> KVCacheManager:
 
     name, _, ctas = mechanism.partition("-")
 
-    layers = (attention_layer(2, 16, 2, LifeCycle.sliding(24, 4)), attention_layer(2, 16, 2, LifeCycle.full()),
-              attention_layer(1, 16, 2, LifeCycle.chunked(40)), ssm_layer(64, 64, 2, 4))
+    layers = (attention_layer(2, 16, 2, Sliding(24, 4)), attention_layer(2, 16, 2, Full()),
+              attention_layer(1, 16, 2, Chunked(40)), ssm_layer(64, 64, 2, 4))
     p = plan(PlanSpec(ModelLayout("cuda-test", layers * 2), 400_000, 256, tokens_per_block=8,
                       max_batch_size=6, host_bytes=300_000))
-    storage = StorageConfig(gpu_backend="torch", gpu_options={"device": "cuda"}, host_backend="torch",
+    storage = StorageConfig.local(gpu_backend="torch", gpu_options={"device": "cuda"}, host_backend="torch",
                             host_options={"device": "cpu", "pin_memory": True}, disk_bytes=300_000,
                             disk_directory=str(tmp_path),
                             copy_engine=CudaCopyEngine(name, max_ctas=int(ctas) if ctas else None))
@@ -61,7 +61,7 @@ def test_random_operations_keep_data_intact_on_cuda(tmp_path, mechanism: str) ->
         elif op == "resume" and suspended:
             m.resume(int(rng.choice(suspended)))
         elif op == "offload" and suspended:
-            m.offload(int(rng.choice(suspended)), Tier(int(rng.integers(1, 3))))
+            m.offload(int(rng.choice(suspended)), TierId(int(rng.integers(1, 3))))
         elif op == "close" and handles:
             h = int(rng.choice(handles))
             if m.state(h) is not RequestState.CLOSED:

@@ -9,12 +9,12 @@ from hypothesis import strategies as st
 from hybridkv.core.errors import ConfigError
 from hybridkv.layouts.grouping import group_layers
 from hybridkv.layouts.spec import ModelLayout, attention_layer, ssm_layer
-from hybridkv.lifecycles.lifecycle import LifeCycle, live_blocks, stale_range
+from hybridkv.lifecycles import Chunked, Full, LifeCycle, Sliding, Ssm, live_blocks, stale_range
 from hybridkv.planning.demand import Batch, batch_demand, concurrent_decode_demand, demand, layer_group_demand
 
 LIFE_CYCLES = st.sampled_from([
-    LifeCycle.full(), LifeCycle.sliding(1), LifeCycle.sliding(5), LifeCycle.sliding(16, 4),
-    LifeCycle.sliding(40, 17), LifeCycle.chunked(8), LifeCycle.chunked(20), LifeCycle.ssm(),
+    Full(), Sliding(1), Sliding(5), Sliding(16, 4),
+    Sliding(40, 17), Chunked(8), Chunked(20), Ssm(),
 ])
 
 
@@ -32,7 +32,7 @@ def test_shared_prefix_is_counted_once(lc: LifeCycle, tpb: int, prefix: int,
     caps = np.array([max(c, h) for c, h in reqs])
     hists = np.array([min(c, h) for c, h in reqs])
     got = layer_group_demand(lc, tpb, caps, hists, prefix)
-    if lc.is_ssm:
+    if isinstance(lc, Ssm):
         assert got == int((caps > 0).sum())
         return
     shared = set(range(prefix // tpb))
@@ -47,7 +47,7 @@ def test_shared_prefix_is_counted_once(lc: LifeCycle, tpb: int, prefix: int,
 
 def test_demand_sums_layer_groups_that_share_a_pool_group() -> None:
     # gpt-oss-like: sliding and full layers with equal slot bytes share one pool group
-    sw, full = attention_layer(8, 64, 2, LifeCycle.sliding(128)), attention_layer(8, 64, 2, LifeCycle.full())
+    sw, full = attention_layer(8, 64, 2, Sliding(128)), attention_layer(8, 64, 2, Full())
     grouped = group_layers(ModelLayout("t", (sw, full, sw, full)), 16)
     assert len(grouped.pool_groups) == 1 and len(grouped.layer_groups) == 2
     # history 1000, capacity 1001: full 63 blocks; window keeps [873, 1001) -> blocks 54..62 = 9
@@ -55,14 +55,14 @@ def test_demand_sums_layer_groups_that_share_a_pool_group() -> None:
 
 
 def test_pool_groups_split_by_slot_bytes_and_ssm_is_one_slot_per_request() -> None:
-    layers = (attention_layer(2, 256, 2, LifeCycle.full()), ssm_layer(24576, 524288, 2, 2))
+    layers = (attention_layer(2, 256, 2, Full()), ssm_layer(24576, 524288, 2, 2))
     grouped = group_layers(ModelLayout("t", layers * 2), 16)
     assert [pg.slot_bytes for pg in grouped.pool_groups] == [2 * 2 * 2 * 256 * 2 * 16, 2 * 1097728]
     assert demand(grouped, [33, 1, 100], [32, 0, 0]) == (3 + 1 + 7, 3)
 
 
 def test_concurrent_decode_demand_counts_worst_straddle_for_windows_and_one_block_for_full() -> None:
-    layers = (attention_layer(1, 64, 2, LifeCycle.sliding(128)), attention_layer(1, 128, 2, LifeCycle.full()))
+    layers = (attention_layer(1, 64, 2, Sliding(128)), attention_layer(1, 128, 2, Full()))
     grouped = group_layers(ModelLayout("t", layers), 256)
     assert concurrent_decode_demand(grouped, 64, 137984) == (128, 64)
     # a window as long as the sequence never drops a token: treated like full
@@ -82,6 +82,6 @@ def test_batch_validation() -> None:
 
 
 def test_batch_demand_uses_the_prefix() -> None:
-    grouped = group_layers(ModelLayout("t", (attention_layer(1, 64, 2, LifeCycle.full()),)), 16)
+    grouped = group_layers(ModelLayout("t", (attention_layer(1, 64, 2, Full()),)), 16)
     # 4 requests of 100 tokens sharing 64: 4 shared blocks once + 4 x 3 own blocks
     assert batch_demand(grouped, Batch.uniform("b", 4, 100, 99, prefix=64)) == (4 + 12,)

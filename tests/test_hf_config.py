@@ -15,7 +15,7 @@ from hybridkv.core.errors import ConfigError
 from hybridkv.layouts.catalog import catalog_layout
 from hybridkv.layouts.models import load_model
 from hybridkv.layouts.spec import BufferSpec, ModelLayout
-from hybridkv.lifecycles.lifecycle import LifeCycle
+from hybridkv.lifecycles import Chunked, Full, Sliding, Ssm
 from model_files import assert_error_names_file_and_field, load
 
 NEMOTRON_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
@@ -99,11 +99,11 @@ def test_gemma3_text_config_and_pattern(tmp_path: Path) -> None:
     assert len(layout.layers) == 62
     assert layout.max_position_embeddings == 131072
     assert layout.name == "gemma3_text"
-    full = ids(layout, lambda lc: lc.is_full)
+    full = ids(layout, lambda lc: isinstance(lc, Full))
     assert full == [i for i in range(62) if (i + 1) % 6 == 0]
     assert full == [5, 11, 17, 23, 29, 35, 41, 47, 53, 59]
     for i, layer in enumerate(layout.layers):
-        assert layer.life_cycle == (LifeCycle.full() if i in full else LifeCycle.sliding(1024))
+        assert layer.life_cycle == (Full() if i in full else Sliding(1024))
         assert layer.kv_bytes_per_token == 2 * 16 * 128 * 2  # K and V x kv_heads x head_dim x bf16
         assert layer.buffers == (BufferSpec("k", 16 * 128 * 2), BufferSpec("v", 16 * 128 * 2))
     assert layout.notes == ()  # top-level torch_dtype is read for the text model
@@ -112,14 +112,14 @@ def test_gemma3_text_config_and_pattern(tmp_path: Path) -> None:
 def test_gemma2_alternates_from_sliding(tmp_path: Path) -> None:
     layout = load(tmp_path, GEMMA2_27B)
     assert len(layout.layers) == 46
-    assert ids(layout, lambda lc: lc.is_full) == list(range(1, 46, 2))
-    assert ids(layout, lambda lc: lc == LifeCycle.sliding(4096)) == list(range(0, 46, 2))
+    assert ids(layout, lambda lc: isinstance(lc, Full)) == list(range(1, 46, 2))
+    assert ids(layout, lambda lc: lc == Sliding(4096)) == list(range(0, 46, 2))
     assert {layer.kv_bytes_per_token for layer in layout.layers} == {2 * 16 * 128 * 2}
 
 
 def test_gpt_oss_explicit_layer_types(tmp_path: Path) -> None:
     layout = load(tmp_path, GPT_OSS_20B)
-    assert [layer.life_cycle for layer in layout.layers] == [LifeCycle.sliding(128), LifeCycle.full()] * 12
+    assert [layer.life_cycle for layer in layout.layers] == [Sliding(128), Full()] * 12
     # head_dim 64 is explicit: hidden 2880 / 64 heads would be 45
     assert {layer.kv_bytes_per_token for layer in layout.layers} == {2 * 8 * 64 * 2}
 
@@ -128,15 +128,15 @@ def test_layer_type_aliases(tmp_path: Path) -> None:
     cfg = {**GPT_OSS_20B, "num_hidden_layers": 4, "layer_types": ["local", "global", "sliding", "attention"]}
     layout = load(tmp_path, cfg)
     assert [layer.life_cycle for layer in layout.layers] == [
-        LifeCycle.sliding(128), LifeCycle.full(), LifeCycle.sliding(128), LifeCycle.full()]
+        Sliding(128), Full(), Sliding(128), Full()]
 
 
 def test_llama4_chunked_and_nope_global(tmp_path: Path) -> None:
     layout = load(tmp_path, LLAMA4_SCOUT)
     assert len(layout.layers) == 48
     assert layout.max_position_embeddings == 10485760
-    assert ids(layout, lambda lc: lc.is_full) == list(range(3, 48, 4))
-    assert ids(layout, lambda lc: lc == LifeCycle.chunked(8192)) == [i for i in range(48) if i % 4 != 3]
+    assert ids(layout, lambda lc: isinstance(lc, Full)) == list(range(3, 48, 4))
+    assert ids(layout, lambda lc: lc == Chunked(8192)) == [i for i in range(48) if i % 4 != 3]
     assert {layer.kv_bytes_per_token for layer in layout.layers} == {4096}
 
 
@@ -148,8 +148,8 @@ def test_llama4_empty_no_rope_layers_uses_the_default_interval(tmp_path: Path) -
 def test_qwen3_next_gated_deltanet_state(tmp_path: Path) -> None:
     layout = load(tmp_path, QWEN3_NEXT)
     assert len(layout.layers) == 48
-    assert ids(layout, lambda lc: lc.is_full) == list(range(3, 48, 4))
-    ssm = [layer for layer in layout.layers if layer.life_cycle.is_ssm]
+    assert ids(layout, lambda lc: isinstance(lc, Full)) == list(range(3, 48, 4))
+    ssm = [layer for layer in layout.layers if isinstance(layer.life_cycle, Ssm)]
     assert len(ssm) == 36
     conv = (2 * 16 * 128 + 32 * 128) * (4 - 1)  # 24,576 elements
     temporal = 32 * 128 * 128  # 524,288 elements
@@ -162,10 +162,10 @@ def test_qwen3_next_gated_deltanet_state(tmp_path: Path) -> None:
 def test_jamba_mamba1_state(tmp_path: Path) -> None:
     layout = load(tmp_path, JAMBA)
     assert len(layout.layers) == 32
-    assert ids(layout, lambda lc: lc.is_full) == [4, 12, 20, 28]
+    assert ids(layout, lambda lc: isinstance(lc, Full)) == [4, 12, 20, 28]
     mamba = layout.layers[0]
     inner = 2 * 4096
-    assert mamba.life_cycle == LifeCycle.ssm()
+    assert mamba.life_cycle == Ssm()
     assert mamba.state_bytes == (inner * (4 - 1) + inner * 16) * 2 == 311_296
     assert layout.layers[4].kv_bytes_per_token == 2 * 8 * 128 * 2  # head_dim = 4096 / 32
 
@@ -174,7 +174,7 @@ def test_deepseek_v3_mla(tmp_path: Path) -> None:
     layout = load(tmp_path, DEEPSEEK_V3)
     assert len(layout.layers) == 61
     layer = layout.layers[0]
-    assert layer.life_cycle == LifeCycle.full()
+    assert layer.life_cycle == Full()
     assert layer.buffers == (BufferSpec("kv_latent", 1024), BufferSpec("k_rope", 128))
     assert layer.kv_bytes_per_token == (512 + 64) * 2 == 1152  # not 128 heads x (192 + 128)
     assert layout.kv_bytes_per_token() == 61 * 1152
@@ -185,13 +185,13 @@ def test_nemotron_h_pattern_keeps_only_cache_layers(tmp_path: Path) -> None:
     kept = [c for c in NEMOTRON_PATTERN if c in "M*"]
     assert len(NEMOTRON_PATTERN) == 52
     assert len(layout.layers) == len(kept) == 29
-    assert ["M" if layer.life_cycle.is_ssm else "*" for layer in layout.layers] == kept
+    assert ["M" if isinstance(layer.life_cycle, Ssm) else "*" for layer in layout.layers] == kept
     mamba = layout.layers[0]
     conv_dim = 64 * 64 + 2 * 8 * 128  # 6144
     conv, ssm = conv_dim * (4 - 1), 64 * 64 * 128
     assert mamba.buffers == (BufferSpec("conv", state_bytes=conv * 2), BufferSpec("ssm", state_bytes=ssm * 4))
     assert mamba.state_bytes == 18432 * 2 + 524288 * 4 == 2_134_016
-    attn = [layer for layer in layout.layers if not layer.life_cycle.is_ssm]
+    attn = [layer for layer in layout.layers if not isinstance(layer.life_cycle, Ssm)]
     assert len(attn) == 6
     assert attn[0].kv_bytes_per_token == 2 * 2 * 128 * 2
 
@@ -204,27 +204,27 @@ def test_nemotron_h_auto_ssm_dtype_is_model_dtype(tmp_path: Path) -> None:
 def test_qwen2_use_sliding_window_false_is_all_full(tmp_path: Path) -> None:
     layout = load(tmp_path, QWEN2_5_7B)
     assert len(layout.layers) == 28
-    assert all(layer.life_cycle == LifeCycle.full() for layer in layout.layers)
+    assert all(layer.life_cycle == Full() for layer in layout.layers)
     assert layout.layers[0].kv_bytes_per_token == 2 * 4 * 128 * 2  # head_dim = 3584 / 28
 
 
 def test_qwen2_max_window_layers(tmp_path: Path) -> None:
     cfg = {**QWEN2_5_7B, "use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 20}
     layout = load(tmp_path, cfg)
-    assert ids(layout, lambda lc: lc.is_full) == list(range(20))
-    assert ids(layout, lambda lc: lc == LifeCycle.sliding(4096)) == list(range(20, 28))
+    assert ids(layout, lambda lc: isinstance(lc, Full)) == list(range(20))
+    assert ids(layout, lambda lc: lc == Sliding(4096)) == list(range(20, 28))
 
 
 def test_phi3_window_beyond_max_positions_is_full(tmp_path: Path) -> None:
     layout = load(tmp_path, PHI3_5_MINI)
     assert len(layout.layers) == 32
-    assert all(layer.life_cycle == LifeCycle.full() for layer in layout.layers)
+    assert all(layer.life_cycle == Full() for layer in layout.layers)
     assert layout.layers[0].kv_bytes_per_token == 2 * 32 * 96 * 2 == 12288
 
 
 def test_phi3_short_window_is_sliding(tmp_path: Path) -> None:
     layout = load(tmp_path, {**PHI3_5_MINI, "sliding_window": 2047, "max_position_embeddings": 4096})
-    assert all(layer.life_cycle == LifeCycle.sliding(2047) for layer in layout.layers)
+    assert all(layer.life_cycle == Sliding(2047) for layer in layout.layers)
 
 
 def test_no_sliding_window_is_all_full(tmp_path: Path) -> None:

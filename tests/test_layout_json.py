@@ -12,7 +12,7 @@ from hybridkv.core.errors import ConfigError
 from hybridkv.layouts.json_format import parse_layout
 from hybridkv.layouts.models import load_model
 from hybridkv.layouts.spec import BufferSpec
-from hybridkv.lifecycles.lifecycle import LifeCycle
+from hybridkv.lifecycles import Chunked, Full, Sliding, Ssm
 from model_files import assert_error_names_file_and_field, load
 
 DOCSTRING_EXAMPLE: dict[str, Any] = {
@@ -44,10 +44,10 @@ def test_documented_shape(tmp_path: Path) -> None:
     attn, ssm = layout.layers[0], layout.layers[20]
     assert all(layer == attn for layer in layout.layers[:20])
     assert all(layer == ssm for layer in layout.layers[20:])
-    assert attn.life_cycle == LifeCycle.sliding(4096, 4)
+    assert attn.life_cycle == Sliding(4096, 4)
     assert attn.buffers == (BufferSpec("k", 2048), BufferSpec("v", 2048))
     assert attn.kv_bytes_per_token == 4096
-    assert ssm.life_cycle == LifeCycle.ssm()
+    assert ssm.life_cycle == Ssm()
     assert ssm.buffers == (BufferSpec("state", state_bytes=1097728),)
     assert ssm.state_bytes == 1097728
     assert layout.kv_bytes_per_token() == 20 * 4096
@@ -61,8 +61,8 @@ def test_count_repeats_in_order(tmp_path: Path) -> None:
         {"type": "attention", "kv_bytes_per_token": 8, "chunk": 32, "count": 1},
     ]})
     assert [layer.life_cycle for layer in layout.layers] == [
-        LifeCycle.full(), LifeCycle.full(), LifeCycle.sliding(16),
-        LifeCycle.ssm(), LifeCycle.ssm(), LifeCycle.ssm(), LifeCycle.chunked(32),
+        Full(), Full(), Sliding(16),
+        Ssm(), Ssm(), Ssm(), Chunked(32),
     ]
 
 
@@ -73,19 +73,19 @@ def test_max_position_embeddings_is_optional(tmp_path: Path) -> None:
 def test_window_null_is_full(tmp_path: Path) -> None:
     for fields in ({"window": None}, {}, {"window": None, "chunk": None, "sink_tokens": 0}):
         layer = load(tmp_path, one_layer(**fields)).layers[0]
-        assert layer.life_cycle == LifeCycle.full()
-        assert layer.life_cycle.is_full
+        assert layer.life_cycle == Full()
+        assert isinstance(layer.life_cycle, Full)
 
 
 def test_chunk_is_chunked(tmp_path: Path) -> None:
     lc = load(tmp_path, one_layer(chunk=8192)).layers[0].life_cycle
-    assert lc == LifeCycle.chunked(8192)
+    assert lc == Chunked(8192)
     assert (lc.chunk_tokens, lc.window_tokens, lc.sink_tokens) == (8192, None, 0)
 
 
 def test_sink_tokens_default_zero(tmp_path: Path) -> None:
     lc = load(tmp_path, one_layer(window=128)).layers[0].life_cycle
-    assert lc == LifeCycle.sliding(128)
+    assert lc == Sliding(128)
     assert lc.sink_tokens == 0
     assert load(tmp_path, one_layer(window=128, sink_tokens=4)).layers[0].life_cycle.sink_tokens == 4
 

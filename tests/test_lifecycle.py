@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from attention_mask import visible
 from hybridkv.core.errors import ConfigError
 from hybridkv.core.limits import MAX_TOKENS
-from hybridkv.lifecycles.lifecycle import LifeCycle, live_blocks, stale_range, worst_decode_blocks
+from hybridkv.lifecycles import Chunked, Full, LifeCycle, Sliding, Ssm, live_blocks, stale_range, worst_decode_blocks
 
 
 def brute_needed(lc: LifeCycle, h: int, q: int) -> bool:
@@ -36,9 +36,9 @@ def brute_stale(lc: LifeCycle, h: int, tpb: int) -> list[int]:
 WINDOWS = [1, 3, 4, 5, 8, 16, 17, 33]
 TPBS = [1, 4, 16]
 SINKS = [0, 1, 4, 5, 20]
-SLIDING = [LifeCycle.sliding(w, s) for w, s in itertools.product(WINDOWS, SINKS)]
-CHUNKED = [LifeCycle.chunked(c) for c in (1, 3, 4, 16, 24)]
-ALL = [*SLIDING, *CHUNKED, LifeCycle.full()]
+SLIDING = [Sliding(w, s) for w, s in itertools.product(WINDOWS, SINKS)]
+CHUNKED = [Chunked(c) for c in (1, 3, 4, 16, 24)]
+ALL = [*SLIDING, *CHUNKED, Full()]
 
 
 @pytest.mark.parametrize("tpb", TPBS)
@@ -68,16 +68,16 @@ def test_worst_decode_matches_brute_force(lc: LifeCycle, tpb: int) -> None:
 
 
 def test_worst_decode_of_a_mixed_pool_group_is_the_max_of_the_sum() -> None:
-    lcs = (LifeCycle.full(), LifeCycle.sliding(5, 3), LifeCycle.chunked(6))
+    lcs = (Full(), Sliding(5, 3), Chunked(6))
     for tpb, max_len in itertools.product((1, 4, 16), (1, 9, 50, 131)):
         want = max(sum(brute_live(lc, h + 1, h, tpb) for lc in lcs) for h in range(max_len))
         assert worst_decode_blocks(lcs, tpb, max_len) == want
 
 
 LIFE_CYCLES = st.one_of(
-    st.just(LifeCycle.full()), st.just(LifeCycle.ssm()),
-    st.builds(LifeCycle.sliding, st.integers(1, 80), st.sampled_from([0, 0, 1, 3, 17])),
-    st.builds(LifeCycle.chunked, st.integers(1, 80)))
+    st.just(Full()), st.just(Ssm()),
+    st.builds(Sliding, st.integers(1, 80), st.sampled_from([0, 0, 1, 3, 17])),
+    st.builds(Chunked, st.integers(1, 80)))
 
 
 @settings(max_examples=300, deadline=None)
@@ -91,10 +91,10 @@ def test_worst_decode_matches_every_position(lcs: tuple[LifeCycle, ...], tpb: in
 
 
 @pytest.mark.parametrize(("lcs", "tpb", "want"), [
-    ((LifeCycle.sliding(10**12),), 16, -(-(10**12 - 1) // 16) + 1),  # the straddle of a huge window
-    ((LifeCycle.chunked(3),), 1 << 20, 2),  # a chunk boundary in every block
-    ((LifeCycle.chunked(2**39 + 1),), 16, 2**35 + 1),  # the first chunk, [0, 2^39], is the longest
-    ((LifeCycle.chunked(8192), LifeCycle.full()), 16, 2**36 + 8192 // 16),
+    ((Sliding(10**12),), 16, -(-(10**12 - 1) // 16) + 1),  # the straddle of a huge window
+    ((Chunked(3),), 1 << 20, 2),  # a chunk boundary in every block
+    ((Chunked(2**39 + 1),), 16, 2**35 + 1),  # the first chunk, [0, 2^39], is the longest
+    ((Chunked(8192), Full()), 16, 2**36 + 8192 // 16),
 ])
 def test_worst_decode_up_to_max_tokens_is_immediate(lcs: tuple[LifeCycle, ...], tpb: int, want: int) -> None:
     """No dense scan: a window or chunk up to 2^40 tokens over 2^40 positions is a few evaluations."""
@@ -103,34 +103,34 @@ def test_worst_decode_up_to_max_tokens_is_immediate(lcs: tuple[LifeCycle, ...], 
 
 def test_worst_decode_refuses_chunk_patterns_too_long_to_check() -> None:
     with pytest.raises(ConfigError, match=r"chunk sizes \[3, 1073741825\] share one pool group"):
-        worst_decode_blocks((LifeCycle.chunked(3), LifeCycle.chunked(2**30 + 1)), 1, MAX_TOKENS)
+        worst_decode_blocks((Chunked(3), Chunked(2**30 + 1)), 1, MAX_TOKENS)
 
 
 def test_straddle_formula_for_large_positions() -> None:
     # sink blocks + ceil((window - 1) / tpb) + 1, the worst case once the window left the sinks
     for w, s, tpb in [(128, 0, 256), (8, 0, 256), (1024, 0, 16), (1000, 4, 16), (257, 300, 256)]:
         want = -(-s // tpb) + -(-(w - 1) // tpb) + 1
-        assert worst_decode_blocks((LifeCycle.sliding(w, s),), tpb, 10**6) == want
+        assert worst_decode_blocks((Sliding(w, s),), tpb, 10**6) == want
 
 
 def test_window_release_keeps_at_most_worst_case_for_a_long_decode() -> None:
-    lc, tpb = LifeCycle.sliding(128), 16
+    lc, tpb = Sliding(128), 16
     h = np.arange(0, 100_000)
     live = live_blocks(lc, h + 1, h, tpb)
     assert int(live.max()) == worst_decode_blocks((lc,), tpb, 100_000) == 9
 
 
 def test_ssm_holds_one_slot_per_request() -> None:
-    lc = LifeCycle.ssm()
+    lc = Ssm()
     assert live_blocks(lc, [0, 1, 5000], [0, 0, 4999], 16).tolist() == [0, 1, 1]
     assert len(stale_range(lc, 5000, 16)) == 0
     assert worst_decode_blocks((lc,), 16, 10**6) == 1
 
 
 @pytest.mark.parametrize("bad", [
-    lambda: LifeCycle.sliding(0), lambda: LifeCycle.sliding(4, -1), lambda: LifeCycle.chunked(0),
-    lambda: LifeCycle.sliding(MAX_TOKENS + 1), lambda: LifeCycle.sliding(4, MAX_TOKENS + 1),
-    lambda: LifeCycle.chunked(MAX_TOKENS + 1),
+    lambda: Sliding(0), lambda: Sliding(4, -1), lambda: Chunked(0),
+    lambda: Sliding(MAX_TOKENS + 1), lambda: Sliding(4, MAX_TOKENS + 1),
+    lambda: Chunked(MAX_TOKENS + 1),
 ])
 def test_invalid_life_cycles_raise(bad: object) -> None:
     with pytest.raises(ConfigError):

@@ -11,14 +11,14 @@ from hybridkv.core.errors import ConfigError
 from hybridkv.core.limits import MAX_BYTES, MAX_LAYERS, MAX_REQUESTS, MAX_TOKENS, check_max, show
 from hybridkv.layouts.catalog import catalog_layout
 from hybridkv.layouts.spec import BufferSpec, LayerSpec, ModelLayout, attention_layer, ssm_layer
-from hybridkv.lifecycles.lifecycle import LifeCycle
+from hybridkv.lifecycles import Full, Sliding
 from hybridkv.planning.demand import Batch
 from hybridkv.planning.planner import PlanSpec
 from hybridkv.sim.cost import GPUS, CostModel
 from hybridkv.sim.workloads import WorkloadSpec
 
 GEMMA = catalog_layout("gemma-3-27b")
-LAYER = LayerSpec(LifeCycle.full(), (BufferSpec("kv", 8),))
+LAYER = LayerSpec(Full(), (BufferSpec("kv", 8),))
 
 
 def test_message_names_the_setting_the_bound_and_the_fix() -> None:
@@ -45,10 +45,10 @@ def test_show_shortens_what_cannot_be_read() -> None:
      "requests in all constraints and the typical step"),
     (lambda: Batch.uniform("b", MAX_REQUESTS + 1, 8), "batch 'b': requests must be <= 1048576 (2^20)"),
     (lambda: Batch("b", (MAX_TOKENS + 1,), (0,)), "batch 'b': capacity must be <= 1099511627776"),
-    (lambda: LifeCycle.sliding(MAX_TOKENS + 1), "window must be <= 1099511627776 (2^40)"),
+    (lambda: Sliding(MAX_TOKENS + 1), "window must be <= 1099511627776 (2^40)"),
     (lambda: BufferSpec("k", MAX_BYTES + 1), "buffer 'k': bytes must be <= 1152921504606846976 (2^60)"),
     (lambda: ModelLayout("m", (LAYER,) * (MAX_LAYERS + 1)), "layout 'm': cache-holding layers must be <= 65536"),
-    (lambda: attention_layer(1 << 30, 1 << 30, 2, LifeCycle.full()),
+    (lambda: attention_layer(1 << 30, 1 << 30, 2, Full()),
      "attention layer bytes per token (1073741824 KV heads x head_dim 1073741824 x 2 B) must be <="),
     (lambda: ssm_layer(1, 1 << 60, 2, 4), "ssm state bytes (1152921504606846976 state elements x 4 B) must be <="),
     (lambda: WorkloadSpec("chat", 4096, 16, num_requests=MAX_REQUESTS + 1), "--requests must be <= 1048576"),

@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import snapshot
+from conftest import DISK, HOST, snapshot
 from hybridkv.core.errors import ConfigError, UsageError
-from hybridkv.core.types import Tier
+from hybridkv.core.types import GPU
 from hybridkv.engine.fake import FakeEngine
 from hybridkv.layouts.spec import LayerSpec, ModelLayout, attention_layer, ssm_layer
-from hybridkv.lifecycles.lifecycle import LifeCycle, live_blocks, worst_decode_blocks
+from hybridkv.lifecycles import Chunked, Full, Sliding, Ssm, live_blocks, worst_decode_blocks
 from hybridkv.manager.manager import CacheLengths, KVCacheManager, ManagerConfig
 from hybridkv.manager.state import RequestState
 from hybridkv.manager.stats import Counters, PoolTierStats
@@ -27,9 +27,9 @@ from hybridkv.manager.tiers import StorageConfig
 from hybridkv.planning.planner import PlanSpec, plan
 
 NULL = -1
-FULL = LifeCycle.full()
-W8 = LifeCycle.sliding(8)
-W8_SINK4 = LifeCycle.sliding(8, 4)
+FULL = Full()
+W8 = Sliding(8)
+W8_SINK4 = Sliding(8, 4)
 SSM = ssm_layer(8, 8, 1, 1)  # two 8 B states: 16 B slots
 # pool group 0: full + window 8 (64 B slots at tpb 4); pool group 1: ssm (16 B slots)
 MIX = (attention_layer(1, 8, 1, FULL), attention_layer(1, 8, 1, W8), SSM)
@@ -41,7 +41,7 @@ def build(layers: tuple[LayerSpec, ...], gpu_bytes: int, max_seq_len: int = 32, 
           batch: int = 1, host_bytes: int = 0, max_active: int = 8, **storage: Any) -> KVCacheManager:
     p = plan(PlanSpec(ModelLayout("test", layers), gpu_bytes, max_seq_len, tokens_per_block=tpb,
                       max_batch_size=batch, host_bytes=host_bytes))
-    return KVCacheManager(p, ManagerConfig(max_active_requests=max_active, storage=StorageConfig(**storage)))
+    return KVCacheManager(p, ManagerConfig(max_active_requests=max_active, storage=StorageConfig.local(**storage)))
 
 
 @pytest.fixture
@@ -64,13 +64,13 @@ def managers(tmp_path: Path) -> Iterator[Callable[..., KVCacheManager]]:
 def row(m: KVCacheManager, handle: int, layer_group: int) -> list[int]:
     """An active request's table entries over its capacity (one entry for SSM)."""
     r = int(m.row_of([handle])[0])
-    width = 1 if m.grouped.layer_groups[layer_group].life_cycle.is_ssm else \
+    width = 1 if isinstance(m.grouped.layer_groups[layer_group].life_cycle, Ssm) else \
         -(-int(m.rows.capacity[r]) // m.tokens_per_block)
     return m.rows.tables[layer_group][r, :width].tolist()
 
 
 def gpu_in_use(m: KVCacheManager) -> list[int]:
-    return [a.num_in_use for a in m.tiers.allocators[Tier.GPU]]
+    return [a.num_in_use for a in m.tiers.allocators[GPU]]
 
 
 def ok(fake: FakeEngine, handles: list[int], capacity: list[int], history: list[int]) -> None:
@@ -86,9 +86,9 @@ def ok(fake: FakeEngine, handles: list[int], capacity: list[int], history: list[
 def test_plan_of_the_mix_layout_is_its_floors(managers: Callable[..., KVCacheManager]) -> None:
     m = managers(MIX, MIX_BYTES, batch=2)
     assert m.plan.slots == MIX_SLOTS
-    assert [a.num_slots for a in m.tiers.allocators[Tier.HOST]] == [0, 0]
-    assert [a.num_slots for a in m.tiers.allocators[Tier.DISK]] == [0, 0]
-    assert m.tiers.buffers[Tier.HOST] == [None, None]
+    assert [a.num_slots for a in m.tiers.allocators[HOST]] == [0, 0]
+    assert [a.num_slots for a in m.tiers.allocators[DISK]] == [0, 0]
+    assert m.tiers.buffers[HOST] == [None, None]
 
 
 def test_prefill_and_decodes_exact_ids_then_refusal_then_lifo_reuse(
@@ -140,7 +140,7 @@ def test_sink_block_is_never_released_and_window_slots_cycle(managers: Callable[
     h = m.open()
     ok(fake, [h], [5], [0])
     assert row(m, h, 0) == [0, 1]
-    alloc = m.tiers.allocators[Tier.GPU][0]
+    alloc = m.tiers.allocators[GPU][0]
     expected_release = {15: 1, 19: 2, 23: 3}  # history -> slot released at that step
     for hist in range(5, 64):
         before = set(np.flatnonzero(alloc.is_allocated(np.arange(alloc.num_slots))).tolist())
@@ -160,13 +160,13 @@ def test_sink_block_is_never_released_and_window_slots_cycle(managers: Callable[
 
 
 def test_chunked_blocks_go_back_at_chunk_boundaries(managers: Callable[..., KVCacheManager]) -> None:
-    chunk8 = LifeCycle.chunked(8)
+    chunk8 = Chunked(8)
     m = managers((attention_layer(1, 8, 1, chunk8),), 8 * 64, max_seq_len=64)
     fake = FakeEngine(m)
     h = m.open()
     ok(fake, [h], [6], [0])
     assert row(m, h, 0) == [0, 1]
-    alloc = m.tiers.allocators[Tier.GPU][0]
+    alloc = m.tiers.allocators[GPU][0]
     in_use = {}
     for hist in range(6, 21):
         ok(fake, [h], [hist + 1], [hist])
@@ -195,9 +195,9 @@ def test_ssm_holds_one_slot_per_request_with_tokens(managers: Callable[..., KVCa
     for step in range(20):
         ok(fake, h, [8 + step, 19 + step, 4 + step], [7 + step, 18 + step, 3 + step])
     assert [row(m, x, 0) for x in h] == [[0], [1], [2]]
-    assert m.tiers.allocators[Tier.GPU][0].num_in_use == 3
+    assert m.tiers.allocators[GPU][0].num_in_use == 3
     m.close(h[1])
-    assert m.tiers.allocators[Tier.GPU][0].num_in_use == 2
+    assert m.tiers.allocators[GPU][0].num_in_use == 2
 
 
 def test_capacity_shrinks_back_to_history_and_frees_the_tail(managers: Callable[..., KVCacheManager]) -> None:
@@ -234,7 +234,7 @@ def test_step_short_of_pages_with_an_unhelpful_suspended_cache(managers: Callabl
     # ...but a prefill to 32 tokens needs 5 more blocks in each of its 2 layer groups: 10 > 6
     assert m.step([a], [32], [12]) is None
     assert snapshot(m) == before
-    assert m.suspended[b].tier is Tier.GPU
+    assert m.suspended[b].tier == GPU
     m.check_invariants()
     fake.verify()
 
@@ -250,7 +250,7 @@ def test_step_short_of_pages_with_no_lower_tier(managers: Callable[..., KVCacheM
     before = snapshot(m)
     assert not m.resize(a, 13)
     assert snapshot(m) == before
-    assert m.offload(b, Tier.HOST) is False and m.offload(b, Tier.DISK) is False
+    assert m.offload(b, HOST) is False and m.offload(b, DISK) is False
     assert snapshot(m) == before
     m.check_invariants()
 
@@ -277,11 +277,11 @@ def test_resume_from_host_without_room_changes_nothing(managers: Callable[..., K
     fake = FakeEngine(m)
     a, b = fill_mix(m, fake)
     m.suspend(b)
-    assert m.offload(b, Tier.HOST)
+    assert m.offload(b, HOST)
     ok(fake, [a], [24], [12])  # a takes the room b left: 3 more blocks in 2 layer groups
     before = snapshot(m)
     assert m.resume(b) is False
-    assert m.offload(b, Tier.DISK) is False  # no disk tier
+    assert m.offload(b, DISK) is False  # no disk tier
     assert snapshot(m) == before
     m.check_invariants()
     fake.verify()
@@ -290,18 +290,18 @@ def test_resume_from_host_without_room_changes_nothing(managers: Callable[..., K
 def test_offload_without_room_changes_nothing(managers: Callable[..., KVCacheManager]) -> None:
     # host slots: 335 * 11 // 736 = 5 in pool group 0, 335 * 2 // 736 = 0 for the ssm
     m = managers(MIX, MIX_BYTES, batch=2, host_bytes=335, disk_bytes=MIX_BYTES)
-    assert [a.num_slots for a in m.tiers.allocators[Tier.HOST]] == [5, 0]
-    assert [a.num_slots for a in m.tiers.allocators[Tier.DISK]] == [11, 2]
+    assert [a.num_slots for a in m.tiers.allocators[HOST]] == [5, 0]
+    assert [a.num_slots for a in m.tiers.allocators[DISK]] == [11, 2]
     fake = FakeEngine(m)
     a, b = fill_mix(m, fake)
     m.suspend(b)
     m.suspend(a)
     before = snapshot(m)
-    assert m.offload(a, Tier.HOST) is False  # 5 pool-0 slots, but no ssm slot on the host
+    assert m.offload(a, HOST) is False  # 5 pool-0 slots, but no ssm slot on the host
     assert snapshot(m) == before
-    assert m.offload(a, Tier.DISK) is True
-    assert m.offload(b, Tier.DISK) is True
-    assert m.offload(a, Tier.DISK) is True  # already there: nothing to do
+    assert m.offload(a, DISK) is True
+    assert m.offload(b, DISK) is True
+    assert m.offload(a, DISK) is True  # already there: nothing to do
     m.check_invariants()
     fake.verify()
 
@@ -345,8 +345,8 @@ MISUSE: dict[str, tuple[Callable[[KVCacheManager, dict[str, int]], Any], str]] =
     "suspend suspended": (lambda m, h: m.suspend(h["b"]), "cannot suspend request 1: it is suspended"),
     "suspend closed": (lambda m, h: m.suspend(h["c"]), "it is closed"),
     "close twice": (lambda m, h: m.close(h["c"]), "cannot close request 2: it is closed"),
-    "offload active": (lambda m, h: m.offload(h["a"], Tier.HOST), "only suspended caches move"),
-    "offload closed": (lambda m, h: m.offload(h["c"], Tier.HOST), "only suspended caches move"),
+    "offload active": (lambda m, h: m.offload(h["a"], HOST), "only suspended caches move"),
+    "offload closed": (lambda m, h: m.offload(h["c"], HOST), "only suspended caches move"),
     "lengths closed": (lambda m, h: m.lengths(h["c"]), "closed"),
     "state unknown": (lambda m, h: m.state(4), "unknown request handle 4"),
     "row_of suspended": (lambda m, h: m.row_of([h["a"], h["b"]]), r"\[1\] are not active"),
@@ -390,11 +390,11 @@ def test_handle_index_grows_past_its_first_allocation(managers: Callable[..., KV
 
 def test_bookkeeping_only_manager_has_no_buffers() -> None:
     m = build(MIX, MIX_BYTES, batch=2, host_bytes=MIX_BYTES, disk_bytes=MIX_BYTES, with_data=False)
-    assert all(b is None for t in Tier for b in m.tiers.buffers[t])
+    assert all(b is None for t in m.tiers.ids for b in m.tiers.buffers[t])
     h = m.open()
     assert m.step([h], [12], [0]) is not None
     m.suspend(h)
-    assert m.offload(h, Tier.DISK) and m.resume(h)
+    assert m.offload(h, DISK) and m.resume(h)
     assert m.counters.offload_bytes == m.counters.onboard_bytes == 6 * 64 + 16
     m.check_invariants()
     with pytest.raises(ConfigError, match="with_data=True"):
@@ -406,22 +406,22 @@ def test_config_validation() -> None:
         ManagerConfig(max_active_requests=0)
     with pytest.raises(ConfigError, match="unknown eviction_policy 'fifo'"):
         ManagerConfig(eviction_policy="fifo")
-    with pytest.raises(ConfigError, match="disk_bytes must be >= 0"):
-        StorageConfig(disk_bytes=-1)
+    with pytest.raises(ConfigError, match="bytes must be >= 0"):
+        StorageConfig.local(disk_bytes=-1)
 
 
 # ---- long runs: windows stay bounded -------------------------------------------------------
 
 
 def test_window_decode_to_100k_tokens_never_exceeds_worst_case_bookkeeping_only() -> None:
-    lcs = (LifeCycle.sliding(128), LifeCycle.sliding(128, 4))  # two layer groups, one pool group
+    lcs = (Sliding(128), Sliding(128, 4))  # two layer groups, one pool group
     m = build(tuple(attention_layer(1, 8, 1, lc) for lc in lcs), 10**6, max_seq_len=100_000, tpb=16,
               with_data=False)
-    assert m.tiers.buffers[Tier.GPU] == [None]
+    assert m.tiers.buffers[GPU] == [None]
     worst_each = [worst_decode_blocks((lc,), 16, 100_000) for lc in lcs]
     worst = worst_decode_blocks(lcs, 16, 100_000)
     assert (worst_each, worst) == ([9, 10], 19)  # ceil(127 / 16) + 1, plus one sink block
-    alloc = m.tiers.allocators[Tier.GPU][0]
+    alloc = m.tiers.allocators[GPU][0]
     h = m.open()
     handles, cap, hist = np.array([h]), np.zeros(1, np.int64), np.zeros(1, np.int64)
     for pos in range(100_000):
@@ -440,9 +440,9 @@ def test_window_decode_to_100k_tokens_never_exceeds_worst_case_bookkeeping_only(
 
 
 def test_window_decode_with_data_verifies_every_step() -> None:
-    w128, w128s = LifeCycle.sliding(128), LifeCycle.sliding(128, 4)
+    w128, w128s = Sliding(128), Sliding(128, 4)
     layers = (attention_layer(1, 8, 1, FULL), attention_layer(1, 8, 1, w128),
-              attention_layer(2, 8, 1, w128s), attention_layer(1, 8, 1, LifeCycle.chunked(100)), SSM)
+              attention_layer(2, 8, 1, w128s), attention_layer(1, 8, 1, Chunked(100)), SSM)
     m = build(layers, 10**6, max_seq_len=3000, tpb=16)
     fake = FakeEngine(m)
     worst = [worst_decode_blocks((lg.life_cycle,), 16, 3000) for lg in m.grouped.layer_groups]
@@ -465,7 +465,7 @@ def test_window_decode_with_data_verifies_every_step() -> None:
 
 def test_suspend_to_host_and_disk_and_back_with_data_intact(managers: Callable[..., KVCacheManager]) -> None:
     m = managers(MIX, MIX_BYTES, batch=2, host_bytes=MIX_BYTES, disk_bytes=MIX_BYTES)
-    assert [a.num_slots for t in Tier for a in m.tiers.allocators[t]] == [11, 2] * 3
+    assert [a.num_slots for t in m.tiers.ids for a in m.tiers.allocators[t]] == [11, 2] * 3
     fake = FakeEngine(m)
     a, b = m.open(), m.open()
     ok(fake, [a], [10], [0])
@@ -477,20 +477,20 @@ def test_suspend_to_host_and_disk_and_back_with_data_intact(managers: Callable[.
     m.suspend(a)
     s = m.stats()
     assert (s.pool(0).in_use, s.pool(0).evictable, s.pool(1).in_use, s.pool(1).evictable) == (11, 7, 2, 1)
-    assert m.offload(a, Tier.HOST)
+    assert m.offload(a, HOST)
     fake.verify()
     m.check_invariants()
     s = m.stats()
     assert (s.pool(0).in_use, s.pool(1).in_use) == (11 - 7, 2 - 1)  # a's GPU pages are free
-    assert (s.pool(0, Tier.HOST).in_use, s.pool(1, Tier.HOST).in_use) == (7, 1)
-    assert (s.pool(0, Tier.HOST).evictable, s.pool(0).evictable) == (7, 0)
+    assert (s.pool(0, HOST).in_use, s.pool(1, HOST).in_use) == (7, 1)
+    assert (s.pool(0, HOST).evictable, s.pool(0).evictable) == (7, 0)
     assert m.suspended[a].slots[0].tolist() == [0, 1, 2, 3] and m.suspended[a].slots[1].tolist() == [4, 5, 6]
     assert m.suspended[a].ordinals[1].tolist() == [1, 2, 3]
-    assert m.offload(a, Tier.DISK)
+    assert m.offload(a, DISK)
     fake.verify()
     m.check_invariants()
     s = m.stats()
-    assert (s.pool(0, Tier.HOST).in_use, s.pool(0, Tier.DISK).in_use, s.pool(1, Tier.DISK).in_use) == (0, 7, 1)
+    assert (s.pool(0, HOST).in_use, s.pool(0, DISK).in_use, s.pool(1, DISK).in_use) == (0, 7, 1)
     assert s.counters == Counters(steps=6, suspends=1, resumes=2, offloads=2, offload_bytes=2 * (7 * 64 + 16))
     ok(fake, [b], [20], [5])  # b grows into a's old GPU slots: 3 + 3 more blocks
     before = snapshot(m)
@@ -500,11 +500,11 @@ def test_suspend_to_host_and_disk_and_back_with_data_intact(managers: Callable[.
     assert m.resume(a) is True  # b (10 + 1 pages) goes to the host, a comes up from disk
     fake.verify()
     m.check_invariants()
-    assert m.suspended[b].tier is Tier.HOST
+    assert m.suspended[b].tier == HOST
     s = m.stats()
     assert s.counters == Counters(steps=7, suspends=2, resumes=3, evictions=1, offloads=3, onboards=1,
                                   offload_bytes=2 * (7 * 64 + 16) + 10 * 64 + 16, onboard_bytes=7 * 64 + 16)
-    assert (s.pool(0).in_use, s.pool(0, Tier.DISK).in_use, s.pool(0, Tier.HOST).in_use) == (7, 0, 10)
+    assert (s.pool(0).in_use, s.pool(0, DISK).in_use, s.pool(0, HOST).in_use) == (7, 0, 10)
     assert m.lengths(a) == CacheLengths(14, 13, 0)
     for hist in range(14, 20):  # a carries on where it left off, released window block included
         ok(fake, [a], [hist + 1], [hist])
@@ -520,7 +520,7 @@ def test_suspend_to_host_and_disk_and_back_with_data_intact(managers: Callable[.
 def test_eviction_order_is_priority_then_lru_then_handle(managers: Callable[..., KVCacheManager]) -> None:
     # one pool group of 64 B slots: 12 on the GPU, 3 on the host, 4 on disk
     m = managers((attention_layer(1, 8, 1, FULL),), 12 * 64, host_bytes=3 * 64, disk_bytes=4 * 64)
-    assert [[a.num_slots for a in m.tiers.allocators[t]] for t in Tier] == [[12], [3], [4]]
+    assert [[a.num_slots for a in m.tiers.allocators[t]] for t in m.tiers.ids] == [[12], [3], [4]]
     fake = FakeEngine(m)
     v0 = m.open(priority=1)
     v1, v2, act = m.open(), m.open(), m.open()
@@ -531,20 +531,20 @@ def test_eviction_order_is_priority_then_lru_then_handle(managers: Callable[...,
     m.suspend(v2)  # eviction order: v1 (priority 0, older), v2 (priority 0), v0 (priority 1)
     assert [m.suspended[x].last_used for x in (v0, v1, v2)] == [1, 2, 3]
     ok(fake, [act], [24], [20])  # 1 slot short: v1 (2 pages) fits on the host
-    assert (m.suspended[v1].tier, m.suspended[v2].tier, m.suspended[v0].tier) == (Tier.HOST, Tier.GPU, Tier.GPU)
+    assert (m.suspended[v1].tier, m.suspended[v2].tier, m.suspended[v0].tier) == (HOST, GPU, GPU)
     assert m.suspended[v1].slots[0].tolist() == [0, 1]
     assert row(m, act, 0) == [7, 8, 9, 10, 11, 3]  # v1's slots came back 2 then 3: 3 on top
     ok(fake, [act], [32], [24])  # 1 short again: v2 (3 pages) does not fit the host (1 left): disk
-    assert (m.suspended[v2].tier, m.suspended[v0].tier) == (Tier.DISK, Tier.GPU)
+    assert (m.suspended[v2].tier, m.suspended[v0].tier) == (DISK, GPU)
     assert m.suspended[v2].slots[0].tolist() == [0, 1, 2]
     assert row(m, act, 0) == [7, 8, 9, 10, 11, 3, 6, 5]
     s = m.stats()
     assert s.counters == Counters(steps=3, suspends=3, resumes=4, evictions=2, offloads=2,
                                   offload_bytes=5 * 64)
     assert s.pools == (
-        PoolTierStats(0, Tier.GPU, 12, 2, 10, 2, 12),
-        PoolTierStats(0, Tier.HOST, 3, 1, 2, 2, 2),
-        PoolTierStats(0, Tier.DISK, 4, 1, 3, 3, 3),
+        PoolTierStats(0, GPU, 12, 2, 10, 2, 12),
+        PoolTierStats(0, HOST, 3, 1, 2, 2, 2),
+        PoolTierStats(0, DISK, 4, 1, 3, 3, 3),
     )
     assert (s.active_requests, s.suspended_requests) == (1, 3)
     # v2 back from disk needs 3, 2 are free: v0 would have to move but fits no lower tier
@@ -559,19 +559,19 @@ def test_eviction_order_is_priority_then_lru_then_handle(managers: Callable[...,
     m.check_invariants()
     s = m.stats(reset_peak=True)
     assert s.counters.onboards == 2 and s.counters.onboard_bytes == 5 * 64
-    assert s.pools[0] == PoolTierStats(0, Tier.GPU, 12, 5, 7, 2, 12)
+    assert s.pools[0] == PoolTierStats(0, GPU, 12, 5, 7, 2, 12)
     assert m.stats().pools[0].peak_in_use == 7  # reset to the current use
-    assert m.tiers.bytes_moved[(Tier.GPU, Tier.DISK)] == 3 * 64
-    assert m.tiers.bytes_moved[(Tier.HOST, Tier.GPU)] == 2 * 64
+    assert m.tiers.bytes_moved[(GPU, DISK)] == 3 * 64
+    assert m.tiers.bytes_moved[(HOST, GPU)] == 2 * 64
 
 
 def test_stats_of_a_fresh_and_a_busy_manager(managers: Callable[..., KVCacheManager]) -> None:
     m = managers(MIX, MIX_BYTES, batch=2, host_bytes=MIX_BYTES)
     s = m.stats()
     assert s.pools == (
-        PoolTierStats(0, Tier.GPU, 11, 11, 0, 0, 0), PoolTierStats(1, Tier.GPU, 2, 2, 0, 0, 0),
-        PoolTierStats(0, Tier.HOST, 11, 11, 0, 0, 0), PoolTierStats(1, Tier.HOST, 2, 2, 0, 0, 0),
-        PoolTierStats(0, Tier.DISK, 0, 0, 0, 0, 0), PoolTierStats(1, Tier.DISK, 0, 0, 0, 0, 0),
+        PoolTierStats(0, GPU, 11, 11, 0, 0, 0), PoolTierStats(1, GPU, 2, 2, 0, 0, 0),
+        PoolTierStats(0, HOST, 11, 11, 0, 0, 0), PoolTierStats(1, HOST, 2, 2, 0, 0, 0),
+        PoolTierStats(0, DISK, 0, 0, 0, 0, 0), PoolTierStats(1, DISK, 0, 0, 0, 0, 0),
     )
     assert s.counters == Counters() and (s.active_requests, s.suspended_requests) == (0, 0)
     fake = FakeEngine(m)
@@ -579,8 +579,8 @@ def test_stats_of_a_fresh_and_a_busy_manager(managers: Callable[..., KVCacheMana
     c = m.create()
     m.suspend(b)
     s = m.stats()
-    assert s.pool(0) == PoolTierStats(0, Tier.GPU, 11, 0, 11, 6, 11)
-    assert s.pool(1) == PoolTierStats(1, Tier.GPU, 2, 0, 2, 1, 2)
+    assert s.pool(0) == PoolTierStats(0, GPU, 11, 0, 11, 6, 11)
+    assert s.pool(1) == PoolTierStats(1, GPU, 2, 0, 2, 1, 2)
     assert s.counters == Counters(steps=2, suspends=1, resumes=2)
     assert (s.active_requests, s.suspended_requests) == (1, 2)
     assert m.state(c) is RequestState.SUSPENDED and m.lengths(c) == CacheLengths(0, 0, 0)
@@ -680,7 +680,7 @@ def test_offload_from_cuda_to_pinned_host_keeps_every_byte() -> None:
     h = m.open()
     ok(fake, [h], [4096], [0])  # 64 MiB of pages
     m.suspend(h)
-    assert m.offload(h, Tier.HOST)
+    assert m.offload(h, HOST)
     torch.cuda.synchronize()
     try:
         fake.verify()

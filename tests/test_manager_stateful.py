@@ -25,19 +25,19 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from conftest import snapshot
+from conftest import DISK, HOST, snapshot
 from hybridkv.core.errors import UsageError
-from hybridkv.core.types import Tier
+from hybridkv.core.types import GPU, TierId
 from hybridkv.layouts.spec import LayerSpec
-from hybridkv.lifecycles.lifecycle import LifeCycle, live_blocks
+from hybridkv.lifecycles import Chunked, Full, Sliding, Ssm, live_blocks
 from hybridkv.manager.manager import CacheLengths
 from stateful_common import ACTIVE, CLOSED, SUSPENDED, CacheModel, make_layer
 
 LIFE_CYCLES = st.one_of(
-    st.just(LifeCycle.full()),
-    st.builds(LifeCycle.sliding, st.sampled_from([1, 2, 3, 5, 8, 13]), st.sampled_from([0, 0, 1, 3, 4])),
-    st.builds(LifeCycle.chunked, st.sampled_from([1, 3, 4, 8, 10])),
-    st.just(LifeCycle.ssm()),
+    st.just(Full()),
+    st.builds(Sliding, st.sampled_from([1, 2, 3, 5, 8, 13]), st.sampled_from([0, 0, 1, 3, 4])),
+    st.builds(Chunked, st.sampled_from([1, 3, 4, 8, 10])),
+    st.just(Ssm()),
 )
 
 
@@ -62,7 +62,7 @@ class ManagerMachine(CacheModel, RuleBasedStateMachine):
     def unchanged(self, before: dict[str, Any]) -> None:
         assert snapshot(self.m) == before
 
-    def free(self, tier: Tier) -> list[int]:
+    def free(self, tier: TierId) -> list[int]:
         return [a.num_free for a in self.m.tiers.allocators[tier]]
 
     def pages(self, c_old: Any, h_old: Any, c_new: Any, h_new: Any) -> list[int]:
@@ -99,10 +99,10 @@ class ManagerMachine(CacheModel, RuleBasedStateMachine):
         old_c = np.array([self.lengths[h].capacity for h in batch], np.int64)
         old_h = np.array([self.lengths[h].history for h in batch], np.int64)
         need = self.pages(old_c, old_h, np.array(caps, np.int64), np.array(hists, np.int64))
-        fits = all(n <= f for n, f in zip(need, self.free(Tier.GPU), strict=True))
+        fits = all(n <= f for n, f in zip(need, self.free(GPU), strict=True))
         before = snapshot(self.m)
         if not self.fake.step(batch, caps, hists):
-            assert not fits, f"step refused though {need} new slots fit {self.free(Tier.GPU)} free"
+            assert not fits, f"step refused though {need} new slots fit {self.free(GPU)} free"
             self.unchanged(before)
             return
         for h, c, hist in zip(batch, caps, hists, strict=True):
@@ -163,7 +163,7 @@ class ManagerMachine(CacheModel, RuleBasedStateMachine):
     def try_resume(self, h: int) -> None:
         tier = self.m.suspended[h].tier
         row_free = len(self.handles(ACTIVE)) < self.m.config.max_active_requests
-        fits = tier is Tier.GPU or all(n <= f for n, f in zip(self.cache_pages(h), self.free(Tier.GPU),
+        fits = tier == GPU or all(n <= f for n, f in zip(self.cache_pages(h), self.free(GPU),
                                                                strict=True))
         before = snapshot(self.m)
         if not self.m.resume(h):
@@ -178,31 +178,31 @@ class ManagerMachine(CacheModel, RuleBasedStateMachine):
     def resume(self, data: st.DataObject) -> None:
         self.try_resume(data.draw(st.sampled_from(self.handles(SUSPENDED)), label="handle"))
 
-    @precondition(lambda self: any(c.tier is not Tier.GPU for c in self.m.suspended.values()))
+    @precondition(lambda self: any(c.tier != GPU for c in self.m.suspended.values()))
     @rule(data=st.data())
     def resume_from_lower_tier(self, data: st.DataObject) -> None:
         """Bring a cache back from host or disk, evicting others if the GPU is short."""
-        lower = sorted(h for h, c in self.m.suspended.items() if c.tier is not Tier.GPU)
+        lower = sorted(h for h, c in self.m.suspended.items() if c.tier != GPU)
         self.try_resume(data.draw(st.sampled_from(lower), label="handle"))
 
     @precondition(lambda self: self.handles(SUSPENDED))
-    @rule(data=st.data(), tier=st.sampled_from([Tier.HOST, Tier.DISK, Tier.GPU]))
-    def offload(self, data: st.DataObject, tier: Tier) -> None:
+    @rule(data=st.data(), tier=st.sampled_from([HOST, DISK, GPU]))
+    def offload(self, data: st.DataObject, tier: TierId) -> None:
         h = data.draw(st.sampled_from(self.handles(SUSPENDED)), label="handle")
         cache = self.m.suspended[h]
         before = snapshot(self.m)
-        if tier is Tier.GPU:  # offload only moves down; resume() brings pages up
+        if tier == GPU:  # offload only moves down; resume() brings pages up
             with pytest.raises(UsageError):
                 self.m.offload(h, tier)
             self.unchanged(before)
             return
-        fits = cache.tier is tier or all(n <= f for n, f in zip(self.cache_pages(h), self.free(tier), strict=True))
+        fits = cache.tier == tier or all(n <= f for n, f in zip(self.cache_pages(h), self.free(tier), strict=True))
         moved = self.m.offload(h, tier)
         assert moved is fits
         if not moved:
             self.unchanged(before)
             return
-        assert self.m.suspended[h].tier is tier
+        assert self.m.suspended[h].tier == tier
 
     @precondition(lambda self: self.state)
     @rule(data=st.data())
@@ -219,7 +219,7 @@ class ManagerMachine(CacheModel, RuleBasedStateMachine):
                       lambda h=h, c=c: m.step([h], [c + 1], [c + 1]),
                       lambda h=h, c=c: m.step([h], [self.max_seq_len + 1], [c]),
                       lambda h=h, hist=hist: m.commit(h, hist + 1),
-                      lambda h=h: m.resume(h), lambda h=h: m.offload(h, Tier.HOST)]
+                      lambda h=h: m.resume(h), lambda h=h: m.offload(h, HOST)]
             if hist:
                 cases += [lambda h=h, c=c, hist=hist: m.step([h], [c], [hist - 1])]
             if com:
@@ -253,10 +253,10 @@ class ManagerMachine(CacheModel, RuleBasedStateMachine):
                                                                      len(self.handles(SUSPENDED)))
         for p in stats.pools:
             assert p.total == p.free + p.in_use and 0 <= p.evictable <= p.in_use <= p.peak_in_use
-        for tier in Tier:
+        for tier in m.tiers.ids:
             held = [0] * len(m.grouped.pool_groups)
             for h in self.handles(ACTIVE, SUSPENDED):
-                on = Tier.GPU if self.state[h] is ACTIVE else m.suspended[h].tier
+                on = GPU if self.state[h] is ACTIVE else m.suspended[h].tier
                 if on is tier:
                     held = [a + b for a, b in zip(held, self.cache_pages(h), strict=True)]
             assert [stats.pool(g, tier).in_use for g in range(len(held))] == held

@@ -28,12 +28,12 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from conftest import snapshot
+from conftest import DISK, HOST, snapshot
 from hybridkv.core.errors import UsageError
-from hybridkv.core.types import Tier
+from hybridkv.core.types import GPU, TierId
 from hybridkv.engine.fake import FakeEngine
 from hybridkv.layouts.spec import BufferSpec, LayerSpec, ModelLayout, attention_layer, ssm_layer
-from hybridkv.lifecycles.lifecycle import LifeCycle, keep_start, live_blocks, sink_blocks
+from hybridkv.lifecycles import Chunked, Full, Sliding, Ssm, live_blocks
 from hybridkv.manager.manager import CacheLengths, KVCacheManager, ManagerConfig
 from hybridkv.manager.prefix import PrefixCache
 from hybridkv.planning.planner import PlanSpec, plan
@@ -45,10 +45,10 @@ I64 = npt.NDArray[np.int64]
 # ---- the state machine ----------------------------------------------------------------------
 
 LIFE_CYCLES = st.one_of(
-    st.just(LifeCycle.full()),
-    st.builds(LifeCycle.sliding, st.sampled_from([1, 3, 5, 8, 13]), st.sampled_from([0, 0, 1, 4])),
-    st.builds(LifeCycle.chunked, st.sampled_from([3, 4, 8])),
-    st.just(LifeCycle.ssm()),
+    st.just(Full()),
+    st.builds(Sliding, st.sampled_from([1, 3, 5, 8, 13]), st.sampled_from([0, 0, 1, 4])),
+    st.builds(Chunked, st.sampled_from([3, 4, 8])),
+    st.just(Ssm()),
 )
 
 
@@ -71,7 +71,7 @@ class PrefixMachine(CacheModel, RuleBasedStateMachine):
         self.build(layers, tpb, max_seq_len, batch, gpu_extra, host, disk, max_active)
         self.pc = self.m.enable_prefix_cache(offload_to_host=offload_to_host)
         self.tpb = tpb
-        self.has_ssm = any(lg.life_cycle.is_ssm for lg in self.m.grouped.layer_groups)
+        self.has_ssm = any(isinstance(lg.life_cycle, Ssm) for lg in self.m.grouped.layer_groups)
         self.tokens: dict[int, I64] = {}
         self.serial = 0
 
@@ -100,20 +100,20 @@ class PrefixMachine(CacheModel, RuleBasedStateMachine):
         for key in before:
             assert after[key] == before[key], f"a refused operation changed {key}"
 
-    def free(self, tier: Tier) -> list[int]:
+    def free(self, tier: TierId) -> list[int]:
         return [a.num_free for a in self.m.tiers.allocators[tier]]
 
-    def room(self, tier: Tier = Tier.GPU) -> list[int]:
+    def room(self, tier: TierId = GPU) -> list[int]:
         """Slots per pool group an operation can count on: free ones, plus pages only the
         prefix cache holds (it gives those up first)."""
         out = self.free(tier)
         for e in self.pc.index.entries():
             pg = self.m.grouped.layer_groups[e.layer_group].pool_group
-            if e.tier is tier and int(self.m.tiers.allocators[tier][pg].references([e.slot])[0]) == 1:
+            if e.tier == tier and int(self.m.tiers.allocators[tier][pg].references([e.slot])[0]) == 1:
                 out[pg] += 1
         return out
 
-    def fits(self, need: list[int], tier: Tier = Tier.GPU) -> bool:
+    def fits(self, need: list[int], tier: TierId = GPU) -> bool:
         return all(n <= r for n, r in zip(need, self.room(tier), strict=True))
 
     def grown(self, batch: list[int], caps: list[int]) -> list[int]:
@@ -124,7 +124,7 @@ class PrefixMachine(CacheModel, RuleBasedStateMachine):
         for lg in self.m.grouped.layer_groups:
             for h, c in zip(batch, caps, strict=True):
                 old = self.lengths[h].capacity
-                out[lg.pool_group] += int(old == 0 < c) if lg.life_cycle.is_ssm else max(
+                out[lg.pool_group] += int(old == 0 < c) if isinstance(lg.life_cycle, Ssm) else max(
                     0, -(-c // self.tpb) - -(-old // self.tpb))
         return out
 
@@ -141,11 +141,11 @@ class PrefixMachine(CacheModel, RuleBasedStateMachine):
         hist = self.lengths[donor].history
         for lg in self.m.grouped.layer_groups:
             lc = lg.life_cycle
-            if lc.is_ssm or lc.is_full:
+            if isinstance(lc, (Ssm, Full)):
                 continue
-            first = sink_blocks(lc, self.tpb)
-            stop = max(int(keep_start(lc, hist)) // self.tpb, first)  # donor's released [first, stop)
-            if max(first, int(keep_start(lc, tokens)) // self.tpb) < min(stop, -(-tokens // self.tpb)):
+            first = lc.sink_blocks(self.tpb)
+            stop = max(int(lc.keep_start(hist)) // self.tpb, first)  # donor's released [first, stop)
+            if max(first, int(lc.keep_start(tokens)) // self.tpb) < min(stop, -(-tokens // self.tpb)):
                 return True
         return False
 
@@ -303,7 +303,7 @@ class PrefixMachine(CacheModel, RuleBasedStateMachine):
         may_refuse = must_refuse or (self.has_ssm and tokens != n.capacity)
         copies = [0] * len(self.m.grouped.pool_groups)  # a partial last block, each SSM state
         for lg in self.m.grouped.layer_groups:
-            copies[lg.pool_group] += 1 if lg.life_cycle.is_ssm else int(tokens % self.tpb != 0)
+            copies[lg.pool_group] += 1 if isinstance(lg.life_cycle, Ssm) else int(tokens % self.tpb != 0)
         fits = self.row_free() and self.fits(copies)
         before = self.frozen()
         try:
@@ -322,12 +322,12 @@ class PrefixMachine(CacheModel, RuleBasedStateMachine):
         self.tokens[child] = self.request_tokens(0, 0, self.tokens[donor][:tokens])
 
     @precondition(lambda self: self.handles(SUSPENDED))
-    @rule(data=st.data(), tier=st.sampled_from([Tier.HOST, Tier.DISK]))
-    def offload(self, data: st.DataObject, tier: Tier) -> None:
+    @rule(data=st.data(), tier=st.sampled_from([HOST, DISK]))
+    def offload(self, data: st.DataObject, tier: TierId) -> None:
         h = data.draw(st.sampled_from(self.handles(SUSPENDED)), label="handle")
         cache = self.m.suspended[h]
         # free slots suffice; cached pages nobody uses on that tier may make room as well
-        fits = cache.tier is tier or all(n <= f for n, f in zip(self.cache_pages(h), self.free(tier), strict=True))
+        fits = cache.tier == tier or all(n <= f for n, f in zip(self.cache_pages(h), self.free(tier), strict=True))
         may_fit = fits or self.fits(self.cache_pages(h), tier)
         before = self.frozen()
         moved = self.m.offload(h, tier)
@@ -336,15 +336,15 @@ class PrefixMachine(CacheModel, RuleBasedStateMachine):
         if not moved:
             self.unchanged(before)
             return
-        assert self.m.suspended[h].tier is tier
+        assert self.m.suspended[h].tier == tier
 
     @precondition(lambda self: self.handles(SUSPENDED))
     @rule(data=st.data())
     def resume(self, data: st.DataObject) -> None:
-        lower = [h for h in self.handles(SUSPENDED) if self.m.suspended[h].tier is not Tier.GPU]
+        lower = [h for h in self.handles(SUSPENDED) if self.m.suspended[h].tier != GPU]
         h = data.draw(st.sampled_from(lower) if lower and data.draw(st.booleans(), label="from below")
                       else st.sampled_from(self.handles(SUSPENDED)), label="handle")
-        on_gpu = self.m.suspended[h].tier is Tier.GPU
+        on_gpu = self.m.suspended[h].tier == GPU
         fits = self.row_free() and (on_gpu or self.fits(self.cache_pages(h)))
         before = self.frozen()
         if not self.m.resume(h):
@@ -390,7 +390,7 @@ def one_full_layer(gpu_slots: int, max_seq_len: int, host_slots: int) -> tuple[K
                                                                                 FakeEngine]:
     """The issue's repro shape: one full-attention layer, 4-token blocks of 8-byte tokens
     (32-byte slots), batch 1, the prefix cache on."""
-    lyr = LayerSpec(LifeCycle.full(), (BufferSpec("kv", 8),))
+    lyr = LayerSpec(Full(), (BufferSpec("kv", 8),))
     m = KVCacheManager(plan(PlanSpec(ModelLayout("t", (lyr,)), gpu_slots * 32, max_seq_len, tokens_per_block=4,
                                      max_batch_size=1, host_bytes=host_slots * 32)))
     pc = m.enable_prefix_cache()
@@ -411,7 +411,7 @@ def test_refused_step_would_fit_after_dropping_cached_pages_and_moving_a_suspend
     m.suspend(s)  # 3 suspended pages on the GPU
     x = m.open()
     assert x is not None and e.step([x], [8], [0])
-    assert m.tiers.free_slots(Tier.GPU) == [1] and m.tiers.free_slots(Tier.HOST) == [3]
+    assert m.tiers.free_slots(GPU) == [1] and m.tiers.free_slots(HOST) == [3]
     before = snapshot(m)
     stepped = e.step([x], [28], [8])
     if not stepped:
@@ -419,13 +419,13 @@ def test_refused_step_would_fit_after_dropping_cached_pages_and_moving_a_suspend
     assert stepped, "5 slots exist: 1 free, 2 held only by the cache, 3 of s, which fits the host"
     m.check_invariants()
     pc.index.check_invariants()
-    assert m.suspended[s].tier is Tier.HOST
+    assert m.suspended[s].tier == HOST
     e.verify()
 
 
 def test_shared_window_blocks_released_by_both_holders_in_one_step() -> None:
     """Bug 4: a page two caches drop in the same step lost one reference only (leaked)."""
-    lay = ModelLayout("w", (attention_layer(1, 8, 1, LifeCycle.sliding(8)),))
+    lay = ModelLayout("w", (attention_layer(1, 8, 1, Sliding(8)),))
     m = KVCacheManager(plan(PlanSpec(lay, 64 * 64, 32, tokens_per_block=4, max_batch_size=2)),
                        ManagerConfig(max_active_requests=4))
     e = FakeEngine(m)
@@ -440,19 +440,19 @@ def test_shared_window_blocks_released_by_both_holders_in_one_step() -> None:
     shared = m.rows.pages(rows[0], 0)[1][:2]
     assert [m.rows.pages(r, 0)[0][:2].tolist() for r in rows] == [[2, 3], [2, 3]]
     assert m.rows.pages(rows[1], 0)[1][:2].tolist() == shared.tolist()
-    assert m.tiers.allocators[Tier.GPU][0].references(shared).tolist() == [2, 2]
-    free = m.tiers.free_slots(Tier.GPU)[0]
+    assert m.tiers.allocators[GPU][0].references(shared).tolist() == [2, 2]
+    free = m.tiers.free_slots(GPU)[0]
     assert e.step([a, b], [25, 25], [24, 24])  # history 24: both windows leave blocks 2, 3 now
     assert all(2 not in m.rows.pages(r, 0)[0] and 3 not in m.rows.pages(r, 0)[0] for r in m.row_of([a, b]))
     m.check_invariants()
     e.verify()
-    assert m.tiers.free_slots(Tier.GPU)[0] == free  # 2 shared pages back, 2 new ones for blocks 6
+    assert m.tiers.free_slots(GPU)[0] == free  # 2 shared pages back, 2 new ones for blocks 6
 
 
 def test_fork_of_an_ssm_cache_after_a_decode_step() -> None:
     """Bug 5: at capacity 5, history 4 the SSM state has seen 5 tokens; a fork at 4 must refuse
     (UsageError, nothing changed) or hand over a state at 4 tokens, never the state at 5."""
-    lay = ModelLayout("s", (ssm_layer(8, 8, 1, 1), attention_layer(1, 8, 1, LifeCycle.full())))
+    lay = ModelLayout("s", (ssm_layer(8, 8, 1, 1), attention_layer(1, 8, 1, Full())))
     m = KVCacheManager(plan(PlanSpec(lay, 64 * 64, 32, tokens_per_block=4, max_batch_size=2)),
                        ManagerConfig(max_active_requests=4))
     e = FakeEngine(m)
@@ -486,7 +486,7 @@ def test_open_keeps_the_host_pages_it_reuses_while_a_suspended_cache_moves_down(
     b = m.open()
     assert b is not None and e.step([b], [8], [0])  # the cache moves both pages to the host (now full)
     m.suspend(b)  # the GPU is full of b's 2 pages
-    assert sorted((int(x.ordinal), x.tier) for x in pc.index.entries()) == [(0, Tier.HOST), (1, Tier.HOST)]
+    assert sorted((int(x.ordinal), x.tier) for x in pc.index.entries()) == [(0, HOST), (1, HOST)]
     before = snapshot(m)
     opened = e.open_with_prefix(t[:5])  # hits block 0, on the host
     if opened is None:

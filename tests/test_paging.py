@@ -10,13 +10,13 @@ from hypothesis import strategies as st
 
 from hybridkv.layouts.grouping import group_layers
 from hybridkv.layouts.spec import ModelLayout, attention_layer
-from hybridkv.lifecycles.lifecycle import LifeCycle
+from hybridkv.lifecycles import Sliding
 from hybridkv.manager.paging import Span, _release_span
 from hybridkv.manager.rows import NULL_SLOT, ActiveRows
 
 
 def _rows_with_tables(n: int, width: int, seed: int) -> ActiveRows:
-    grouped = group_layers(ModelLayout("t", (attention_layer(1, 8, 1, LifeCycle.sliding(4)),)), 1)
+    grouped = group_layers(ModelLayout("t", (attention_layer(1, 8, 1, Sliding(4)),)), 1)
     state = ActiveRows(grouped, n, width)
     state.n = n
     state.tables[0][:n] = np.random.default_rng(seed).permutation(n * width).reshape(n, width)

@@ -14,7 +14,7 @@ from hybridkv.core.types import GIB
 from hybridkv.layouts.catalog import catalog_layout
 from hybridkv.layouts.grouping import group_layers
 from hybridkv.layouts.spec import ModelLayout, attention_layer, ssm_layer
-from hybridkv.lifecycles.lifecycle import LifeCycle
+from hybridkv.lifecycles import Chunked, Full, Sliding
 from hybridkv.planning.demand import Batch, batch_demand, demand
 from hybridkv.planning.planner import PlanSpec, PoolPlan, compute_floors, plan, split_slots
 from hybridkv.planning.report import ideal_concurrency, max_concurrency, max_seq_len_at
@@ -46,9 +46,9 @@ def test_gemma_3_27b_at_40gib_exact() -> None:
 
 
 def test_issue_15401_shape_floors_and_every_position_mod_256() -> None:
-    layers = (tuple(attention_layer(1, 288, 2, LifeCycle.sliding(128)) for _ in range(3))
-              + tuple(attention_layer(1, 256, 2, LifeCycle.full()) for _ in range(3))
-              + tuple(attention_layer(1, 64, 2, LifeCycle.sliding(8)) for _ in range(3)))
+    layers = (tuple(attention_layer(1, 288, 2, Sliding(128)) for _ in range(3))
+              + tuple(attention_layer(1, 256, 2, Full()) for _ in range(3))
+              + tuple(attention_layer(1, 64, 2, Sliding(8)) for _ in range(3)))
     spec = PlanSpec(ModelLayout("dsv4-like", layers), gpu_bytes=20 * GIB, max_seq_len=137984,
                     tokens_per_block=256, max_batch_size=64)
     p = plan(spec)
@@ -139,9 +139,9 @@ def test_max_seq_len_at_batch() -> None:
 
 
 LAYERS = st.sampled_from([
-    attention_layer(1, 64, 2, LifeCycle.full()), attention_layer(2, 64, 2, LifeCycle.full()),
-    attention_layer(1, 64, 2, LifeCycle.sliding(4)), attention_layer(1, 64, 2, LifeCycle.sliding(100, 4)),
-    attention_layer(1, 32, 2, LifeCycle.sliding(16)), attention_layer(1, 64, 2, LifeCycle.chunked(48)),
+    attention_layer(1, 64, 2, Full()), attention_layer(2, 64, 2, Full()),
+    attention_layer(1, 64, 2, Sliding(4)), attention_layer(1, 64, 2, Sliding(100, 4)),
+    attention_layer(1, 32, 2, Sliding(16)), attention_layer(1, 64, 2, Chunked(48)),
     ssm_layer(100, 1000, 2, 4),
 ])
 

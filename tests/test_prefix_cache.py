@@ -8,18 +8,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import snapshot
-from hybridkv.core.types import Tier
+from conftest import HOST, snapshot
+from hybridkv.core.types import GPU
 from hybridkv.engine.fake import FakeEngine
 from hybridkv.layouts.spec import ModelLayout, attention_layer, ssm_layer
-from hybridkv.lifecycles.lifecycle import LifeCycle
+from hybridkv.lifecycles import Chunked, Full, Sliding
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
 from hybridkv.planning.planner import PlanSpec, plan
 from hybridkv.reuse import ReuseScope
 
 TPB = 4
-FULL = attention_layer(1, 8, 2, LifeCycle.full())
-WINDOW = attention_layer(1, 8, 2, LifeCycle.sliding(6, 2))
+FULL = attention_layer(1, 8, 2, Full())
+WINDOW = attention_layer(1, 8, 2, Sliding(6, 2))
 
 
 def setup(layers: tuple, gpu_slots: int = 200, host_slots: int = 0, scope: ReuseScope | None = None,
@@ -74,7 +74,7 @@ def test_reused_pages_are_shared_and_never_written() -> None:
     e.verify()
     ta, tb = (m.rows.tables[0][m.row_of([h])[0]] for h in (a, b))
     assert tb[:4].tolist() == ta[:4].tolist()
-    assert m.tiers.allocators[Tier.GPU][0].references(ta[:4]).tolist() == [3, 3, 3, 3]  # a, b, the cache
+    assert m.tiers.allocators[GPU][0].references(ta[:4]).tolist() == [3, 3, 3, 3]  # a, b, the cache
     assert e.step([b], [30], [16])
     m.check_invariants()
     e.verify()  # a's pages still hold a's tags: b wrote only its own blocks
@@ -124,7 +124,7 @@ def test_pinned_pages_go_to_the_host_then_come_back() -> None:
     e.forget(b)
     opened = e.open_with_prefix(t)
     assert opened is not None and opened[1] == 32
-    assert m.prefix.stats.hit_tokens == {"GPU": [8], "HOST": [24], "DISK": [0]}
+    assert m.prefix.stats.hit_tokens == {"gpu": [8], "host": [24], "disk": [0]}
     m.check_invariants()
     e.verify()
 
@@ -148,7 +148,7 @@ def test_random_reuse_reads_what_the_donors_wrote(seed: int) -> None:
     closed, under memory pressure (pinned pages offloaded and dropped): after every operation the
     invariants hold and every cache reads exactly what its writers wrote."""
     rng = np.random.default_rng(seed)
-    layers = (FULL, WINDOW, attention_layer(1, 8, 2, LifeCycle.chunked(12)))
+    layers = (FULL, WINDOW, attention_layer(1, 8, 2, Chunked(12)))
     m, e = setup(layers, gpu_slots=40, host_slots=int(rng.integers(0, 30)))
     stems = [tokens(80, seed * 10 + i) for i in range(3)]
     live: list[int] = []
@@ -189,7 +189,7 @@ def test_kv_events_through_the_manager() -> None:
     t = tokens(13)
     a, _ = run(m, e, t)
     stored = [ev for ev in queue.drain().events if isinstance(ev, BlockStored)]
-    assert len(stored) == 1 and len(stored[0].keys) == 3 and stored[0].tier is Tier.GPU
+    assert len(stored) == 1 and len(stored[0].keys) == 3 and stored[0].tier == GPU
     assert [list(row) for row in stored[0].token_ids] == [t[i:i + 4].tolist() for i in (0, 4, 8)]
     m.close(a)
     b = m.open()
@@ -211,9 +211,9 @@ def test_eviction_takes_cache_only_pages_in_the_index_order() -> None:
     assert again is not None
     m.close(again[0])
     m.check_invariants()
-    gpu = m.tiers.allocators[Tier.GPU]
+    gpu = m.tiers.allocators[GPU]
     pool_of = [lg.pool_group for lg in m.grouped.layer_groups]
-    expected = [(int(x.layer_group), int(x.ordinal), x.key) for x in m.prefix.index.evictable(Tier.GPU)
+    expected = [(int(x.layer_group), int(x.ordinal), x.key) for x in m.prefix.index.evictable(GPU)
                 if gpu[pool_of[x.layer_group]].references([x.slot])[0] == 1]
     assert len(expected) == sum(m.prefix.reclaimable()) > 10
     before = {(int(x.layer_group), x.key) for x in m.prefix.index.entries()}
@@ -233,7 +233,7 @@ def test_reclaimable_is_exact_after_every_operation_with_a_host_tier() -> None:
     """``reclaimable`` (O(1) counters) equals a recount over the index after every step."""
     m, e = setup((FULL, WINDOW), gpu_slots=40, host_slots=12)
     assert m.prefix is not None
-    gpu = m.tiers.allocators[Tier.GPU]
+    gpu = m.tiers.allocators[GPU]
     pool_of = [lg.pool_group for lg in m.grouped.layer_groups]
     for i in range(12):
         h, _ = run(m, e, tokens(20 + i, seed=i % 4))
@@ -242,7 +242,7 @@ def test_reclaimable_is_exact_after_every_operation_with_a_host_tier() -> None:
         else:
             m.suspend(h)
         recount = [0] * len(m.grouped.pool_groups)
-        groups, slots = m.prefix.index.located(Tier.GPU)
+        groups, slots = m.prefix.index.located(GPU)
         for g, s in zip(groups.tolist(), slots.tolist(), strict=True):
             recount[pool_of[g]] += int(gpu[pool_of[g]].references([s])[0] == 1)
         assert m.prefix.reclaimable() == recount
@@ -258,16 +258,16 @@ def test_suspended_cache_takes_the_host_room_of_cached_pages_nobody_uses() -> No
     for seed in range(4):  # 4 x 5 published pages through a 12-slot GPU: the host fills with cached pages
         h, _ = run(m, e, tokens(22, seed=seed))
         m.close(h)
-    host = m.tiers.allocators[Tier.HOST][0]
-    assert host.num_free == 0 and m.prefix.cached_room(Tier.HOST) == [6]
+    host = m.tiers.allocators[HOST][0]
+    assert host.num_free == 0 and m.prefix.cached_room(HOST) == [6]
     s = e.open_with_prefix(tokens(17, seed=99))
     assert s is not None
     assert e.step([s[0]], [17], [0])
     m.suspend(s[0])
     before = len(m.prefix.index)
-    assert m.offload(s[0], Tier.HOST)  # 5 pages: 5 cached host pages dropped
-    assert m.suspended[s[0]].tier is Tier.HOST and len(m.prefix.index) == before - 5
-    assert host.num_free == 0 and m.prefix.cached_room(Tier.HOST) == [1]
+    assert m.offload(s[0], HOST)  # 5 pages: 5 cached host pages dropped
+    assert m.suspended[s[0]].tier == HOST and len(m.prefix.index) == before - 5
+    assert host.num_free == 0 and m.prefix.cached_room(HOST) == [1]
     m.check_invariants()
     e.verify()
     assert m.resume(s[0])

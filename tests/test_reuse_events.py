@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from conftest import DISK, HOST
 from hybridkv.core.errors import ConfigError, UsageError
-from hybridkv.core.types import LayerGroupId, Tier
-from hybridkv.lifecycles.lifecycle import LifeCycle
+from hybridkv.core.types import GPU, LayerGroupId
+from hybridkv.lifecycles import Full
 from hybridkv.reuse import (
     AllCleared,
     BlockRemoved,
@@ -35,22 +36,22 @@ def test_index_emits_one_event_per_run() -> None:
     q = EventQueue(100)
     idx = PrefixIndex(q)
     ords = np.array([0, 1, 4, 5])  # sinks + window: two runs
-    idx.insert(KEYS, ords, 1, [7, 8, 9, 10], Tier.GPU, root=ROOT, block_tokens=ROWS[ords])
-    idx.insert(KEYS, [1, 2], 1, [0, 0], Tier.GPU, root=ROOT, block_tokens=ROWS[[1, 2]])  # only block 2 is new
+    idx.insert(KEYS, ords, 1, [7, 8, 9, 10], GPU, root=ROOT, block_tokens=ROWS[ords])
+    idx.insert(KEYS, [1, 2], 1, [0, 0], GPU, root=ROOT, block_tokens=ROWS[[1, 2]])  # only block 2 is new
     batch = q.drain()
     g = LayerGroupId(1)
     assert batch == EventBatch(0, (
-        BlockStored(ROOT, (KEYS[0], KEYS[1]), ((100, 101), (102, 103)), Tier.GPU, g),
-        BlockStored(KEYS[3], (KEYS[4], KEYS[5]), ((108, 109), (110, 111)), Tier.GPU, g),
-        BlockStored(KEYS[1], (KEYS[2],), ((104, 105),), Tier.GPU, g),
+        BlockStored(ROOT, (KEYS[0], KEYS[1]), ((100, 101), (102, 103)), GPU, g),
+        BlockStored(KEYS[3], (KEYS[4], KEYS[5]), ((108, 109), (110, 111)), GPU, g),
+        BlockStored(KEYS[1], (KEYS[2],), ((104, 105),), GPU, g),
     ), 0)
-    idx.move([EntryRef(KEYS[5], g), EntryRef(KEYS[4], g)], Tier.HOST, [3, 4])
+    idx.move([EntryRef(KEYS[5], g), EntryRef(KEYS[4], g)], HOST, [3, 4])
     idx.remove([EntryRef(KEYS[0], g), EntryRef(KEYS[5], g), EntryRef(KEYS[1], g)])
     idx.clear()
     assert q.drain() == EventBatch(1, (
-        BlockUpdated((KEYS[5], KEYS[4]), Tier.HOST, 0, g),
-        BlockRemoved((KEYS[0], KEYS[1]), Tier.GPU, g),  # one event per (layer group, tier)
-        BlockRemoved((KEYS[5],), Tier.HOST, g),
+        BlockUpdated((KEYS[5], KEYS[4]), HOST, 0, g),
+        BlockRemoved((KEYS[0], KEYS[1]), GPU, g),  # one event per (layer group, tier)
+        BlockRemoved((KEYS[5],), HOST, g),
         AllCleared(),
     ), 0)
     assert q.drain() == EventBatch(2, (), 0)
@@ -59,29 +60,29 @@ def test_index_emits_one_event_per_run() -> None:
 def test_acquire_release_touch_and_probe_emit_nothing() -> None:
     q = EventQueue(10)
     idx = PrefixIndex(q)
-    idx.insert(KEYS, [0, 1], 0, [0, 1], Tier.GPU, root=ROOT, block_tokens=ROWS[:2])
+    idx.insert(KEYS, [0, 1], 0, [0, 1], GPU, root=ROOT, block_tokens=ROWS[:2])
     q.drain()
     idx.acquire(KEYS, [0, 1], 0)
     idx.release(KEYS, [0], 0)
     idx.touch(KEYS)
-    idx.probe(KEYS, [LifeCycle.full()], TPB)
+    idx.probe(KEYS, [Full()], TPB)
     assert len(q) == 0
 
 
 def test_events_need_block_tokens() -> None:
     idx = PrefixIndex(EventQueue(4))
     with pytest.raises(UsageError, match="block_tokens"):
-        idx.insert(KEYS, [0, 1], 0, [0, 1], Tier.GPU, root=ROOT)
+        idx.insert(KEYS, [0, 1], 0, [0, 1], GPU, root=ROOT)
     with pytest.raises(UsageError, match="block_tokens"):
-        idx.insert(KEYS, [0, 1], 0, [0, 1], Tier.GPU, root=ROOT, block_tokens=ROWS[:1])
+        idx.insert(KEYS, [0, 1], 0, [0, 1], GPU, root=ROOT, block_tokens=ROWS[:1])
     assert len(idx) == 0
-    PrefixIndex().insert(KEYS, [0, 1], 0, [0, 1], Tier.GPU, root=ROOT)  # no queue: not needed
+    PrefixIndex().insert(KEYS, [0, 1], 0, [0, 1], GPU, root=ROOT)  # no queue: not needed
 
 
 def test_bounded_queue_drops_oldest_and_counts() -> None:
     q = EventQueue(3)
     for i in range(5):
-        q.put(BlockRemoved((bytes([i]),), Tier.GPU, LayerGroupId(0)))
+        q.put(BlockRemoved((bytes([i]),), GPU, LayerGroupId(0)))
     assert len(q) == 3 and q.dropped_total == 2
     batch = q.drain()
     assert batch.dropped == 2 and [e.keys for e in batch.events] == [(b"\x02",), (b"\x03",), (b"\x04",)]  # type: ignore[union-attr]
@@ -95,9 +96,9 @@ def test_bounded_queue_drops_oldest_and_counts() -> None:
 def test_json_shape_and_round_trip() -> None:
     g = LayerGroupId(3)
     events = (
-        BlockStored(ROOT, (KEYS[0], KEYS[1]), ((100, 101), (102, 103)), Tier.GPU, g),
-        BlockRemoved((KEYS[0],), Tier.HOST, g),
-        BlockUpdated((KEYS[1],), Tier.DISK, 7, g),
+        BlockStored(ROOT, (KEYS[0], KEYS[1]), ((100, 101), (102, 103)), GPU, g),
+        BlockRemoved((KEYS[0],), HOST, g),
+        BlockUpdated((KEYS[1],), DISK, 7, g),
         AllCleared(),
     )
     batch = EventBatch(12, events, 4)
@@ -117,7 +118,7 @@ def test_json_shape_and_round_trip() -> None:
 def test_index_events_survive_json() -> None:
     q = EventQueue(16)
     idx = PrefixIndex(q)
-    idx.insert(KEYS, np.arange(6), 0, np.arange(6), Tier.GPU, root=ROOT, block_tokens=ROWS)
-    idx.move([EntryRef(KEYS[5], LayerGroupId(0))], Tier.DISK, [0])
+    idx.insert(KEYS, np.arange(6), 0, np.arange(6), GPU, root=ROOT, block_tokens=ROWS)
+    idx.move([EntryRef(KEYS[5], LayerGroupId(0))], DISK, [0])
     batch = q.drain()
     assert EventBatch.from_json(batch.to_json()) == batch

@@ -11,9 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attention_mask import visible
+from conftest import DISK, HOST
 from hybridkv.core.errors import ConfigError, InvariantError, UsageError
-from hybridkv.core.types import LayerGroupId, Tier
-from hybridkv.lifecycles.lifecycle import LifeCycle, live_blocks
+from hybridkv.core.types import GPU, LayerGroupId
+from hybridkv.lifecycles import Chunked, Full, LifeCycle, Sliding, Ssm, live_blocks
 from hybridkv.reuse import EntryRef, PrefixIndex, ReuseScope, block_keys, longest_match, needed_blocks
 
 SCOPE = ReuseScope()
@@ -30,7 +31,7 @@ def chain(num_blocks: int, tpb: int, salt: str = "") -> list[bytes]:
 def brute_needed(lc: LifeCycle, b: int, tpb: int) -> list[int]:
     """Blocks a request resuming at history b * tpb reads: some token of the block is visible
     to some future query (SSM: the snapshot at b - 1)."""
-    if lc.is_ssm:
+    if isinstance(lc, Ssm):
         return [b - 1] if b else []
     h = b * tpb
     horizon = h + (lc.window_tokens or 0) + (lc.chunk_tokens or 0) + 2
@@ -44,10 +45,10 @@ def brute_match(lcs: list[LifeCycle], cached: list[set[int]], n: int, tpb: int) 
 
 
 life_cycles = st.one_of(
-    st.just(LifeCycle.full()),
-    st.builds(LifeCycle.sliding, st.integers(1, 20), st.integers(0, 9)),
-    st.builds(LifeCycle.chunked, st.integers(1, 20)),
-    st.just(LifeCycle.ssm()),
+    st.just(Full()),
+    st.builds(Sliding, st.integers(1, 20), st.integers(0, 9)),
+    st.builds(Chunked, st.integers(1, 20)),
+    st.just(Ssm()),
 )
 
 
@@ -55,7 +56,7 @@ def populate(lcs: list[LifeCycle], cached: list[set[int]], keys: list[bytes]) ->
     idx = PrefixIndex()
     for g, c in enumerate(cached):
         ords = np.array(sorted(c), np.int64)
-        idx.insert(keys, ords, g, 100 * g + ords, Tier.GPU, root=ROOT)
+        idx.insert(keys, ords, g, 100 * g + ords, GPU, root=ROOT)
     return idx
 
 
@@ -77,8 +78,8 @@ def test_probe_is_the_brute_force_maximum(lcs: list[LifeCycle], tpb: int, n: int
     for g, (lc, mb) in enumerate(zip(lcs, match.per_group, strict=True)):
         assert mb.ordinals.tolist() == brute_needed(lc, expect, tpb)
         assert mb.slots.tolist() == (100 * g + mb.ordinals).tolist()
-        assert (mb.tiers == Tier.GPU).all()
-        if not lc.is_ssm:  # the same count the manager's release rule keeps
+        assert (mb.tiers == GPU).all()
+        if not isinstance(lc, Ssm):  # the same count the manager's release rule keeps
             assert mb.ordinals.size == int(live_blocks(lc, expect * tpb, expect * tpb, tpb))
 
 
@@ -89,14 +90,14 @@ def test_probe_with_max_tier_ignores_lower_tiers(lcs: list[LifeCycle], tpb: int,
     idx = PrefixIndex()
     usable: list[set[int]] = []
     for g in range(len(lcs)):
-        tiers = data.draw(st.lists(st.sampled_from([None, *Tier]), min_size=n, max_size=n))
-        for t in Tier:
+        tiers = data.draw(st.lists(st.sampled_from([None, GPU, HOST, DISK]), min_size=n, max_size=n))
+        for t in (GPU, HOST, DISK):
             ords = np.array([j for j in range(n) if tiers[j] is t], np.int64)
             idx.insert(keys, ords, g, ords, t, root=ROOT)
-        usable.append({j for j in range(n) if tiers[j] is not None and tiers[j] <= Tier.HOST})
-    match = idx.probe(keys, lcs, tpb, max_tier=Tier.HOST)
+        usable.append({j for j in range(n) if tiers[j] is not None and tiers[j] <= HOST})
+    match = idx.probe(keys, lcs, tpb, max_tier=HOST)
     assert match.tokens == brute_match(lcs, usable, n, tpb) * tpb
-    assert all((mb.tiers <= Tier.HOST).all() for mb in match.per_group)
+    assert all((mb.tiers <= HOST).all() for mb in match.per_group)
 
 
 @settings(max_examples=200, deadline=None)
@@ -117,16 +118,16 @@ def test_longest_match_looks_at_each_block_once_per_group(lcs: list[LifeCycle], 
 
 
 def test_needed_blocks_exact() -> None:
-    assert needed_blocks(LifeCycle.full(), 3, 4).tolist() == [0, 1, 2]
-    assert needed_blocks(LifeCycle.sliding(8), 10, 4).tolist() == [8, 9]  # keep_start 33
-    assert needed_blocks(LifeCycle.sliding(10), 10, 4).tolist() == [7, 8, 9]  # keep_start 31
-    assert needed_blocks(LifeCycle.sliding(3), 10, 4).tolist() == [9]  # window < tpb
-    assert needed_blocks(LifeCycle.sliding(8, 5), 10, 4).tolist() == [0, 1, 8, 9]  # 5 sinks: 2 blocks
-    assert needed_blocks(LifeCycle.sliding(8, 5), 1, 4).tolist() == [0]
-    assert needed_blocks(LifeCycle.chunked(8), 10, 4).tolist() == []  # 40 starts a new chunk
-    assert needed_blocks(LifeCycle.chunked(8), 9, 4).tolist() == [8]
-    assert needed_blocks(LifeCycle.ssm(), 6, 4).tolist() == [5]
-    assert needed_blocks(LifeCycle.ssm(), 0, 4).tolist() == []
+    assert needed_blocks(Full(), 3, 4).tolist() == [0, 1, 2]
+    assert needed_blocks(Sliding(8), 10, 4).tolist() == [8, 9]  # keep_start 33
+    assert needed_blocks(Sliding(10), 10, 4).tolist() == [7, 8, 9]  # keep_start 31
+    assert needed_blocks(Sliding(3), 10, 4).tolist() == [9]  # window < tpb
+    assert needed_blocks(Sliding(8, 5), 10, 4).tolist() == [0, 1, 8, 9]  # 5 sinks: 2 blocks
+    assert needed_blocks(Sliding(8, 5), 1, 4).tolist() == [0]
+    assert needed_blocks(Chunked(8), 10, 4).tolist() == []  # 40 starts a new chunk
+    assert needed_blocks(Chunked(8), 9, 4).tolist() == [8]
+    assert needed_blocks(Ssm(), 6, 4).tolist() == [5]
+    assert needed_blocks(Ssm(), 0, 4).tolist() == []
 
 
 def test_evicted_window_blocks_still_match_only_the_window() -> None:
@@ -135,9 +136,9 @@ def test_evicted_window_blocks_still_match_only_the_window() -> None:
     full_ords, win_ords = np.arange(10), np.array([8, 9])
     for window, expect in ((8, 40), (9, 40), (3, 40), (10, 0)):
         idx = PrefixIndex()
-        idx.insert(keys, full_ords, 0, full_ords, Tier.GPU, root=ROOT)
-        idx.insert(keys, win_ords, 1, win_ords + 50, Tier.GPU, root=ROOT)
-        match = idx.probe(keys, [LifeCycle.full(), LifeCycle.sliding(window)], 4)
+        idx.insert(keys, full_ords, 0, full_ords, GPU, root=ROOT)
+        idx.insert(keys, win_ords, 1, win_ords + 50, GPU, root=ROOT)
+        match = idx.probe(keys, [Full(), Sliding(window)], 4)
         assert match.tokens == expect, window  # window 10 needs block 7 at 40, and every shorter prefix needs more
         if expect:
             assert match.per_group[0].ordinals.tolist() == list(range(10))
@@ -149,14 +150,14 @@ def test_evicted_window_blocks_still_match_only_the_window() -> None:
 def test_ssm_needs_a_snapshot_at_exactly_l() -> None:
     keys = chain(10, 4)
     idx = PrefixIndex()
-    idx.insert(keys, np.arange(10), 0, np.arange(10), Tier.GPU, root=ROOT)
-    idx.insert(keys, [5], 1, [77], Tier.HOST, root=ROOT)  # snapshot after 24 tokens
-    match = idx.probe(keys, [LifeCycle.full(), LifeCycle.ssm()], 4)
+    idx.insert(keys, np.arange(10), 0, np.arange(10), GPU, root=ROOT)
+    idx.insert(keys, [5], 1, [77], HOST, root=ROOT)  # snapshot after 24 tokens
+    match = idx.probe(keys, [Full(), Ssm()], 4)
     assert match.tokens == 24
     assert match.per_group[1].ordinals.tolist() == [5]
-    assert match.per_group[1].slots.tolist() == [77] and match.per_group[1].tiers.tolist() == [Tier.HOST]
-    assert idx.probe(keys[:5], [LifeCycle.full(), LifeCycle.ssm()], 4).tokens == 0
-    assert idx.probe(keys, [LifeCycle.full(), LifeCycle.ssm()], 4, max_tier=Tier.GPU).tokens == 0
+    assert match.per_group[1].slots.tolist() == [77] and match.per_group[1].tiers.tolist() == [HOST]
+    assert idx.probe(keys[:5], [Full(), Ssm()], 4).tokens == 0
+    assert idx.probe(keys, [Full(), Ssm()], 4, max_tier=GPU).tokens == 0
 
 
 def entries_state(idx: PrefixIndex) -> Any:
@@ -168,9 +169,9 @@ def entries_state(idx: PrefixIndex) -> Any:
 def test_probe_changes_nothing() -> None:
     keys = chain(6, 4)
     idx = PrefixIndex()
-    idx.insert(keys, np.arange(6), 0, np.arange(6), Tier.GPU, root=ROOT)
+    idx.insert(keys, np.arange(6), 0, np.arange(6), GPU, root=ROOT)
     before, clock = entries_state(idx), idx._clock
-    idx.probe(keys, [LifeCycle.full()], 4)
+    idx.probe(keys, [Full()], 4)
     assert entries_state(idx) == before and idx._clock == clock
 
 
@@ -179,12 +180,12 @@ def test_probe_changes_nothing() -> None:
 def test_insert_is_idempotent_and_reports_duplicates() -> None:
     keys = chain(6, 4)
     idx = PrefixIndex()
-    r1 = idx.insert(keys, [0, 1, 2], 0, [10, 11, 12], Tier.GPU, root=ROOT)
+    r1 = idx.insert(keys, [0, 1, 2], 0, [10, 11, 12], GPU, root=ROOT)
     assert r1.new_mask.tolist() == [True] * 3 and r1.num_new == 3
-    r2 = idx.insert(keys, [1, 2, 3, 4], 0, [21, 22, 23, 24], Tier.GPU, root=ROOT)
+    r2 = idx.insert(keys, [1, 2, 3, 4], 0, [21, 22, 23, 24], GPU, root=ROOT)
     assert r2.new_mask.tolist() == [False, False, True, True]
     assert r2.cached_slots.tolist() == [11, 12, 23, 24]
-    r3 = idx.insert(keys, [0], 1, [30], Tier.GPU, root=ROOT)  # another group is another entry
+    r3 = idx.insert(keys, [0], 1, [30], GPU, root=ROOT)  # another group is another entry
     assert r3.num_new == 1 and len(idx) == 6
     e = idx.entry(keys[3], 0)
     assert e is not None and (e.parent, e.ordinal, e.slot, e.refcount) == (keys[2], 3, 23, 0)
@@ -196,13 +197,13 @@ def test_insert_is_idempotent_and_reports_duplicates() -> None:
 def test_insert_refuses_misuse_and_changes_nothing() -> None:
     keys = chain(4, 4)
     idx = PrefixIndex()
-    idx.insert(keys, [0, 1], 0, [0, 1], Tier.GPU, root=ROOT)
+    idx.insert(keys, [0, 1], 0, [0, 1], GPU, root=ROOT)
     before = entries_state(idx)
     for ords, slots in (([1, 0], [5, 6]), ([0, 4], [5, 6]), ([2], [5, 6]), ([2], [-1])):
         with pytest.raises(UsageError):
-            idx.insert(keys, ords, 0, slots, Tier.GPU, root=ROOT)
+            idx.insert(keys, ords, 0, slots, GPU, root=ROOT)
     with pytest.raises(UsageError, match="already cached as block 0"):
-        idx.insert([keys[1], keys[0]], [1], 0, [9], Tier.GPU, root=ROOT)
+        idx.insert([keys[1], keys[0]], [1], 0, [9], GPU, root=ROOT)
     assert entries_state(idx) == before
     idx.check_invariants()
 
@@ -210,12 +211,12 @@ def test_insert_refuses_misuse_and_changes_nothing() -> None:
 def test_refcounts_and_eviction_order_exact() -> None:
     keys = chain(4, 4)
     idx = PrefixIndex()
-    idx.insert(keys, [0, 1, 2, 3], 0, [0, 1, 2, 3], Tier.GPU, root=ROOT)  # clock 1
-    idx.insert(keys, [2, 3], 1, [8, 9], Tier.GPU, priority=5, root=ROOT)  # clock 2, kept longer
+    idx.insert(keys, [0, 1, 2, 3], 0, [0, 1, 2, 3], GPU, root=ROOT)  # clock 1
+    idx.insert(keys, [2, 3], 1, [8, 9], GPU, priority=5, root=ROOT)  # clock 2, kept longer
     idx.acquire(keys, [0, 1], 0)  # clock 3
-    assert [e.key for e in idx.evictable(Tier.GPU)] == [keys[3], keys[2], keys[3], keys[2]]
-    assert [(e.ordinal, e.layer_group) for e in idx.evictable(Tier.GPU)] == [(3, 0), (2, 0), (3, 1), (2, 1)]
-    assert idx.evictable(Tier.HOST) == []
+    assert [e.key for e in idx.evictable(GPU)] == [keys[3], keys[2], keys[3], keys[2]]
+    assert [(e.ordinal, e.layer_group) for e in idx.evictable(GPU)] == [(3, 0), (2, 0), (3, 1), (2, 1)]
+    assert idx.evictable(HOST) == []
     with pytest.raises(UsageError, match="refcount > 0"):
         idx.remove([EntryRef(keys[0], G0)])
     idx.acquire(keys, [1], 0)  # block 1 used twice
@@ -224,10 +225,10 @@ def test_refcounts_and_eviction_order_exact() -> None:
     e1 = idx.entry(keys[1], 0)
     assert e0 is not None and e1 is not None and (e0.refcount, e1.refcount) == (0, 1)
     idx.touch([keys[3]], layer_group=0)  # clock 6: block 3 most recently used
-    order = [(int(e.ordinal), int(e.layer_group)) for e in idx.evictable(Tier.GPU)]
+    order = [(int(e.ordinal), int(e.layer_group)) for e in idx.evictable(GPU)]
     assert order == [(2, 0), (0, 0), (3, 0), (3, 1), (2, 1)]
-    assert [(int(e.ordinal), int(e.layer_group)) for e in idx.evictable(Tier.GPU, layer_group=1)] == [(3, 1), (2, 1)]
-    assert len(idx.evictable(Tier.GPU, limit=2)) == 2
+    assert [(int(e.ordinal), int(e.layer_group)) for e in idx.evictable(GPU, layer_group=1)] == [(3, 1), (2, 1)]
+    assert len(idx.evictable(GPU, limit=2)) == 2
     idx.release(keys, [1], 0)
     with pytest.raises(UsageError, match="not acquired"):
         idx.release(keys, [1], 0)
@@ -240,29 +241,29 @@ def test_refcounts_and_eviction_order_exact() -> None:
 def test_acquire_and_release_match_are_all_or_nothing() -> None:
     keys = chain(10, 4)
     idx = PrefixIndex()
-    idx.insert(keys, np.arange(10), 0, np.arange(10), Tier.GPU, root=ROOT)
-    idx.insert(keys, [8, 9], 1, [20, 21], Tier.GPU, root=ROOT)
-    lcs = [LifeCycle.full(), LifeCycle.sliding(8)]
+    idx.insert(keys, np.arange(10), 0, np.arange(10), GPU, root=ROOT)
+    idx.insert(keys, [8, 9], 1, [20, 21], GPU, root=ROOT)
+    lcs = [Full(), Sliding(8)]
     match = idx.probe(keys, lcs, 4)
-    idx.acquire_match(keys, match)
+    idx.acquire_match(match)
     assert all(e.refcount == 1 for e in (idx.entry(k, 0) for k in keys) if e is not None)
-    assert idx.evictable(Tier.GPU) == []
-    idx.release_match(keys, match)
+    assert idx.evictable(GPU) == []
+    idx.release_match(match)
     with pytest.raises(UsageError):
-        idx.release_match(keys, match)
-    assert len(idx.evictable(Tier.GPU)) == 12
+        idx.release_match(match)
+    assert len(idx.evictable(GPU)) == 12
     idx.check_invariants()
 
 
 def test_remove_move_clear_hand_entries_back() -> None:
     keys = chain(3, 4)
     idx = PrefixIndex()
-    idx.insert(keys, [0, 1, 2], 0, [5, 6, 7], Tier.GPU, root=ROOT)
-    old = idx.move([EntryRef(keys[1], G0), EntryRef(keys[2], G0)], Tier.HOST, [40, 41])
-    assert [(e.slot, e.tier) for e in old] == [(6, Tier.GPU), (7, Tier.GPU)]
-    assert [e.slot for e in idx.evictable(Tier.HOST)] == [41, 40]
+    idx.insert(keys, [0, 1, 2], 0, [5, 6, 7], GPU, root=ROOT)
+    old = idx.move([EntryRef(keys[1], G0), EntryRef(keys[2], G0)], HOST, [40, 41])
+    assert [(e.slot, e.tier) for e in old] == [(6, GPU), (7, GPU)]
+    assert [e.slot for e in idx.evictable(HOST)] == [41, 40]
     gone = idx.remove([EntryRef(keys[2], G0)])
-    assert [(e.slot, e.tier) for e in gone] == [(41, Tier.HOST)]
+    assert [(e.slot, e.tier) for e in gone] == [(41, HOST)]
     with pytest.raises(UsageError, match="no entry"):
         idx.remove([EntryRef(keys[2], G0)])
     with pytest.raises(UsageError, match="twice"):
@@ -270,8 +271,8 @@ def test_remove_move_clear_hand_entries_back() -> None:
     idx.check_invariants()  # block 1 stays while block 2 is gone; block 0 stays too
     idx.remove([EntryRef(keys[0], G0)])  # a child whose parent was removed is allowed
     idx.check_invariants()
-    assert idx.probe(keys, [LifeCycle.full()], 4).tokens == 0
-    assert idx.probe(keys, [LifeCycle.sliding(4)], 4).tokens == 8  # window needs only block 1
+    assert idx.probe(keys, [Full()], 4).tokens == 0
+    assert idx.probe(keys, [Sliding(4)], 4).tokens == 8  # window needs only block 1
     idx.acquire(keys, [1], 0)
     with pytest.raises(UsageError, match="clear"):
         idx.clear()
@@ -284,7 +285,7 @@ def test_remove_move_clear_hand_entries_back() -> None:
 def test_check_invariants_catches_corruption() -> None:
     keys = chain(3, 4)
     idx = PrefixIndex()
-    idx.insert(keys, [0, 1, 2], 0, [0, 1, 2], Tier.GPU, root=ROOT)
+    idx.insert(keys, [0, 1, 2], 0, [0, 1, 2], GPU, root=ROOT)
     row = idx._t.by_group[G0][keys[1]]
     idx._t.refcount[row] = -1
     with pytest.raises(InvariantError, match="refcount"):
@@ -302,12 +303,12 @@ def test_check_invariants_catches_corruption() -> None:
 def test_rows_are_recycled_and_table_grows() -> None:
     keys = chain(600, 1)
     idx = PrefixIndex()
-    idx.insert(keys, np.arange(600), 0, np.arange(600), Tier.GPU, root=ROOT)
-    idx.remove([e.ref for e in idx.evictable(Tier.GPU, limit=300)])
+    idx.insert(keys, np.arange(600), 0, np.arange(600), GPU, root=ROOT)
+    idx.remove([e.ref for e in idx.evictable(GPU, limit=300)])
     assert len(idx) == 300
-    idx.insert(keys, np.arange(300, 600), 1, np.arange(300), Tier.DISK, root=ROOT)
+    idx.insert(keys, np.arange(300, 600), 1, np.arange(300), DISK, root=ROOT)
     assert len(idx) == 600 and idx._t.live.size == 600  # grew once (256 -> 600), then reused freed rows
-    assert idx.probe(keys, [LifeCycle.full()], 1).tokens == 300
+    assert idx.probe(keys, [Full()], 1).tokens == 300
     idx.check_invariants()
 
 
@@ -328,10 +329,10 @@ def test_random_operations_against_a_model(ops: list[tuple[str, int, set[int]]])
             clock += 1
             slots = list(range(next_slot, next_slot + len(ords)))
             next_slot += len(ords)
-            res = idx.insert(keys, ords, g, slots, Tier.GPU, priority=g, root=ROOT)
+            res = idx.insert(keys, ords, g, slots, GPU, priority=g, root=ROOT)
             assert res.new_mask.tolist() == [(g, o) not in model for o in ords]
             for o in ords:
-                model.setdefault((g, o), [0, g, clock, Tier.GPU])
+                model.setdefault((g, o), [0, g, clock, GPU])
         elif op in ("acquire", "release") and present:
             if op == "release" and any(model[g, o][0] == 0 for o in present):
                 with pytest.raises(UsageError):
@@ -348,18 +349,18 @@ def test_random_operations_against_a_model(ops: list[tuple[str, int, set[int]]])
             for o in present:
                 model[g, o][2] = clock
         elif op == "evict":
-            victims = idx.evictable(Tier.GPU, limit=len(ords))
+            victims = idx.evictable(GPU, limit=len(ords))
             idx.remove([v.ref for v in victims])
             for victim in victims:
                 del model[int(victim.layer_group), int(victim.ordinal)]
         elif op == "move" and present:
             new_slots = [1000 + next_slot + i for i in range(len(present))]
-            idx.move([EntryRef(keys[o], LayerGroupId(g)) for o in present], Tier.HOST, new_slots)
+            idx.move([EntryRef(keys[o], LayerGroupId(g)) for o in present], HOST, new_slots)
             next_slot += len(present)
             for o in present:
-                model[g, o][3] = Tier.HOST
+                model[g, o][3] = HOST
         idx.check_invariants()
-        for tier in (Tier.GPU, Tier.HOST):
+        for tier in (GPU, HOST):
             expect = sorted((k for k, v in model.items() if v[0] == 0 and v[3] == tier),
                             key=lambda k: (model[k][1], model[k][2], -k[1], k[0]))
             assert [(int(e.layer_group), int(e.ordinal)) for e in idx.evictable(tier)] == expect
@@ -376,21 +377,21 @@ def test_eviction_order_with_ties_and_huge_priorities() -> None:
     idx = PrefixIndex()
     chains = [chain(3, 2, salt=str(i)) for i in range(4)]
     for i, keys in enumerate(chains):
-        idx.insert(keys, [0, 1, 2], 0, 10 * i + np.arange(3), Tier.GPU, priority=(-(2**59) if i == 3 else 2**59),
+        idx.insert(keys, [0, 1, 2], 0, 10 * i + np.arange(3), GPU, priority=(-(2**59) if i == 3 else 2**59),
                    root=ReuseScope(cache_salt=str(i)).root())
     idx.touch([k for keys in chains[:3] for k in keys])  # chains 0..2 tie completely
-    order = [e.slot for e in idx.evictable(Tier.GPU)]
+    order = [e.slot for e in idx.evictable(GPU)]
     assert order == [32, 31, 30, 2, 12, 22, 1, 11, 21, 0, 10, 20]
     for k in range(14):
-        assert [e.slot for e in idx.evictable(Tier.GPU, limit=k)] == order[:k]
+        assert [e.slot for e in idx.evictable(GPU, limit=k)] == order[:k]
     idx2 = PrefixIndex()  # same ties, packed path
     for i, keys in enumerate(chains[:3]):
-        idx2.insert(keys, [0, 1, 2], 0, 10 * i + np.arange(3), Tier.GPU, root=ReuseScope(cache_salt=str(i)).root())
+        idx2.insert(keys, [0, 1, 2], 0, 10 * i + np.arange(3), GPU, root=ReuseScope(cache_salt=str(i)).root())
     idx2.touch([k for keys in chains[:3] for k in keys])
     for k in (1, 2, 4, 5, 9, 10):
-        assert [e.slot for e in idx2.evictable(Tier.GPU, limit=k)] == order[3:3 + k]
+        assert [e.slot for e in idx2.evictable(GPU, limit=k)] == order[3:3 + k]
     with pytest.raises(UsageError, match="limit"):
-        idx2.evictable(Tier.GPU, limit=-1)
+        idx2.evictable(GPU, limit=-1)
     with pytest.raises(ConfigError, match="priority-lru"):
         PrefixIndex(eviction="fifo")
 
@@ -398,14 +399,14 @@ def test_eviction_order_with_ties_and_huge_priorities() -> None:
 def test_located_and_entries() -> None:
     keys = chain(4, 2)
     idx = PrefixIndex()
-    idx.insert(keys, [0, 1, 2, 3], 0, [5, 6, 7, 8], Tier.GPU, root=ROOT)
-    idx.insert(keys, [3], 1, [9], Tier.GPU, root=ROOT)
-    idx.move([EntryRef(keys[1], G0)], Tier.HOST, [0])
-    groups, slots = idx.located(Tier.GPU)
+    idx.insert(keys, [0, 1, 2, 3], 0, [5, 6, 7, 8], GPU, root=ROOT)
+    idx.insert(keys, [3], 1, [9], GPU, root=ROOT)
+    idx.move([EntryRef(keys[1], G0)], HOST, [0])
+    groups, slots = idx.located(GPU)
     assert sorted(zip(groups.tolist(), slots.tolist(), strict=True)) == [(0, 5), (0, 7), (0, 8), (1, 9)]
-    assert idx.located(Tier.HOST).slots.tolist() == [0] and idx.located(Tier.DISK).slots.size == 0
+    assert idx.located(HOST).slots.tolist() == [0] and idx.located(DISK).slots.size == 0
     assert sorted((int(e.layer_group), int(e.ordinal), e.tier) for e in idx.entries()) == [
-        (0, 0, Tier.GPU), (0, 1, Tier.HOST), (0, 2, Tier.GPU), (0, 3, Tier.GPU), (1, 3, Tier.GPU)]
+        (0, 0, GPU), (0, 1, HOST), (0, 2, GPU), (0, 3, GPU), (1, 3, GPU)]
 
 
 def test_windowed_groups_lose_their_oldest_blocks_first() -> None:
@@ -415,7 +416,7 @@ def test_windowed_groups_lose_their_oldest_blocks_first() -> None:
     idx = PrefixIndex(windowed_groups=[1])
     keys = [bytes([i]) * 32 for i in range(4)]
     for group in (0, 1):
-        idx.insert(keys, [0, 1, 2, 3], group, [10, 11, 12, 13], Tier.GPU, root=b"r" * 32)
-    assert [e.ordinal for e in idx.evictable(Tier.GPU, layer_group=0)] == [3, 2, 1, 0]
-    assert [e.ordinal for e in idx.evictable(Tier.GPU, layer_group=1)] == [0, 1, 2, 3]
-    assert [e.ordinal for e in idx.evictable(Tier.GPU, layer_group=1, limit=2)] == [0, 1]
+        idx.insert(keys, [0, 1, 2, 3], group, [10, 11, 12, 13], GPU, root=b"r" * 32)
+    assert [e.ordinal for e in idx.evictable(GPU, layer_group=0)] == [3, 2, 1, 0]
+    assert [e.ordinal for e in idx.evictable(GPU, layer_group=1)] == [0, 1, 2, 3]
+    assert [e.ordinal for e in idx.evictable(GPU, layer_group=1, limit=2)] == [0, 1]

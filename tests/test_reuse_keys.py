@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybridkv.core.errors import ConfigError, UsageError
-from hybridkv.core.types import Tier
-from hybridkv.lifecycles.lifecycle import LifeCycle
+from hybridkv.core.types import GPU
+from hybridkv.lifecycles import Full
 from hybridkv.reuse import MultimodalItem, PrefixIndex, ReuseScope, block_keys
 
 TPB = 4
@@ -82,10 +82,10 @@ def test_other_scope_matches_nothing_in_probe() -> None:
     tokens = list(range(32))
     idx = PrefixIndex()
     mine = block_keys(tokens, TPB, SCOPE)
-    idx.insert(mine, np.arange(8), 0, np.arange(8), Tier.GPU, root=SCOPE.root())
-    assert idx.probe(mine, [LifeCycle.full()], TPB).tokens == 32
+    idx.insert(mine, np.arange(8), 0, np.arange(8), GPU, root=SCOPE.root())
+    assert idx.probe(mine, [Full()], TPB).tokens == 32
     for scope in (ReuseScope(lora_id=3), ReuseScope(cache_salt="tenant-b")):
-        match = idx.probe(block_keys(tokens, TPB, scope), [LifeCycle.full()], TPB)
+        match = idx.probe(block_keys(tokens, TPB, scope), [Full()], TPB)
         assert match.tokens == 0 and match.per_group[0].ordinals.size == 0
 
 

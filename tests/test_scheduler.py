@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 
 from hybridkv.cli.main import main
-from hybridkv.core.types import Tier
+from hybridkv.core.types import GPU
 from hybridkv.layouts.spec import BufferSpec, LayerSpec, ModelLayout
-from hybridkv.lifecycles.lifecycle import LifeCycle
+from hybridkv.lifecycles import Full
 from hybridkv.manager.manager import KVCacheManager
 from hybridkv.planning.planner import PlanSpec, plan
 from hybridkv.scheduler.request import SeqRequest, Status
 from hybridkv.scheduler.scheduler import Scheduler, SchedulerConfig
 
-FULL = LayerSpec(LifeCycle.full(), (BufferSpec("kv", 8),))  # 32-byte slots at 4 tokens per block
+FULL = LayerSpec(Full(), (BufferSpec("kv", 8),))  # 32-byte slots at 4 tokens per block
 
 
 def test_admission_counts_prefix_hit_pages_once() -> None:
@@ -32,7 +32,7 @@ def test_admission_counts_prefix_hit_pages_once() -> None:
     s.complete(s.schedule(), 0)
     s.submit(SeqRequest(1, 16, 20, tokens=np.arange(2000, 2040)))
     s.complete(s.schedule(), 1)
-    assert (m.tiers.free_slots(Tier.GPU), m.prefix is not None and m.prefix.reclaimable()) == ([2], [6])
+    assert (m.tiers.free_slots(GPU), m.prefix is not None and m.prefix.reclaimable()) == ([2], [6])
     r2 = s.submit(SeqRequest(2, 36, 2, tokens=np.concatenate([p[:24], np.arange(5000, 5016)])))
     s.complete(s.schedule(), 2)
     assert s.preemptions == 0 and r2.status is Status.WAITING

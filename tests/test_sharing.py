@@ -7,12 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import snapshot
+from conftest import HOST, snapshot
 from hybridkv.core.errors import UsageError
-from hybridkv.core.types import Tier
+from hybridkv.core.types import GPU
 from hybridkv.engine.fake import FakeEngine
 from hybridkv.layouts.spec import ModelLayout, attention_layer, ssm_layer
-from hybridkv.lifecycles.lifecycle import LifeCycle
+from hybridkv.lifecycles import Full, Sliding
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
 from hybridkv.planning.planner import PlanSpec, plan
 
@@ -26,8 +26,8 @@ def manager(layers: tuple, gpu_bytes: int = 40_000, host_bytes: int = 0) -> tupl
     return m, FakeEngine(m)
 
 
-FULL = attention_layer(1, 8, 2, LifeCycle.full())
-WINDOW = attention_layer(1, 8, 2, LifeCycle.sliding(6, 2))
+FULL = attention_layer(1, 8, 2, Full())
+WINDOW = attention_layer(1, 8, 2, Sliding(6, 2))
 
 
 def prefill(m: KVCacheManager, e: FakeEngine, tokens: int) -> int:
@@ -39,7 +39,7 @@ def prefill(m: KVCacheManager, e: FakeEngine, tokens: int) -> int:
 
 
 def refs(m: KVCacheManager, lg: int, slots: np.ndarray) -> list[int]:
-    return m.tiers.allocators[Tier.GPU][m.grouped.layer_groups[lg].pool_group].references(slots).tolist()
+    return m.tiers.allocators[GPU][m.grouped.layer_groups[lg].pool_group].references(slots).tolist()
 
 
 def test_full_blocks_are_shared_and_a_partial_block_is_copied() -> None:
@@ -115,7 +115,7 @@ def test_suspending_a_fork_copies_shared_pages_down_and_back() -> None:
     b = e.fork(a, 12)
     assert b is not None
     m.suspend(b)
-    assert m.offload(b, Tier.HOST)
+    assert m.offload(b, HOST)
     m.check_invariants()
     e.verify()
     m.close(a)

@@ -21,7 +21,7 @@ from hybridkv.layouts.catalog import BY_NAME
 from hybridkv.layouts.grouping import group_layers
 from hybridkv.layouts.models import load_model
 from hybridkv.layouts.spec import LayerSpec, ModelLayout, attention_layer, ssm_layer
-from hybridkv.lifecycles.lifecycle import LifeCycle
+from hybridkv.lifecycles import Chunked, Full, Sliding
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
 from hybridkv.manager.tiers import StorageConfig
 from hybridkv.planning.demand import demand
@@ -324,12 +324,12 @@ def small_layouts(draw: st.DrawFn, tpb: int) -> ModelLayout:
         if kind == "ssm":
             return ssm_layer(draw(st.integers(1, 64)), draw(st.integers(1, 64)), 2, 2)
         if kind == "full":
-            return attention_layer(heads, 8, 2, LifeCycle.full())
+            return attention_layer(heads, 8, 2, Full())
         if kind == "chunked":
-            return attention_layer(heads, 8, 2, LifeCycle.chunked(draw(st.integers(1, 3 * tpb))))
+            return attention_layer(heads, 8, 2, Chunked(draw(st.integers(1, 3 * tpb))))
         window = draw(st.integers(1, 3 * tpb))  # smaller and larger than a block
         sinks = draw(st.integers(1, tpb + 2)) if kind == "window+sinks" else 0
-        return attention_layer(heads, 8, 2, LifeCycle.sliding(window, sinks))
+        return attention_layer(heads, 8, 2, Sliding(window, sinks))
 
     return ModelLayout("random", tuple(layer() for _ in range(draw(st.integers(1, 4)))))
 
@@ -381,7 +381,7 @@ def test_preempted_request_is_not_readmitted_to_thrash() -> None:
     B is preempted 9 times while A alone keeps running; every re-prefill is wasted compute
     (the simulator charges it: on chat without a host tier max-utilization then has lower
     throughput than no-evict)."""
-    layout = ModelLayout("one-full", (attention_layer(1, 8, 2, LifeCycle.full()),))
+    layout = ModelLayout("one-full", (attention_layer(1, 8, 2, Full()),))
     pool = plan(PlanSpec(layout, gpu_bytes=20 * 128, max_seq_len=64, tokens_per_block=4, max_batch_size=2))
     assert pool.slots == (20,)
     m = KVCacheManager(pool, ManagerConfig(max_active_requests=2, storage=StorageConfig(with_data=False)))
@@ -406,7 +406,7 @@ def test_no_evict_admits_what_passed_submission() -> None:
     simulator at real sizes: ``hybridkv simulate issue-15401 --gpu-mem 685015040
     --max-batch-size 4 --max-seq-len 32k --tokens-per-block 16 --workload long-context
     --policy no-evict`` stalls at step 0 with every slot free."""
-    layout = ModelLayout("one-window", (attention_layer(1, 8, 2, LifeCycle.sliding(4)),))
+    layout = ModelLayout("one-window", (attention_layer(1, 8, 2, Sliding(4)),))
     pool = plan(PlanSpec(layout, gpu_bytes=2 * 128, max_seq_len=32, tokens_per_block=4, max_batch_size=1))
     assert pool.slots == (2,)
     m = KVCacheManager(pool, ManagerConfig(max_active_requests=1, storage=StorageConfig(with_data=False)))

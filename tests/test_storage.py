@@ -15,7 +15,7 @@ import pytest
 from hybridkv.core.errors import ConfigError, UsageError
 from hybridkv.layouts.grouping import group_layers
 from hybridkv.layouts.spec import ModelLayout, attention_layer, ssm_layer
-from hybridkv.lifecycles.lifecycle import LifeCycle
+from hybridkv.lifecycles import Full, Sliding
 from hybridkv.storage.backends import DiskBuffer, NumpyBuffer, PoolBuffer, make_buffer
 from hybridkv.storage.copy import MIN_RUN_SLOTS, HostCopyEngine, check_copy_args, contiguous_runs
 from hybridkv.storage.pages import PageSpec, page_specs, pool_page_specs
@@ -211,9 +211,9 @@ def test_contiguous_runs_exact(src: list[int], dst: list[int], runs: list[tuple[
 
 def test_page_specs_offsets_for_a_small_layout() -> None:
     layout = ModelLayout("pages", (
-        attention_layer(1, 8, 1, LifeCycle.full()),  # layer 0: K, V 8 B per token
-        attention_layer(1, 8, 1, LifeCycle.sliding(8)),  # layer 1: own life cycle, same slot bytes
-        attention_layer(2, 8, 1, LifeCycle.full()),  # layer 2: joins layer 0's group, 16 B per token
+        attention_layer(1, 8, 1, Full()),  # layer 0: K, V 8 B per token
+        attention_layer(1, 8, 1, Sliding(8)),  # layer 1: own life cycle, same slot bytes
+        attention_layer(2, 8, 1, Full()),  # layer 2: joins layer 0's group, 16 B per token
         ssm_layer(8, 4, 1, 4),  # layer 3: conv 8 B, ssm 16 B states
     ))
     g = group_layers(layout, 4)
@@ -232,9 +232,9 @@ def test_page_specs_offsets_for_a_small_layout() -> None:
 
 def test_pool_page_specs_cover_every_layer_group_sharing_a_pool() -> None:
     layout = ModelLayout("shared", (
-        attention_layer(1, 8, 2, LifeCycle.sliding(16, 4)),  # 16 B per token per buffer
-        attention_layer(2, 8, 2, LifeCycle.full()),  # 32 B per token per buffer: the same slot bytes
-        attention_layer(1, 8, 2, LifeCycle.sliding(16, 4)),
+        attention_layer(1, 8, 2, Sliding(16, 4)),  # 16 B per token per buffer
+        attention_layer(2, 8, 2, Full()),  # 32 B per token per buffer: the same slot bytes
+        attention_layer(1, 8, 2, Sliding(16, 4)),
     ))
     g = group_layers(layout, 2)
     assert len(g.pool_groups) == 1 and g.pool_groups[0].layer_group_ids == (0, 1)

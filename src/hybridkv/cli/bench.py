@@ -34,7 +34,7 @@ from hybridkv.core.errors import ConfigError, InvariantError
 from hybridkv.core.limits import check_max
 from hybridkv.layouts.grouping import group_layers
 from hybridkv.layouts.spec import ModelLayout, attention_layer
-from hybridkv.lifecycles.lifecycle import LifeCycle
+from hybridkv.lifecycles import Full, LifeCycle, Sliding
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
 from hybridkv.manager.tiers import StorageConfig
 from hybridkv.planning.demand import Batch
@@ -48,8 +48,8 @@ MAX_REQUEST_STEPS = 1 << 26  # --batch x --steps: the engine's output-token tabl
 I64 = npt.NDArray[np.int64]
 
 _LAYOUTS: dict[str, tuple[tuple[int, LifeCycle], ...]] = {  # (KV heads, life cycle) per layer
-    "vllm": ((8, LifeCycle.full()), (8, LifeCycle.sliding(1024))),
-    "three-group": ((2, LifeCycle.sliding(128)), (4, LifeCycle.sliding(1024)), (8, LifeCycle.full())),
+    "vllm": ((8, Full()), (8, Sliding(1024))),
+    "three-group": ((2, Sliding(128)), (4, Sliding(1024)), (8, Full())),
 }
 LAYOUT_NAMES = tuple(_LAYOUTS)
 
@@ -170,7 +170,7 @@ def run_once(layout_name: str, batch: int, steps: int, check: bool = False) -> S
         close_ns.append(time.perf_counter_ns() - t0)
     if check:
         manager.check_invariants()
-        if any(a.num_in_use for tier in manager.tiers.allocators.values() for a in tier):
+        if any(a.num_in_use for tier in manager.tiers.allocators for a in tier):
             raise InvariantError("bench: slots still in use after every request closed")
     return StepRun(statistics.median(call_ns) / 1e3, statistics.median(whole_ns) / 1e3,
                    statistics.fmean(call_ns) / 1e3, statistics.fmean(whole_ns) / 1e3, max(whole_ns) / 1e3,
@@ -244,7 +244,7 @@ def bookkeeping_memory(num_slots: int = 1 << 20, max_active_requests: int = 512,
     config = ManagerConfig(max_active_requests=max_active_requests, storage=StorageConfig(with_data=False))
     manager = KVCacheManager(plan(spec), config)
     rows = manager.rows
-    allocators = [a for tier in manager.tiers.allocators.values() for a in tier]
+    allocators = [a for tier in manager.tiers.allocators for a in tier]
     parts = {
         "allocators (free stacks + in_use bitmaps, every tier)":
             sum(_array_bytes(getattr(a, s)) for a in allocators for s in type(a).__slots__),

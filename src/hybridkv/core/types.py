@@ -6,7 +6,6 @@ signatures; at run time they are plain ints (and int32/int64 arrays in the hot p
 
 from __future__ import annotations
 
-import enum
 from typing import NewType
 
 SlotId = NewType("SlotId", int)
@@ -22,20 +21,16 @@ LayerGroupId = NewType("LayerGroupId", int)
 PoolGroupId = NewType("PoolGroupId", int)
 
 
-class Tier(enum.IntEnum):
-    """Where a page lives. Lower value = faster tier."""
+TierId = NewType("TierId", int)
+"""Where a page lives: 0 is the GPU, 1..n the lower tiers of ``StorageConfig.lower_tiers`` in
+order (a lower value is a faster tier). Ids, not an enum: the tier list is data, and the hot
+paths and the prefix index keep tiers in int arrays."""
 
-    GPU = 0
-    HOST = 1
-    DISK = 2
+GPU = TierId(0)
 
-
-class LifeCycleKind(enum.Enum):
-    """How a layer's blocks become stale."""
-
-    ATTENTION = "attention"  # full (window None) or sliding window, optional sink tokens
-    CHUNKED = "chunked"  # chunked local attention: tokens see only their own chunk
-    SSM = "ssm"  # recurrent state: one constant-size slot per request
+DEFAULT_TIER_NAMES = ("gpu", "host", "disk")
+"""The names of the default tier list (the GPU, the host share of the plan, a disk tier): what
+KV events call tiers 0, 1, 2 unless told the names of another list."""
 
 
 KIB = 1024

@@ -3,10 +3,12 @@
 After every successful step it "computes" positions ``[history, capacity)`` of each request:
 it writes a tag naming (request, layer, buffer, position) into the first 8 bytes of that
 token's slice of every attention page, going only through the step's block tables and the
-documented page layout (storage/pages.py); an SSM state page gets a tag naming (request,
-layer, buffer, tokens seen). ``verify()`` reads back every live position of every cache on
-whatever tier its pages sit (active tables, or suspended records on host / disk) and raises
-InvariantError at the first wrong byte. Buffers may be NumPy, memmap or torch (CPU or CUDA:
+documented page layout (storage/pages.py); a state page gets a tag naming (request, layer,
+buffer, last token seen). Which positions a step writes and which a page holds, each life
+cycle says (``LifeCycle.written`` / ``readable`` / ``entry_positions``). ``verify()``
+reads back every live position of every cache on whatever tier its pages sit (active
+tables, or suspended records on host / disk) and raises InvariantError at the first wrong
+byte. Buffers may be NumPy, memmap or torch (CPU or CUDA:
 the reads and writes then run as torch indexing on that device).
 
 Needs every ``bytes_per_token`` and ``state_bytes`` to be a multiple of 8.
@@ -20,12 +22,11 @@ import numpy as np
 import numpy.typing as npt
 
 from hybridkv.core.errors import ConfigError, InvariantError
-from hybridkv.core.types import Tier
+from hybridkv.core.types import GPU, TierId
 from hybridkv.manager.manager import KVCacheManager
-from hybridkv.manager.paging import expand
 from hybridkv.manager.prefix import PrefixCache
 from hybridkv.manager.rows import NULL_SLOT
-from hybridkv.reuse import CachedEntry
+from hybridkv.reuse import CachedEntry, ReuseScope
 from hybridkv.storage.pages import PageSpec, page_specs
 
 I64 = npt.NDArray[np.int64]
@@ -83,7 +84,9 @@ class FakeEngine:
                     raise ConfigError("the fake engine needs 8-byte multiples for every page size")
         self.written: dict[int, int] = {}  # handle -> positions [0, n) carry tags
         self.groups = m.grouped.layer_groups
-        self.shape = (len(self.groups), m.max_seq_len)
+        width = max([m.max_seq_len] + [lg.life_cycle.table_width(m.max_seq_len, self.tpb) * self.tpb
+                                       for lg in self.groups])
+        self.shape = (len(self.groups), width)
         self.who: dict[int, I64] = {}
         self.entry_who: dict[tuple[bytes, int], I64] = {}  # (key, layer group) -> writer per block position
 
@@ -93,9 +96,8 @@ class FakeEngine:
         return self.who[h]
 
     def step(self, handles: list[int], capacity: list[int], history: list[int]) -> bool:
-        """``manager.step``, then tag positions [history, capacity). An SSM state moves to
-        ``capacity`` tokens only when that differs from where it stands: a step that leaves a
-        forked child at its fork point runs nothing, so the donor's state stays."""
+        """``manager.step``, then tag the positions each group's life cycle says the step
+        writes (tokens [history, capacity); a state only when it moves; an encoder once)."""
         seen = np.array([self.written.get(x, 0) for x in handles], np.int64)
         tables = self.m.step(handles, capacity, history)
         if tables is None:
@@ -103,20 +105,14 @@ class FakeEngine:
         h = np.asarray(handles, np.int64)
         c, hist = np.asarray(capacity, np.int64), np.asarray(history, np.int64)
         for lg in self.groups:
-            table, words = tables.block_table(lg.id), self._words(Tier.GPU, lg.pool_group)
-            if lg.life_cycle.is_ssm:
-                live = np.flatnonzero((c > 0) & (c != seen))
-                self._write_state(words, table[live, 0].astype(np.int64), h[live], c[live], self.specs[lg.id])
-                for i in live.tolist():
-                    self.writers(int(h[i]))[lg.id, c[i] - 1] = h[i]
-                continue
-            batch_idx, pos = expand(np.arange(h.size, dtype=np.int64), hist, c - hist)
-            slots = table[batch_idx, pos // self.tpb].astype(np.int64)
+            table, words = tables.block_table(lg.id), self._words(GPU, lg.pool_group)
+            p = lg.life_cycle.written(c, hist, seen, self.tpb)
+            slots = table[p.item, p.ordinal].astype(np.int64)
             for bi, spec in enumerate(self.specs[lg.id]):
-                words.set(slots, (spec.offset + (pos % self.tpb) * spec.bytes_per_token) // 8,
-                          tag(h[batch_idx], spec.layer_id, bi, pos))
-            for x, cap, start in zip(h.tolist(), c.tolist(), hist.tolist(), strict=True):
-                self.writers(x)[lg.id, start:cap] = x
+                words.set(slots, (spec.offset + p.in_page * spec.bytes_per_token) // 8,
+                          tag(h[p.item], spec.layer_id, bi, p.position))
+            for i in np.unique(p.item).tolist():
+                self.writers(int(h[i]))[lg.id, p.position[p.item == i]] = h[i]
         for x, cap in zip(h.tolist(), c.tolist(), strict=True):
             self.written[x] = cap
         return True
@@ -129,35 +125,31 @@ class FakeEngine:
             self.who[int(child)], self.written[int(child)] = w, tokens
         return child
 
-    def publish(self, handle: int, tokens: npt.ArrayLike, upto: int) -> int:
+    def publish(self, handle: int, tokens: npt.ArrayLike, upto: int, scope: ReuseScope | None = None) -> int:
         """``prefix.publish``; each entry it adds holds what ``handle`` holds at that block."""
         index = self._prefix().index
         before = {(e.key, int(e.layer_group)) for e in index.entries()}
-        pinned = self._prefix().publish(handle, tokens, upto)  # type: ignore[arg-type]
+        pinned = self._prefix().publish(handle, tokens, upto, scope)  # type: ignore[arg-type]
         for e in index.entries():
             g, o = int(e.layer_group), int(e.ordinal)
             if (e.key, g) not in before:
                 self.entry_who[(e.key, g)] = self.writers(handle)[g, o * self.tpb:(o + 1) * self.tpb].copy()
         return pinned
 
-    def open_with_prefix(self, tokens: npt.ArrayLike) -> tuple[int, int] | None:
-        """``prefix.open``; each reused page (or SSM snapshot) reads as its entry's writers wrote it."""
+    def open_with_prefix(self, tokens: npt.ArrayLike, scope: ReuseScope | None = None) -> tuple[int, int] | None:
+        """``prefix.open``; each reused page (or state snapshot) reads as its entry's writers wrote it."""
         prefix = self._prefix()
-        opened = prefix.open(tokens)
+        opened = prefix.open(tokens, scope=scope)
         if opened is None:
             return None
         h, reused = int(opened[0]), opened[1]
-        keys = prefix.keys(np.asarray(tokens)[:reused])
+        gkeys = prefix.group_keys(prefix.keys(np.asarray(tokens)[:reused], scope), scope)
         w = self.writers(h)
-        row = int(self.m.row_of([h])[0])
-        for lg in self.groups:
-            if lg.life_cycle.is_ssm:
-                if reused and (keys[-1], lg.id) in self.entry_who:
-                    w[lg.id, reused - 1] = self.entry_who[(keys[-1], lg.id)][-1]
-                continue
-            for o in self.m.rows.pages(row, lg.id)[0].tolist():
-                if prefix.index.entry(keys[o], lg.id) is not None:  # else: left as h, verify flags it
-                    w[lg.id, o * self.tpb:(o + 1) * self.tpb] = self.entry_who[(keys[o], lg.id)]
+        for lg, gk in zip(self.groups, gkeys, strict=True):
+            for o in lg.life_cycle.needed_blocks(reused // self.tpb, self.tpb).tolist():
+                if (gk[o], lg.id) in self.entry_who:  # else: left as h, verify flags it
+                    pos = lg.life_cycle.entry_positions(o, self.tpb).position
+                    w[lg.id, pos] = self.entry_who[(gk[o], lg.id)][pos - o * self.tpb]
         self.written[h] = reused
         return h, reused
 
@@ -175,7 +167,7 @@ class FakeEngine:
         m, checked = self.m, 0
         for row in range(m.rows.n):
             pages = [m.rows.pages(row, lg.id) for lg in self.groups]
-            checked += self._cache(int(m.rows.handle[row]), Tier.GPU, pages)
+            checked += self._cache(int(m.rows.handle[row]), GPU, pages)
         for handle, cache in m.suspended.items():
             checked += self._cache(handle, cache.tier, list(zip(cache.ordinals, cache.slots, strict=True)))
         if self.m.prefix is not None:
@@ -183,51 +175,34 @@ class FakeEngine:
                 checked += self._entry(e)
         return checked
 
-    def _cache(self, handle: int, tier: Tier, pages: list[tuple[I64, Any]]) -> int:
+    def _cache(self, handle: int, tier: TierId, pages: list[tuple[I64, Any]]) -> int:
         written, w, checked = self.written.get(handle, 0), self.writers(handle), 0
         for lg in self.groups:
             ordinals, slots = pages[lg.id]
             if ordinals.size == 0:
                 continue
-            words, specs = self._words(tier, lg.pool_group), self.specs[lg.id]
-            if lg.life_cycle.is_ssm:
-                seen = np.array([written])
-                checked += self._check(words, slots.astype(np.int64), specs, w[lg.id, seen - 1],
-                                       lambda s: np.array([s.offset // 8]), seen)
-                continue
-            pos = (ordinals[:, None] * self.tpb + np.arange(self.tpb)[None, :]).ravel()
-            keep = pos < written
-            pos, slot = pos[keep], np.repeat(slots.astype(np.int64), self.tpb)[keep]
-            checked += self._check(words, slot, specs, w[lg.id, pos],
-                                   lambda s, p=pos: (s.offset + (p % self.tpb) * s.bytes_per_token) // 8, pos)
+            p = lg.life_cycle.readable(ordinals, written, self.tpb)
+            checked += self._check(self._words(tier, lg.pool_group), slots.astype(np.int64)[p.item],
+                                   self.specs[lg.id], w[lg.id, p.position], p.in_page, p.position)
         return checked
 
     def _entry(self, e: CachedEntry) -> int:
-        lg, o, tpb = self.groups[int(e.layer_group)], int(e.ordinal), self.tpb
-        words, specs = self._words(e.tier, lg.pool_group), self.specs[lg.id]
-        w = self.entry_who[(e.key, lg.id)]
-        if lg.life_cycle.is_ssm:  # a snapshot of the state after the entry's block
-            return self._check(words, np.array([e.slot], np.int64), specs, w[-1:],
-                               lambda s: np.array([s.offset // 8]), np.array([(o + 1) * tpb]))
-        pos = o * tpb + np.arange(tpb)
-        return self._check(words, np.full(tpb, e.slot, np.int64), specs, w,
-                           lambda s: (s.offset + (pos % tpb) * s.bytes_per_token) // 8, pos)
+        lg, o = self.groups[int(e.layer_group)], int(e.ordinal)
+        p = lg.life_cycle.entry_positions(o, self.tpb)
+        writer = self.entry_who[(e.key, lg.id)][p.position - o * self.tpb]
+        return self._check(self._words(e.tier, lg.pool_group), np.full(p.position.size, e.slot, np.int64),
+                           self.specs[lg.id], writer, p.in_page, p.position)
 
-    def _words(self, tier: Tier, pool_group: int) -> _Words:
+    def _words(self, tier: TierId, pool_group: int) -> _Words:
         buf = self.m.tiers.buffers[tier][pool_group]
         if buf is None:
             raise ConfigError("the fake engine needs a manager with data (with_data=True)")
         return _Words(buf)
 
     @staticmethod
-    def _write_state(words: _Words, slots: I64, handles: I64, seen: I64, specs: tuple[PageSpec, ...]) -> None:
+    def _check(words: _Words, slots: I64, specs: tuple[PageSpec, ...], writer: I64, in_page: I64, pos: I64) -> int:
         for bi, spec in enumerate(specs):
-            words.set(slots, np.full(slots.size, spec.offset // 8, np.int64), tag(handles, spec.layer_id, bi, seen))
-
-    @staticmethod
-    def _check(words: _Words, slots: I64, specs: tuple[PageSpec, ...], writer: I64, word_of: Any, pos: I64) -> int:
-        for bi, spec in enumerate(specs):
-            got = words.get(slots, word_of(spec))
+            got = words.get(slots, (spec.offset + in_page * spec.bytes_per_token) // 8)
             want = tag(writer, spec.layer_id, bi, pos)
             if not np.array_equal(got, want):
                 i = int(np.flatnonzero(got != want)[0])

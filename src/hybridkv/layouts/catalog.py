@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from hybridkv.core.errors import ConfigError
 from hybridkv.layouts.spec import LayerSpec, ModelLayout, attention_layer, mla_layer, ssm_layer
-from hybridkv.lifecycles.lifecycle import LifeCycle
+from hybridkv.lifecycles import Chunked, Full, LifeCycle, Sliding
 
 BF16 = 2
 
@@ -42,19 +42,19 @@ def _attn(n: int, kv: int, hd: int, is_full: Callable[[int], bool], local: LifeC
           ) -> Callable[[], tuple[LayerSpec, ...]]:
     """n layers; layer i is full attention if is_full(i), else the ``local`` life cycle."""
     def build() -> tuple[LayerSpec, ...]:
-        full, other = attention_layer(kv, hd, BF16, LifeCycle.full()), attention_layer(kv, hd, BF16, local)
+        full, other = attention_layer(kv, hd, BF16, Full()), attention_layer(kv, hd, BF16, local)
         return tuple(full if is_full(i) else other for i in range(n))
     return build
 
 
 def _all_full(n: int, kv: int, hd: int) -> Callable[[], tuple[LayerSpec, ...]]:
-    return _attn(n, kv, hd, lambda i: True, LifeCycle.full())
+    return _attn(n, kv, hd, lambda i: True, Full())
 
 
 def _hybrid_ssm(n: int, kv: int, hd: int, is_attn: Callable[[int], bool], state: LayerSpec,
                 ) -> Callable[[], tuple[LayerSpec, ...]]:
     def build() -> tuple[LayerSpec, ...]:
-        full = attention_layer(kv, hd, BF16, LifeCycle.full())
+        full = attention_layer(kv, hd, BF16, Full())
         return tuple(full if is_attn(i) else state for i in range(n))
     return build
 
@@ -62,13 +62,13 @@ def _hybrid_ssm(n: int, kv: int, hd: int, is_attn: Callable[[int], bool], state:
 def _nemotron_h() -> tuple[LayerSpec, ...]:
     pattern = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
     mamba = ssm_layer(18432, 524288, BF16, 4)  # config: mamba_ssm_cache_dtype float32
-    full = attention_layer(2, 128, BF16, LifeCycle.full())
+    full = attention_layer(2, 128, BF16, Full())
     return tuple(mamba if c == "M" else full for c in pattern if c in "M*")
 
 
 def _issue_15401() -> tuple[LayerSpec, ...]:
-    swa, full = LifeCycle.sliding(128), LifeCycle.full()
-    comp = LifeCycle.sliding(8)
+    swa, full = Sliding(128), Full()
+    comp = Sliding(8)
     return (tuple(attention_layer(1, 288, BF16, swa) for _ in range(20))
             + tuple(attention_layer(1, 256, BF16, full) for _ in range(20))
             + tuple(attention_layer(1, 64, BF16, comp) for _ in range(20)))
@@ -85,41 +85,41 @@ ENTRIES: tuple[CatalogEntry, ...] = (
     CatalogEntry("llama-3.1-70b", "meta-llama/Llama-3.1-70B", _all_full(80, 8, 128), 131072,
                  "80 full attention, GQA 8 x 128", active_params=70e9),
     CatalogEntry("mistral-7b-v0.1", "mistralai/Mistral-7B-v0.1",
-                 _attn(32, 8, 128, lambda i: False, LifeCycle.sliding(4096)), 32768,
+                 _attn(32, 8, 128, lambda i: False, Sliding(4096)), 32768,
                  "32 sliding window 4096",
                  unverified=("torch_dtype bf16 seen only in fine-tune copies of the config",
                              "whether serving engines should apply SWA for v0.1 is contested"),
                  active_params=7.3e9),
     CatalogEntry("gemma-2-9b", "google/gemma-2-9b",
-                 _attn(42, 8, 256, lambda i: i % 2 == 1, LifeCycle.sliding(4096)), 8192,
+                 _attn(42, 8, 256, lambda i: i % 2 == 1, Sliding(4096)), 8192,
                  "21 sliding 4096 / 21 full, alternating (even layers sliding)",
                  unverified=("torch_dtype of the base repo",), active_params=9e9),
     CatalogEntry("gemma-2-27b", "google/gemma-2-27b",
-                 _attn(46, 16, 128, lambda i: i % 2 == 1, LifeCycle.sliding(4096)), 8192,
+                 _attn(46, 16, 128, lambda i: i % 2 == 1, Sliding(4096)), 8192,
                  "23 sliding 4096 / 23 full, alternating (even layers sliding)",
                  unverified=("torch_dtype of the base repo",), active_params=27e9),
     CatalogEntry("gemma-3-1b", "google/gemma-3-1b-pt",
-                 _attn(26, 1, 256, lambda i: (i + 1) % 6 == 0, LifeCycle.sliding(512)), 32768,
+                 _attn(26, 1, 256, lambda i: (i + 1) % 6 == 0, Sliding(512)), 32768,
                  f"22 sliding 512 / 4 full; {_GEMMA3}", active_params=1e9),
     CatalogEntry("gemma-3-4b", "google/gemma-3-4b-pt",
-                 _attn(34, 4, 256, lambda i: (i + 1) % 6 == 0, LifeCycle.sliding(1024)), 131072,
+                 _attn(34, 4, 256, lambda i: (i + 1) % 6 == 0, Sliding(1024)), 131072,
                  f"29 sliding 1024 / 5 full; {_GEMMA3}", active_params=4e9),
     CatalogEntry("gemma-3-12b", "google/gemma-3-12b-pt",
-                 _attn(48, 8, 256, lambda i: (i + 1) % 6 == 0, LifeCycle.sliding(1024)), 131072,
+                 _attn(48, 8, 256, lambda i: (i + 1) % 6 == 0, Sliding(1024)), 131072,
                  f"40 sliding 1024 / 8 full; {_GEMMA3}", active_params=12e9),
     CatalogEntry("gemma-3-27b", "google/gemma-3-27b-pt",
-                 _attn(62, 16, 128, lambda i: (i + 1) % 6 == 0, LifeCycle.sliding(1024)), 131072,
+                 _attn(62, 16, 128, lambda i: (i + 1) % 6 == 0, Sliding(1024)), 131072,
                  f"52 sliding 1024 / 10 full; {_GEMMA3}", active_params=27e9),
     CatalogEntry("gpt-oss-20b", "openai/gpt-oss-20b",
-                 _attn(24, 8, 64, lambda i: i % 2 == 1, LifeCycle.sliding(128)), 131072,
+                 _attn(24, 8, 64, lambda i: i % 2 == 1, Sliding(128)), 131072,
                  "12 sliding 128 / 12 full, alternating from sliding", (_GPT_OSS,), (_NO_SIZE,),
                  active_params=3.6e9),
     CatalogEntry("gpt-oss-120b", "openai/gpt-oss-120b",
-                 _attn(36, 8, 64, lambda i: i % 2 == 1, LifeCycle.sliding(128)), 131072,
+                 _attn(36, 8, 64, lambda i: i % 2 == 1, Sliding(128)), 131072,
                  "18 sliding 128 / 18 full, alternating from sliding", (_GPT_OSS,), (_NO_SIZE,),
                  active_params=5.1e9),
     CatalogEntry("llama-4-scout", "meta-llama/Llama-4-Scout-17B-16E-Instruct",
-                 _attn(48, 8, 128, lambda i: i % 4 == 3, LifeCycle.chunked(8192)), 10485760,
+                 _attn(48, 8, 128, lambda i: i % 4 == 3, Chunked(8192)), 10485760,
                  "36 chunked-local 8192 / 12 global NoPE (every 4th layer)",
                  ("max_position_embeddings is 262144 for the base checkpoint",),
                  active_params=17e9),
@@ -141,7 +141,7 @@ ENTRIES: tuple[CatalogEntry, ...] = (
                  ("an MTP module used for speculative decoding adds one more MLA layer",),
                  (_NO_SIZE,), active_params=37e9),
     CatalogEntry("command-r7b", "CohereForAI/c4ai-command-r7b-12-2024",
-                 _attn(32, 8, 128, lambda i: i % 4 == 3, LifeCycle.sliding(4096)), 131072,
+                 _attn(32, 8, 128, lambda i: i % 4 == 3, Sliding(4096)), 131072,
                  "24 sliding 4096 / 8 full NoPE (every 4th layer)",
                  unverified=("max_position_embeddings: copies disagree (8192, 16384); "
                              "128K per the model listing is used",), active_params=7e9),
@@ -151,7 +151,7 @@ ENTRIES: tuple[CatalogEntry, ...] = (
     CatalogEntry("qwen2.5-7b", "Qwen/Qwen2.5-7B", _all_full(28, 4, 128), 131072,
                  "28 full (use_sliding_window false)", (), (_NO_SIZE,), active_params=7.6e9),
     CatalogEntry("ministral-8b", "mistralai/Ministral-8B-Instruct-2410",
-                 _attn(36, 8, 128, lambda i: i % 4 == 0, LifeCycle.sliding(32768)), 32768,
+                 _attn(36, 8, 128, lambda i: i % 4 == 0, Sliding(32768)), 32768,
                  "27 sliding 32768 / 9 full (1 full : 3 sliding)",
                  ("max_position_embeddings 32768 from the legacy config.json; docs say 128K",),
                  ("position of the full layer in each group of 4",

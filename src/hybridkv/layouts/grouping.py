@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from hybridkv.core.errors import ConfigError
 from hybridkv.core.types import LayerGroupId, PoolGroupId
 from hybridkv.layouts.spec import ModelLayout
-from hybridkv.lifecycles.lifecycle import LifeCycle
+from hybridkv.lifecycles import LifeCycle
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from hybridkv.layouts.spec import (
     mla_layer,
     ssm_layer,
 )
-from hybridkv.lifecycles.lifecycle import LifeCycle
+from hybridkv.lifecycles import Chunked, Full, Sliding
 
 _FULL = "full_attention"
 _SLIDING = "sliding_attention"
@@ -151,12 +151,12 @@ def _attention_spec(cfg: _Cfg, kind: str, elem: int, max_pos: int | None) -> Lay
                           f"'num_attention_heads' ({heads}): no head dimension; give 'head_dim'")
     kv = cfg.int("num_key_value_heads", heads)
     if kind == _CHUNKED:
-        return attention_layer(kv, hd, elem, LifeCycle.chunked(cfg.int("attention_chunk_size")))
+        return attention_layer(kv, hd, elem, Chunked(cfg.int("attention_chunk_size")))
     if kind == _SLIDING:
         window = cfg.int("sliding_window")
         if max_pos is None or window < max_pos:
-            return attention_layer(kv, hd, elem, LifeCycle.sliding(window))
-    return attention_layer(kv, hd, elem, LifeCycle.full())
+            return attention_layer(kv, hd, elem, Sliding(window))
+    return attention_layer(kv, hd, elem, Full())
 
 
 def parse_hf_config(data: Any, path: str) -> ModelLayout:

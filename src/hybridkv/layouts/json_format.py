@@ -9,6 +9,10 @@ Shape (``count`` repeats the entry; ``window: null`` and no ``chunk`` is full at
         "kv_bytes_per_token": 4096, "count": 20},
        {"type": "ssm", "state_bytes": 1097728, "count": 36}]}
 
+Layer types are registered by the life-cycle kinds (``lifecycles.register_layer_type``), each
+with its own fields; a token-holding type takes ``kv_bytes_per_token``, a state type
+``state_bytes``.
+
 An attention layer's ``kv_bytes_per_token`` is split into K and V halves when even, else kept
 as one ``kv`` buffer. Unknown, missing or contradictory fields raise ConfigError naming the
 field and the file.
@@ -21,15 +25,13 @@ from typing import Any
 from hybridkv.core.errors import ConfigError
 from hybridkv.core.limits import MAX_BYTES, MAX_LAYERS, MAX_TOKENS, check_max
 from hybridkv.layouts.spec import BufferSpec, LayerSpec, ModelLayout
-from hybridkv.lifecycles.lifecycle import LifeCycle
+from hybridkv.lifecycles import LAYER_TYPES
 
-_ATTENTION_KEYS = {"type", "window", "sink_tokens", "chunk", "kv_bytes_per_token", "count"}
-_SSM_KEYS = {"type", "state_bytes", "count"}
 _TOP_KEYS = {"name", "layers", "max_position_embeddings"}
 
 
-_MAXIMUM = {"window": MAX_TOKENS, "sink_tokens": MAX_TOKENS, "chunk": MAX_TOKENS, "max_position_embeddings": MAX_TOKENS,
-            "kv_bytes_per_token": MAX_BYTES, "state_bytes": MAX_BYTES, "count": MAX_LAYERS}
+_MAXIMUM = {"max_position_embeddings": MAX_TOKENS, "kv_bytes_per_token": MAX_BYTES, "state_bytes": MAX_BYTES,
+            "count": MAX_LAYERS}  # every other field is a life cycle's token count
 
 
 def _int(entry: dict[str, Any], key: str, where: str, minimum: int, optional: bool = False,
@@ -41,44 +43,42 @@ def _int(entry: dict[str, Any], key: str, where: str, minimum: int, optional: bo
         raise ConfigError(f"{where}: missing field {key!r}")
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{where}: field {key!r} must be an integer >= {minimum}, got {value!r:.60}")
-    check_max(f"{where}: field {key!r}", value, _MAXIMUM[key], "no model needs that much")
+    check_max(f"{where}: field {key!r}", value, _MAXIMUM.get(key, MAX_TOKENS), "no model needs that much")
     return value
 
 
-def _attention(entry: dict[str, Any], where: str) -> LayerSpec:
-    window = _int(entry, "window", where, 1, optional=True)
-    chunk = _int(entry, "chunk", where, 1, optional=True)
-    sinks = _int(entry, "sink_tokens", where, 0, optional=True) or 0
+def _buffers(entry: dict[str, Any], where: str, per_token: bool) -> tuple[BufferSpec, ...]:
+    """A token-holding layer's ``kv_bytes_per_token`` split into K and V halves when even
+    (else one ``kv`` buffer: halves of 1 byte would be empty); a state layer's ``state_bytes``."""
+    if not per_token:
+        state = _int(entry, "state_bytes", where, 1)
+        assert state is not None
+        return (BufferSpec("state", state_bytes=state),)
     kv = _int(entry, "kv_bytes_per_token", where, 1)
     assert kv is not None
-    if window is not None and chunk is not None:
-        raise ConfigError(f"{where}: give 'window' or 'chunk', not both")
-    if sinks and window is None:
-        raise ConfigError(f"{where}: 'sink_tokens' needs a 'window' (full attention keeps all)")
-    lc = LifeCycle.chunked(chunk) if chunk is not None else (
-        LifeCycle.full() if window is None else LifeCycle.sliding(window, sinks))
-    if kv % 2:  # odd: one buffer (built only then: halves of 1 byte would be empty buffers)
-        return LayerSpec(lc, (BufferSpec("kv", kv),))
-    return LayerSpec(lc, (BufferSpec("k", kv // 2), BufferSpec("v", kv // 2)))
+    return (BufferSpec("kv", kv),) if kv % 2 else (BufferSpec("k", kv // 2), BufferSpec("v", kv // 2))
 
 
 def _layer(entry: Any, where: str) -> tuple[LayerSpec, int]:
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: each layer entry must be an object")
     kind = entry.get("type")
-    allowed = {"attention": _ATTENTION_KEYS, "ssm": _SSM_KEYS}.get(kind) if isinstance(kind, str) else None
-    if allowed is None:
-        raise ConfigError(f"{where}: field 'type' must be 'attention' or 'ssm', got {kind!r:.60}")
+    lt = LAYER_TYPES.get(kind) if isinstance(kind, str) else None
+    if lt is None:
+        names = " or ".join(repr(n) for n in sorted(LAYER_TYPES))
+        raise ConfigError(f"{where}: field 'type' must be {names}, got {kind!r:.60}")
+    allowed = lt.fields | {"type", "count", "kv_bytes_per_token" if lt.per_token else "state_bytes"}
     unknown = sorted(set(entry) - allowed)
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown} for type {kind!r}; "
                           f"allowed: {sorted(allowed)}")
     count = _int(entry, "count", where, 1, optional=True) or 1
-    if kind == "attention":
-        return _attention(entry, where), count
-    state = _int(entry, "state_bytes", where, 1)
-    assert state is not None
-    return LayerSpec(LifeCycle.ssm(), (BufferSpec("state", state_bytes=state),)), count
+    try:
+        lc = lt.build(lambda key, minimum, optional: _int(entry, key, where, minimum, optional))
+    except ConfigError as e:
+        raise ConfigError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+    buffers = _buffers(entry, where, lt.per_token)
+    return LayerSpec(lc, buffers), count
 
 
 def parse_layout(data: Any, path: str) -> ModelLayout:

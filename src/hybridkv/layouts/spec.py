@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from hybridkv.core.errors import ConfigError
 from hybridkv.core.limits import MAX_BYTES, MAX_LAYERS, check_max
-from hybridkv.lifecycles.lifecycle import LifeCycle
+from hybridkv.lifecycles import Full, LifeCycle, Ssm
 
 DTYPE_BYTES: dict[str, int] = {
     "float32": 4, "fp32": 4, "float": 4,
@@ -67,7 +67,7 @@ class LayerSpec:
         if not self.buffers:
             raise ConfigError("a layer needs at least one buffer")
         per_token = any(b.bytes_per_token for b in self.buffers)
-        if per_token == self.life_cycle.is_ssm or (
+        if per_token != self.life_cycle.per_token or (
             per_token and not all(b.bytes_per_token for b in self.buffers)
         ):
             raise ConfigError(f"{self.life_cycle.describe()} layer: attention layers need "
@@ -127,7 +127,7 @@ def mla_layer(kv_lora_rank: int, rope_dim: int, elem_bytes: int) -> LayerSpec:
     _check_bytes("MLA latent bytes per token", f"kv_lora_rank {kv_lora_rank} x {elem_bytes} B", latent)
     _check_bytes("MLA rope key bytes per token", f"rope dim {rope_dim} x {elem_bytes} B", rope)
     return LayerSpec(
-        LifeCycle.full(),
+        Full(),
         (BufferSpec("kv_latent", latent), BufferSpec("k_rope", rope)),
     )
 
@@ -139,4 +139,4 @@ def ssm_layer(conv_elems: int, ssm_elems: int, conv_bytes: int, ssm_bytes: int) 
     _check_bytes("ssm conv state bytes", f"{conv_elems} conv state elements x {conv_bytes} B", conv)
     _check_bytes("ssm state bytes", f"{ssm_elems} state elements x {ssm_bytes} B", state)
     conv_buffer = (BufferSpec("conv", state_bytes=conv),) if conv else ()
-    return LayerSpec(LifeCycle.ssm(), (*conv_buffer, BufferSpec("ssm", state_bytes=state)))
+    return LayerSpec(Ssm(), (*conv_buffer, BufferSpec("ssm", state_bytes=state)))

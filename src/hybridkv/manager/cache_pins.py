@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hybridkv.core.errors import InvariantError
-from hybridkv.core.types import Tier
+from hybridkv.core.types import TierId
 from hybridkv.reuse import PrefixIndex
 from hybridkv.reuse.eviction import ROW_MASK
 from hybridkv.storage.allocator import SlotAllocator
@@ -39,7 +39,7 @@ _REBUILD_MARGIN = 4096
 class PinnedPages:
     """Per pool group of one tier: slot -> index row of the entry pinning it, and the eviction heap."""
 
-    def __init__(self, index: PrefixIndex, tier: Tier, allocators: list[SlotAllocator],
+    def __init__(self, index: PrefixIndex, tier: TierId, allocators: list[SlotAllocator],
                  pool_of_group: list[int]) -> None:
         self.index, self.tier, self.allocators, self.pool_of_group = index, tier, allocators, pool_of_group
         self.row_of_slot = [np.full(a.num_slots, _NO_ROW, np.int64) for a in allocators]
@@ -153,12 +153,12 @@ class PinnedPages:
             slots = alloc.reclaimable_slots().astype(np.int64)
             rows = self.row_of_slot[pg][slots]
             if (rows == _NO_ROW).any():
-                raise InvariantError(f"{self.tier.name} pool group {pg}: a pinned slot with no cached entry")
+                raise InvariantError(f"tier {self.tier} pool group {pg}: a pinned slot with no cached entry")
             heap = self.heaps[pg]
             rows_in = np.fromiter((item & ROW_MASK for item in heap), np.int64, len(heap))
             ok, _ = self._current(pg, heap, rows_in) if heap else (np.zeros(0, np.bool_), rows_in)
             current = set(rows_in[ok].tolist())
             missing = set(rows.tolist()) - current
             if missing:
-                raise InvariantError(f"{self.tier.name} pool group {pg}: reclaimable entries {sorted(missing)[:8]} "
+                raise InvariantError(f"tier {self.tier} pool group {pg}: reclaimable entries {sorted(missing)[:8]} "
                                      "are not in the eviction heap")

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hybridkv.core.errors import InvariantError
-from hybridkv.core.types import Tier
-from hybridkv.lifecycles.lifecycle import keep_start, live_blocks
+from hybridkv.core.types import GPU, TierId
+from hybridkv.lifecycles import live_blocks
 from hybridkv.manager.rows import NULL_SLOT
 from hybridkv.manager.state import RequestState
 
@@ -18,13 +18,14 @@ if TYPE_CHECKING:
 
 
 def _check_ownership(m: KVCacheManager) -> None:
-    owned: dict[tuple[Tier, int], list[np.ndarray]] = {(t, g): [] for t in Tier
-                                                       for g in range(len(m.grouped.pool_groups))}
+    owned: dict[tuple[TierId, int], list[np.ndarray]] = {(t, g): [] for t in m.tiers.ids
+                                                         for g in range(len(m.grouped.pool_groups))}
+    _add_moves(m, owned)
     for lg in m.grouped.layer_groups:
-        owned[(Tier.GPU, lg.pool_group)].append(m.rows.all_slots(lg.id))
+        owned[(GPU, lg.pool_group)].append(m.rows.all_slots(lg.id))
         for cache in m.suspended.values():
             owned[(cache.tier, lg.pool_group)].append(cache.slots[lg.id])
-    pinned: dict[tuple[Tier, int], list[int]] = {key: [] for key in owned}
+    pinned: dict[tuple[TierId, int], list[int]] = {key: [] for key in owned}
     if m.prefix is not None:  # the prefix cache holds one reference (its pin) to every page it indexes
         m.prefix.index.check_invariants()
         for e in m.prefix.index.entries():
@@ -42,11 +43,38 @@ def _check_ownership(m: KVCacheManager) -> None:
         refs = alloc.references(np.arange(alloc.num_slots))
         if not np.array_equal(held, refs):
             bad = int(np.flatnonzero(held != refs)[0])
-            raise InvariantError(f"{tier.name} pool group {g}: slot {bad} is referenced {int(refs[bad])} "
+            raise InvariantError(f"{m.tiers.names[tier]} pool group {g}: slot {bad} is referenced {int(refs[bad])} "
                                  f"times but held by {int(held[bad])} caches (leak or double owner)")
         flags = alloc.is_pinned(np.arange(alloc.num_slots))
         if not np.array_equal(np.flatnonzero(flags), np.sort(np.asarray(pinned[(tier, g)], np.int64))):
-            raise InvariantError(f"{tier.name} pool group {g}: pinned slots differ from the prefix cache's pages")
+            raise InvariantError(f"{m.tiers.names[tier]} pool group {g}: pinned slots differ from the prefix "
+                                 "cache's pages")
+
+
+def _add_moves(m: KVCacheManager, owned: dict[tuple[TierId, int], list[np.ndarray]]) -> None:
+    """Pages in flight: a move's targets are held by the move until its jobs finish; its
+    sources by the cache (still pointing at them), or by the move once the cache closed."""
+    jobs = [j for t in [*m.moving.values(), *m.orphaned] for j in t.jobs]
+    if sorted(jobs) != sorted(m.tiers.in_flight) or len(set(jobs)) != len(jobs):
+        raise InvariantError(f"jobs in flight {sorted(m.tiers.in_flight)[:8]} differ from the moves' "
+                             f"{sorted(jobs)[:8]}")
+    for h, t in m.moving.items():
+        cache = m.suspended.get(h)
+        if cache is None or cache.tier != t.src or not t.jobs:
+            raise InvariantError(f"request {h}: a move in flight without a suspended cache on its source tier "
+                                 "or without jobs (a finished move left unlanded)")
+        for g, ids in enumerate(t.src_slots):
+            mine = [cache.slots[lg.id] for lg in m.grouped.layer_groups if lg.pool_group == g]
+            if not np.array_equal(np.concatenate([np.zeros(0, np.int32), *mine]), ids):
+                raise InvariantError(f"request {h}: its pages differ from the sources of its move in flight")
+    for t in m.orphaned:
+        if not t.jobs:
+            raise InvariantError("a closed cache's finished move still holds its slots")
+        for g, ids in enumerate(t.src_slots):
+            owned[(t.src, g)].append(ids)
+    for t in [*m.moving.values(), *m.orphaned]:
+        for g, ids in enumerate(t.dst_slots):
+            owned[(t.dst, g)].append(ids)
 
 
 def _check_rows(m: KVCacheManager) -> None:
@@ -67,16 +95,15 @@ def _check_rows(m: KVCacheManager) -> None:
             i = int(np.flatnonzero(held != want)[0])
             raise InvariantError(f"layer group {lg.id}, request {int(handles[i])}: holds {int(held[i])} pages, "
                                  f"live blocks are {int(want[i])}")
-        rel = r.released[lg.id]
-        if rel is not None:
-            stop = np.maximum(keep_start(lg.life_cycle, hist) // tpb, r.first_stale[lg.id])
-            if not (rel[:n] == stop).all():
-                raise InvariantError(f"layer group {lg.id}: released stop differs from the stale stop")
-        if not lg.life_cycle.is_ssm:
-            cols = np.arange(table.shape[1])
-            beyond = cols[None, :] >= (-(-cap // tpb))[:, None]
-            if (table[beyond] != NULL_SLOT).any():
-                raise InvariantError(f"layer group {lg.id}: a page beyond capacity")
+        stop = lg.life_cycle.stale_stop(hist, tpb)
+        first = r.first_stale[lg.id]
+        want_stop = np.full(n, first, np.int64) if stop is None else np.maximum(stop, first)
+        if not (r.released[lg.id][:n] == want_stop).all():
+            raise InvariantError(f"layer group {lg.id}: released stop differs from the stale stop")
+        cols = np.arange(table.shape[1])
+        beyond = cols[None, :] >= lg.life_cycle.blocks_spanned(cap, tpb)[:, None]
+        if (table[beyond] != NULL_SLOT).any():
+            raise InvariantError(f"layer group {lg.id}: a page beyond capacity")
 
 
 def _check_suspended(m: KVCacheManager) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hybridkv.core.errors import ConfigError, UsageError
-from hybridkv.core.types import RequestId, Tier
+from hybridkv.core.types import GPU, RequestId, TierId
 from hybridkv.manager import invariants, moves, paging, sharing
 from hybridkv.manager.eviction import POLICIES
 from hybridkv.manager.prefix import PrefixCache
@@ -26,7 +26,7 @@ from hybridkv.manager.state import RequestState, check_transition
 from hybridkv.manager.stats import Counters, ManagerStats, collect_stats
 from hybridkv.manager.step_tables import StepTables
 from hybridkv.manager.suspended import SuspendedCache
-from hybridkv.manager.tiers import StorageConfig, TierPools
+from hybridkv.manager.tiers import StorageConfig, TierPools, Transfer
 from hybridkv.planning.planner import PoolPlan
 from hybridkv.reuse import EventQueue, ReuseScope
 
@@ -98,6 +98,8 @@ class KVCacheManager:
         self.policy = POLICIES[self.config.eviction_policy]()
         self.counters = Counters()
         self.suspended: dict[int, SuspendedCache] = {}
+        self.moving: dict[int, Transfer] = {}  # suspended caches whose pages are in flight
+        self.orphaned: list[Transfer] = []  # moves of caches closed while in flight
         self._state = np.zeros(1024, np.int8)
         self._row = np.full(1024, _NOT_ACTIVE, np.int64)
         self._num_handles = 0
@@ -164,15 +166,20 @@ class KVCacheManager:
 
     def resume(self, handle: RequestId) -> bool:
         """Make a suspended cache active, bringing its pages to the GPU. False if there is no
-        row or no room even after evicting other suspended caches; then nothing changed."""
+        row, no room even after evicting other suspended caches, or its pages are in flight
+        (``ready`` says so); then nothing changed. Pages on a tier whose loads finish later:
+        the load starts (GPU slots reserved now, as a local resume would take them) and the
+        answer is False; resume again once a poll (every step polls) has seen it finish."""
         check_transition("resume", handle, self.state(handle))
         cache = self.suspended[handle]
-        if self.rows.n == self.rows.max_rows:
+        if self.rows.n == self.rows.max_rows or handle in self.moving:
             return False
-        if cache.tier is not Tier.GPU:
+        if cache.tier != GPU:
             if not self._make_room(self._pages_per_pool(cache), exclude=handle):
                 return False
-            self._move(cache, Tier.GPU)
+            self._move(cache, GPU)
+            if handle in self.moving:
+                return False
         row = self.rows.add(handle, cache.capacity, cache.history, cache.committed, cache.priority)
         for g in range(len(cache.slots)):
             self.rows.set_pages(row, g, cache.ordinals[g], cache.slots[g], cache.released[g])
@@ -186,12 +193,11 @@ class KVCacheManager:
         check_transition("suspend", handle, self.state(handle))
         row = int(self._row[handle])
         pages = [self.rows.pages(row, g) for g in range(len(self.grouped.layer_groups))]
-        released = [int(r[row]) if r is not None else f for r, f in zip(self.rows.released, self.rows.first_stale,
-                                                                         strict=True)]
+        released = [int(r[row]) for r in self.rows.released]
         self._clock += 1
         self.suspended[handle] = SuspendedCache(
             handle, int(self.rows.capacity[row]), int(self.rows.history[row]), int(self.rows.committed[row]),
-            int(self.rows.priority[row]), self._clock, Tier.GPU,
+            int(self.rows.priority[row]), self._clock, GPU,
             [o for o, _ in pages], [s for _, s in pages], released)
         self._remove_row(handle, row)
         self._state[handle] = RequestState.SUSPENDED
@@ -204,11 +210,12 @@ class KVCacheManager:
         if st is RequestState.ACTIVE:
             row = int(self._row[handle])
             slots = [self.rows.pages(row, lg.id)[1] for lg in self.grouped.layer_groups]
-            self._free_by_pool(Tier.GPU, slots)
+            self._free_by_pool(GPU, slots)
             self._remove_row(handle, row)
         else:
             cache = self.suspended.pop(handle)
-            self._free_by_pool(cache.tier, cache.slots)
+            if moves.orphan(self, handle) is None:  # in flight: freed when its jobs finish
+                self._free_by_pool(cache.tier, cache.slots)
         self._state[handle] = RequestState.CLOSED
 
     def close_many(self, handles: npt.ArrayLike) -> None:
@@ -231,7 +238,7 @@ class KVCacheManager:
             rows = self._row[active]
             width = max(1, -(-int(self.rows.capacity[rows].max()) // self.tokens_per_block))  # none beyond capacity
             tables = [self.rows.tables[lg.id][rows, :width] for lg in self.grouped.layer_groups]
-            self._free_by_pool(Tier.GPU, [t[t != NULL_SLOT] for t in tables])
+            self._free_by_pool(GPU, [t[t != NULL_SLOT] for t in tables])
             moved, new_rows = self.rows.remove_many(rows)
             self._row[moved] = new_rows
             self._row[active] = _NOT_ACTIVE
@@ -245,20 +252,47 @@ class KVCacheManager:
         manager/sharing.py. None (nothing changed) without a free row or slots."""
         return sharing.fork(self, handle, tokens)
 
-    def offload(self, handle: RequestId, tier: Tier = Tier.HOST) -> bool:
-        """Move a suspended cache's pages to ``tier`` now; False (nothing moved) if no room."""
+    def offload(self, handle: RequestId, tier: TierId | str | None = None) -> bool:
+        """Move a suspended cache's pages down to ``tier`` (an id or a name); None: the first
+        lower tier, down the list, with room whose transfers complete at once (the caller
+        wants the GPU pages free now). False (nothing moved) without room, or while the
+        cache's pages are in flight. To a tier whose stores finish later the call returns at
+        once; the GPU pages stay reserved until a poll sees the store finish."""
         if self.state(handle) is not RequestState.SUSPENDED:
             raise UsageError(f"cannot offload request {handle}: only suspended caches move")
-        if tier is Tier.GPU:
-            raise UsageError(f"offload({handle}) moves pages down to HOST or DISK; resume() brings them back")
         cache = self.suspended[handle]
-        if cache.tier is tier:
+        if tier is None:
+            local = [t for t in self.tiers.lower if self.tiers.immediate[t]]
+            return any(self._offload_to(cache, t) for t in local)
+        dst = self.tiers.tier_id(tier) if isinstance(tier, str) else tier
+        if dst == GPU or not 0 < dst < len(self.tiers.names):
+            raise UsageError(f"offload({handle}) moves pages down to a lower tier ({', '.join(self.tiers.names[1:])}); "
+                             "resume() brings them back")
+        return self._offload_to(cache, dst)
+
+    def _offload_to(self, cache: SuspendedCache, dst: TierId) -> bool:
+        if cache.handle in self.moving:
+            return False
+        if cache.tier == dst:
             return True
-        room = moves.lower_room(self, tier)
+        room = moves.lower_room(self, dst)
         if any(n > f for n, f in zip(self._pages_per_pool(cache), room, strict=True)):
             return False
-        moves.move_down(self, cache, tier)
+        moves.move_down(self, cache, dst)
         return True
+
+    def ready(self, handle: RequestId) -> bool:
+        """Whether a suspended cache's pages may come back without waiting: not in flight
+        and on the GPU or a tier whose loads complete at once (``resume`` may still lack room)."""
+        if self.state(handle) is not RequestState.SUSPENDED:
+            raise UsageError(f"ready({handle}): only a suspended cache waits for its pages")
+        return handle not in self.moving and self.tiers.immediate[self.suspended[handle].tier]
+
+    def poll(self) -> int:
+        """Finish the page moves whose jobs a slow tier has completed (freeing their sources).
+        Never waits; every step calls it first while moves are in flight. Returns how many
+        moves finished."""
+        return moves.poll(self) if self.moving or self.orphaned else 0
 
     def commit(self, handle: RequestId, tokens: int) -> None:
         """Record that the first ``tokens`` tokens are final (prefix reuse may share them)."""
@@ -282,14 +316,18 @@ class KVCacheManager:
     def try_step(self, handles: npt.ArrayLike, capacity: npt.ArrayLike, history: npt.ArrayLike) -> StepResult:
         """``step``, answering a refusal with what is short: the tables, or None and the GPU
         slots per pool group the step lacks (as ``shortfall`` says), having changed nothing.
-        One planning pass serves both the question and the step."""
+        One planning pass serves both the question and the step. While page moves are in
+        flight it first polls them (finished stores free GPU slots for this step): that is
+        the only per-step cost of slow tiers, and a step never waits for them."""
+        if self.moving or self.orphaned:
+            moves.poll(self)
         check = self._check_step(handles, capacity, history)
         if check.room is None:
             return StepResult(None, self._short(check))
         return StepResult(self._apply_step(check, check.room), self._short(check))
 
     def _apply_step(self, check: StepCheck, room: moves.RoomPlan) -> StepTables:
-        gpu = self.tiers.allocators[Tier.GPU]
+        gpu = self.tiers.allocators[GPU]
         moves.apply_moves(self, room)
         paging.apply_frees(self.grouped, self.rows, check.deltas, gpu)
         moves.evict_cached(self, check.need.fill)
@@ -318,8 +356,8 @@ class KVCacheManager:
         h_new = np.asarray(history, dtype=np.int64)
         self._validate_step(rows, c_new, h_new)
         deltas = paging.plan_step(self.grouped, self.rows, rows, c_new, h_new)
-        need = paging.net_slots(self.grouped, self.rows, deltas, self.tiers.allocators[Tier.GPU])
-        deficit = [n - f for n, f in zip(need.need, self.tiers.free_slots(Tier.GPU), strict=True)]
+        need = paging.net_slots(self.grouped, self.rows, deltas, self.tiers.allocators[GPU])
+        deficit = [n - f for n, f in zip(need.need, self.tiers.free_slots(GPU), strict=True)]
         room, short = moves.plan_room(self, deficit, cache_only_after=need.cache_only)
         return StepCheck(rows, c_new, h_new, deltas, need, room, short)
 
@@ -357,10 +395,10 @@ class KVCacheManager:
     def _make_room(self, need: list[int], exclude: int | None = None, keep: list[bytes] | None = None) -> bool:
         return moves.make_room(self, need, exclude, keep)
 
-    def _move(self, cache: SuspendedCache, dst: Tier) -> None:
+    def _move(self, cache: SuspendedCache, dst: TierId) -> None:
         moves.move(self, cache, dst)
 
-    def _free_by_pool(self, tier: Tier, slots_per_layer_group: list[I32]) -> None:
+    def _free_by_pool(self, tier: TierId, slots_per_layer_group: list[I32]) -> None:
         """One free per pool group for one or more caches' pages (distinct within a cache by the
         ownership invariant; shared pages across caches are counted by the allocator)."""
         per_pool: list[list[I32]] = [[] for _ in self.grouped.pool_groups]

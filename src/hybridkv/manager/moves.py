@@ -7,6 +7,11 @@ every tier: when it cannot cover the deficit nothing changes. Applying it moves 
 caches first, then the operation frees what it frees, and only then are cached pages taken
 (``evict_cached``), offloaded into whatever host room the moves left: so no later part of the
 operation consumes slots an earlier part planned on.
+
+Moves to make room use only tiers whose transfers complete at once (``TierPools.immediate``):
+the operation needs the GPU slots now, and a store to a slower tier frees them only when it
+finishes. Such a tier is reached by an explicit ``offload`` and left by ``resume``; the move
+is then in flight (``KVCacheManager.moving``) until a poll sees its jobs finish (``poll``).
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
-from hybridkv.core.types import Tier
+from hybridkv.core.types import GPU, TierId
 from hybridkv.manager.suspended import SuspendedCache
+from hybridkv.manager.tiers import Transfer
 
 if TYPE_CHECKING:
     from hybridkv.manager.manager import KVCacheManager
@@ -45,7 +52,7 @@ class RoomPlan(NamedTuple):
     the rest comes from pages only the prefix cache holds, taken after the operation's own
     frees (``evict_cached``), which may use only the host room the moves leave."""
 
-    victims: list[tuple[SuspendedCache, Tier]]
+    victims: list[tuple[SuspendedCache, TierId]]
     keep: list[bytes] | None = None  # keys of a match being served: their pages stay, on every tier
 
 
@@ -57,7 +64,7 @@ def plan_room(m: KVCacheManager, deficit: list[int], exclude: int | None = None,
     cannot be done; the deficit left after the cache-only pages). Pure."""
     if all(d <= 0 for d in deficit):
         return RoomPlan([], keep), deficit
-    cached = m.prefix.cached_room(Tier.GPU, keep) if m.prefix is not None else [0] * len(deficit)
+    cached = m.prefix.cached_room(GPU, keep) if m.prefix is not None else [0] * len(deficit)
     if cache_only_after is not None:
         cached = [c + a for c, a in zip(cached, cache_only_after, strict=True)]
     rest = [d - c for d, c in zip(deficit, cached, strict=True)]
@@ -71,7 +78,7 @@ def apply_moves(m: KVCacheManager, room: RoomPlan) -> None:
         m.counters.evictions += 1
 
 
-def lower_room(m: KVCacheManager, tier: Tier, keep: list[bytes] | None = None) -> list[int]:
+def lower_room(m: KVCacheManager, tier: TierId, keep: list[bytes] | None = None) -> list[int]:
     """Slots per pool group a suspended cache moving down to ``tier`` may use: free ones, and
     those the prefix cache holds there for pages nobody uses (dropped to make the room),
     except the pages of ``keep`` (a match being served)."""
@@ -81,7 +88,7 @@ def lower_room(m: KVCacheManager, tier: Tier, keep: list[bytes] | None = None) -
     return [f + r for f, r in zip(free, m.prefix.cached_room(tier, keep), strict=True)]
 
 
-def move_down(m: KVCacheManager, cache: SuspendedCache, dst: Tier, keep: list[bytes] | None = None) -> None:
+def move_down(m: KVCacheManager, cache: SuspendedCache, dst: TierId, keep: list[bytes] | None = None) -> None:
     """Move a suspended cache to a lower tier, dropping cached pages there if it needs their
     room (the caller checked ``lower_room``)."""
     if m.prefix is not None:
@@ -92,7 +99,7 @@ def move_down(m: KVCacheManager, cache: SuspendedCache, dst: Tier, keep: list[by
 def evict_cached(m: KVCacheManager, need: list[int], keep: list[bytes] | None = None) -> None:
     """After the planned moves and the operation's frees: take cache-only pages until ``need``
     slots per pool group are free (the plan guaranteed there are enough)."""
-    short = [n - f for n, f in zip(need, m.tiers.free_slots(Tier.GPU), strict=True)]
+    short = [n - f for n, f in zip(need, m.tiers.free_slots(GPU), strict=True)]
     if m.prefix is not None and any(s > 0 for s in short):
         m.prefix.evict(short, keep)
 
@@ -100,7 +107,7 @@ def evict_cached(m: KVCacheManager, need: list[int], keep: list[bytes] | None = 
 def make_room(m: KVCacheManager, need: list[int], exclude: int | None = None, keep: list[bytes] | None = None) -> bool:
     """Make ``need`` GPU slots per pool group free for an operation that frees nothing itself
     (resume, fork, prefix open). False and nothing changed when it cannot."""
-    deficit = [n - f for n, f in zip(need, m.tiers.free_slots(Tier.GPU), strict=True)]
+    deficit = [n - f for n, f in zip(need, m.tiers.free_slots(GPU), strict=True)]
     room, _ = plan_room(m, deficit, exclude, keep)
     if room is None:
         return False
@@ -110,15 +117,17 @@ def make_room(m: KVCacheManager, need: list[int], exclude: int | None = None, ke
 
 
 def plan_suspended(m: KVCacheManager, deficit: list[int], exclude: int | None = None,
-                   keep: list[bytes] | None = None) -> list[tuple[SuspendedCache, Tier]] | None:
+                   keep: list[bytes] | None = None) -> list[tuple[SuspendedCache, TierId]] | None:
     """Suspended GPU caches to move down (policy order) so their sole pages cover ``deficit``,
-    each to the first lower tier with room left by the ones before; None if they cannot."""
+    each to the first local lower tier with room left by the ones before; None if they
+    cannot. Caches in flight are not candidates (their pages are reserved by their jobs)."""
     if all(d <= 0 for d in deficit):
         return []
-    lower = (Tier.HOST, Tier.DISK)
+    lower = [t for t in m.tiers.lower if m.tiers.immediate[t]]
     free = {t: lower_room(m, t, keep) for t in lower}
     remaining, victims = list(deficit), []
-    candidates = (c for c in m.suspended.values() if c.tier is Tier.GPU and c.handle != exclude)
+    candidates = (c for c in m.suspended.values()
+                  if c.tier == GPU and c.handle != exclude and c.handle not in m.moving)
     for cache in m.policy.order(candidates):
         pages = pages_per_pool(m, cache)
         freed = sole_pages_per_pool(m, cache)  # shared pages move as copies, freeing nothing
@@ -135,22 +144,65 @@ def plan_suspended(m: KVCacheManager, deficit: list[int], exclude: int | None = 
     return None
 
 
-def move(m: KVCacheManager, cache: SuspendedCache, dst: Tier) -> None:
-    """Move all of a cache's pages to ``dst`` (room checked by the caller)."""
-    lgs = m.grouped.layer_groups
+def _by_pool(m: KVCacheManager) -> list[list[int]]:
+    """Layer groups of each pool group, in order: a cache's pages move as one array per pool."""
     per_pool: list[list[int]] = [[] for _ in m.grouped.pool_groups]
-    for lg in lgs:
+    for lg in m.grouped.layer_groups:
         per_pool[lg.pool_group].append(lg.id)
+    return per_pool
+
+
+def move(m: KVCacheManager, cache: SuspendedCache, dst: TierId) -> None:
+    """Move all of a cache's pages to ``dst`` (room checked by the caller): now when both
+    tiers are local, else as jobs that leave the cache in ``m.moving`` until they finish."""
     joined = [np.concatenate([cache.slots[g] for g in ids]) if ids else np.zeros(0, np.int32)
-              for ids in per_pool]
-    moved = m.tiers.move(cache.tier, dst, joined)
-    for ids, new in zip(per_pool, moved, strict=True):
+              for ids in _by_pool(m)]
+    pages_bytes = sum(int(s.size) * b for s, b in zip(joined, m.tiers.slot_bytes, strict=True))
+    if pages_bytes:  # an empty cache only changes its label
+        m.counters.record_move(cache.tier, dst, pages_bytes)
+    if m.tiers.immediate[cache.tier] and m.tiers.immediate[dst]:
+        _land(m, cache, dst, m.tiers.move(cache.tier, dst, joined))
+        return
+    moving = m.tiers.submit(cache.tier, dst, joined)
+    if moving.jobs:
+        m.moving[cache.handle] = moving
+        return
+    m.tiers.finish(moving)
+    _land(m, cache, dst, moving.dst_slots)
+
+
+def _land(m: KVCacheManager, cache: SuspendedCache, dst: TierId, moved: list[npt.NDArray[np.int32]]) -> None:
+    """Point the cache at its pages' new slots (one array per pool group) on ``dst``."""
+    for ids, new in zip(_by_pool(m), moved, strict=True):
         offset = 0
         for g in ids:
             n = cache.slots[g].size
             cache.slots[g] = new[offset:offset + n]
             offset += n
-    pages_bytes = sum(int(s.size) * b for s, b in zip(joined, m.tiers.slot_bytes, strict=True))
-    if pages_bytes:  # an empty cache only changes its label
-        m.counters.record_move(cache.tier, dst, pages_bytes)
     cache.tier = dst
+
+
+def poll(m: KVCacheManager) -> int:
+    """Finish the moves whose jobs all completed: free their sources, land their caches (or,
+    for a cache closed while in flight, free the targets too). Never waits; returns how many
+    moves finished."""
+    m.tiers.poll()
+    done = [h for h, t in m.moving.items() if not t.jobs]
+    for h in done:
+        moving = m.moving.pop(h)
+        m.tiers.finish(moving)
+        _land(m, m.suspended[h], moving.dst, moving.dst_slots)
+    orphans = [t for t in m.orphaned if not t.jobs]
+    for t in orphans:
+        m.tiers.finish(t, keep_target=False)
+    m.orphaned = [t for t in m.orphaned if t.jobs]
+    return len(done) + len(orphans)
+
+
+def orphan(m: KVCacheManager, handle: int) -> Transfer | None:
+    """A cache closing while its pages are in flight: its move's slots stay reserved (the
+    tier may still read the source and write the target) until a poll sees the jobs finish."""
+    moving = m.moving.pop(handle, None)
+    if moving is not None:
+        m.orphaned.append(moving)
+    return moving

@@ -1,5 +1,5 @@
-"""Vectorized page bookkeeping for one batched step: which table entries to free (stale window
-blocks, a shrunk tail, an SSM state no longer needed) and which to fill with new slots.
+"""Vectorized page bookkeeping for one batched step: which table entries to free (stale
+blocks, a shrunk tail, a state no longer needed) and which to fill with new slots.
 
 Everything is NumPy over the batch; the per-request work is a handful of array operations per
 layer group, and the variable-length ranges (a prefill chunk's new blocks) are expanded with
@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hybridkv.layouts.grouping import GroupedLayout
-from hybridkv.lifecycles.lifecycle import keep_start
+from hybridkv.lifecycles.base import expand as expand_ranges
 from hybridkv.manager.rows import NULL_SLOT, ActiveRows
 from hybridkv.storage.allocator import SlotAllocator
 
@@ -58,14 +58,7 @@ class GroupDelta(NamedTuple):
 
 def expand(rows: I64, start: I64, count: I64) -> Coords:
     """All (rows[i], start[i] + k) for k < count[i], in order; count may hold zeros."""
-    idx = np.flatnonzero(count > 0)
-    if idx.size == 0:
-        return Coords(_EMPTY, _EMPTY)
-    cnt, r, s = count[idx], rows[idx], start[idx]
-    if int(cnt.max()) == 1:
-        return Coords(r, s)
-    offsets = np.arange(int(cnt.sum()), dtype=np.int64) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-    return Coords(np.repeat(r, cnt), np.repeat(s, cnt) + offsets)
+    return Coords(*expand_ranges(rows, start, count))
 
 
 _NONE = Coords(_EMPTY, _EMPTY)
@@ -81,37 +74,31 @@ def _tail_changes(rows: I64, tot_old: I64, tot_new: I64) -> tuple[Coords, Coords
     return grow, shrink
 
 
-def _ssm_changes(rows: I64, c_old: I64, c_new: I64) -> tuple[Coords, Coords]:
-    """(new state slots, freed state slots): a state exists while capacity > 0."""
-    has_old, has_new = c_old > 0, c_new > 0
-    born, gone = rows[has_new & ~has_old], rows[has_old & ~has_new]
-    return Coords(born, np.zeros_like(born)), Coords(gone, np.zeros_like(gone))
-
-
 def plan_step(grouped: GroupedLayout, state: ActiveRows, rows: I64, c_new: I64, h_new: I64) -> list[GroupDelta]:
-    """Per layer group, what moving ``rows`` to (c_new, h_new) frees and fills. Pure."""
+    """Per layer group, what moving ``rows`` to (c_new, h_new) frees and fills. Pure.
+
+    Each life cycle says which ordinals a capacity spans and where its stale range ends;
+    groups whose kinds span alike (every token-holding kind) share one tail computation."""
     tpb = grouped.tokens_per_block
     c_old = state.capacity[rows]
-    grow_all, shrink_all = _tail_changes(rows, -(-c_old // tpb), -(-c_new // tpb))
-    ssm = _ssm_changes(rows, c_old, c_new) if state.has_ssm else (_NONE, _NONE)
+    tails: dict[object, tuple[Coords, Coords]] = {}
     out = []
-    for g, lg in enumerate(grouped.layer_groups):
-        lc = lg.life_cycle
-        rel = state.released[g]
-        if lc.is_ssm:
-            out.append(GroupDelta(ssm[1], ssm[0], _NO_SPAN))
+    for g, lc in enumerate(state.life_cycles):
+        key = lc.span_key()
+        if key not in tails:
+            tails[key] = _tail_changes(rows, lc.blocks_spanned(c_old, tpb), lc.blocks_spanned(c_new, tpb))
+        grow, shrink = tails[key]
+        stop = lc.stale_stop(h_new, tpb)
+        if stop is None:  # this kind never goes stale: only the tail moves
+            out.append(GroupDelta(shrink, grow, _NO_SPAN))
             continue
-        if rel is None:  # full attention: only the tail moves
-            out.append(GroupDelta(shrink_all, grow_all, _NO_SPAN))
-            continue
-        stop = keep_start(lc, h_new) // tpb
-        start = rel[rows]
+        start = state.released[g][rows]
         gain = stop - start
         if int(gain.max(initial=0)) <= 0:  # no block went stale this step
-            out.append(GroupDelta(shrink_all, grow_all, _NO_SPAN))
+            out.append(GroupDelta(shrink, grow, _NO_SPAN))
             continue
         moved = np.flatnonzero(gain > 0)  # stale blocks lie below the (new) tail: no overlap
-        out.append(GroupDelta(shrink_all, grow_all, Span(rows[moved], start[moved], stop[moved])))
+        out.append(GroupDelta(shrink, grow, Span(rows[moved], start[moved], stop[moved])))
     return out
 
 
@@ -216,6 +203,5 @@ def apply_grows(grouped: GroupedLayout, state: ActiveRows, deltas: list[GroupDel
                 raise AssertionError(f"pool group {lg.pool_group}: slots vanished between check and apply")
             state.tables[lg.id][d.grow.rows, d.grow.cols] = slots
             state.record(lg.id, d.grow.rows, d.grow.cols, slots)
-        rel = state.released[lg.id]
-        if rel is not None and d.stale.rows.size:
-            rel[d.stale.rows] = d.stale.stop
+        if d.stale.rows.size:
+            state.released[lg.id][d.stale.rows] = d.stale.stop

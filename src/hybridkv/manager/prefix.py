@@ -18,22 +18,32 @@ first), copied to the host tier when it has room (a later hit brings them back) 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.core.types import RequestId, Tier
-from hybridkv.lifecycles.lifecycle import keep_start
+from hybridkv.core.types import DEFAULT_TIER_NAMES, GPU, RequestId, TierId
 from hybridkv.manager.cache_pins import PinnedPages
 from hybridkv.manager.state import RequestState
-from hybridkv.reuse import EventQueue, PrefixIndex, ReuseScope, block_keys
+from hybridkv.reuse import EventQueue, Match, PrefixIndex, ReuseScope, block_keys
 
 if TYPE_CHECKING:
     from hybridkv.manager.manager import KVCacheManager
 
 I64 = npt.NDArray[np.int64]
+I32 = npt.NDArray[np.int32]
+
+
+class _Chain(NamedTuple):
+    """Where one layer group's published pages go in the index: its key chain, the chain's
+    root (parent of block 0) and the token ids events report per block (None: events off)."""
+
+    keys: Sequence[bytes]
+    root: bytes
+    tokens: npt.NDArray[np.int64] | None
 
 
 @dataclass
@@ -49,9 +59,10 @@ class PrefixStats:
     hit_tokens: dict[str, list[int]] = field(default_factory=dict)
     evicted_pages: int = 0
     offloaded_pages: int = 0
+    tier_names: tuple[str, ...] = DEFAULT_TIER_NAMES  # the keys of hit_tokens
 
     def __post_init__(self) -> None:
-        self.hit_tokens = {t.name: [0] * self.num_layer_groups for t in Tier}
+        self.hit_tokens = {name: [0] * self.num_layer_groups for name in self.tier_names}
 
     @property
     def hit_rate(self) -> float:
@@ -74,36 +85,47 @@ class PrefixCache:
         self.m, self.scope = m, scope or ReuseScope()
         self.lcs = [lg.life_cycle for lg in m.grouped.layer_groups]
         # a window / chunked group keeps its deepest blocks (the window a continuation needs)
-        self.index = PrefixIndex(events, windowed_groups=[g for g, lc in enumerate(self.lcs)
-                                                          if not (lc.is_full or lc.is_ssm)])
+        self.index = PrefixIndex(events, windowed_groups=[g for g, lc in enumerate(self.lcs) if not lc.deepest_first])
         self.offload_to_host = offload_to_host
-        self.stats = PrefixStats(len(m.grouped.layer_groups))
+        self.stats = PrefixStats(len(m.grouped.layer_groups), tier_names=tuple(m.tiers.names))
         pool_of_group = [int(lg.pool_group) for lg in m.grouped.layer_groups]
-        self.pins_on = {t: PinnedPages(self.index, t, m.tiers.allocators[t], pool_of_group) for t in Tier}
-        self.pins = self.pins_on[Tier.GPU]
+        self.pins_on = {t: PinnedPages(self.index, t, m.tiers.allocators[t], pool_of_group) for t in m.tiers.ids}
+        self.pins = self.pins_on[GPU]
 
-    def keys(self, tokens: npt.ArrayLike) -> list[bytes]:
-        return list(block_keys(tokens, self.m.tokens_per_block, self.scope))
+    def keys(self, tokens: npt.ArrayLike, scope: ReuseScope | None = None) -> list[bytes]:
+        """The prompt's block keys under ``scope`` (the cache's own scope by default)."""
+        return list(block_keys(tokens, self.m.tokens_per_block, scope or self.scope))
 
-    def probe(self, tokens: npt.ArrayLike) -> int:
+    def group_keys(self, keys: list[bytes], scope: ReuseScope | None = None) -> list[Sequence[bytes]]:
+        """Per layer group, the keys its cached pages go under: the prompt's, unless its life
+        cycle keys its content otherwise (an encoder's by the scope's inputs)."""
+        root, tpb = (scope or self.scope).root(), self.m.tokens_per_block
+        return [lc.reuse_keys(keys, root, tpb) for lc in self.lcs]
+
+    def _match(self, keys: list[bytes], scope: ReuseScope | None) -> tuple[Match, list[Sequence[bytes]]]:
+        gkeys = self.group_keys(keys, scope)
+        return self.index.probe(keys, self.lcs, self.m.tokens_per_block, group_keys=gkeys), gkeys
+
+    def probe(self, tokens: npt.ArrayLike, scope: ReuseScope | None = None) -> int:
         """Tokens a new request with this prompt would reuse (nothing changes)."""
-        return self.index.probe(self._usable(self.keys(tokens), tokens), self.lcs, self.m.tokens_per_block).tokens
+        return self._match(self._usable(self.keys(tokens, scope), tokens), scope)[0].tokens
 
-    def hit(self, tokens: npt.ArrayLike, keys: list[bytes] | None = None) -> PrefixHit:
+    def hit(self, tokens: npt.ArrayLike, keys: list[bytes] | None = None,
+            scope: ReuseScope | None = None) -> PrefixHit:
         """What ``open(tokens)`` would reuse now: tokens, and per pool group the matched pages
         a running cache already holds (they cost the new request no slot). Matched pages only
         the cache holds are not among them: admission already counts them as free room
         (``reclaimable``), so the new request takes them like free slots. ``keys``: this
         prompt's ``keys(tokens)`` if already computed (a request waiting several steps hashes
         its prompt once). Changes nothing."""
-        keys = self._usable(self.keys(tokens) if keys is None else keys, tokens)
-        match = self.index.probe(keys, self.lcs, self.m.tokens_per_block)
-        gpu = self.m.tiers.allocators[Tier.GPU]
+        keys = self._usable(self.keys(tokens, scope) if keys is None else keys, tokens)
+        match = self._match(keys, scope)[0]
+        gpu = self.m.tiers.allocators[GPU]
         shared = [0] * len(self.m.grouped.pool_groups)
         for lg, mb in zip(self.m.grouped.layer_groups, match.per_group, strict=True):
-            if lg.life_cycle.is_ssm:  # the new request copies the snapshot into a slot of its own
+            if lg.life_cycle.copies_on_reuse:  # the new request copies it into a slot of its own
                 continue
-            on_gpu = mb.slots[mb.tiers == Tier.GPU]
+            on_gpu = mb.slots[mb.tiers == GPU]
             shared[lg.pool_group] += int((gpu[lg.pool_group].references(on_gpu) > 1).sum())
         return PrefixHit(match.tokens, tuple(shared))
 
@@ -112,49 +134,63 @@ class PrefixCache:
         return keys[:(len(np.asarray(tokens)) - 1) // self.m.tokens_per_block]
 
     # ---- publish -------------------------------------------------------------------------
-    def publish(self, handle: RequestId, tokens: npt.ArrayLike, upto: int) -> int:
+    def publish(self, handle: RequestId, tokens: npt.ArrayLike, upto: int, scope: ReuseScope | None = None) -> int:
         """Cache the request's full blocks below ``upto`` tokens, which the engine has computed
         (at most its capacity: call it after running a step, before the next ``step`` releases
-        window blocks the cache should keep); returns how many new pages were pinned. SSM
-        groups get a snapshot only when ``upto`` is the capacity and a whole number of blocks."""
+        window blocks the cache should keep); returns how many new pages were pinned. Each life
+        cycle says what it keeps (``publish_ordinals``): an SSM group a snapshot, only when
+        ``upto`` is the capacity and a whole number of blocks."""
         m, tpb = self.m, self.m.tokens_per_block
         lengths = m.lengths(handle)
         upto = min(upto, lengths.capacity) // tpb * tpb
         if upto == 0 or m.state(handle) is not RequestState.ACTIVE:
             return 0
-        keys = self.keys(np.asarray(tokens)[:upto])
+        keys = self.keys(np.asarray(tokens)[:upto], scope)
+        gkeys, root = self.group_keys(keys, scope), (scope or self.scope).root()
         row, pinned = int(m._row[handle]), 0
-        gpu = m.tiers.allocators[Tier.GPU]
-        for lg in m.grouped.layer_groups:
+        for lg, gk in zip(m.grouped.layer_groups, gkeys, strict=True):
             table = m.rows.tables[lg.id][row]
-            if lg.life_cycle.is_ssm:
-                if upto != lengths.capacity or table[0] < 0 or gpu[lg.pool_group].num_free == 0:
-                    continue
-                last = np.array([upto // tpb - 1], np.int64)
-                if self.index.rows_of([keys[-1]], lg.id).size:
-                    continue  # this snapshot is cached already
-                snap = gpu[lg.pool_group].allocate(1)
-                assert snap is not None
-                buf = m.tiers.buffers[Tier.GPU][lg.pool_group]
-                if buf is not None:
-                    m.tiers.copy_engine.copy(buf, table[:1], buf, snap)
-                res = self.index.insert(keys, last, lg.id, snap, Tier.GPU, root=self.scope.root(),
-                                        block_tokens=self._block_tokens(tokens, last))
-                self.pins.placed(lg.pool_group, snap, res.rows)
-                gpu[lg.pool_group].pin(snap, retain=False)  # the allocation is the cache's reference
-                pinned += res.num_new
-                continue
-            ords = np.flatnonzero(table[:upto // tpb] >= 0).astype(np.int64)
+            held = np.flatnonzero(table >= 0).astype(np.int64)
+            ords = lg.life_cycle.publish_ordinals(held, upto, lengths.capacity, tpb)
             if ords.size == 0:
                 continue
-            res = self.index.insert(keys, ords, lg.id, table[ords], Tier.GPU, root=self.scope.root(),
-                                    block_tokens=self._block_tokens(tokens, ords))
-            fresh = table[ords][res.new_mask]
-            self.pins.placed(lg.pool_group, fresh, res.rows[res.new_mask])
-            gpu[lg.pool_group].pin(fresh)  # the cache's own reference
-            pinned += res.num_new
+            ids = self._block_tokens(tokens, ords) if gk is keys else self._no_tokens(ords)
+            where = _Chain(gk, lg.life_cycle.chain_root(root), ids)
+            if lg.life_cycle.copies_on_reuse:
+                pinned += self._publish_copy(lg.id, lg.pool_group, where, ords, table[held])
+            else:
+                pinned += self._publish_shared(lg.id, lg.pool_group, where, ords, table[ords])
         m.tiers.copy_engine.wait_for_copies()
         return pinned
+
+    def _publish_shared(self, group: int, pool_group: int, where: _Chain, ords: I64, slots: I32) -> int:
+        """Cache the request's own pages: the cache takes a reference of its own."""
+        res = self.index.insert(where.keys, ords, group, slots, GPU, root=where.root, block_tokens=where.tokens)
+        fresh = slots[res.new_mask]
+        self.pins.placed(pool_group, fresh, res.rows[res.new_mask])
+        self.m.tiers.allocators[GPU][pool_group].pin(fresh)
+        return res.num_new
+
+    def _publish_copy(self, group: int, pool_group: int, where: _Chain, ords: I64, source: I32) -> int:
+        """Cache a snapshot of a page that keeps changing (an SSM state): a copy in a fresh
+        slot, taken only when not cached already and a slot is free right now."""
+        alloc = self.m.tiers.allocators[GPU][pool_group]
+        if ords.size != source.size or self.index.rows_of([where.keys[int(o)] for o in ords], group).size \
+                or alloc.num_free < ords.size:
+            return 0
+        snap = alloc.allocate(int(ords.size))
+        assert snap is not None
+        buf = self.m.tiers.buffers[GPU][pool_group]
+        if buf is not None:
+            self.m.tiers.copy_engine.copy(buf, source, buf, snap)
+        res = self.index.insert(where.keys, ords, group, snap, GPU, root=where.root, block_tokens=where.tokens)
+        self.pins.placed(pool_group, snap, res.rows)
+        alloc.pin(snap, retain=False)  # the allocation is the cache's reference
+        return res.num_new
+
+    def _no_tokens(self, ords: I64) -> npt.NDArray[np.int64] | None:
+        """Blocks not keyed by prompt tokens (an encoder's): events carry -1 as their token ids."""
+        return None if self.index.events is None else np.full((ords.size, self.m.tokens_per_block), -1, np.int64)
 
     def _block_tokens(self, tokens: npt.ArrayLike, ords: I64) -> npt.NDArray[np.int64] | None:
         """Token ids of the given blocks, for KV events (None when events are off)."""
@@ -165,8 +201,8 @@ class PrefixCache:
         return rows.reshape(ords.size, tpb)
 
     # ---- reuse ---------------------------------------------------------------------------
-    def open(self, tokens: npt.ArrayLike, priority: int = 0,
-             keys: list[bytes] | None = None) -> tuple[RequestId, int] | None:
+    def open(self, tokens: npt.ArrayLike, priority: int = 0, keys: list[bytes] | None = None,
+             scope: ReuseScope | None = None) -> tuple[RequestId, int] | None:
         """A new active cache for a prompt, starting at the longest cached prefix: (handle,
         reused tokens); capacity = history = committed = reused. None (nothing changed) when
         no row or no slots for the pages that must be brought back or copied. ``keys``: as in
@@ -175,13 +211,14 @@ class PrefixCache:
         if m.rows.n == m.rows.max_rows:
             return None
         tok = np.asarray(tokens)
-        keys = self._usable(self.keys(tok) if keys is None else keys, tok)
-        match = self.index.probe(keys, self.lcs, tpb)
+        keys = self._usable(self.keys(tok, scope) if keys is None else keys, tok)
+        match, gkeys = self._match(keys, scope)
         need = [0] * len(m.grouped.pool_groups)
         for lg, mb in zip(m.grouped.layer_groups, match.per_group, strict=True):
-            copies = 1 if lg.life_cycle.is_ssm and match.tokens else 0  # the request's own state
-            need[lg.pool_group] += int((mb.tiers != Tier.GPU).sum()) + copies
-        if not m._make_room(need, keep=keys):
+            copies = mb.ordinals.size if lg.life_cycle.copies_on_reuse else 0  # the request's own state
+            need[lg.pool_group] += int((mb.tiers != GPU).sum()) + copies
+        keep = keys if all(gk is keys for gk in gkeys) else [k for gk in gkeys for k in gk]
+        if not m._make_room(need, keep=keep):
             return None
         self.stats.lookups += 1
         self.stats.prompt_tokens += int(tok.size)
@@ -191,45 +228,48 @@ class PrefixCache:
             return handle, 0
         L, row = match.tokens, int(m._row[handle])
         m.rows.capacity[row] = m.rows.history[row] = m.rows.committed[row] = m.rows.seq_lens[row] = L
-        gpu = m.tiers.allocators[Tier.GPU]
-        for lg, mb in zip(m.grouped.layer_groups, match.per_group, strict=True):
-            slots = self._onboard(keys, lg.id, mb.ordinals, mb.slots, mb.tiers)
-            for t in Tier:
-                self.stats.hit_tokens[t.name][lg.id] += int((mb.tiers == t).sum()) * tpb
-            if lg.life_cycle.is_ssm:  # the request's own state starts as a copy of the snapshot
-                own = gpu[lg.pool_group].allocate(1)
+        gpu = m.tiers.allocators[GPU]
+        for lg, mb, gk in zip(m.grouped.layer_groups, match.per_group, gkeys, strict=True):
+            slots = self._onboard(gk, lg.id, mb.ordinals, mb.slots, mb.tiers)
+            for t, name in enumerate(m.tiers.names):
+                self.stats.hit_tokens[name][lg.id] += int((mb.tiers == t).sum()) * tpb
+            lc, alloc = lg.life_cycle, gpu[lg.pool_group]
+            if lc.copies_on_reuse:  # the request's own state starts as a copy of the snapshot
+                own = alloc.allocate(int(slots.size))
                 assert own is not None
-                buf = m.tiers.buffers[Tier.GPU][lg.pool_group]
+                buf = m.tiers.buffers[GPU][lg.pool_group]
                 if buf is not None:
                     m.tiers.copy_engine.copy(buf, slots.astype(np.int32), buf, own)
-                m.rows.set_pages(row, lg.id, np.zeros(1, np.int64), own, 0)
-                continue
-            gpu[lg.pool_group].retain(slots)
-            released = max(m.rows.first_stale[lg.id], int(keep_start(lg.life_cycle, L)) // tpb)
-            m.rows.set_pages(row, lg.id, mb.ordinals, slots.astype(np.int32), released)
+                slots = own.astype(np.int64)
+            else:
+                alloc.retain(slots)
+            m.rows.set_pages(row, lg.id, lc.held_ordinals(L, tpb), slots.astype(np.int32), lc.stale_range(L, tpb).stop)
         m.tiers.copy_engine.wait_for_copies()
         touched = self.index.touch(keys[:L // tpb])
+        for g, gk in enumerate(gkeys):
+            if gk is not keys:  # pages under a chain of their own
+                touched = np.concatenate([touched, self.index.touch(gk, g)])
         for pins in self.pins_on.values():
             pins.touched(touched)
         self.stats.reused_tokens += L
         return handle, L
 
-    def _onboard(self, keys: list[bytes], group: int, ords: I64, slots: I64, tiers: I64) -> I64:
+    def _onboard(self, keys: Sequence[bytes], group: int, ords: I64, slots: I64, tiers: I64) -> I64:
         """GPU slots of matched pages, copying those found on a lower tier back (room checked)."""
         out = slots.copy()
-        lower = np.flatnonzero(tiers != Tier.GPU)
+        lower = np.flatnonzero(tiers != GPU)
         if lower.size == 0:
             return out
         pg = self.m.grouped.layer_groups[group].pool_group
-        for tier in {Tier(int(t)) for t in tiers[lower]}:
+        for tier in {TierId(int(t)) for t in tiers[lower]}:
             sel = lower[tiers[lower] == tier]
             rows = self.index.rows_of([keys[int(o)] for o in ords[sel]], group)
-            new = self._move_pages(tier, Tier.GPU, pg, slots[sel], rows)
-            self.index.move_rows(rows, Tier.GPU, new)
+            new = self._move_pages(tier, GPU, pg, slots[sel], rows)
+            self.index.move_rows(rows, GPU, new)
             out[sel] = new
         return out
 
-    def _move_pages(self, src: Tier, dst: Tier, pool_group: int, slots: I64, rows: I64) -> I64:
+    def _move_pages(self, src: TierId, dst: TierId, pool_group: int, slots: I64, rows: I64) -> I64:
         """Move pinned pages (of index ``rows``) between tiers: the pin travels with the page."""
         tiers = self.m.tiers
         self.pins_on[src].left(pool_group, slots)
@@ -252,29 +292,38 @@ class PrefixCache:
         Keys in ``keep`` (a match being served) are not touched."""
         freed = [0] * len(deficit)
         keep_set = set(keep or ())
-        host_free = self.m.tiers.free_slots(Tier.HOST)
+        host = self._offload_tier()
+        host_free = self.m.tiers.free_slots(host) if host is not None else [0] * len(deficit)
         for pg, want in enumerate(deficit):
             if want <= 0:
                 continue
             rows, slots = self.pins.take(pg, want, keep_set)
-            up = min(host_free[pg], rows.size) if self.offload_to_host else 0
-            if up:
-                moved = self._move_pages(Tier.GPU, Tier.HOST, pg, slots[:up], rows[:up])
-                self.index.move_rows(rows[:up], Tier.HOST, moved)
+            up = min(host_free[pg], rows.size)
+            if up and host is not None:
+                moved = self._move_pages(GPU, host, pg, slots[:up], rows[:up])
+                self.index.move_rows(rows[:up], host, moved)
                 self.stats.offloaded_pages += up
             if rows.size > up:
-                self._drop(Tier.GPU, pg, rows[up:], slots[up:])
+                self._drop(GPU, pg, rows[up:], slots[up:])
             freed[pg] = int(rows.size)
         return freed
 
-    def cached_room(self, tier: Tier, keep: list[bytes] | None = None) -> list[int]:
+    def _offload_tier(self) -> TierId | None:
+        """Where evicted pages go: the first lower tier, when offloading is on and its copies
+        complete at once (eviction frees GPU slots the operation needs now), else nowhere."""
+        tiers = self.m.tiers
+        if not self.offload_to_host or not tiers.lower or not tiers.immediate[tiers.lower[0]]:
+            return None
+        return tiers.lower[0]
+
+    def cached_room(self, tier: TierId, keep: list[bytes] | None = None) -> list[int]:
         """Per pool group, slots of ``tier`` the cache could give up now: pages nobody but the
         cache holds, those of ``keep`` (a match being served) excepted. On the GPU that is what
         ``evict`` can free; on a lower tier, what ``drop_lower`` can."""
         pins = self.pins_on[tier]
         return [r - p for r, p in zip(pins.reclaimable(), pins.protected(keep), strict=True)]
 
-    def drop_lower(self, tier: Tier, need: list[int], keep: list[bytes] | None = None) -> None:
+    def drop_lower(self, tier: TierId, need: list[int], keep: list[bytes] | None = None) -> None:
         """Drop cached pages on a lower tier (eviction order, ``keep``'s excepted) until
         ``need`` slots per pool group are free there, to make room for a suspended cache
         moving down."""
@@ -282,7 +331,7 @@ class PrefixCache:
             if n > f:
                 self._drop(tier, pg, *self.pins_on[tier].take(pg, n - f, set(keep or ())))
 
-    def _drop(self, tier: Tier, pool_group: int, rows: I64, slots: I64) -> None:
+    def _drop(self, tier: TierId, pool_group: int, rows: I64, slots: I64) -> None:
         self.pins_on[tier].left(pool_group, slots)
         self.index.remove_rows(rows)
         self.m.tiers.allocators[tier][pool_group].unpin(slots)

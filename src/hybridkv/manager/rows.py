@@ -5,8 +5,9 @@ the rows stay dense and ``block_table[:n]`` is a kernel-ready table for "every a
 request" with no copy. Per layer group a preallocated int32 block table
 ``[max_rows, max_blocks]`` maps block ordinal -> slot id; entries without a page hold
 ``NULL_SLOT`` (-1, so a kernel that read one would fault instead of reading another
-request's page). Windowed / chunked groups also keep ``released[row]``: blocks
-``[sink_blocks, released)`` were stale and went back to the pool.
+request's page). Every layer group also keeps ``released[row]``: blocks
+``[sink_blocks, released)`` were stale and went back to the pool (an empty range for life
+cycles that never go stale).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import numpy.typing as npt
 
 from hybridkv.core.errors import UsageError
 from hybridkv.layouts.grouping import GroupedLayout
-from hybridkv.lifecycles.lifecycle import sink_blocks
 
 NULL_SLOT = -1
 I32 = npt.NDArray[np.int32]
@@ -49,18 +49,14 @@ class ActiveRows:
         self.priority: I64 = np.zeros(max_rows, np.int64)
         self.seq_lens: I32 = np.zeros(max_rows, np.int32)  # = capacity, int32 for kernels
         self.tables: list[I32] = []
-        self.released: list[I64 | None] = []
+        self.released: list[I64] = []
         self.first_stale: list[int] = []
-        self.is_ssm = [lg.life_cycle.is_ssm for lg in grouped.layer_groups]
-        self.has_ssm = any(self.is_ssm)
+        self.life_cycles = [lg.life_cycle for lg in grouped.layer_groups]
         self.log: list[TableChange] | None = None  # enabled by a GPU table mirror
-        for lg in grouped.layer_groups:
-            lc = lg.life_cycle
-            width = 1 if lc.is_ssm else -(-max_seq_len // tpb)
-            self.tables.append(np.full((max_rows, width), NULL_SLOT, np.int32))
-            windowed = not (lc.is_ssm or lc.is_full)
-            self.first_stale.append(sink_blocks(lc, tpb) if windowed else 0)
-            self.released.append(np.zeros(max_rows, np.int64) if windowed else None)
+        for lc in self.life_cycles:
+            self.tables.append(np.full((max_rows, lc.table_width(max_seq_len, tpb)), NULL_SLOT, np.int32))
+            self.first_stale.append(lc.sink_blocks(tpb))
+            self.released.append(np.zeros(max_rows, np.int64))
 
     def add(self, handle: int, capacity: int, history: int, committed: int, priority: int) -> int:
         """Append a row (tables all NULL); the caller fills its pages. Returns the row."""
@@ -73,8 +69,7 @@ class ActiveRows:
         self.seq_lens[row] = capacity
         for lg, rel in enumerate(self.released):
             self.tables[lg][row] = NULL_SLOT
-            if rel is not None:
-                rel[row] = self.first_stale[lg]
+            rel[row] = self.first_stale[lg]
         self._log_rows(row)
         return row
 
@@ -82,7 +77,7 @@ class ActiveRows:
         """Every per-row array: what moves when a row moves."""
         arrays: list[I32 | I64] = [self.handle, self.capacity, self.history, self.committed,
                                    self.priority, self.seq_lens, *self.tables]
-        return arrays + [r for r in self.released if r is not None]
+        return arrays + self.released
 
     def remove(self, row: int) -> int | None:
         """Swap-remove ``row``; returns the handle whose row moved into it (or None)."""
@@ -131,9 +126,7 @@ class ActiveRows:
     def set_pages(self, row: int, layer_group: int, ordinals: I64, slots: I32, released: int) -> None:
         self.tables[layer_group][row, ordinals] = slots
         self.record(layer_group, np.full(ordinals.size, row, np.int64), ordinals, slots)
-        rel = self.released[layer_group]
-        if rel is not None:
-            rel[row] = released
+        self.released[layer_group][row] = released
 
     def all_slots(self, layer_group: int) -> I32:
         """Every slot the active rows hold in one layer group."""

@@ -19,8 +19,8 @@ import numpy as np
 import numpy.typing as npt
 
 from hybridkv.core.errors import UsageError
-from hybridkv.core.types import RequestId, Tier
-from hybridkv.lifecycles.lifecycle import keep_start, live_blocks
+from hybridkv.core.types import GPU, RequestId
+from hybridkv.lifecycles import ForkPages
 from hybridkv.manager.rows import NULL_SLOT
 from hybridkv.manager.state import RequestState
 
@@ -31,25 +31,19 @@ I64 = npt.NDArray[np.int64]
 I32 = npt.NDArray[np.int32]
 
 
-def _prefix_pages(m: KVCacheManager, row: int, tokens: int) -> list[tuple[I64, I32]]:
-    """Per layer group: (block ordinals, donor slots) a cache of history ``tokens`` needs.
-    UsageError when the donor no longer holds one of them."""
+def _prefix_pages(m: KVCacheManager, row: int, tokens: int) -> list[tuple[ForkPages, I32]]:
+    """Per layer group: what a fork at ``tokens`` takes (its life cycle says which blocks, and
+    which are copied) and the donor's slots for them. UsageError when the donor no longer
+    holds one of them."""
     tpb, out = m.tokens_per_block, []
     for lg in m.grouped.layer_groups:
-        table = m.rows.tables[lg.id][row]
-        if lg.life_cycle.is_ssm:
-            out.append((np.zeros(1, np.int64), table[:1].copy()))
-            continue
-        blocks = np.arange(-(-tokens // tpb), dtype=np.int64)
-        first, stop = m.rows.first_stale[lg.id], int(keep_start(lg.life_cycle, tokens)) // tpb
-        needed = blocks[(blocks < first) | (blocks >= stop)] if m.rows.released[lg.id] is not None else blocks
-        slots = table[needed]
+        pages = lg.life_cycle.fork_pages(tokens, tpb)
+        slots = m.rows.tables[lg.id][row][pages.ordinals]
         if (slots == NULL_SLOT).any():
-            b = int(needed[slots == NULL_SLOT][0])
+            b = int(pages.ordinals[slots == NULL_SLOT][0])
             raise UsageError(f"cannot share {tokens} tokens: layer group {lg.id} "
                              f"({lg.life_cycle.describe()}) already released block {b}")
-        assert needed.size == int(live_blocks(lg.life_cycle, tokens, tokens, tpb))
-        out.append((needed, slots.copy()))
+        out.append((pages, slots.copy()))
     return out
 
 
@@ -62,41 +56,37 @@ def fork(m: KVCacheManager, handle: RequestId, tokens: int) -> RequestId | None:
     lengths = m.lengths(handle)
     if not 0 < tokens <= lengths.committed:
         raise UsageError(f"fork({handle}, {tokens}): need 0 < tokens <= committed ({lengths.committed})")
-    if m.rows.has_ssm and tokens != lengths.capacity:
-        # after a step the engine has run positions history .. capacity-1: the state is at
-        # capacity, and no snapshot of an earlier point exists
-        raise UsageError(f"fork({handle}, {tokens}): SSM state exists only at the donor's capacity "
-                         f"({lengths.capacity} tokens, history {lengths.history}, committed {lengths.committed}); "
-                         "step it to history = capacity and commit, then fork at that length")
+    for lg in m.grouped.layer_groups:
+        reason = lg.life_cycle.fork_refusal(tokens, lengths.capacity)
+        if reason is not None:
+            raise UsageError(f"fork({handle}, {tokens}): layer group {lg.id}: {reason} "
+                             f"(history {lengths.history}, committed {lengths.committed})")
     if m.rows.n == m.rows.max_rows:
         return None
     row = int(m._row[handle])
     pages = _prefix_pages(m, row, tokens)
-    full = tokens // m.tokens_per_block
-    copied = [ords >= full if not lg.life_cycle.is_ssm else np.ones(1, bool)
-              for lg, (ords, _) in zip(m.grouped.layer_groups, pages, strict=True)]
     need = [0] * len(m.grouped.pool_groups)
-    for lg, mask in zip(m.grouped.layer_groups, copied, strict=True):
-        need[lg.pool_group] += int(mask.sum())
+    for lg, (fp, _) in zip(m.grouped.layer_groups, pages, strict=True):
+        need[lg.pool_group] += int(fp.copied.sum())
     if not m._make_room(need):
         return None
     child = m.create(int(m.rows.priority[row]))
     cache = m.suspended.pop(child)
     child_row = m.rows.add(child, tokens, tokens, tokens, int(m.rows.priority[row]))
-    gpu = m.tiers.allocators[Tier.GPU]
-    for lg, (ords, slots), mask in zip(m.grouped.layer_groups, pages, copied, strict=True):
-        alloc = gpu[lg.pool_group]
+    gpu = m.tiers.allocators[GPU]
+    for lg, (fp, slots) in zip(m.grouped.layer_groups, pages, strict=True):
+        alloc, mask = gpu[lg.pool_group], fp.copied
         alloc.retain(slots[~mask])
         new = slots.copy()
         if mask.any():
             fresh = alloc.allocate(int(mask.sum()))
             assert fresh is not None  # checked above
-            buf = m.tiers.buffers[Tier.GPU][lg.pool_group]
+            buf = m.tiers.buffers[GPU][lg.pool_group]
             if buf is not None:
                 m.tiers.copy_engine.copy(buf, slots[mask], buf, fresh)
             new[mask] = fresh
-        released = max(cache.released[lg.id], int(keep_start(lg.life_cycle, tokens)) // m.tokens_per_block)
-        m.rows.set_pages(child_row, lg.id, ords, new, released if m.rows.released[lg.id] is not None else 0)
+        released = max(cache.released[lg.id], lg.life_cycle.stale_range(tokens, m.tokens_per_block).stop)
+        m.rows.set_pages(child_row, lg.id, fp.ordinals, new, released)
     m.tiers.copy_engine.wait_for_copies()
     m._row[child], m._state[child] = child_row, RequestState.ACTIVE
     m.counters.forks += 1

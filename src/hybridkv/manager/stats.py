@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from hybridkv.core.types import Tier
+from hybridkv.core.types import GPU, TierId
 
 if TYPE_CHECKING:
     from hybridkv.manager.manager import KVCacheManager
@@ -25,7 +25,7 @@ class Counters:
     onboard_bytes: int = 0
     forks: int = 0  # caches created sharing another's prefix
 
-    def record_move(self, src: Tier, dst: Tier, nbytes: int) -> None:
+    def record_move(self, src: TierId, dst: TierId, nbytes: int) -> None:
         if dst > src:
             self.offloads += 1
             self.offload_bytes += nbytes
@@ -39,7 +39,7 @@ class PoolTierStats:
     """Occupancy of one pool group on one tier (slots)."""
 
     pool_group: int
-    tier: Tier
+    tier: TierId
     total: int
     free: int
     in_use: int
@@ -55,17 +55,17 @@ class ManagerStats:
     suspended_requests: int
     extra: dict[str, int] = field(default_factory=dict)
 
-    def pool(self, pool_group: int, tier: Tier = Tier.GPU) -> PoolTierStats:
-        return next(p for p in self.pools if p.pool_group == pool_group and p.tier is tier)
+    def pool(self, pool_group: int, tier: TierId = GPU) -> PoolTierStats:
+        return next(p for p in self.pools if p.pool_group == pool_group and p.tier == tier)
 
 
 def collect_stats(m: KVCacheManager, reset_peak: bool) -> ManagerStats:
-    evictable = {(g, t): 0 for g in range(len(m.grouped.pool_groups)) for t in Tier}
+    evictable = {(g, t): 0 for g in range(len(m.grouped.pool_groups)) for t in m.tiers.ids}
     for cache in m.suspended.values():
         for lg in m.grouped.layer_groups:
             evictable[(lg.pool_group, cache.tier)] += int(cache.slots[lg.id].size)
     pools = []
-    for tier, allocators in m.tiers.allocators.items():
+    for tier, allocators in zip(m.tiers.ids, m.tiers.allocators, strict=True):
         for g, a in enumerate(allocators):
             pools.append(PoolTierStats(g, tier, a.num_slots, a.num_free, a.num_in_use,
                                        evictable[(g, tier)], a.peak_in_use))

@@ -52,10 +52,8 @@ class StepTables:
     def block_table(self, layer_group: int) -> I32:
         """``[batch, width]`` int32 slot ids; width covers the longest request of the batch."""
         table = self._state.tables[layer_group]
-        if self._state.is_ssm[layer_group]:  # one state slot per request
-            width = 1
-        else:
-            width = -(-int(self.seq_lens.max()) // self._tpb) if self.rows.size else 0
+        longest = int(self.seq_lens.max()) if self.rows.size else 0
+        width = self._state.life_cycles[layer_group].width_at(longest, self._tpb)
         if self._contiguous:
             return table[:self.rows.size, :width]
         out: I32 = table[self.rows, :width]
@@ -67,7 +65,5 @@ class StepTables:
         counts = live.sum(axis=1, dtype=np.int64)
         indptr = np.zeros(self.rows.size + 1, np.int32)
         np.cumsum(counts, out=indptr[1:])
-        last = self.seq_lens - (np.maximum(-(-self.seq_lens // self._tpb), 1) - 1) * self._tpb
-        if self._state.is_ssm[layer_group]:
-            last = (self.seq_lens > 0).astype(np.int32)
+        last = self._state.life_cycles[layer_group].last_page_tokens(self.seq_lens, self._tpb)
         return PagedView(indptr, table[live].astype(np.int32), last.astype(np.int32))

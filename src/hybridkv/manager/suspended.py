@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.core.types import Tier
+from hybridkv.core.types import GPU, TierId
 
 
 @dataclass(slots=True)
@@ -23,7 +23,7 @@ class SuspendedCache:
     committed: int
     priority: int
     last_used: int
-    tier: Tier
+    tier: TierId
     ordinals: list[npt.NDArray[np.int64]]
     slots: list[npt.NDArray[np.int32]]
     released: list[int]
@@ -38,7 +38,7 @@ class SuspendedCache:
         sink blocks)."""
         num_layer_groups = len(first_stale)
         return SuspendedCache(
-            handle, 0, 0, 0, priority, clock, Tier.GPU,
+            handle, 0, 0, 0, priority, clock, GPU,
             [np.zeros(0, np.int64) for _ in range(num_layer_groups)],
             [np.zeros(0, np.int32) for _ in range(num_layer_groups)],
             list(first_stale),

@@ -19,8 +19,8 @@ import numpy.typing as npt
 from hybridkv.core.errors import ConfigError
 from hybridkv.core.limits import MAX_REQUESTS, MAX_TOKENS, check_max
 from hybridkv.layouts.grouping import GroupedLayout
-from hybridkv.lifecycles.lifecycle import IntArray, LifeCycle, keep_start, live_blocks, sink_blocks
-from hybridkv.lifecycles.lifecycle import worst_decode_blocks as _worst
+from hybridkv.lifecycles import IntArray, LifeCycle, live_blocks
+from hybridkv.lifecycles import worst_decode_blocks as _worst
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,35 +67,11 @@ class Batch:
         return len(self.capacity)
 
 
-def _covered(starts: IntArray, ends: IntArray) -> int:
-    """Length of the union of half-open intervals [starts[i], ends[i])."""
-    keep = ends > starts
-    s, e = starts[keep], ends[keep]
-    if s.size == 0:
-        return 0
-    order = np.argsort(s, kind="stable")
-    s, e = s[order], e[order]
-    reach = np.concatenate([[0], np.maximum.accumulate(e)[:-1]])
-    return int(np.clip(e - np.maximum(s, reach), 0, None).sum())
-
-
 def layer_group_demand(
     lc: LifeCycle, tokens_per_block: int, capacity: IntArray, history: IntArray, prefix: int = 0
 ) -> int:
     """Slots one layer group needs for these requests, a shared prefix counted once."""
-    live = live_blocks(lc, capacity, history, tokens_per_block)
-    shared_blocks = prefix // tokens_per_block
-    if lc.is_ssm or shared_blocks == 0:
-        return int(live.sum())
-    total = -(-capacity // tokens_per_block)
-    sinks = np.minimum(sink_blocks(lc, tokens_per_block), total)
-    start = np.maximum(keep_start(lc, history) // tokens_per_block, sinks)
-    # each request's live blocks inside the shared range: [0, a) and [start, b)
-    a = np.minimum(sinks, shared_blocks)
-    b = np.minimum(total, shared_blocks)
-    inside = a + np.clip(b - start, 0, None)
-    union = _covered(np.concatenate([[0], start]), np.concatenate([[a.max()], b]))
-    return int((live - inside).sum()) + union
+    return lc.shared_demand(capacity, history, tokens_per_block, prefix // tokens_per_block)
 
 
 def demand(

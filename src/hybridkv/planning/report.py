@@ -8,7 +8,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from hybridkv.core.types import LifeCycleKind
 from hybridkv.layouts.spec import ModelLayout
 from hybridkv.planning.demand import worst_request_demand
 from hybridkv.planning.planner import PoolGroupPlan, PoolPlan
@@ -51,8 +50,8 @@ def max_seq_len_at(plan: PoolPlan, batch_size: int) -> int | None:
     if fits_batch(plan, batch_size, _UNBOUNDED_TOKENS):
         return None
     hi = _UNBOUNDED_TOKENS
-    for pg in plan.pool_groups:  # a full layer group needs >= ceil(L / tpb) slots per request
-        if any(lg.life_cycle.is_full for lg in pg.layer_groups):
+    for pg in plan.pool_groups:  # a group growing with length needs >= ceil(L / tpb) slots per request
+        if not all(lg.life_cycle.is_bounded_below(_UNBOUNDED_TOKENS) for lg in pg.layer_groups):
             hi = min(hi, (pg.slots // batch_size + 1) * plan.spec.tokens_per_block + 1)
     lo = 0  # fits(lo): 0 tokens need nothing; not fits(hi)
     while hi - lo > 1:
@@ -64,16 +63,8 @@ def max_seq_len_at(plan: PoolPlan, batch_size: int) -> int | None:
 def ideal_bytes_per_request(layout: ModelLayout, length: int) -> int:
     """Bytes one request of ``length`` tokens holds if every layer keeps exactly its live
     tokens (window + sinks, chunk, all, or one state): no pages, no rounding."""
-    total = 0
-    for layer in layout.layers:
-        lc = layer.life_cycle
-        if lc.kind is LifeCycleKind.SSM:
-            total += layer.state_bytes
-            continue
-        span = lc.span_tokens()
-        live = length if span is None else min(length, span + lc.sink_tokens)
-        total += layer.kv_bytes_per_token * live
-    return total
+    return sum(layer.kv_bytes_per_token * int(layer.life_cycle.ideal_live_tokens(length))
+               + layer.state_bytes for layer in layout.layers)
 
 
 def ideal_concurrency(layout: ModelLayout, gpu_bytes: int, length: int) -> float:
@@ -82,8 +73,8 @@ def ideal_concurrency(layout: ModelLayout, gpu_bytes: int, length: int) -> float
 
 def _pool_group_json(pg: PoolGroupPlan) -> dict[str, Any]:
     lcs = [lg.life_cycle for lg in pg.layer_groups]
-    kinds = {"ssm" if lc.is_ssm else "attention" for lc in lcs}
-    spans = [lc.span_tokens() for lc in lcs if not lc.is_ssm]
+    kinds = {"attention" if lc.per_token else "ssm" for lc in lcs}
+    spans = [lc.span_tokens() for lc in lcs if lc.per_token]
     return {
         "id": int(pg.id),
         "kind": kinds.pop() if len(kinds) == 1 else "mixed",

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.core.types import BlockIndex, LayerGroupId, SlotId, Tier
+from hybridkv.core.types import BlockIndex, LayerGroupId, SlotId, TierId
 
 I64 = npt.NDArray[np.int64]
 
@@ -40,7 +40,7 @@ class CachedEntry(NamedTuple):
     parent: bytes
     ordinal: BlockIndex
     slot: SlotId
-    tier: Tier
+    tier: TierId
     refcount: int
     priority: int
     last_used: int
@@ -86,7 +86,7 @@ class EntryTable:
         self.free[:0] = range(new - 1, old - 1, -1)  # keep low rows first out
 
     def add(self, keys: Sequence[bytes], parents: Sequence[bytes], ordinals: I64, group: LayerGroupId,
-            slots: I64, tier: Tier, priority: int, clock: int) -> I64:
+            slots: I64, tier: TierId, priority: int, clock: int) -> I64:
         """New live rows for entries not yet present (the caller checked); returns the rows."""
         n = len(keys)
         if n > len(self.free):
@@ -115,7 +115,7 @@ class EntryTable:
     def snapshot(self, row: int) -> CachedEntry:
         return CachedEntry(self.keys[row], LayerGroupId(int(self.group[row])), self.parents[row],
                            BlockIndex(int(self.ordinal[row])), SlotId(int(self.slot[row])),
-                           Tier(int(self.tier[row])), int(self.refcount[row]), int(self.priority[row]),
+                           TierId(int(self.tier[row])), int(self.refcount[row]), int(self.priority[row]),
                            int(self.last_used[row]))
 
     def snapshots(self, rows: I64) -> list[CachedEntry]:
@@ -123,9 +123,8 @@ class EntryTable:
         cols = zip(rows.tolist(), self.group[rows].tolist(), self.ordinal[rows].tolist(), self.slot[rows].tolist(),
                    self.tier[rows].tolist(), self.refcount[rows].tolist(), self.priority[rows].tolist(),
                    self.last_used[rows].tolist(), strict=True)
-        tiers = {int(x): x for x in Tier}
-        return [CachedEntry(self.keys[r], LayerGroupId(g), self.parents[r], BlockIndex(o), SlotId(s), tiers[t], c, p, u)
-                for r, g, o, s, t, c, p, u in cols]
+        return [CachedEntry(self.keys[r], LayerGroupId(g), self.parents[r], BlockIndex(o), SlotId(s), TierId(t),
+                            c, p, u) for r, g, o, s, t, c, p, u in cols]
 
     def live_rows(self) -> I64:
         return np.flatnonzero(self.live).astype(np.int64)

@@ -5,8 +5,8 @@ engine drains the queue once per step and publishes the batch. The queue is boun
 consumer falls behind, the oldest events are dropped and counted, and the batch says how
 many were lost since the last drain, so the router knows its mirror is stale and resyncs.
 
-JSON form of one batch (``EventBatch.to_json``; keys are lowercase hex, tiers lowercase
-names of ``Tier``)::
+JSON form of one batch (``EventBatch.to_json``; keys are lowercase hex, tiers by name: the
+manager's ``tiers.names``, by default ``DEFAULT_TIER_NAMES``)::
 
     {"step": 7, "dropped": 0, "events": [
       {"type": "stored", "parent_key": "9f2c...", "keys": ["a1b2...", "c3d4..."],
@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import json
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from hybridkv.core.errors import ConfigError, UsageError
-from hybridkv.core.types import LayerGroupId, Tier
+from hybridkv.core.types import DEFAULT_TIER_NAMES, LayerGroupId, TierId
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +38,7 @@ class BlockStored:
     parent_key: bytes
     keys: tuple[bytes, ...]
     token_ids: tuple[tuple[int, ...], ...]
-    tier: Tier
+    tier: TierId
     layer_group: LayerGroupId
 
 
@@ -46,7 +47,7 @@ class BlockRemoved:
     """Blocks ``keys`` of ``layer_group`` are no longer cached on ``tier``."""
 
     keys: tuple[bytes, ...]
-    tier: Tier
+    tier: TierId
     layer_group: LayerGroupId
 
 
@@ -55,7 +56,7 @@ class BlockUpdated:
     """Blocks ``keys`` of ``layer_group`` are still cached, now on ``tier`` with ``priority``."""
 
     keys: tuple[bytes, ...]
-    tier: Tier
+    tier: TierId
     priority: int
     layer_group: LayerGroupId
 
@@ -76,29 +77,32 @@ def _unhex(keys: list[str]) -> tuple[bytes, ...]:
     return tuple(bytes.fromhex(k) for k in keys)
 
 
-def event_to_dict(ev: KVEvent) -> dict[str, Any]:
-    """The JSON-ready form of one event (see the module docstring)."""
+def event_to_dict(ev: KVEvent, tier_names: Sequence[str] = DEFAULT_TIER_NAMES) -> dict[str, Any]:
+    """The JSON-ready form of one event (see the module docstring); tier ids by name."""
     if isinstance(ev, BlockStored):
         return {"type": "stored", "parent_key": ev.parent_key.hex(), "keys": _hex(ev.keys),
-                "token_ids": [list(t) for t in ev.token_ids], "tier": ev.tier.name.lower(),
+                "token_ids": [list(t) for t in ev.token_ids], "tier": tier_names[ev.tier],
                 "layer_group": int(ev.layer_group)}
     if isinstance(ev, BlockRemoved):
-        return {"type": "removed", "keys": _hex(ev.keys), "tier": ev.tier.name.lower(),
+        return {"type": "removed", "keys": _hex(ev.keys), "tier": tier_names[ev.tier],
                 "layer_group": int(ev.layer_group)}
     if isinstance(ev, BlockUpdated):
-        return {"type": "updated", "keys": _hex(ev.keys), "tier": ev.tier.name.lower(),
+        return {"type": "updated", "keys": _hex(ev.keys), "tier": tier_names[ev.tier],
                 "priority": ev.priority, "layer_group": int(ev.layer_group)}
     return {"type": "cleared"}
 
 
-def event_from_dict(d: dict[str, Any]) -> KVEvent:
-    """Inverse of ``event_to_dict``; UsageError on an unknown type."""
+def event_from_dict(d: dict[str, Any], tier_names: Sequence[str] = DEFAULT_TIER_NAMES) -> KVEvent:
+    """Inverse of ``event_to_dict``; UsageError on an unknown type or tier name."""
     kind = d.get("type")
     if kind == "cleared":
         return AllCleared()
     if kind not in ("stored", "removed", "updated"):
         raise UsageError(f"unknown KV event type {kind!r}")
-    keys, tier, group = _unhex(d["keys"]), Tier[d["tier"].upper()], LayerGroupId(int(d["layer_group"]))
+    if d["tier"] not in tier_names:
+        raise UsageError(f"KV event on unknown tier {d['tier']!r}; tiers: {', '.join(tier_names)}")
+    keys, group = _unhex(d["keys"]), LayerGroupId(int(d["layer_group"]))
+    tier = TierId(list(tier_names).index(d["tier"]))
     if kind == "stored":
         tokens = tuple(tuple(int(t) for t in block) for block in d["token_ids"])
         return BlockStored(bytes.fromhex(d["parent_key"]), keys, tokens, tier, group)
@@ -116,14 +120,16 @@ class EventBatch:
     events: tuple[KVEvent, ...]
     dropped: int = 0
 
-    def to_json(self) -> str:
+    def to_json(self, tier_names: Sequence[str] = DEFAULT_TIER_NAMES) -> str:
+        """``tier_names``: the manager's (``m.tiers.names``) when its tier list is not the default."""
         return json.dumps({"step": self.step, "dropped": self.dropped,
-                           "events": [event_to_dict(e) for e in self.events]}, separators=(",", ":"))
+                           "events": [event_to_dict(e, tier_names) for e in self.events]}, separators=(",", ":"))
 
     @staticmethod
-    def from_json(text: str) -> EventBatch:
+    def from_json(text: str, tier_names: Sequence[str] = DEFAULT_TIER_NAMES) -> EventBatch:
         d = json.loads(text)
-        return EventBatch(int(d["step"]), tuple(event_from_dict(e) for e in d["events"]), int(d["dropped"]))
+        return EventBatch(int(d["step"]), tuple(event_from_dict(e, tier_names) for e in d["events"]),
+                          int(d["dropped"]))
 
 
 class EventQueue:

@@ -30,8 +30,8 @@ import numpy as np
 import numpy.typing as npt
 
 from hybridkv.core.errors import InvariantError, UsageError
-from hybridkv.core.types import LayerGroupId, Tier
-from hybridkv.lifecycles.lifecycle import LifeCycle
+from hybridkv.core.types import LayerGroupId, TierId
+from hybridkv.lifecycles import LifeCycle
 from hybridkv.reuse.entries import CachedEntry, EntryRef, EntryTable
 from hybridkv.reuse.events import AllCleared, BlockRemoved, BlockStored, BlockUpdated, EventQueue
 from hybridkv.reuse.eviction import PriorityLRU, make_policy
@@ -59,11 +59,12 @@ class InsertResult:
 @dataclass(frozen=True, slots=True, eq=False)
 class MatchedBlocks:
     """One layer group's share of a match: the cached blocks it needs (ascending ordinals),
-    their slots and tiers (``Tier`` values; not all on the GPU)."""
+    their slots and tier ids (not all on the GPU)."""
 
     ordinals: I64
     slots: I64
     tiers: I64
+    rows: I64  # the index rows of these entries
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -137,7 +138,7 @@ class PrefixIndex:
     # ---- insert / refcounts ----------------------------------------------------------------
 
     def insert(self, keys: Sequence[bytes], ordinals: npt.ArrayLike, layer_group: int, slots: npt.ArrayLike,
-               tier: Tier, priority: int = 0, *, root: bytes,
+               tier: TierId, priority: int = 0, *, root: bytes,
                block_tokens: npt.ArrayLike | None = None) -> InsertResult:
         """Record that blocks ``ordinals`` of the chain ``keys`` (the request's keys, one per
         full block; ``root`` = its scope root, the parent of block 0) are cached for
@@ -174,12 +175,12 @@ class PrefixIndex:
         self._clock += 1
         self._roots.add(root)
         rows[new_mask] = self._t.add(new_keys, parents, new_ords, LayerGroupId(layer_group), slot_arr[new_mask],
-                                     Tier(tier), priority, self._clock)
+                                     TierId(tier), priority, self._clock)
         if self.events is not None and tokens is not None and new_ords.size:
-            self._emit_stored(new_keys, parents, new_ords, tokens[new_mask], Tier(tier), LayerGroupId(layer_group))
+            self._emit_stored(new_keys, parents, new_ords, tokens[new_mask], TierId(tier), LayerGroupId(layer_group))
         return InsertResult(new_mask, cached, rows)
 
-    def _emit_stored(self, keys: list[bytes], parents: list[bytes], ords: I64, tokens: I64, tier: Tier,
+    def _emit_stored(self, keys: list[bytes], parents: list[bytes], ords: I64, tokens: I64, tier: TierId,
                      group: LayerGroupId) -> None:
         assert self.events is not None
         cuts = np.flatnonzero(np.diff(ords) != 1) + 1  # one event per run of consecutive ordinals
@@ -203,18 +204,19 @@ class PrefixIndex:
         self._t.refcount[rows] -= 1
         self._t.last_used[rows] = self._clock
 
-    def acquire_match(self, keys: Sequence[bytes], match: Match) -> None:
-        """``acquire`` every group's blocks of ``match`` at once (all or nothing)."""
-        self._bump_match(keys, match, +1)
+    def acquire_match(self, match: Match) -> None:
+        """``acquire`` every group's blocks of ``match`` at once (all or nothing); the match
+        must come from a probe since which the index has not changed."""
+        self._bump_match(match, +1)
 
-    def release_match(self, keys: Sequence[bytes], match: Match) -> None:
+    def release_match(self, match: Match) -> None:
         """``release`` every group's blocks of ``match`` at once (all or nothing)."""
-        self._bump_match(keys, match, -1)
+        self._bump_match(match, -1)
 
-    def _bump_match(self, keys: Sequence[bytes], match: Match, delta: int) -> None:
+    def _bump_match(self, match: Match, delta: int) -> None:
         op = "acquire_match" if delta > 0 else "release_match"
-        parts = [self._rows(keys, self._ordinals(keys, mb.ordinals, op), g, op) for g, mb in enumerate(match.per_group)]
-        rows = np.concatenate([np.zeros(0, np.int64), *parts])
+        rows = np.concatenate([np.zeros(0, np.int64), *(mb.rows for mb in match.per_group)])
+        self._check_rows(rows, op)
         if delta < 0 and (self._t.refcount[rows] < 1).any():
             raise UsageError(f"{op}: an entry of the match is not acquired (refcount 0)")
         self._clock += 1
@@ -263,31 +265,34 @@ class PrefixIndex:
     # ---- probe -----------------------------------------------------------------------------
 
     def probe(self, keys: Sequence[bytes], layer_groups: Sequence[LifeCycle], tokens_per_block: int,
-              max_tier: Tier = Tier.DISK) -> Match:
-        """The longest prefix (tokens) every layer group can serve from entries on tiers
-        <= ``max_tier``, and the blocks each group needs there. Changes nothing."""
+              max_tier: TierId | None = None, group_keys: Sequence[Sequence[bytes]] | None = None) -> Match:
+        """The longest prefix (tokens) of the prompt with block ``keys`` every layer group can
+        serve from entries on tiers <= ``max_tier`` (None: any tier), and the blocks each group needs there.
+        ``group_keys[g]``: the keys group ``g``'s pages go under when not the prompt's
+        (``LifeCycle.reuse_keys``). Changes nothing."""
         if tokens_per_block < 1 or not layer_groups:
             raise UsageError(f"probe needs tokens_per_block >= 1 and >= 1 layer group, got "
                              f"{tokens_per_block} and {len(layer_groups)}")
+        per_keys = [keys] * len(layer_groups) if group_keys is None else group_keys
         groups = [self._t.by_group.get(LayerGroupId(g), {}) for g in range(len(layer_groups))]
-        present = [self._presence(keys, d, max_tier) for d in groups]
+        present = [self._presence(k, d, max_tier) for k, d in zip(per_keys, groups, strict=True)]
         blocks = longest_match(layer_groups, present, len(keys), tokens_per_block)
         per_group = []
-        for lc, d in zip(layer_groups, groups, strict=True):
+        for lc, d, gk in zip(layer_groups, groups, per_keys, strict=True):
             ords = needed_blocks(lc, blocks, tokens_per_block)
-            rows = np.array([d[keys[o]] for o in ords.tolist()], np.int64)
-            per_group.append(MatchedBlocks(ords, self._t.slot[rows], self._t.tier[rows]))
+            rows = np.array([d[gk[o]] for o in ords.tolist()], np.int64)
+            per_group.append(MatchedBlocks(ords, self._t.slot[rows], self._t.tier[rows], rows))
         return Match(blocks * tokens_per_block, tuple(per_group))
 
-    def _presence(self, keys: Sequence[bytes], d: dict[bytes, int], max_tier: Tier) -> Present:
-        if max_tier >= Tier.DISK:
+    def _presence(self, keys: Sequence[bytes], d: dict[bytes, int], max_tier: TierId | None) -> Present:
+        if max_tier is None:
             return lambda j: keys[j] in d
         tier, limit = self._t.tier, int(max_tier)
         return lambda j: (r := d.get(keys[j])) is not None and int(tier[r]) <= limit
 
     # ---- eviction, offload, clear ----------------------------------------------------------
 
-    def evictable(self, tier: Tier, layer_group: int | None = None, limit: int | None = None) -> list[CachedEntry]:
+    def evictable(self, tier: TierId, layer_group: int | None = None, limit: int | None = None) -> list[CachedEntry]:
         """Entries on ``tier`` nobody uses (refcount 0), in the policy's eviction order
         (``priority-lru``: lowest priority, least recently used, deepest block first; see
         ``reuse.eviction``). At most ``limit`` of them (much cheaper than all)."""
@@ -324,7 +329,7 @@ class PrefixIndex:
         if rows.size and (not self._t.live[rows].all() or np.unique(rows).size != rows.size):
             raise UsageError(f"{op}: rows must be distinct live entries")
 
-    def move(self, refs: Iterable[EntryRef], new_tier: Tier, new_slots: npt.ArrayLike) -> list[CachedEntry]:
+    def move(self, refs: Iterable[EntryRef], new_tier: TierId, new_slots: npt.ArrayLike) -> list[CachedEntry]:
         """Entries now live in ``new_slots`` on ``new_tier`` (offload / onload after the caller
         copied the pages). Returns the old locations, whose slots the caller frees. Moving an
         entry a request uses is allowed; that request must switch to the new slot itself."""
@@ -333,7 +338,7 @@ class PrefixIndex:
         self.move_rows(rows, new_tier, new_slots)
         return old
 
-    def move_rows(self, rows: I64, new_tier: Tier, new_slots: npt.ArrayLike) -> None:
+    def move_rows(self, rows: I64, new_tier: TierId, new_slots: npt.ArrayLike) -> None:
         """``move`` by row (distinct live rows): no key lookups, no snapshots unless events are on."""
         self._check_rows(rows, "move")
         slots = np.asarray(new_slots, dtype=np.int64)
@@ -343,7 +348,7 @@ class PrefixIndex:
         self._t.tier[rows], self._t.slot[rows] = int(new_tier), slots
         if self.events is not None:
             for (g, prio), ks in _grouped(old, lambda e: (e.layer_group, e.priority)).items():
-                self.events.put(BlockUpdated(tuple(ks), Tier(new_tier), prio, g))
+                self.events.put(BlockUpdated(tuple(ks), TierId(new_tier), prio, g))
 
     def clear(self) -> list[CachedEntry]:
         """Forget everything (nothing may be in use) and hand every entry back."""
@@ -356,7 +361,7 @@ class PrefixIndex:
             self.events.put(AllCleared())
         return gone
 
-    def located(self, tier: Tier) -> Locations:
+    def located(self, tier: TierId) -> Locations:
         """Layer groups and slots of every entry on ``tier``, as arrays (no snapshots): what
         the cache holds there, e.g. to count slots per pool group."""
         t = self._t
@@ -378,7 +383,7 @@ class PrefixIndex:
                 _check(bool(t.live[r]) and t.keys[r] == k and t.group[r] == g, f"row {r} of group {g}")
         _check(bool((t.refcount[live] >= 0).all()), "negative refcount")
         _check(bool((t.last_used[live] <= self._clock).all()), "last_used ahead of the clock")
-        _check(set(t.tier[live].tolist()) <= {int(x) for x in Tier}, "unknown tier")
+        _check(bool((t.tier[live] >= 0).all()), "negative tier id")
         places = set(zip(t.group[live].tolist(), t.tier[live].tolist(), t.slot[live].tolist(), strict=True))
         _check(len(places) == live.size, "two entries share a (layer group, tier, slot)")
         chain: dict[bytes, tuple[bytes, int]] = {}

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hybridkv.core.errors import ConfigError, InvariantError
-from hybridkv.core.types import RequestId, Tier
+from hybridkv.core.types import GPU, RequestId
 from hybridkv.manager.manager import KVCacheManager
 from hybridkv.manager.step_tables import StepTables
 from hybridkv.planning.demand import lifetime_peak_demand, per_request_demand
@@ -186,7 +186,7 @@ class Scheduler:
         to the queue unharmed, then the latest arrival is suspended or preempted, and the head
         alone halves its chunk (it cannot be short at one token: docs/ARCHITECTURE.md)."""
         m = self.manager
-        sharing = any(a.shared for a in m.tiers.allocators[Tier.GPU])
+        sharing = any(a.shared for a in m.tiers.allocators[GPU])
         while True:
             result = m.try_step(hs, c, hist)
             if result.tables is not None:
@@ -296,7 +296,7 @@ class Scheduler:
     def _free_gpu(self) -> I64:
         """Free GPU slots per pool group, counting pages only the prefix cache holds (the
         manager evicts those on demand)."""
-        free = np.asarray(self.manager.tiers.free_slots(Tier.GPU), dtype=np.int64)
+        free = np.asarray(self.manager.tiers.free_slots(GPU), dtype=np.int64)
         if self.manager.prefix is not None:
             free += np.asarray(self.manager.prefix.reclaimable(), dtype=np.int64)
         return free
@@ -365,7 +365,7 @@ class Scheduler:
         assert t.handle is not None
         h = RequestId(t.handle)
         self.manager.suspend(h)
-        if self.manager.offload(h, Tier.HOST) or self.manager.offload(h, Tier.DISK):
+        if self.manager.offload(h):  # down the tier list, to the first with room
             t.status, t.suspensions = Status.SUSPENDED, t.suspensions + 1
             self.suspensions += 1
         else:

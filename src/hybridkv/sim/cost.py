@@ -35,8 +35,8 @@ import numpy as np
 import numpy.typing as npt
 
 from hybridkv.core.errors import ConfigError
-from hybridkv.core.types import LifeCycleKind
 from hybridkv.layouts.spec import ModelLayout
+from hybridkv.lifecycles import LifeCycle
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -62,35 +62,26 @@ GPUS: dict[str, GpuSpec] = {
 
 
 class LiveKvBytes:
-    """``ideal_bytes_per_request`` as a vectorized function of the length: per-token bytes of
-    unbounded layers, bytes per token of each bounded span (window + sinks, or chunk), and the
-    constant state bytes of recurrent layers, summed once from the layout."""
+    """``ideal_bytes_per_request`` as a vectorized function of the length: the KV bytes per
+    token of the layers of each life cycle (each says how many tokens it keeps live at a
+    length) and the constant state bytes of recurrent layers, summed once from the layout."""
 
     def __init__(self, layout: ModelLayout) -> None:
-        self.unbounded_per_token = 0
-        spans: dict[int, int] = {}
+        per_lc: dict[LifeCycle, int] = {}
         self.state_bytes = 0
         for layer in layout.layers:
-            lc = layer.life_cycle
-            if lc.kind is LifeCycleKind.SSM:
-                self.state_bytes += layer.state_bytes
-                continue
-            span = lc.span_tokens()
-            if span is None:
-                self.unbounded_per_token += layer.kv_bytes_per_token
-            else:
-                key = span + lc.sink_tokens
-                spans[key] = spans.get(key, 0) + layer.kv_bytes_per_token
-        self.spans = np.asarray(sorted(spans), np.int64)
-        self.span_bytes = np.asarray([spans[s] for s in sorted(spans)], np.float64)
-        self.per_token = self.unbounded_per_token + int(self.span_bytes.sum())
+            self.state_bytes += layer.state_bytes
+            if layer.kv_bytes_per_token:
+                per_lc[layer.life_cycle] = per_lc.get(layer.life_cycle, 0) + layer.kv_bytes_per_token
+        self.per_lc = sorted(per_lc.items(), key=lambda kv: kv[0].describe())
+        self.per_token = sum(per_lc.values())
 
     def attention(self, length: F64 | I64) -> F64:
-        """KV bytes (attention layers only) live at ``length`` tokens."""
+        """KV bytes (token-holding layers only) live at ``length`` tokens."""
         n = np.asarray(length, np.float64)
-        out = n * self.unbounded_per_token
-        if self.spans.size:
-            out = out + (np.minimum(n[:, None], self.spans[None, :]) * self.span_bytes).sum(axis=1)
+        out = np.zeros_like(n)
+        for lc, per_token in self.per_lc:
+            out = out + lc.ideal_live_tokens(n) * float(per_token)
         return np.asarray(out, np.float64)
 
     def __call__(self, length: F64 | I64) -> F64:

@@ -28,7 +28,7 @@ import numpy as np
 
 from hybridkv.core.errors import ConfigError, InvariantError
 from hybridkv.core.limits import check_max
-from hybridkv.core.types import Tier
+from hybridkv.core.types import GPU
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
 from hybridkv.manager.tiers import StorageConfig
 from hybridkv.planning.planner import PlanSpec, PoolPlan
@@ -175,7 +175,7 @@ class Simulator:
     def run(self, progress: Callable[[SimProgress], None] | None = None) -> SimResult:
         """Simulate until every session is done or the scheduler deadlocks."""
         wall0 = time.perf_counter()
-        gpu = self.manager.tiers.allocators[Tier.GPU]
+        gpu = self.manager.tiers.allocators[GPU]
         steps = 0
         while steps != self.config.max_steps:
             self._submit_due()
@@ -208,7 +208,7 @@ class Simulator:
 
     def _why_stuck(self, plan: StepPlan, steps: int) -> str:
         """The deadlock report; with ``check``, a stall the scheduler did not report raises."""
-        free = self.manager.tiers.free_slots(Tier.GPU)
+        free = self.manager.tiers.free_slots(GPU)
         state = (f"{self.manager.rows.n} running, {self.scheduler.num_waiting} waiting; free GPU slots per "
                  f"pool group {free} of {list(self.plan.slots)}")
         if plan.deadlocked:

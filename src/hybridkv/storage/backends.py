@@ -7,12 +7,18 @@ Every buffer is a 2-D array of ``num_slots x slot_bytes`` uint8 (slot-major, see
 - ``TorchBuffer`` (storage/torch_backend.py): a torch tensor on CPU, pinned CPU or CUDA.
 
 Slots are read and written in bulk; the copy engine (copy.py) moves them between buffers.
+
+Backends are found by name in a registry (``register_backend``), so a new tier is a new file
+that registers its factory: "numpy" and "disk" are registered here, "torch" too but lazily (its
+module, and torch, are imported only when a torch buffer is made: the core needs NumPy only).
+A backend whose transfers complete later also implements ``storage.jobs.AsyncTier``.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -80,14 +86,48 @@ class DiskBuffer(NumpyBuffer):
             os.remove(self.path)
 
 
-def make_buffer(kind: str, num_slots: int, slot_bytes: int, **options: Any) -> PoolBuffer:
-    """A buffer by kind: "numpy", "disk", or "torch" (options: device, pin_memory)."""
-    if kind == "numpy":
-        return NumpyBuffer(num_slots, slot_bytes)
-    if kind == "disk":
-        return DiskBuffer(num_slots, slot_bytes, options.get("directory"))
-    if kind == "torch":
-        from hybridkv.storage.torch_backend import TorchBuffer  # optional extra, imported lazily
+BackendFactory = Callable[..., PoolBuffer]
+"""``factory(num_slots, slot_bytes, **options)`` -> a buffer; options come from the tier's config."""
 
-        return TorchBuffer(num_slots, slot_bytes, **options)
-    raise ConfigError(f"unknown storage backend {kind!r}; use 'numpy', 'disk' or 'torch'")
+_BACKENDS: dict[str, BackendFactory] = {}
+
+
+def register_backend(name: str, factory: BackendFactory) -> None:
+    """Make ``name`` usable as a tier's backend. A module registers its own backends when it
+    is imported; registering a name twice is a bug (two modules would fight over it)."""
+    if name in _BACKENDS and _BACKENDS[name] is not factory:
+        raise ConfigError(f"storage backend {name!r} is registered already")
+    _BACKENDS[name] = factory
+
+
+def registered_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def check_backend(name: str, setting: str) -> None:
+    """ConfigError naming ``setting`` unless ``name`` is a registered backend."""
+    if name not in _BACKENDS:
+        raise ConfigError(f"{setting}: unknown storage backend {name!r}; registered: "
+                          f"{', '.join(registered_backends())} (import the module that registers it)")
+
+
+def make_buffer(kind: str, num_slots: int, slot_bytes: int, **options: Any) -> PoolBuffer:
+    """A buffer from the backend registered as ``kind`` ("numpy", "disk" (option: directory),
+    "torch" (options: device, pin_memory), or any registered since)."""
+    check_backend(kind, "make_buffer")
+    return _BACKENDS[kind](num_slots, slot_bytes, **options)
+
+
+def _torch_buffer(num_slots: int, slot_bytes: int, **options: Any) -> PoolBuffer:
+    from hybridkv.storage.torch_backend import TorchBuffer  # optional extra, imported lazily
+
+    return TorchBuffer(num_slots, slot_bytes, **options)
+
+
+def _disk_buffer(num_slots: int, slot_bytes: int, directory: str | None = None) -> PoolBuffer:
+    return DiskBuffer(num_slots, slot_bytes, directory)
+
+
+register_backend("numpy", NumpyBuffer)
+register_backend("disk", _disk_buffer)
+register_backend("torch", _torch_buffer)

@@ -135,3 +135,17 @@ def test_errors() -> None:
         MultimodalItem(-1, 2, b"x")
     with pytest.raises(ConfigError, match="digest"):
         MultimodalItem(0, 2, b"")
+
+
+def test_scope_inputs_separate_chains_and_leave_the_plain_root_alone() -> None:
+    """``inputs`` (an encoder input's digest) is part of the root; without it the root is the
+    lora + salt digest exactly as before (keys cached under it stay valid)."""
+    plain = hashlib.sha256(b"hybridkv/reuse/v1\x00" + b"\x00" + bytes(8) + b"salt").digest()
+    assert ReuseScope(cache_salt="salt").root() == plain
+    tokens = list(range(32))
+    a = block_keys(tokens, TPB, ReuseScope(inputs=b"audio-1"))
+    assert a == block_keys(tokens, TPB, ReuseScope(inputs=b"audio-1"))
+    assert not set(a) & set(block_keys(tokens, TPB, ReuseScope(inputs=b"audio-2")))
+    assert not set(a) & set(block_keys(tokens, TPB, ReuseScope()))
+    with pytest.raises(ConfigError, match="inputs must be bytes"):
+        ReuseScope(inputs="audio")  # type: ignore[arg-type]

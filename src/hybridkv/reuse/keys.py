@@ -42,17 +42,25 @@ _I32_MIN, _I32_MAX = np.iinfo(np.int32).min, np.iinfo(np.int32).max
 @dataclass(frozen=True, slots=True)
 class ReuseScope:
     """What must match, besides tokens, for two requests to share KV: the LoRA adapter
-    (None = base model) and a free-form cache salt (per tenant, per system prompt version...)."""
+    (None = base model), a free-form cache salt (per tenant, per system prompt version...)
+    and ``inputs``: a digest of inputs the KV depends on outside the token stream (an
+    encoder-decoder's audio, a cross-attention model's image), computed by the caller."""
 
     lora_id: int | None = None
     cache_salt: str = ""
+    inputs: bytes = b""
     _root: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.lora_id is not None and (isinstance(self.lora_id, bool) or self.lora_id < 0):
             raise ConfigError(f"lora_id must be None or an int >= 0, got {self.lora_id!r}")
+        if not isinstance(self.inputs, bytes):
+            raise ConfigError(f"inputs must be bytes (a content digest), got {type(self.inputs).__name__}")
         lora = b"\x00" + bytes(8) if self.lora_id is None else b"\x01" + struct.pack("<q", self.lora_id)
-        digest = hashlib.sha256(_ROOT_TAG + lora + self.cache_salt.encode("utf-8")).digest()
+        # 0xff never occurs in UTF-8, so the salt and the inputs cannot run into each other;
+        # without inputs the root is what it always was
+        inputs = b"\xff" + struct.pack("<q", len(self.inputs)) + self.inputs if self.inputs else b""
+        digest = hashlib.sha256(_ROOT_TAG + lora + self.cache_salt.encode("utf-8") + inputs).digest()
         object.__setattr__(self, "_root", digest)
 
     def root(self) -> bytes:

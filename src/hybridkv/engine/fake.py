@@ -118,10 +118,15 @@ class FakeEngine:
         return True
 
     def fork(self, donor: int, tokens: int) -> int | None:
+        """``manager.fork``; the child reads the donor's writers wherever its life cycles say a
+        fork takes the donor's pages (shared or copied), and its own everywhere else."""
         child = self.m.fork(donor, tokens)  # type: ignore[arg-type]
         if child is not None:
-            w = self.writers(donor).copy()
-            w[:, tokens:] = child
+            donor_w, w = self.writers(donor), np.full(self.shape, int(child), np.int64)
+            for lg in self.groups:
+                lc = lg.life_cycle
+                pos = lc.readable(lc.fork_pages(tokens, self.tpb).ordinals, tokens, self.tpb).position
+                w[lg.id, pos] = donor_w[lg.id, pos]
             self.who[int(child)], self.written[int(child)] = w, tokens
         return child
 

@@ -12,7 +12,17 @@ from hypothesis import strategies as st
 from attention_mask import visible
 from hybridkv.core.errors import ConfigError
 from hybridkv.core.limits import MAX_TOKENS
-from hybridkv.lifecycles import Chunked, Full, LifeCycle, Sliding, Ssm, live_blocks, stale_range, worst_decode_blocks
+from hybridkv.lifecycles import (
+    Chunked,
+    Encoder,
+    Full,
+    LifeCycle,
+    Sliding,
+    Ssm,
+    live_blocks,
+    stale_range,
+    worst_decode_blocks,
+)
 
 
 def brute_needed(lc: LifeCycle, h: int, q: int) -> bool:
@@ -77,7 +87,7 @@ def test_worst_decode_of_a_mixed_pool_group_is_the_max_of_the_sum() -> None:
 LIFE_CYCLES = st.one_of(
     st.just(Full()), st.just(Ssm()),
     st.builds(Sliding, st.integers(1, 80), st.sampled_from([0, 0, 1, 3, 17])),
-    st.builds(Chunked, st.integers(1, 80)))
+    st.builds(Chunked, st.integers(1, 80)), st.builds(Encoder, st.integers(1, 80)))
 
 
 @settings(max_examples=300, deadline=None)

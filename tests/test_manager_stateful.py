@@ -29,7 +29,7 @@ from conftest import DISK, HOST, snapshot
 from hybridkv.core.errors import UsageError
 from hybridkv.core.types import GPU, TierId
 from hybridkv.layouts.spec import LayerSpec
-from hybridkv.lifecycles import Chunked, Full, Sliding, Ssm, live_blocks
+from hybridkv.lifecycles import Chunked, Encoder, Full, Sliding, Ssm, live_blocks
 from hybridkv.manager.manager import CacheLengths
 from stateful_common import ACTIVE, CLOSED, SUSPENDED, CacheModel, make_layer
 
@@ -38,6 +38,7 @@ LIFE_CYCLES = st.one_of(
     st.builds(Sliding, st.sampled_from([1, 2, 3, 5, 8, 13]), st.sampled_from([0, 0, 1, 3, 4])),
     st.builds(Chunked, st.sampled_from([1, 3, 4, 8, 10])),
     st.just(Ssm()),
+    st.builds(Encoder, st.sampled_from([1, 5, 9])),
 )
 
 

@@ -33,7 +33,7 @@ from hybridkv.core.errors import UsageError
 from hybridkv.core.types import GPU, TierId
 from hybridkv.engine.fake import FakeEngine
 from hybridkv.layouts.spec import BufferSpec, LayerSpec, ModelLayout, attention_layer, ssm_layer
-from hybridkv.lifecycles import Chunked, Full, Sliding, Ssm, live_blocks
+from hybridkv.lifecycles import Chunked, Encoder, Full, Sliding, Ssm, live_blocks
 from hybridkv.manager.manager import CacheLengths, KVCacheManager, ManagerConfig
 from hybridkv.manager.prefix import PrefixCache
 from hybridkv.planning.planner import PlanSpec, plan
@@ -49,6 +49,7 @@ LIFE_CYCLES = st.one_of(
     st.builds(Sliding, st.sampled_from([1, 3, 5, 8, 13]), st.sampled_from([0, 0, 1, 4])),
     st.builds(Chunked, st.sampled_from([3, 4, 8])),
     st.just(Ssm()),
+    st.builds(Encoder, st.sampled_from([1, 5, 9])),
 )
 
 
@@ -124,8 +125,11 @@ class PrefixMachine(CacheModel, RuleBasedStateMachine):
         for lg in self.m.grouped.layer_groups:
             for h, c in zip(batch, caps, strict=True):
                 old = self.lengths[h].capacity
-                out[lg.pool_group] += int(old == 0 < c) if isinstance(lg.life_cycle, Ssm) else max(
-                    0, -(-c // self.tpb) - -(-old // self.tpb))
+                lc = lg.life_cycle
+                if isinstance(lc, Ssm | Encoder):  # a state / the encoder blocks, from the first token
+                    out[lg.pool_group] += int(old == 0 < c) * (1 if isinstance(lc, Ssm) else -(-lc.tokens // self.tpb))
+                else:
+                    out[lg.pool_group] += max(0, -(-c // self.tpb) - -(-old // self.tpb))
         return out
 
     def cache_pages(self, h: int) -> list[int]:
@@ -141,7 +145,7 @@ class PrefixMachine(CacheModel, RuleBasedStateMachine):
         hist = self.lengths[donor].history
         for lg in self.m.grouped.layer_groups:
             lc = lg.life_cycle
-            if isinstance(lc, (Ssm, Full)):
+            if isinstance(lc, Ssm | Full | Encoder):  # never released
                 continue
             first = lc.sink_blocks(self.tpb)
             stop = max(int(lc.keep_start(hist)) // self.tpb, first)  # donor's released [first, stop)
@@ -303,7 +307,8 @@ class PrefixMachine(CacheModel, RuleBasedStateMachine):
         may_refuse = must_refuse or (self.has_ssm and tokens != n.capacity)
         copies = [0] * len(self.m.grouped.pool_groups)  # a partial last block, each SSM state
         for lg in self.m.grouped.layer_groups:
-            copies[lg.pool_group] += 1 if isinstance(lg.life_cycle, Ssm) else int(tokens % self.tpb != 0)
+            if not isinstance(lg.life_cycle, Encoder):  # encoder pages are shared, never copied
+                copies[lg.pool_group] += 1 if isinstance(lg.life_cycle, Ssm) else int(tokens % self.tpb != 0)
         fits = self.row_free() and self.fits(copies)
         before = self.frozen()
         try:

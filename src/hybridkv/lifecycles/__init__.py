@@ -2,7 +2,7 @@
 
 ``base.LifeCycle`` is the contract (every question the planner, manager, prefix cache and
 engine ask about a layer's blocks); the kinds are ``Full``, ``Sliding`` (window + sinks),
-``Chunked`` and ``Ssm``, each registered against its layout JSON ``type``.
+``Chunked``, ``Ssm`` and ``Encoder``, each registered against its layout JSON ``type``.
 Importing this package registers them all.
 """
 
@@ -23,6 +23,7 @@ from hybridkv.lifecycles.base import (
     register_layer_type,
 )
 from hybridkv.lifecycles.chunked import Chunked
+from hybridkv.lifecycles.encoder import Encoder
 from hybridkv.lifecycles.full import Full
 from hybridkv.lifecycles.sliding import Sliding
 from hybridkv.lifecycles.ssm import Ssm
@@ -43,7 +44,7 @@ def stale_range(lc: LifeCycle, history: int, tokens_per_block: int) -> BlockRang
 
 __all__ = [
     "LAYER_TYPES", "MAX_DECODE_POSITIONS",
-    "BlockRange", "Chunked", "ForkPages", "Full", "IntArray", "LayerType", "LifeCycle", "MatchSearch",
+    "BlockRange", "Chunked", "Encoder", "ForkPages", "Full", "IntArray", "LayerType", "LifeCycle", "MatchSearch",
     "Positions", "Sliding", "Ssm",
     "decode_positions", "live_blocks", "register_layer_type", "stale_range", "worst_decode_blocks",
 ]

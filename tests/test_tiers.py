@@ -239,3 +239,52 @@ def test_delayed_buffer_moves_bytes_only_when_a_job_finishes() -> None:
     with pytest.raises(UsageError, match="job 6 submitted twice"):
         far.load(JobId(6), np.array([0], np.int32), src, np.array([0], np.int32))
         far.load(JobId(6), np.array([0], np.int32), src, np.array([0], np.int32))
+
+
+def _random_op(m: KVCacheManager, fake: FakeEngine, rng: np.random.Generator, tokens: dict[int, int]) -> None:
+    """One random operation; ``tokens``: active handle -> capacity."""
+    op, active, suspended = int(rng.integers(8)), sorted(tokens), sorted(m.suspended)
+    if op == 0 and (h := m.open()) is not None:
+        tokens[h] = 0
+    elif op == 1 and active:
+        h = int(rng.choice(active))
+        new = min(32, tokens[h] + int(rng.integers(1, 9)))
+        if fake.step([h], [new], [tokens[h]]):
+            tokens[h] = new
+    elif op == 2 and active:
+        h = int(rng.choice(active))
+        m.suspend(h)
+        del tokens[h]
+    elif op == 3 and suspended:
+        m.offload(int(rng.choice(suspended)), str(rng.choice(["host", "remote"])))
+    elif op == 4 and suspended:
+        h = int(rng.choice(suspended))
+        if m.resume(h):
+            tokens[h] = m.lengths(h).capacity
+    elif op == 5 and (active or suspended):
+        h = int(rng.choice(active + suspended))
+        m.close(h)
+        fake.forget(h)
+        tokens.pop(h, None)
+    elif op == 6:
+        remote(m).release()
+    elif op == 7:
+        m.poll()
+
+
+def test_random_operations_with_a_slow_tier_keep_every_byte() -> None:
+    m = build(host_bytes=4 * 64)
+    fake, rng, tokens, most_in_flight = FakeEngine(m), np.random.default_rng(7), {}, 0
+    for _ in range(600):
+        _random_op(m, fake, rng, tokens)
+        most_in_flight = max(most_in_flight, len(m.moving) + len(m.orphaned))
+        m.check_invariants()
+        fake.verify()
+    remote(m).release()
+    m.poll()
+    m.check_invariants()
+    fake.verify()
+    c = m.stats().counters
+    assert not m.moving and not m.orphaned and most_in_flight == 2
+    assert (c.steps, c.suspends, c.resumes, c.offloads, c.onboards) == (57, 49, 92, 10, 7)
+    m.close_storage()

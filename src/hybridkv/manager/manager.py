@@ -263,23 +263,12 @@ class KVCacheManager:
         cache = self.suspended[handle]
         if tier is None:
             local = [t for t in self.tiers.lower if self.tiers.immediate[t]]
-            return any(self._offload_to(cache, t) for t in local)
+            return any(moves.offload(self, cache, t) for t in local)
         dst = self.tiers.tier_id(tier) if isinstance(tier, str) else tier
         if dst == GPU or not 0 < dst < len(self.tiers.names):
             raise UsageError(f"offload({handle}) moves pages down to a lower tier ({', '.join(self.tiers.names[1:])}); "
                              "resume() brings them back")
-        return self._offload_to(cache, dst)
-
-    def _offload_to(self, cache: SuspendedCache, dst: TierId) -> bool:
-        if cache.handle in self.moving:
-            return False
-        if cache.tier == dst:
-            return True
-        room = moves.lower_room(self, dst)
-        if any(n > f for n, f in zip(self._pages_per_pool(cache), room, strict=True)):
-            return False
-        moves.move_down(self, cache, dst)
-        return True
+        return moves.offload(self, cache, dst)
 
     def ready(self, handle: RequestId) -> bool:
         """Whether a suspended cache's pages may come back without waiting: not in flight

@@ -88,6 +88,20 @@ def lower_room(m: KVCacheManager, tier: TierId, keep: list[bytes] | None = None)
     return [f + r for f, r in zip(free, m.prefix.cached_room(tier, keep), strict=True)]
 
 
+def offload(m: KVCacheManager, cache: SuspendedCache, dst: TierId) -> bool:
+    """Move a suspended cache down to ``dst`` if it has room there (cached pages nobody uses
+    count); False (nothing changed) without room or while its pages are in flight."""
+    if cache.handle in m.moving:
+        return False
+    if cache.tier == dst:
+        return True
+    room = lower_room(m, dst)
+    if any(n > f for n, f in zip(pages_per_pool(m, cache), room, strict=True)):
+        return False
+    move_down(m, cache, dst)
+    return True
+
+
 def move_down(m: KVCacheManager, cache: SuspendedCache, dst: TierId, keep: list[bytes] | None = None) -> None:
     """Move a suspended cache to a lower tier, dropping cached pages there if it needs their
     room (the caller checked ``lower_room``)."""

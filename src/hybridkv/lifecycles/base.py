@@ -222,9 +222,16 @@ class LifeCycle(abc.ABC):
         r = self.stale_range(tokens, tokens_per_block)
         return blocks[(blocks < r.start) | (blocks >= r.stop)]
 
-    copies_on_reuse: ClassVar[bool] = False
-    """A match's page is copied into a page of the new request's own (a state that keeps
-    changing) instead of shared by reference."""
+    def reuse_copies(self, count: int) -> BoolArray:
+        """Which of ``count`` matched or published pages are copied into fresh pages instead of
+        shared by reference: none by default (a written block never changes); a state that
+        keeps changing copies every one."""
+        return np.zeros(count, np.bool_)
+
+    def publish_sources(self, held: IntArray, ordinals: IntArray) -> IntArray:
+        """Table ordinals of the request's pages that back the published ``ordinals`` (the
+        same ordinals, unless the kind caches a snapshot under another one)."""
+        return ordinals
 
     def publish_ordinals(self, held: IntArray, upto: int, capacity: int, tokens_per_block: int) -> IntArray:
         """Which held block ordinals a publish of ``upto`` tokens (whole blocks, <= capacity)

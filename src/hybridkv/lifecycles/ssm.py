@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hybridkv.lifecycles.base import (
+    BoolArray,
     ForkPages,
     IntArray,
     LifeCycle,
@@ -49,7 +50,6 @@ class Ssm(LifeCycle):
     """One state per request (its buffers give ``state_bytes``)."""
 
     per_token: ClassVar[bool] = False
-    copies_on_reuse: ClassVar[bool] = True
 
     def describe(self) -> str:
         return "ssm"
@@ -96,6 +96,12 @@ class Ssm(LifeCycle):
 
     def held_ordinals(self, tokens: int, tokens_per_block: int) -> IntArray:
         return np.zeros(int(tokens > 0), np.int64)
+
+    def reuse_copies(self, count: int) -> BoolArray:
+        return np.ones(count, np.bool_)
+
+    def publish_sources(self, held: IntArray, ordinals: IntArray) -> IntArray:
+        return held  # the state page, cached as the snapshot of block ``upto / tpb - 1``
 
     def needed_blocks(self, num_blocks: int, tokens_per_block: int) -> IntArray:
         return np.array([num_blocks - 1] if num_blocks else [], np.int64)

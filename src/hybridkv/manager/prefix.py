@@ -123,9 +123,8 @@ class PrefixCache:
         gpu = self.m.tiers.allocators[GPU]
         shared = [0] * len(self.m.grouped.pool_groups)
         for lg, mb in zip(self.m.grouped.layer_groups, match.per_group, strict=True):
-            if lg.life_cycle.copies_on_reuse:  # the new request copies it into a slot of its own
-                continue
-            on_gpu = mb.slots[mb.tiers == GPU]
+            shared_ones = ~lg.life_cycle.reuse_copies(mb.slots.size)  # copies go to slots of its own
+            on_gpu = mb.slots[(mb.tiers == GPU) & shared_ones]
             shared[lg.pool_group] += int((gpu[lg.pool_group].references(on_gpu) > 1).sum())
         return PrefixHit(match.tokens, tuple(shared))
 
@@ -156,37 +155,41 @@ class PrefixCache:
                 continue
             ids = self._block_tokens(tokens, ords) if gk is keys else self._no_tokens(ords)
             where = _Chain(gk, lg.life_cycle.chain_root(root), ids)
-            if lg.life_cycle.copies_on_reuse:
-                pinned += self._publish_copy(lg.id, lg.pool_group, where, ords, table[held])
-            else:
-                pinned += self._publish_shared(lg.id, lg.pool_group, where, ords, table[ords])
+            src = table[lg.life_cycle.publish_sources(held, ords)]
+            pinned += self._publish(lg.id, lg.pool_group, where, ords, src, lg.life_cycle.reuse_copies(ords.size))
         m.tiers.copy_engine.wait_for_copies()
         return pinned
 
-    def _publish_shared(self, group: int, pool_group: int, where: _Chain, ords: I64, slots: I32) -> int:
-        """Cache the request's own pages: the cache takes a reference of its own."""
-        res = self.index.insert(where.keys, ords, group, slots, GPU, root=where.root, block_tokens=where.tokens)
-        fresh = slots[res.new_mask]
-        self.pins.placed(pool_group, fresh, res.rows[res.new_mask])
-        self.m.tiers.allocators[GPU][pool_group].pin(fresh)
+    def _publish(self, group: int, pool_group: int, where: _Chain, ords: I64, src: I32,
+                 copied: npt.NDArray[np.bool_]) -> int:
+        """Cache the pages ``src`` under ``ords``: shared ones as they are (the cache takes a
+        reference of its own), copied ones (a state that keeps changing) as a snapshot in a
+        fresh slot, taken only when not cached already and a slot is free right now."""
+        alloc, tokens = self.m.tiers.allocators[GPU][pool_group], where.tokens
+        if copied.any():
+            cached = np.fromiter((self.index.entry(where.keys[o], group) is not None for o in ords.tolist()),
+                                 np.bool_, ords.size)
+            take = ~copied | (~cached & (int((copied & ~cached).sum()) <= alloc.num_free))
+            ords, src, copied = ords[take], src[take], copied[take]
+            tokens = None if tokens is None else tokens[take]
+        slots = src.copy()
+        if copied.any():
+            slots[copied] = self._copied(pool_group, src[copied])
+        res = self.index.insert(where.keys, ords, group, slots, GPU, root=where.root, block_tokens=tokens)
+        fresh = res.new_mask
+        self.pins.placed(pool_group, slots[fresh], res.rows[fresh])
+        alloc.pin(slots[fresh & ~copied])  # the cache's own reference
+        alloc.pin(slots[copied], retain=False)  # the fresh allocation is the cache's reference
         return res.num_new
 
-    def _publish_copy(self, group: int, pool_group: int, where: _Chain, ords: I64, source: I32) -> int:
-        """Cache a snapshot of a page that keeps changing (an SSM state): a copy in a fresh
-        slot, taken only when not cached already and a slot is free right now."""
-        alloc = self.m.tiers.allocators[GPU][pool_group]
-        if ords.size != source.size or self.index.rows_of([where.keys[int(o)] for o in ords], group).size \
-                or alloc.num_free < ords.size:
-            return 0
-        snap = alloc.allocate(int(ords.size))
-        assert snap is not None
+    def _copied(self, pool_group: int, src: I32) -> I32:
+        """Fresh GPU slots holding copies of ``src`` (the caller checked the room)."""
+        own = self.m.tiers.allocators[GPU][pool_group].allocate(int(src.size))
+        assert own is not None
         buf = self.m.tiers.buffers[GPU][pool_group]
         if buf is not None:
-            self.m.tiers.copy_engine.copy(buf, source, buf, snap)
-        res = self.index.insert(where.keys, ords, group, snap, GPU, root=where.root, block_tokens=where.tokens)
-        self.pins.placed(pool_group, snap, res.rows)
-        alloc.pin(snap, retain=False)  # the allocation is the cache's reference
-        return res.num_new
+            self.m.tiers.copy_engine.copy(buf, src.astype(np.int32), buf, own)
+        return own
 
     def _no_tokens(self, ords: I64) -> npt.NDArray[np.int64] | None:
         """Blocks not keyed by prompt tokens (an encoder's): events carry -1 as their token ids."""
@@ -215,7 +218,7 @@ class PrefixCache:
         match, gkeys = self._match(keys, scope)
         need = [0] * len(m.grouped.pool_groups)
         for lg, mb in zip(m.grouped.layer_groups, match.per_group, strict=True):
-            copies = mb.ordinals.size if lg.life_cycle.copies_on_reuse else 0  # the request's own state
+            copies = int(lg.life_cycle.reuse_copies(mb.slots.size).sum()) if match.tokens else 0
             need[lg.pool_group] += int((mb.tiers != GPU).sum()) + copies
         keep = keys if all(gk is keys for gk in gkeys) else [k for gk in gkeys for k in gk]
         if not m._make_room(need, keep=keep):
@@ -233,16 +236,10 @@ class PrefixCache:
             slots = self._onboard(gk, lg.id, mb.ordinals, mb.slots, mb.tiers)
             for t, name in enumerate(m.tiers.names):
                 self.stats.hit_tokens[name][lg.id] += int((mb.tiers == t).sum()) * tpb
-            lc, alloc = lg.life_cycle, gpu[lg.pool_group]
-            if lc.copies_on_reuse:  # the request's own state starts as a copy of the snapshot
-                own = alloc.allocate(int(slots.size))
-                assert own is not None
-                buf = m.tiers.buffers[GPU][lg.pool_group]
-                if buf is not None:
-                    m.tiers.copy_engine.copy(buf, slots.astype(np.int32), buf, own)
-                slots = own.astype(np.int64)
-            else:
-                alloc.retain(slots)
+            lc, copied = lg.life_cycle, lg.life_cycle.reuse_copies(slots.size)
+            gpu[lg.pool_group].retain(slots[~copied])
+            if copied.any():  # e.g. the request's own state starts as a copy of the snapshot
+                slots[copied] = self._copied(lg.pool_group, slots[copied].astype(np.int32))
             m.rows.set_pages(row, lg.id, lc.held_ordinals(L, tpb), slots.astype(np.int32), lc.stale_range(L, tpb).stop)
         m.tiers.copy_engine.wait_for_copies()
         touched = self.index.touch(keys[:L // tpb])

@@ -56,6 +56,6 @@ def snapshot(m: KVCacheManager, with_bytes: bool = True) -> dict[str, Any]:
     if m.prefix is not None:
         snap["prefix"] = tuple(sorted((e.key, e.layer_group, e.slot, e.tier, e.last_used)
                                       for e in m.prefix.index.entries()))
-    k = m._num_handles
-    snap["handles"] = (k, m._clock, _frozen(m._state[:k]), _frozen(m._row[:k]))
+    states, rows = m.caches.view()
+    snap["handles"] = (m.caches.num_handles, m._clock, _frozen(states), _frozen(rows))
     return snap

@@ -17,8 +17,8 @@ from hybridkv.engine.fake import FakeEngine
 from hybridkv.layouts.grouping import group_layers
 from hybridkv.layouts.spec import LayerSpec, ModelLayout, attention_layer, ssm_layer
 from hybridkv.lifecycles import LifeCycle, Ssm
-from hybridkv.manager.manager import CacheLengths, KVCacheManager, ManagerConfig
-from hybridkv.manager.state import RequestState
+from hybridkv.manager.manager import KVCacheManager, ManagerConfig
+from hybridkv.manager.state import CacheLengths, RequestState
 from hybridkv.manager.tiers import StorageConfig
 from hybridkv.planning.planner import PlanSpec, compute_floors, plan
 

@@ -20,9 +20,10 @@ from hybridkv.core.types import GPU
 from hybridkv.engine.fake import FakeEngine
 from hybridkv.layouts.spec import LayerSpec, ModelLayout, attention_layer, ssm_layer
 from hybridkv.lifecycles import Chunked, Full, Sliding, Ssm, live_blocks, worst_decode_blocks
-from hybridkv.manager.manager import CacheLengths, KVCacheManager, ManagerConfig
-from hybridkv.manager.state import RequestState
-from hybridkv.manager.stats import Counters, PoolTierStats
+from hybridkv.manager.counters import Counters
+from hybridkv.manager.manager import KVCacheManager, ManagerConfig
+from hybridkv.manager.state import CacheLengths, RequestState
+from hybridkv.manager.stats import PoolTierStats
 from hybridkv.manager.tiers import StorageConfig
 from hybridkv.planning.planner import PlanSpec, plan
 

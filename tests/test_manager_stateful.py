@@ -30,7 +30,7 @@ from hybridkv.core.errors import UsageError
 from hybridkv.core.types import GPU, TierId
 from hybridkv.layouts.spec import LayerSpec
 from hybridkv.lifecycles import Chunked, Encoder, Full, Sliding, Ssm, live_blocks
-from hybridkv.manager.manager import CacheLengths
+from hybridkv.manager.state import CacheLengths
 from stateful_common import ACTIVE, CLOSED, SUSPENDED, CacheModel, make_layer
 
 LIFE_CYCLES = st.one_of(

@@ -34,8 +34,9 @@ from hybridkv.core.types import GPU, TierId
 from hybridkv.engine.fake import FakeEngine
 from hybridkv.layouts.spec import BufferSpec, LayerSpec, ModelLayout, attention_layer, ssm_layer
 from hybridkv.lifecycles import Chunked, Encoder, Full, Sliding, Ssm, live_blocks
-from hybridkv.manager.manager import CacheLengths, KVCacheManager, ManagerConfig
+from hybridkv.manager.manager import KVCacheManager, ManagerConfig
 from hybridkv.manager.prefix import PrefixCache
+from hybridkv.manager.state import CacheLengths
 from hybridkv.planning.planner import PlanSpec, plan
 from stateful_common import ACTIVE, CLOSED, SUSPENDED, CacheModel, make_layer
 

@@ -11,9 +11,9 @@ from hybridkv.layouts.grouping import GroupedLayout, LayerGroup, PoolGroup, grou
 from hybridkv.layouts.models import load_model
 from hybridkv.layouts.spec import BufferSpec, LayerSpec, ModelLayout
 from hybridkv.lifecycles import Chunked, Full, LifeCycle, Sliding, Ssm, live_blocks, stale_range, worst_decode_blocks
-from hybridkv.manager.manager import CacheLengths, KVCacheManager, ManagerConfig, StepResult
+from hybridkv.manager.manager import KVCacheManager, ManagerConfig, StepResult
 from hybridkv.manager.prefix import PrefixCache, PrefixHit
-from hybridkv.manager.state import RequestState
+from hybridkv.manager.state import CacheLengths, RequestState
 from hybridkv.manager.step_tables import StepTables
 from hybridkv.manager.tiers import StorageConfig, TierSpec
 from hybridkv.planning.demand import Batch, batch_demand, concurrent_decode_demand, demand, worst_request_demand

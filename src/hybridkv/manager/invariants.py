@@ -3,21 +3,16 @@ live blocks of each active request, lengths ordered, indexes consistent."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from hybridkv.core.errors import InvariantError
 from hybridkv.core.types import GPU, TierId
 from hybridkv.lifecycles import live_blocks
 from hybridkv.manager.rows import NULL_SLOT
-from hybridkv.manager.state import RequestState
-
-if TYPE_CHECKING:
-    from hybridkv.manager.manager import KVCacheManager
+from hybridkv.manager.view import ManagerView
 
 
-def _check_ownership(m: KVCacheManager) -> None:
+def _check_ownership(m: ManagerView) -> None:
     owned: dict[tuple[TierId, int], list[np.ndarray]] = {(t, g): [] for t in m.tiers.ids
                                                          for g in range(len(m.grouped.pool_groups))}
     _add_moves(m, owned)
@@ -51,7 +46,7 @@ def _check_ownership(m: KVCacheManager) -> None:
                                  "cache's pages")
 
 
-def _add_moves(m: KVCacheManager, owned: dict[tuple[TierId, int], list[np.ndarray]]) -> None:
+def _add_moves(m: ManagerView, owned: dict[tuple[TierId, int], list[np.ndarray]]) -> None:
     """Pages in flight: a move's targets are held by the move until its jobs finish; its
     sources by the cache (still pointing at them), or by the move once the cache closed."""
     jobs = [j for t in [*m.moving.values(), *m.orphaned] for j in t.jobs]
@@ -77,7 +72,7 @@ def _add_moves(m: KVCacheManager, owned: dict[tuple[TierId, int], list[np.ndarra
             owned[(t.dst, g)].append(ids)
 
 
-def _check_rows(m: KVCacheManager) -> None:
+def _check_rows(m: ManagerView) -> None:
     r, n, tpb = m.rows, m.rows.n, m.tokens_per_block
     cap, hist, com = r.capacity[:n], r.history[:n], r.committed[:n]
     if not ((com <= hist) & (hist <= cap) & (cap <= m.max_seq_len)).all():
@@ -85,8 +80,7 @@ def _check_rows(m: KVCacheManager) -> None:
     if not (r.seq_lens[:n] == cap).all():
         raise InvariantError("seq_lens out of step with capacity")
     handles = r.handle[:n]
-    if not (m._row[handles] == np.arange(n)).all() or not (m._state[handles] == RequestState.ACTIVE).all():
-        raise InvariantError("row index and handle index disagree")
+    m.caches.check_invariants(handles)
     for lg in m.grouped.layer_groups:
         table = r.tables[lg.id][:n]
         held = (table != NULL_SLOT).sum(axis=1)
@@ -106,23 +100,17 @@ def _check_rows(m: KVCacheManager) -> None:
             raise InvariantError(f"layer group {lg.id}: a page beyond capacity")
 
 
-def _check_suspended(m: KVCacheManager) -> None:
+def _check_suspended(m: ManagerView) -> None:
     for h, cache in m.suspended.items():
-        if m._state[h] != RequestState.SUSPENDED or m._row[h] >= 0:
-            raise InvariantError(f"request {h}: suspended record but state {m._state[h]}")
         for lg in m.grouped.layer_groups:
             want = int(live_blocks(lg.life_cycle, cache.capacity, cache.history, m.tokens_per_block))
             if cache.slots[lg.id].size != want or cache.ordinals[lg.id].size != want:
                 raise InvariantError(f"request {h}, layer group {lg.id}: {cache.slots[lg.id].size} pages "
                                      f"suspended, live blocks are {want}")
-    states = m._state[:m._num_handles]
-    if int((states == RequestState.SUSPENDED).sum()) != len(m.suspended):
-        raise InvariantError("suspended count differs from suspended records")
-    if int((states == RequestState.ACTIVE).sum()) != m.rows.n:
-        raise InvariantError("active count differs from active rows")
 
 
-def check(m: KVCacheManager) -> None:
+
+def check(m: ManagerView) -> None:
     _check_ownership(m)
     _check_rows(m)
     _check_suspended(m)

@@ -19,11 +19,13 @@ import numpy.typing as npt
 from hybridkv.core.errors import ConfigError, UsageError
 from hybridkv.core.types import GPU, RequestId, TierId
 from hybridkv.manager import invariants, moves, paging, sharing
+from hybridkv.manager.cache_table import CacheTable
+from hybridkv.manager.counters import Counters
 from hybridkv.manager.eviction import POLICIES
 from hybridkv.manager.prefix import PrefixCache
 from hybridkv.manager.rows import NULL_SLOT, ActiveRows
-from hybridkv.manager.state import RequestState, check_transition
-from hybridkv.manager.stats import Counters, ManagerStats, collect_stats
+from hybridkv.manager.state import CacheLengths, RequestState, check_transition
+from hybridkv.manager.stats import ManagerStats, collect_stats
 from hybridkv.manager.step_tables import StepTables
 from hybridkv.manager.suspended import SuspendedCache
 from hybridkv.manager.tiers import StorageConfig, TierPools, Transfer
@@ -32,7 +34,6 @@ from hybridkv.reuse import EventQueue, ReuseScope
 
 I64 = npt.NDArray[np.int64]
 I32 = npt.NDArray[np.int32]
-_NOT_ACTIVE = -1
 
 
 @dataclass(frozen=True)
@@ -75,15 +76,6 @@ class StepCheck(NamedTuple):
     short: list[int]
 
 
-@dataclass(frozen=True, slots=True)
-class CacheLengths:
-    """A cache's three lengths (tokens)."""
-
-    capacity: int
-    history: int
-    committed: int
-
-
 class KVCacheManager:
     """Paged KV caches for many requests over the pools of one plan."""
 
@@ -97,12 +89,9 @@ class KVCacheManager:
         self.tiers = TierPools(plan, self.config.storage)
         self.policy = POLICIES[self.config.eviction_policy]()
         self.counters = Counters()
-        self.suspended: dict[int, SuspendedCache] = {}
+        self.caches = CacheTable()
         self.moving: dict[int, Transfer] = {}  # suspended caches whose pages are in flight
         self.orphaned: list[Transfer] = []  # moves of caches closed while in flight
-        self._state = np.zeros(1024, np.int8)
-        self._row = np.full(1024, _NOT_ACTIVE, np.int64)
-        self._num_handles = 0
         self._clock = 0
         self._mark = np.zeros(self.max_active_requests, np.int64)
         self.prefix: PrefixCache | None = None
@@ -114,14 +103,18 @@ class KVCacheManager:
         return self.prefix
 
     # ---- lookup -------------------------------------------------------------------------
+    @property
+    def suspended(self) -> dict[int, SuspendedCache]:
+        """Records of the suspended caches, by handle (owned by the cache table)."""
+        return self.caches.suspended
+
     def state(self, handle: RequestId) -> RequestState:
-        self._check_handle(handle)
-        return RequestState(int(self._state[handle]))
+        return self.caches.state(handle)
 
     def lengths(self, handle: RequestId) -> CacheLengths:
         st = self.state(handle)
         if st is RequestState.ACTIVE:
-            r = int(self._row[handle])
+            r = self.caches.row(handle)
             return CacheLengths(int(self.rows.capacity[r]), int(self.rows.history[r]), int(self.rows.committed[r]))
         if st is RequestState.SUSPENDED:
             c = self.suspended[handle]
@@ -135,26 +128,12 @@ class KVCacheManager:
 
     def row_of(self, handles: npt.ArrayLike) -> I64:
         """Rows of active handles (UsageError naming any handle that is not active)."""
-        h = np.asarray(handles, dtype=np.int64)
-        if h.size and (int(h.min()) < 0 or int(h.max()) >= self._num_handles):
-            raise UsageError(f"unknown request handle(s): {h[(h < 0) | (h >= self._num_handles)][:8].tolist()}")
-        rows = self._row[h]
-        if h.size and int(rows.min()) < 0:
-            bad = h[rows < 0][:8].tolist()
-            raise UsageError(f"request(s) {bad} are not active (resume them first)")
-        return rows
+        return self.caches.rows(np.asarray(handles, dtype=np.int64))
 
     # ---- life cycle ---------------------------------------------------------------------
     def create(self, priority: int = 0) -> RequestId:
         """A new, empty, suspended cache (``resume`` it to use it)."""
-        h = self._num_handles
-        if h == self._state.size:
-            self._state = np.concatenate([self._state, np.zeros(h, np.int8)])
-            self._row = np.concatenate([self._row, np.full(h, _NOT_ACTIVE, np.int64)])
-        self._num_handles += 1
-        self._state[h] = RequestState.SUSPENDED
-        self.suspended[h] = SuspendedCache.empty(h, self.rows.first_stale, priority, self._clock)
-        return RequestId(h)
+        return self.caches.create(SuspendedCache.empty(-1, self.rows.first_stale, priority, self._clock))
 
     def open(self, priority: int = 0) -> RequestId | None:
         """create + resume; None (and nothing left behind) when no active row is free."""
@@ -175,7 +154,7 @@ class KVCacheManager:
         if self.rows.n == self.rows.max_rows or handle in self.moving:
             return False
         if cache.tier != GPU:
-            if not self._make_room(self._pages_per_pool(cache), exclude=handle):
+            if not self.make_room(self._pages_per_pool(cache), exclude=handle):
                 return False
             self._move(cache, GPU)
             if handle in self.moving:
@@ -183,24 +162,23 @@ class KVCacheManager:
         row = self.rows.add(handle, cache.capacity, cache.history, cache.committed, cache.priority)
         for g in range(len(cache.slots)):
             self.rows.set_pages(row, g, cache.ordinals[g], cache.slots[g], cache.released[g])
-        del self.suspended[handle]
-        self._row[handle], self._state[handle] = row, RequestState.ACTIVE
+        self.caches.activate(handle, row)
         self.counters.resumes += 1
         return True
 
     def suspend(self, handle: RequestId) -> None:
         """Deactivate: pages stay where they are but may now be moved to a lower tier."""
         check_transition("suspend", handle, self.state(handle))
-        row = int(self._row[handle])
+        row = self.caches.row(handle)
         pages = [self.rows.pages(row, g) for g in range(len(self.grouped.layer_groups))]
         released = [int(r[row]) for r in self.rows.released]
         self._clock += 1
-        self.suspended[handle] = SuspendedCache(
+        record = SuspendedCache(
             handle, int(self.rows.capacity[row]), int(self.rows.history[row]), int(self.rows.committed[row]),
             int(self.rows.priority[row]), self._clock, GPU,
             [o for o, _ in pages], [s for _, s in pages], released)
-        self._remove_row(handle, row)
-        self._state[handle] = RequestState.SUSPENDED
+        self._remove_row(row)
+        self.caches.deactivate(handle, record)
         self.counters.suspends += 1
 
     def close(self, handle: RequestId) -> None:
@@ -208,15 +186,15 @@ class KVCacheManager:
         st = self.state(handle)
         check_transition("close", handle, st)
         if st is RequestState.ACTIVE:
-            row = int(self._row[handle])
+            row = self.caches.row(handle)
             slots = [self.rows.pages(row, lg.id)[1] for lg in self.grouped.layer_groups]
             self._free_by_pool(GPU, slots)
-            self._remove_row(handle, row)
+            self._remove_row(row)
         else:
-            cache = self.suspended.pop(handle)
+            cache = self.suspended[handle]
             if moves.orphan(self, handle) is None:  # in flight: freed when its jobs finish
                 self._free_by_pool(cache.tier, cache.slots)
-        self._state[handle] = RequestState.CLOSED
+        self.caches.close(handle)
 
     def close_many(self, handles: npt.ArrayLike) -> None:
         """``close`` for many caches at once: active ones in one vectorized pass (one free per
@@ -225,24 +203,20 @@ class KVCacheManager:
         h = np.asarray(handles, dtype=np.int64).ravel()
         if h.size == 0:
             return
-        if int(h.min()) < 0 or int(h.max()) >= self._num_handles:
-            bad = h[(h < 0) | (h >= self._num_handles)][:8].tolist()
-            raise UsageError(f"close_many: unknown request handle(s) {bad}")
+        states = self.caches.states(h)
         if np.unique(h).size != h.size:
             raise UsageError("close_many: a handle is named twice")
-        states = self._state[h]
         if (states == RequestState.CLOSED).any():
             check_transition("close", int(h[states == RequestState.CLOSED][0]), RequestState.CLOSED)
         active = h[states == RequestState.ACTIVE]
         if active.size:
-            rows = self._row[active]
+            rows = self.caches.rows(active)
             width = max(1, -(-int(self.rows.capacity[rows].max()) // self.tokens_per_block))  # none beyond capacity
             tables = [self.rows.tables[lg.id][rows, :width] for lg in self.grouped.layer_groups]
             self._free_by_pool(GPU, [t[t != NULL_SLOT] for t in tables])
             moved, new_rows = self.rows.remove_many(rows)
-            self._row[moved] = new_rows
-            self._row[active] = _NOT_ACTIVE
-            self._state[active] = RequestState.CLOSED
+            self.caches.moved(moved, new_rows)
+            self.caches.close(active)
         for handle in h[states == RequestState.SUSPENDED].tolist():
             self.close(RequestId(handle))
 
@@ -291,7 +265,7 @@ class KVCacheManager:
             raise UsageError(f"commit({handle}, {tokens}): need committed {lengths.committed} <= tokens "
                              f"<= history {lengths.history}")
         if self.state(handle) is RequestState.ACTIVE:
-            self.rows.committed[self._row[handle]] = tokens
+            self.rows.committed[self.caches.row(handle)] = tokens
         else:
             self.suspended[handle].committed = tokens
 
@@ -381,7 +355,10 @@ class KVCacheManager:
     def _pages_per_pool(self, cache: SuspendedCache) -> list[int]:
         return moves.pages_per_pool(self, cache)
 
-    def _make_room(self, need: list[int], exclude: int | None = None, keep: list[bytes] | None = None) -> bool:
+    def make_room(self, need: list[int], exclude: int | None = None, keep: list[bytes] | None = None) -> bool:
+        """Free GPU slots per pool group until ``need`` more fit: move suspended caches down
+        (never ``exclude``), give up pages only the prefix cache holds (never ``keep``'s).
+        False, having changed nothing, when even that is not enough."""
         return moves.make_room(self, need, exclude, keep)
 
     def _move(self, cache: SuspendedCache, dst: TierId) -> None:
@@ -396,15 +373,10 @@ class KVCacheManager:
         for g, parts in enumerate(per_pool):
             self.tiers.allocators[tier][g].free(np.concatenate(parts), distinct=True)
 
-    def _remove_row(self, handle: int, row: int) -> None:
+    def _remove_row(self, row: int) -> None:
         moved = self.rows.remove(row)
         if moved is not None:
-            self._row[moved] = row
-        self._row[handle] = _NOT_ACTIVE
-
-    def _check_handle(self, handle: int) -> None:
-        if not 0 <= int(handle) < self._num_handles:
-            raise UsageError(f"unknown request handle {handle}")
+            self.caches.moved(moved, row)
 
     # ---- observability ------------------------------------------------------------------
     def stats(self, reset_peak: bool = False) -> ManagerStats:

@@ -11,12 +11,12 @@ operation consumes slots an earlier part planned on.
 Moves to make room use only tiers whose transfers complete at once (``TierPools.immediate``):
 the operation needs the GPU slots now, and a store to a slower tier frees them only when it
 finishes. Such a tier is reached by an explicit ``offload`` and left by ``resume``; the move
-is then in flight (``KVCacheManager.moving``) until a poll sees its jobs finish (``poll``).
+is then in flight (``ManagerView.moving``) until a poll sees its jobs finish (``poll``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -24,12 +24,10 @@ import numpy.typing as npt
 from hybridkv.core.types import GPU, TierId
 from hybridkv.manager.suspended import SuspendedCache
 from hybridkv.manager.tiers import Transfer
-
-if TYPE_CHECKING:
-    from hybridkv.manager.manager import KVCacheManager
+from hybridkv.manager.view import ManagerView
 
 
-def pages_per_pool(m: KVCacheManager, cache: SuspendedCache) -> list[int]:
+def pages_per_pool(m: ManagerView, cache: SuspendedCache) -> list[int]:
     """Pages per pool group the cache holds on its tier."""
     out = [0] * len(m.grouped.pool_groups)
     for lg in m.grouped.layer_groups:
@@ -37,7 +35,7 @@ def pages_per_pool(m: KVCacheManager, cache: SuspendedCache) -> list[int]:
     return out
 
 
-def sole_pages_per_pool(m: KVCacheManager, cache: SuspendedCache) -> list[int]:
+def sole_pages_per_pool(m: ManagerView, cache: SuspendedCache) -> list[int]:
     """Pages per pool group that only this cache references (moving them frees GPU slots)."""
     out = [0] * len(m.grouped.pool_groups)
     for lg in m.grouped.layer_groups:
@@ -56,7 +54,7 @@ class RoomPlan(NamedTuple):
     keep: list[bytes] | None = None  # keys of a match being served: their pages stay, on every tier
 
 
-def plan_room(m: KVCacheManager, deficit: list[int], exclude: int | None = None, keep: list[bytes] | None = None,
+def plan_room(m: ManagerView, deficit: list[int], exclude: int | None = None, keep: list[bytes] | None = None,
               cache_only_after: list[int] | None = None) -> tuple[RoomPlan | None, list[int]]:
     """Plan to free ``deficit`` GPU slots per pool group: cache-only pages first (those now,
     except ``keep``'s, plus ``cache_only_after``: pages the operation's own frees leave to the
@@ -72,13 +70,13 @@ def plan_room(m: KVCacheManager, deficit: list[int], exclude: int | None = None,
     return (None if victims is None else RoomPlan(victims, keep)), rest
 
 
-def apply_moves(m: KVCacheManager, room: RoomPlan) -> None:
+def apply_moves(m: ManagerView, room: RoomPlan) -> None:
     for victim, tier in room.victims:
         move_down(m, victim, tier, room.keep)
         m.counters.evictions += 1
 
 
-def lower_room(m: KVCacheManager, tier: TierId, keep: list[bytes] | None = None) -> list[int]:
+def lower_room(m: ManagerView, tier: TierId, keep: list[bytes] | None = None) -> list[int]:
     """Slots per pool group a suspended cache moving down to ``tier`` may use: free ones, and
     those the prefix cache holds there for pages nobody uses (dropped to make the room),
     except the pages of ``keep`` (a match being served)."""
@@ -88,7 +86,7 @@ def lower_room(m: KVCacheManager, tier: TierId, keep: list[bytes] | None = None)
     return [f + r for f, r in zip(free, m.prefix.cached_room(tier, keep), strict=True)]
 
 
-def offload(m: KVCacheManager, cache: SuspendedCache, dst: TierId) -> bool:
+def offload(m: ManagerView, cache: SuspendedCache, dst: TierId) -> bool:
     """Move a suspended cache down to ``dst`` if it has room there (cached pages nobody uses
     count); False (nothing changed) without room or while its pages are in flight."""
     if cache.handle in m.moving:
@@ -102,7 +100,7 @@ def offload(m: KVCacheManager, cache: SuspendedCache, dst: TierId) -> bool:
     return True
 
 
-def move_down(m: KVCacheManager, cache: SuspendedCache, dst: TierId, keep: list[bytes] | None = None) -> None:
+def move_down(m: ManagerView, cache: SuspendedCache, dst: TierId, keep: list[bytes] | None = None) -> None:
     """Move a suspended cache to a lower tier, dropping cached pages there if it needs their
     room (the caller checked ``lower_room``)."""
     if m.prefix is not None:
@@ -110,7 +108,7 @@ def move_down(m: KVCacheManager, cache: SuspendedCache, dst: TierId, keep: list[
     move(m, cache, dst)
 
 
-def evict_cached(m: KVCacheManager, need: list[int], keep: list[bytes] | None = None) -> None:
+def evict_cached(m: ManagerView, need: list[int], keep: list[bytes] | None = None) -> None:
     """After the planned moves and the operation's frees: take cache-only pages until ``need``
     slots per pool group are free (the plan guaranteed there are enough)."""
     short = [n - f for n, f in zip(need, m.tiers.free_slots(GPU), strict=True)]
@@ -118,7 +116,7 @@ def evict_cached(m: KVCacheManager, need: list[int], keep: list[bytes] | None = 
         m.prefix.evict(short, keep)
 
 
-def make_room(m: KVCacheManager, need: list[int], exclude: int | None = None, keep: list[bytes] | None = None) -> bool:
+def make_room(m: ManagerView, need: list[int], exclude: int | None = None, keep: list[bytes] | None = None) -> bool:
     """Make ``need`` GPU slots per pool group free for an operation that frees nothing itself
     (resume, fork, prefix open). False and nothing changed when it cannot."""
     deficit = [n - f for n, f in zip(need, m.tiers.free_slots(GPU), strict=True)]
@@ -130,7 +128,7 @@ def make_room(m: KVCacheManager, need: list[int], exclude: int | None = None, ke
     return True
 
 
-def plan_suspended(m: KVCacheManager, deficit: list[int], exclude: int | None = None,
+def plan_suspended(m: ManagerView, deficit: list[int], exclude: int | None = None,
                    keep: list[bytes] | None = None) -> list[tuple[SuspendedCache, TierId]] | None:
     """Suspended GPU caches to move down (policy order) so their sole pages cover ``deficit``,
     each to the first local lower tier with room left by the ones before; None if they
@@ -158,7 +156,7 @@ def plan_suspended(m: KVCacheManager, deficit: list[int], exclude: int | None = 
     return None
 
 
-def _by_pool(m: KVCacheManager) -> list[list[int]]:
+def _by_pool(m: ManagerView) -> list[list[int]]:
     """Layer groups of each pool group, in order: a cache's pages move as one array per pool."""
     per_pool: list[list[int]] = [[] for _ in m.grouped.pool_groups]
     for lg in m.grouped.layer_groups:
@@ -166,7 +164,7 @@ def _by_pool(m: KVCacheManager) -> list[list[int]]:
     return per_pool
 
 
-def move(m: KVCacheManager, cache: SuspendedCache, dst: TierId) -> None:
+def move(m: ManagerView, cache: SuspendedCache, dst: TierId) -> None:
     """Move all of a cache's pages to ``dst`` (room checked by the caller): now when both
     tiers are local, else as jobs that leave the cache in ``m.moving`` until they finish."""
     joined = [np.concatenate([cache.slots[g] for g in ids]) if ids else np.zeros(0, np.int32)
@@ -185,7 +183,7 @@ def move(m: KVCacheManager, cache: SuspendedCache, dst: TierId) -> None:
     _land(m, cache, dst, moving.dst_slots)
 
 
-def _land(m: KVCacheManager, cache: SuspendedCache, dst: TierId, moved: list[npt.NDArray[np.int32]]) -> None:
+def _land(m: ManagerView, cache: SuspendedCache, dst: TierId, moved: list[npt.NDArray[np.int32]]) -> None:
     """Point the cache at its pages' new slots (one array per pool group) on ``dst``."""
     for ids, new in zip(_by_pool(m), moved, strict=True):
         offset = 0
@@ -196,7 +194,7 @@ def _land(m: KVCacheManager, cache: SuspendedCache, dst: TierId, moved: list[npt
     cache.tier = dst
 
 
-def poll(m: KVCacheManager) -> int:
+def poll(m: ManagerView) -> int:
     """Finish the moves whose jobs all completed: free their sources, land their caches (or,
     for a cache closed while in flight, free the targets too). Never waits; returns how many
     moves finished."""
@@ -213,7 +211,7 @@ def poll(m: KVCacheManager) -> int:
     return len(done) + len(orphans)
 
 
-def orphan(m: KVCacheManager, handle: int) -> Transfer | None:
+def orphan(m: ManagerView, handle: int) -> Transfer | None:
     """A cache closing while its pages are in flight: its move's slots stay reserved (the
     tier may still read the source and write the target) until a poll sees the jobs finish."""
     moving = m.moving.pop(handle, None)

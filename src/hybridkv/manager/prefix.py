@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -28,10 +28,8 @@ import numpy.typing as npt
 from hybridkv.core.types import DEFAULT_TIER_NAMES, GPU, RequestId, TierId
 from hybridkv.manager.cache_pins import PinnedPages
 from hybridkv.manager.state import RequestState
+from hybridkv.manager.view import ManagerView
 from hybridkv.reuse import EventQueue, Match, PrefixIndex, ReuseScope, block_keys
-
-if TYPE_CHECKING:
-    from hybridkv.manager.manager import KVCacheManager
 
 I64 = npt.NDArray[np.int64]
 I32 = npt.NDArray[np.int32]
@@ -78,9 +76,9 @@ class PrefixHit(NamedTuple):
 
 
 class PrefixCache:
-    """Prefix reuse over one KVCacheManager (create with ``KVCacheManager.enable_prefix_cache``)."""
+    """Prefix reuse over one ManagerView (create with ``ManagerView.enable_prefix_cache``)."""
 
-    def __init__(self, m: KVCacheManager, scope: ReuseScope | None = None, events: EventQueue | None = None,
+    def __init__(self, m: ManagerView, scope: ReuseScope | None = None, events: EventQueue | None = None,
                  offload_to_host: bool = True) -> None:
         self.m, self.scope = m, scope or ReuseScope()
         self.lcs = [lg.life_cycle for lg in m.grouped.layer_groups]
@@ -146,7 +144,7 @@ class PrefixCache:
             return 0
         keys = self.keys(np.asarray(tokens)[:upto], scope)
         gkeys, root = self.group_keys(keys, scope), (scope or self.scope).root()
-        row, pinned = int(m._row[handle]), 0
+        row, pinned = m.caches.row(handle), 0
         for lg, gk in zip(m.grouped.layer_groups, gkeys, strict=True):
             table = m.rows.tables[lg.id][row]
             held = np.flatnonzero(table >= 0).astype(np.int64)
@@ -221,7 +219,7 @@ class PrefixCache:
             copies = int(lg.life_cycle.reuse_copies(mb.slots.size).sum()) if match.tokens else 0
             need[lg.pool_group] += int((mb.tiers != GPU).sum()) + copies
         keep = keys if all(gk is keys for gk in gkeys) else [k for gk in gkeys for k in gk]
-        if not m._make_room(need, keep=keep):
+        if not m.make_room(need, keep=keep):
             return None
         self.stats.lookups += 1
         self.stats.prompt_tokens += int(tok.size)
@@ -229,7 +227,7 @@ class PrefixCache:
         m.resume(handle)
         if match.tokens == 0:
             return handle, 0
-        L, row = match.tokens, int(m._row[handle])
+        L, row = match.tokens, m.caches.row(handle)
         m.rows.capacity[row] = m.rows.history[row] = m.rows.committed[row] = m.rows.seq_lens[row] = L
         gpu = m.tiers.allocators[GPU]
         for lg, mb, gk in zip(m.grouped.layer_groups, match.per_group, gkeys, strict=True):

@@ -13,8 +13,6 @@ sampling, beam search) builds on.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import numpy.typing as npt
 
@@ -23,15 +21,13 @@ from hybridkv.core.types import GPU, RequestId
 from hybridkv.lifecycles import ForkPages
 from hybridkv.manager.rows import NULL_SLOT
 from hybridkv.manager.state import RequestState
-
-if TYPE_CHECKING:
-    from hybridkv.manager.manager import KVCacheManager
+from hybridkv.manager.view import ManagerView
 
 I64 = npt.NDArray[np.int64]
 I32 = npt.NDArray[np.int32]
 
 
-def _prefix_pages(m: KVCacheManager, row: int, tokens: int) -> list[tuple[ForkPages, I32]]:
+def _prefix_pages(m: ManagerView, row: int, tokens: int) -> list[tuple[ForkPages, I32]]:
     """Per layer group: what a fork at ``tokens`` takes (its life cycle says which blocks, and
     which are copied) and the donor's slots for them. UsageError when the donor no longer
     holds one of them."""
@@ -47,7 +43,7 @@ def _prefix_pages(m: KVCacheManager, row: int, tokens: int) -> list[tuple[ForkPa
     return out
 
 
-def fork(m: KVCacheManager, handle: RequestId, tokens: int) -> RequestId | None:
+def fork(m: ManagerView, handle: RequestId, tokens: int) -> RequestId | None:
     """A new active cache whose first ``tokens`` tokens are ``handle``'s (committed) tokens:
     capacity = history = committed = ``tokens``. None (nothing changed) when no active row or
     not enough free slots for the copied pages; UsageError when the prefix cannot be served."""
@@ -63,15 +59,15 @@ def fork(m: KVCacheManager, handle: RequestId, tokens: int) -> RequestId | None:
                              f"(history {lengths.history}, committed {lengths.committed})")
     if m.rows.n == m.rows.max_rows:
         return None
-    row = int(m._row[handle])
+    row = m.caches.row(handle)
     pages = _prefix_pages(m, row, tokens)
     need = [0] * len(m.grouped.pool_groups)
     for lg, (fp, _) in zip(m.grouped.layer_groups, pages, strict=True):
         need[lg.pool_group] += int(fp.copied.sum())
-    if not m._make_room(need):
+    if not m.make_room(need):
         return None
     child = m.create(int(m.rows.priority[row]))
-    cache = m.suspended.pop(child)
+    cache = m.suspended[child]
     child_row = m.rows.add(child, tokens, tokens, tokens, int(m.rows.priority[row]))
     gpu = m.tiers.allocators[GPU]
     for lg, (fp, slots) in zip(m.grouped.layer_groups, pages, strict=True):
@@ -88,6 +84,6 @@ def fork(m: KVCacheManager, handle: RequestId, tokens: int) -> RequestId | None:
         released = max(cache.released[lg.id], lg.life_cycle.stale_range(tokens, m.tokens_per_block).stop)
         m.rows.set_pages(child_row, lg.id, fp.ordinals, new, released)
     m.tiers.copy_engine.wait_for_copies()
-    m._row[child], m._state[child] = child_row, RequestState.ACTIVE
+    m.caches.activate(child, child_row)
     m.counters.forks += 1
     return child

@@ -12,6 +12,7 @@ to a lower tier whenever the GPU needs room.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 from hybridkv.core.errors import UsageError
 
@@ -37,3 +38,12 @@ def check_transition(op: str, handle: int, state: RequestState) -> None:
         allowed = ", ".join(s.name.lower() for s in sorted(ALLOWED[op]))
         raise UsageError(f"cannot {op} request {handle}: it is {state.name.lower()} "
                          f"({op} needs {allowed})")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLengths:
+    """A cache's three lengths (tokens)."""
+
+    capacity: int
+    history: int
+    committed: int

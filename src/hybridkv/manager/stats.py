@@ -3,35 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from hybridkv.core.types import GPU, TierId
-
-if TYPE_CHECKING:
-    from hybridkv.manager.manager import KVCacheManager
-
-
-@dataclass
-class Counters:
-    """Monotone counters since the manager was built."""
-
-    steps: int = 0
-    suspends: int = 0
-    resumes: int = 0
-    evictions: int = 0  # suspended caches moved down because the GPU needed room
-    offloads: int = 0  # caches moved to a lower tier (evictions and explicit offloads)
-    onboards: int = 0  # caches moved to a higher tier (resume from host / disk)
-    offload_bytes: int = 0
-    onboard_bytes: int = 0
-    forks: int = 0  # caches created sharing another's prefix
-
-    def record_move(self, src: TierId, dst: TierId, nbytes: int) -> None:
-        if dst > src:
-            self.offloads += 1
-            self.offload_bytes += nbytes
-        else:
-            self.onboards += 1
-            self.onboard_bytes += nbytes
+from hybridkv.manager.counters import Counters
+from hybridkv.manager.view import ManagerView
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +34,7 @@ class ManagerStats:
         return next(p for p in self.pools if p.pool_group == pool_group and p.tier == tier)
 
 
-def collect_stats(m: KVCacheManager, reset_peak: bool) -> ManagerStats:
+def collect_stats(m: ManagerView, reset_peak: bool) -> ManagerStats:
     evictable = {(g, t): 0 for g in range(len(m.grouped.pool_groups)) for t in m.tiers.ids}
     for cache in m.suspended.values():
         for lg in m.grouped.layer_groups:

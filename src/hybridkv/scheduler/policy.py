@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from hybridkv.scheduler.request import Tracked
-    from hybridkv.scheduler.scheduler import Scheduler
+from hybridkv.layouts.grouping import GroupedLayout
+from hybridkv.scheduler.request import Tracked
+
+
+class ChunkSetting(Protocol):
+    @property
+    def prefill_chunk_tokens(self) -> int: ...
+
+
+class LayoutOwner(Protocol):
+    @property
+    def grouped(self) -> GroupedLayout: ...
+
+
+class SchedulerView(Protocol):
+    """What a policy sees of the scheduler (a Protocol: policies sit below scheduler.py)."""
+
+    @property
+    def config(self) -> ChunkSetting: ...
+
+    @property
+    def manager(self) -> LayoutOwner: ...
+
+    @property
+    def slots(self) -> list[int]: ...
 
 
 class SchedulingPolicy:
@@ -16,15 +38,15 @@ class SchedulingPolicy:
     name = "base"
     preempts = True
 
-    def admits(self, sched: Scheduler, req: Tracked) -> bool:
+    def admits(self, sched: SchedulerView, req: Tracked) -> bool:
         return True
 
-    def chunk_for(self, sched: Scheduler, req: Tracked) -> int:
+    def chunk_for(self, sched: SchedulerView, req: Tracked) -> int:
         """Prefill chunk cap for a request being admitted."""
         return sched.config.prefill_chunk_tokens
 
-    def on_admit(self, sched: Scheduler, req: Tracked) -> None:
+    def on_admit(self, sched: SchedulerView, req: Tracked) -> None:
         return None
 
-    def on_exit(self, sched: Scheduler, req: Tracked) -> None:
+    def on_exit(self, sched: SchedulerView, req: Tracked) -> None:
         return None

@@ -16,6 +16,7 @@ A backend whose transfers complete later also implements ``storage.jobs.AsyncTie
 
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -118,10 +119,14 @@ def make_buffer(kind: str, num_slots: int, slot_bytes: int, **options: Any) -> P
     return _BACKENDS[kind](num_slots, slot_bytes, **options)
 
 
-def _torch_buffer(num_slots: int, slot_bytes: int, **options: Any) -> PoolBuffer:
-    from hybridkv.storage.torch_backend import TorchBuffer  # optional extra, imported lazily
+def register_lazy_backend(name: str, module: str, factory: str) -> None:
+    """Register ``name`` by where its factory lives: the module (an optional extra such as
+    torch) is imported only when a buffer of that backend is first made."""
+    def load(num_slots: int, slot_bytes: int, **options: Any) -> PoolBuffer:
+        made: PoolBuffer = getattr(importlib.import_module(module), factory)(num_slots, slot_bytes, **options)
+        return made
 
-    return TorchBuffer(num_slots, slot_bytes, **options)
+    register_backend(name, load)
 
 
 def _disk_buffer(num_slots: int, slot_bytes: int, directory: str | None = None) -> PoolBuffer:
@@ -130,4 +135,4 @@ def _disk_buffer(num_slots: int, slot_bytes: int, directory: str | None = None) 
 
 register_backend("numpy", NumpyBuffer)
 register_backend("disk", _disk_buffer)
-register_backend("torch", _torch_buffer)
+register_lazy_backend("torch", "hybridkv.storage.torch_backend", "TorchBuffer")  # torch: an optional extra

@@ -31,15 +31,15 @@ class TorchBuffer:
                                        pin_memory=pin)
         self.kind = f"torch:{self.device.type}" + (":pinned" if pin else "")
 
-    def _index(self, slots: npt.NDArray[np.int32]) -> Any:
+    def index(self, slots: npt.NDArray[np.int32]) -> Any:
         return torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64)).to(self.device)
 
     def read(self, slots: npt.NDArray[np.int32]) -> ByteArray:
-        out: ByteArray = self.tensor[self._index(slots)].cpu().numpy()
+        out: ByteArray = self.tensor[self.index(slots)].cpu().numpy()
         return out
 
     def write(self, slots: npt.NDArray[np.int32], data: ByteArray) -> None:
-        self.tensor[self._index(slots)] = torch.from_numpy(np.ascontiguousarray(data)).to(self.device)
+        self.tensor[self.index(slots)] = torch.from_numpy(np.ascontiguousarray(data)).to(self.device)
 
     def close(self) -> None:
         self.tensor = torch.zeros((0, self.slot_bytes), dtype=torch.uint8, device=self.device)
@@ -55,8 +55,8 @@ class TorchCopyEngine:
             return
         if isinstance(src, TorchBuffer) and isinstance(dst, TorchBuffer):
             # device -> host must complete before the host-side scatter reads it: blocking then
-            moved = src.tensor[src._index(src_slots)].to(dst.device, non_blocking=dst.device.type != "cpu")
-            dst.tensor[dst._index(dst_slots)] = moved
+            moved = src.tensor[src.index(src_slots)].to(dst.device, non_blocking=dst.device.type != "cpu")
+            dst.tensor[dst.index(dst_slots)] = moved
             return
         dst.write(dst_slots, src.read(src_slots))
 

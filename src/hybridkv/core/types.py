@@ -14,8 +14,9 @@ SlotId = NewType("SlotId", int)
 BlockIndex = NewType("BlockIndex", int)
 """A request's block ordinal: block b covers tokens [b * tpb, (b + 1) * tpb)."""
 
-RequestId = NewType("RequestId", int)
-"""A request cache handle inside the manager."""
+CacheHandle = NewType("CacheHandle", int)
+"""A cache handle: names one request's cache inside the manager (the engine keeps its own
+request ids; a request preempted and recomputed gets a new cache handle)."""
 
 LayerGroupId = NewType("LayerGroupId", int)
 PoolGroupId = NewType("PoolGroupId", int)

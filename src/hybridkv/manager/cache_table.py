@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hybridkv.core.errors import InvariantError, UsageError
-from hybridkv.core.types import RequestId
+from hybridkv.core.types import CacheHandle
 from hybridkv.manager.state import RequestState
 from hybridkv.manager.suspended import SuspendedCache
 
@@ -33,7 +33,7 @@ class CacheTable:
     def num_handles(self) -> int:
         return self._num_handles
 
-    def create(self, record: SuspendedCache) -> RequestId:
+    def create(self, record: SuspendedCache) -> CacheHandle:
         """A new handle in the SUSPENDED state with this (empty) record."""
         h = self._num_handles
         if h == self._state.size:
@@ -43,7 +43,7 @@ class CacheTable:
         self._state[h] = RequestState.SUSPENDED
         record.handle = h
         self.suspended[h] = record
-        return RequestId(h)
+        return CacheHandle(h)
 
     def view(self) -> tuple[I64, I64]:
         """Copies of (state, row) for every handle so far, for snapshots and reports."""

@@ -17,11 +17,10 @@ import numpy as np
 import numpy.typing as npt
 
 from hybridkv.core.errors import ConfigError, UsageError
-from hybridkv.core.types import GPU, RequestId, TierId
+from hybridkv.core.types import GPU, CacheHandle, TierId
 from hybridkv.manager import invariants, moves, paging, sharing
 from hybridkv.manager.cache_table import CacheTable
 from hybridkv.manager.counters import Counters
-from hybridkv.manager.eviction import POLICIES
 from hybridkv.manager.prefix import PrefixCache
 from hybridkv.manager.rows import NULL_SLOT, ActiveRows
 from hybridkv.manager.state import CacheLengths, RequestState, check_transition
@@ -29,6 +28,7 @@ from hybridkv.manager.stats import ManagerStats, collect_stats
 from hybridkv.manager.step_tables import StepTables
 from hybridkv.manager.suspended import SuspendedCache
 from hybridkv.manager.tiers import StorageConfig, TierPools, Transfer
+from hybridkv.manager.victims import POLICIES
 from hybridkv.planning.planner import PoolPlan
 from hybridkv.reuse import EventQueue, ReuseScope
 
@@ -108,10 +108,10 @@ class KVCacheManager:
         """Records of the suspended caches, by handle (owned by the cache table)."""
         return self.caches.suspended
 
-    def state(self, handle: RequestId) -> RequestState:
+    def state(self, handle: CacheHandle) -> RequestState:
         return self.caches.state(handle)
 
-    def lengths(self, handle: RequestId) -> CacheLengths:
+    def lengths(self, handle: CacheHandle) -> CacheLengths:
         st = self.state(handle)
         if st is RequestState.ACTIVE:
             r = self.caches.row(handle)
@@ -131,11 +131,11 @@ class KVCacheManager:
         return self.caches.rows(np.asarray(handles, dtype=np.int64))
 
     # ---- life cycle ---------------------------------------------------------------------
-    def create(self, priority: int = 0) -> RequestId:
+    def create(self, priority: int = 0) -> CacheHandle:
         """A new, empty, suspended cache (``resume`` it to use it)."""
         return self.caches.create(SuspendedCache.empty(-1, self.rows.first_stale, priority, self._clock))
 
-    def open(self, priority: int = 0) -> RequestId | None:
+    def open(self, priority: int = 0) -> CacheHandle | None:
         """create + resume; None (and nothing left behind) when no active row is free."""
         if self.rows.n == self.rows.max_rows:
             return None
@@ -143,7 +143,7 @@ class KVCacheManager:
         self.resume(h)
         return h
 
-    def resume(self, handle: RequestId) -> bool:
+    def resume(self, handle: CacheHandle) -> bool:
         """Make a suspended cache active, bringing its pages to the GPU. False if there is no
         row, no room even after evicting other suspended caches, or its pages are in flight
         (``ready`` says so); then nothing changed. Pages on a tier whose loads finish later:
@@ -166,7 +166,7 @@ class KVCacheManager:
         self.counters.resumes += 1
         return True
 
-    def suspend(self, handle: RequestId) -> None:
+    def suspend(self, handle: CacheHandle) -> None:
         """Deactivate: pages stay where they are but may now be moved to a lower tier."""
         check_transition("suspend", handle, self.state(handle))
         row = self.caches.row(handle)
@@ -181,7 +181,7 @@ class KVCacheManager:
         self.caches.deactivate(handle, record)
         self.counters.suspends += 1
 
-    def close(self, handle: RequestId) -> None:
+    def close(self, handle: CacheHandle) -> None:
         """Free every page of the cache, on every tier."""
         st = self.state(handle)
         check_transition("close", handle, st)
@@ -218,15 +218,15 @@ class KVCacheManager:
             self.caches.moved(moved, new_rows)
             self.caches.close(active)
         for handle in h[states == RequestState.SUSPENDED].tolist():
-            self.close(RequestId(handle))
+            self.close(CacheHandle(handle))
 
-    def fork(self, handle: RequestId, tokens: int) -> RequestId | None:
+    def fork(self, handle: CacheHandle, tokens: int) -> CacheHandle | None:
         """A new active cache sharing ``handle``'s first ``tokens`` committed tokens (full
         blocks shared by reference, a partial last block and SSM state copied); see
         manager/sharing.py. None (nothing changed) without a free row or slots."""
         return sharing.fork(self, handle, tokens)
 
-    def offload(self, handle: RequestId, tier: TierId | str | None = None) -> bool:
+    def offload(self, handle: CacheHandle, tier: TierId | str | None = None) -> bool:
         """Move a suspended cache's pages down to ``tier`` (an id or a name); None: the first
         lower tier, down the list, with room whose transfers complete at once (the caller
         wants the GPU pages free now). False (nothing moved) without room, or while the
@@ -244,7 +244,7 @@ class KVCacheManager:
                              "resume() brings them back")
         return moves.offload(self, cache, dst)
 
-    def ready(self, handle: RequestId) -> bool:
+    def ready(self, handle: CacheHandle) -> bool:
         """Whether a suspended cache's pages may come back without waiting: not in flight
         and on the GPU or a tier whose loads complete at once (``resume`` may still lack room)."""
         if self.state(handle) is not RequestState.SUSPENDED:
@@ -257,7 +257,7 @@ class KVCacheManager:
         moves finished."""
         return moves.poll(self) if self.moving or self.orphaned else 0
 
-    def commit(self, handle: RequestId, tokens: int) -> None:
+    def commit(self, handle: CacheHandle, tokens: int) -> None:
         """Record that the first ``tokens`` tokens are final (prefix reuse may share them)."""
         check_transition("commit", handle, self.state(handle))
         lengths = self.lengths(handle)
@@ -324,7 +324,7 @@ class KVCacheManager:
         room, short = moves.plan_room(self, deficit, cache_only_after=need.cache_only)
         return StepCheck(rows, c_new, h_new, deltas, need, room, short)
 
-    def resize(self, handle: RequestId, capacity: int, history: int | None = None) -> bool:
+    def resize(self, handle: CacheHandle, capacity: int, history: int | None = None) -> bool:
         """One request's step: new capacity (and history, default unchanged). Atomic."""
         h = self.lengths(handle).history if history is None else history
         return self.step([handle], [capacity], [h]) is not None

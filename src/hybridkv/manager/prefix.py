@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.core.types import DEFAULT_TIER_NAMES, GPU, RequestId, TierId
+from hybridkv.core.types import DEFAULT_TIER_NAMES, GPU, CacheHandle, TierId
 from hybridkv.manager.cache_pins import PinnedPages
 from hybridkv.manager.state import RequestState
 from hybridkv.manager.view import ManagerView
@@ -131,7 +131,7 @@ class PrefixCache:
         return keys[:(len(np.asarray(tokens)) - 1) // self.m.tokens_per_block]
 
     # ---- publish -------------------------------------------------------------------------
-    def publish(self, handle: RequestId, tokens: npt.ArrayLike, upto: int, scope: ReuseScope | None = None) -> int:
+    def publish(self, handle: CacheHandle, tokens: npt.ArrayLike, upto: int, scope: ReuseScope | None = None) -> int:
         """Cache the request's full blocks below ``upto`` tokens, which the engine has computed
         (at most its capacity: call it after running a step, before the next ``step`` releases
         window blocks the cache should keep); returns how many new pages were pinned. Each life
@@ -203,7 +203,7 @@ class PrefixCache:
 
     # ---- reuse ---------------------------------------------------------------------------
     def open(self, tokens: npt.ArrayLike, priority: int = 0, keys: list[bytes] | None = None,
-             scope: ReuseScope | None = None) -> tuple[RequestId, int] | None:
+             scope: ReuseScope | None = None) -> tuple[CacheHandle, int] | None:
         """A new active cache for a prompt, starting at the longest cached prefix: (handle,
         reused tokens); capacity = history = committed = reused. None (nothing changed) when
         no row or no slots for the pages that must be brought back or copied. ``keys``: as in

@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hybridkv.core.errors import UsageError
-from hybridkv.core.types import GPU, RequestId
+from hybridkv.core.types import GPU, CacheHandle
 from hybridkv.lifecycles import ForkPages
 from hybridkv.manager.rows import NULL_SLOT
 from hybridkv.manager.state import RequestState
@@ -43,7 +43,7 @@ def _prefix_pages(m: ManagerView, row: int, tokens: int) -> list[tuple[ForkPages
     return out
 
 
-def fork(m: ManagerView, handle: RequestId, tokens: int) -> RequestId | None:
+def fork(m: ManagerView, handle: CacheHandle, tokens: int) -> CacheHandle | None:
     """A new active cache whose first ``tokens`` tokens are ``handle``'s (committed) tokens:
     capacity = history = committed = ``tokens``. None (nothing changed) when no active row or
     not enough free slots for the copied pages; UsageError when the prefix cannot be served."""

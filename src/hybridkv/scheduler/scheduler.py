@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hybridkv.core.errors import ConfigError, InvariantError
-from hybridkv.core.types import GPU, RequestId
+from hybridkv.core.types import GPU, CacheHandle
 from hybridkv.manager.manager import KVCacheManager
 from hybridkv.manager.step_tables import StepTables
 from hybridkv.planning.demand import lifetime_peak_demand, per_request_demand
@@ -256,8 +256,8 @@ class Scheduler:
             reused = np.zeros_like(free)
             if t.status is Status.SUSPENDED:
                 assert t.handle is not None
-                h = m.lengths(RequestId(t.handle)).capacity
-                held = per_request_demand(m.grouped, [h], [m.lengths(RequestId(t.handle)).history])[0]
+                h = m.lengths(CacheHandle(t.handle)).capacity
+                held = per_request_demand(m.grouped, [h], [m.lengths(CacheHandle(t.handle)).history])[0]
             else:
                 h, shared = self._cached_prefix(t)
                 held, reused = np.zeros_like(free), np.asarray(shared, np.int64)
@@ -324,7 +324,7 @@ class Scheduler:
         m = self.manager
         if t.status is Status.SUSPENDED:
             assert t.handle is not None
-            if not m.resume(RequestId(t.handle)):
+            if not m.resume(CacheHandle(t.handle)):
                 raise InvariantError(f"request {t.spec.request_id}: resume refused after the demand check")
         else:
             if reused:
@@ -334,7 +334,7 @@ class Scheduler:
                     if opened is not None:
                         m.close(opened[0])
                     return False
-                handle: RequestId | None = opened[0]
+                handle: CacheHandle | None = opened[0]
                 self.reused_tokens += reused
             else:
                 handle = m.open(t.spec.priority)
@@ -363,7 +363,7 @@ class Scheduler:
         """Free a victim's GPU pages: to a lower tier when one has room, else drop its KV
         (it recomputes prompt + outputs so far when re-admitted, before newer requests)."""
         assert t.handle is not None
-        h = RequestId(t.handle)
+        h = CacheHandle(t.handle)
         self.manager.suspend(h)
         if self.manager.offload(h):  # down the tier list, to the first with room
             t.status, t.suspensions = Status.SUSPENDED, t.suspensions + 1
@@ -377,7 +377,7 @@ class Scheduler:
 
     def _release(self, t: Tracked) -> None:
         assert t.handle is not None
-        self.manager.close(RequestId(t.handle))
+        self.manager.close(CacheHandle(t.handle))
         self._forget(t)
 
     def _forget(self, t: Tracked) -> None:
@@ -403,7 +403,7 @@ class Scheduler:
             for i in np.flatnonzero((before == 0) | last).tolist():
                 t = self.by_handle[int(handles[i])]
                 if t.spec.tokens is not None:
-                    h = RequestId(int(handles[i]))
+                    h = CacheHandle(int(handles[i]))
                     prefix.publish(h, t.spec.tokens, self.manager.lengths(h).capacity)
         self.progress.generated[seqs] = before + 1
         for handle in handles[before == 0].tolist():

@@ -1,4 +1,5 @@
-"""Eviction policy for suspended caches: which to move down a tier when the GPU needs room.
+"""Victim order for suspended caches: which to move down a tier when the GPU needs room
+(the prefix cache orders its own cached pages: reuse/eviction.py).
 
 Documented policy (``priority-lru``): lowest priority first, then least recently used
 (the logical time the cache was suspended or last touched), then lowest handle. A cache moves
@@ -13,7 +14,7 @@ from collections.abc import Iterable
 from hybridkv.manager.suspended import SuspendedCache
 
 
-class EvictionPolicy:
+class VictimPolicy:
     """Orders eviction candidates; subclasses override ``key``."""
 
     name = "base"
@@ -25,11 +26,11 @@ class EvictionPolicy:
         return sorted(candidates, key=self.key)
 
 
-class PriorityLRU(EvictionPolicy):
+class SuspendedLRU(VictimPolicy):
     name = "priority-lru"
 
     def key(self, cache: SuspendedCache) -> tuple[int, ...]:
         return (cache.priority, cache.last_used, cache.handle)
 
 
-POLICIES: dict[str, type[EvictionPolicy]] = {PriorityLRU.name: PriorityLRU}
+POLICIES: dict[str, type[VictimPolicy]] = {SuspendedLRU.name: SuspendedLRU}

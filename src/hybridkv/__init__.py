@@ -10,7 +10,18 @@ from hybridkv.core.types import GIB, GPU, KIB, MIB, TierId
 from hybridkv.layouts.grouping import GroupedLayout, LayerGroup, PoolGroup, group_layers
 from hybridkv.layouts.models import load_model
 from hybridkv.layouts.spec import BufferSpec, LayerSpec, ModelLayout
-from hybridkv.lifecycles import Chunked, Full, LifeCycle, Sliding, Ssm, live_blocks, stale_range, worst_decode_blocks
+from hybridkv.lifecycles import (
+    Chunked,
+    Encoder,
+    Full,
+    LifeCycle,
+    Sliding,
+    Ssm,
+    live_blocks,
+    register_layer_type,
+    stale_range,
+    worst_decode_blocks,
+)
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig, StepResult
 from hybridkv.manager.prefix import PrefixCache, PrefixHit
 from hybridkv.manager.state import CacheLengths, RequestState
@@ -35,6 +46,7 @@ __all__ = [
     "CapacityError",
     "Chunked",
     "ConfigError",
+    "Encoder",
     "EventQueue",
     "Full",
     "GroupedLayout",
@@ -80,6 +92,7 @@ __all__ = [
     "plan",
     "plan_json",
     "register_backend",
+    "register_layer_type",
     "stale_range",
     "worst_decode_blocks",
     "worst_request_demand",

@@ -66,7 +66,8 @@ def _print_plan(j: dict[str, Any]) -> None:
     print(f"{'pool':>4} {'life cycles':<28} {'layers':>6} {'slot':>10} {'slots':>9} "
           f"{'floor':>8} {'bytes':>11}  floor set by")
     for g in j["pool_groups"]:
-        lcs = "+".join(lg["life_cycle"] for lg in g["layer_groups"])
+        names = [lg["life_cycle"] for lg in g["layer_groups"]]
+        lcs = "+".join(n if names.count(n) == 1 else f"{names.count(n)}x{n}" for n in dict.fromkeys(names))
         print(f"{g['id']:>4} {lcs:<28} {len(g['layer_ids']):>6} {g['slot_bytes']:>10} "
               f"{g['slots']:>9} {g['min_slots']:>8} {_fmt_bytes(g['bytes']):>11}  "
               f"{g['floor_source']}")
@@ -75,9 +76,15 @@ def _print_plan(j: dict[str, Any]) -> None:
           f"(ideal {j['ideal_concurrency_at_max_seq_len']:.2f}, "
           f"ratio {j['concurrency_ratio_to_ideal']:.3f}; binding pool group "
           f"{j['binding_pool_group']})")
-    longest = j["max_seq_len_at_max_batch_size"]
+    longest, ideal = j["max_seq_len_at_max_batch_size"], j["ideal_max_seq_len_at_max_batch_size"]
     print(f"longest sequence for {j['max_batch_size']} concurrent requests: "
-          f"{'unbounded' if longest is None else longest} tokens")
+          f"{'unbounded' if longest is None else longest} tokens"
+          + ("" if ideal is None or longest is None else f" (ideal {ideal}, ratio {longest / ideal:.3f})"))
+    if j["pools_mode"] == "shared":
+        print(f"shared arena: page {j['page_bytes']} B, {j['tables_per_step']} layer groups (tables per step), "
+              f"padding {j['padding_bytes']} B per block of every group")
+    for note in j["own_pools"]:
+        print(f"note: {note}")
     for note in j["unverified"]:
         print(f"note (unverified catalog value): {note}")
 

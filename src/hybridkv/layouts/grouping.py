@@ -1,19 +1,28 @@
 """Layer groups and pool groups.
 
-A *layer group* is every layer with one life cycle; one of its slots is a block's page in
-every one of its layers (so one slot id addresses ``len(layer_ids)`` pages). A *pool group*
-is the layer groups whose slot sizes match: they draw slot ids from one allocator and one
-buffer, so memory moves freely between, say, gpt-oss's sliding and full layers.
+A *layer group* is layers with one life cycle; one of its slots is a block's page in every
+one of its layers (so one slot id addresses ``len(layer_ids)`` pages). A *pool group* is the
+layer groups whose slot sizes match: they draw slot ids from one allocator and one buffer, so
+memory moves freely between, say, gpt-oss's sliding and full layers.
+
+Two modes (``POOL_MODES``). ``per-lifecycle``: one layer group per life cycle, so life cycles
+with different slot sizes get pools of their own, each with its own floors and share of the
+quota. ``shared``: each life cycle's layers are cut into layer groups of one page size
+(layouts/arena.py), so every joined layer group is in one pool group, the *arena*: any layer
+group can use any page at any moment. A life cycle that no page size suits (padding >= 5%)
+keeps a pool of its own, and the grouping says why.
 
 Group ids are assigned in order of first appearance in the layout, so they are stable.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hybridkv.core.errors import ConfigError
 from hybridkv.core.types import LayerGroupId, PoolGroupId
+from hybridkv.layouts.arena import choose_arena
 from hybridkv.layouts.spec import ModelLayout
 from hybridkv.lifecycles import LifeCycle
 
@@ -27,6 +36,11 @@ class LayerGroup:
     layer_ids: tuple[int, ...]
     slot_bytes: int
     pool_group: PoolGroupId
+    used_bytes: int = 0  # bytes its layers fill of a slot; less than slot_bytes when padded
+
+    @property
+    def padding_bytes(self) -> int:
+        return self.slot_bytes - self.used_bytes if self.used_bytes else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +60,14 @@ class GroupedLayout:
     tokens_per_block: int
     layer_groups: tuple[LayerGroup, ...]
     pool_groups: tuple[PoolGroup, ...]
+    pools_mode: str = "per-lifecycle"
+    page_bytes: int | None = None  # the arena's page (shared mode)
+    own_pools: tuple[str, ...] = ()  # shared mode: why a life cycle keeps a pool of its own
+
+    @property
+    def padding_bytes(self) -> int:
+        """Padding in one block of every layer group (bytes no layer uses)."""
+        return sum(lg.padding_bytes for lg in self.layer_groups)
 
     def life_cycles(self, pool_group: PoolGroupId) -> tuple[LifeCycle, ...]:
         """Life cycles of a pool group's layer groups, in layer-group order."""
@@ -53,25 +75,45 @@ class GroupedLayout:
                      for i in self.pool_groups[pool_group].layer_group_ids)
 
 
-def group_layers(layout: ModelLayout, tokens_per_block: int) -> GroupedLayout:
-    """Cut a layout into layer groups (by life cycle) and pool groups (by slot bytes)."""
+POOL_MODES = ("per-lifecycle", "shared")
+
+
+def group_layers(layout: ModelLayout, tokens_per_block: int, pools: str = "per-lifecycle") -> GroupedLayout:
+    """Cut a layout into layer groups and pool groups (by slot bytes) in mode ``pools``."""
     if tokens_per_block < 1:
         raise ConfigError(f"tokens_per_block must be >= 1, got {tokens_per_block}; "
                           "set --tokens-per-block (16 is a common choice)")
+    if pools not in POOL_MODES:
+        raise ConfigError(f"pools must be one of {', '.join(POOL_MODES)}, got {pools!r} (--pools)")
     by_lc: dict[LifeCycle, list[int]] = {}
     for i, layer in enumerate(layout.layers):
         by_lc.setdefault(layer.life_cycle, []).append(i)
+    page: int | None = None
+    notes: tuple[str, ...] = ()
+    parts: list[tuple[LifeCycle, tuple[int, ...], int]] = []  # (life cycle, layers, slot bytes)
+    if pools == "shared":
+        choice = choose_arena(layout, tokens_per_block)
+        page = choice.page_bytes
+        parts = [(p.life_cycle, g, page) for p in choice.joined for g in p.groups]
+        own = {lc for lc, _ in choice.own_pools}
+        notes = tuple(f"{lc.describe()} keeps its own pool: {why}" for lc, why in choice.own_pools)
+        by_lc = {lc: ids for lc, ids in by_lc.items() if lc in own}
+    parts += [(lc, tuple(ids), _bytes(layout, ids, tokens_per_block)) for lc, ids in by_lc.items()]
+    parts.sort(key=lambda part: part[1][0])  # layer groups in order of their first layer
     pool_of_bytes: dict[int, PoolGroupId] = {}
     members: dict[PoolGroupId, list[LayerGroupId]] = {}
     layer_groups: list[LayerGroup] = []
-    for lg_index, (lc, ids) in enumerate(by_lc.items()):
+    for lg_index, (lc, ids, slot_bytes) in enumerate(parts):
         lg_id = LayerGroupId(lg_index)
-        slot_bytes = sum(layout.layers[i].page_bytes(tokens_per_block) for i in ids)
         pg_id = pool_of_bytes.setdefault(slot_bytes, PoolGroupId(len(pool_of_bytes)))
         members.setdefault(pg_id, []).append(lg_id)
-        layer_groups.append(LayerGroup(lg_id, lc, tuple(ids), slot_bytes, pg_id))
+        layer_groups.append(LayerGroup(lg_id, lc, ids, slot_bytes, pg_id, _bytes(layout, ids, tokens_per_block)))
     pool_groups = tuple(
         PoolGroup(pg_id, tuple(members[pg_id]), slot_bytes)
         for slot_bytes, pg_id in pool_of_bytes.items()
     )
-    return GroupedLayout(layout, tokens_per_block, tuple(layer_groups), pool_groups)
+    return GroupedLayout(layout, tokens_per_block, tuple(layer_groups), pool_groups, pools, page, notes)
+
+
+def _bytes(layout: ModelLayout, ids: Sequence[int], tokens_per_block: int) -> int:
+    return sum(layout.layers[i].page_bytes(tokens_per_block) for i in ids)

@@ -4,7 +4,8 @@ Floors come from guarantees, never from one request alone:
 
 1. one request of ``max_seq_len`` runs to completion alone (its worst decode position);
 2. ``max_batch_size`` requests decode concurrently at worst-case positions in every pool group
-   (demand.concurrent_decode_demand: the window straddle in every windowed group);
+   (demand.concurrent_decode_demand: the window straddle in every windowed group) -- with
+   per-lifecycle pools only; with shared pools (one arena) it is reported, not reserved;
 3. every user constraint (a Batch) fits at once.
 
 A pool group's floor is the largest of these; memory above the floors is split in proportion to
@@ -21,7 +22,7 @@ from fractions import Fraction
 from hybridkv.core.errors import CapacityError, ConfigError
 from hybridkv.core.limits import MAX_BYTES, MAX_REQUESTS, MAX_TOKENS, check_max
 from hybridkv.core.types import GIB, PoolGroupId
-from hybridkv.layouts.grouping import GroupedLayout, LayerGroup, group_layers
+from hybridkv.layouts.grouping import POOL_MODES, GroupedLayout, LayerGroup, group_layers
 from hybridkv.layouts.spec import ModelLayout
 from hybridkv.planning.demand import Batch, batch_demand, concurrent_decode_demand, worst_request_demand
 
@@ -60,6 +61,7 @@ class PlanSpec:
     constraints: tuple[Batch, ...] = ()
     typical_step: Batch | None = None
     slot_granularity: int = 1
+    pools: str = "per-lifecycle"
 
     def __post_init__(self) -> None:
         positive = {"gpu_bytes (--gpu-mem)": self.gpu_bytes,
@@ -70,6 +72,8 @@ class PlanSpec:
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
+        if self.pools not in POOL_MODES:
+            raise ConfigError(f"pools (--pools) must be one of {', '.join(POOL_MODES)}, got {self.pools!r}")
         if self.host_bytes < 0:
             raise ConfigError(f"host_bytes (--host-mem) must be >= 0, got {self.host_bytes}")
         self._check_upper_bounds()
@@ -142,13 +146,16 @@ class PoolPlan:
 
 
 def compute_floors(spec: PlanSpec, grouped: GroupedLayout) -> tuple[Floor, ...]:
-    """Per pool group: the largest demand among the guarantees and the constraints."""
+    """Per pool group: the largest demand among the guarantees and the constraints. With
+    shared pools the concurrent-decode guarantee is not a reservation: the report says up to
+    which length ``max_batch_size`` requests run together, and admission enforces it."""
     sources: list[tuple[str, tuple[int, ...]]] = [
         (f"1 request of max_seq_len {spec.max_seq_len} alone",
          worst_request_demand(grouped, spec.max_seq_len)),
-        (f"{spec.max_batch_size} concurrent decodes (max_batch_size) at worst-case positions",
-         concurrent_decode_demand(grouped, spec.max_batch_size, spec.max_seq_len)),
     ]
+    if spec.pools == "per-lifecycle":
+        sources.append((f"{spec.max_batch_size} concurrent decodes (max_batch_size) at worst-case positions",
+                        concurrent_decode_demand(grouped, spec.max_batch_size, spec.max_seq_len)))
     sources += [(f"constraint {b.name!r}", batch_demand(grouped, b)) for b in spec.constraints]
     floors = []
     for g in range(len(grouped.pool_groups)):
@@ -260,7 +267,7 @@ def plan(
     took its floors and its split from one request): ``floors`` and ``typical`` (slots per pool
     group) replace the guarantees and the typical step; ``spread_leftover=False`` rounds every
     count down and leaves the remainder unused. The defaults are the guaranteed planner."""
-    grouped = group_layers(spec.layout, spec.tokens_per_block)
+    grouped = group_layers(spec.layout, spec.tokens_per_block, spec.pools)
     n_groups = len(grouped.pool_groups)
     for name, given in (("floors", floors), ("typical", typical)):
         if given is not None and len(given) != n_groups:

@@ -71,6 +71,18 @@ def ideal_concurrency(layout: ModelLayout, gpu_bytes: int, length: int) -> float
     return gpu_bytes / ideal_bytes_per_request(layout, length)
 
 
+def ideal_max_seq_len_at(layout: ModelLayout, gpu_bytes: int, batch_size: int) -> int | None:
+    """Longest length ``batch_size`` requests reach together if every layer held exactly its
+    live tokens in ``gpu_bytes`` (no pages, no floors); None if unbounded."""
+    if batch_size * ideal_bytes_per_request(layout, _UNBOUNDED_TOKENS) <= gpu_bytes:
+        return None
+    lo, hi = 0, _UNBOUNDED_TOKENS
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if batch_size * ideal_bytes_per_request(layout, mid) <= gpu_bytes else (lo, mid)
+    return lo
+
+
 def _pool_group_json(pg: PoolGroupPlan) -> dict[str, Any]:
     lcs = [lg.life_cycle for lg in pg.layer_groups]
     kinds = {"attention" if lc.per_token else "ssm" for lc in lcs}
@@ -117,6 +129,13 @@ def plan_json(plan: PoolPlan) -> dict[str, Any]:
         "ideal_concurrency_at_max_seq_len": round(ideal, 4),
         "concurrency_ratio_to_ideal": round(conc.requests / ideal, 4),
         "max_seq_len_at_max_batch_size": max_seq_len_at(plan, spec.max_batch_size),
+        "ideal_max_seq_len_at_max_batch_size": ideal_max_seq_len_at(spec.layout, spec.gpu_bytes,
+                                                                    spec.max_batch_size),
+        "pools_mode": plan.grouped.pools_mode,
+        "page_bytes": plan.grouped.page_bytes,
+        "padding_bytes": plan.grouped.padding_bytes,
+        "tables_per_step": len(plan.grouped.layer_groups),
+        "own_pools": list(plan.grouped.own_pools),
         "constraints": [c.name for c in spec.constraints],
         "typical_step": spec.typical_name(),
         "unverified": list(spec.layout.unverified),

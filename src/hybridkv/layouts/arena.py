@@ -1,0 +1,121 @@
+"""Page-sized layer groups for one shared arena: which layers share a page.
+
+In the shared-pool mode every layer group's block is one page of the same byte size, so all
+of them draw from one allocator: a window block released now is a full-attention block next
+step. A life cycle's layers are cut into layer groups whose slots fill a page of ``P`` bytes;
+a group whose layers fill less is padded. The planner chooses ``P`` by a stated cost:
+
+1. every life cycle that can join does: its layers packed into ``P``-byte pages waste < 5%
+   of those pages (``JOIN_WASTE``); one that cannot keeps its own pool (and the report says
+   why: a state of several MiB beside 32 KiB attention pages, say);
+2. among the page sizes that let the most bytes join, the fewest tables per step (layer
+   groups: each costs the manager and the kernels a table) whose padding is at most 1% of the
+   arena's page bytes (``PADDING_BUDGET``);
+3. then the least padding, then the smaller page.
+
+Candidate sizes are ``k`` layers' pages of any layer, ``k`` from 1 to the most layers one life
+cycle has, so a model with one per-layer page size gets ``P = gcd``-friendly multiples: for
+gemma-3-27b (52 window + 10 full layers, equal pages) that is 2 layers per page, 31 tables,
+no padding. Layers are packed in layout order (first fit, largest first within equal sizes
+keeps mixed sizes tight); a layer larger than ``P`` rules that ``P`` out for its life cycle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hybridkv.layouts.spec import ModelLayout
+from hybridkv.lifecycles import LifeCycle
+
+JOIN_WASTE = 0.05
+"""A life cycle joins the arena only if padding wastes less than this share of its pages."""
+PADDING_BUDGET = 0.01
+"""Padding allowed across the arena's pages before fewer tables stop winning."""
+
+
+@dataclass(frozen=True, slots=True)
+class Packing:
+    """One life cycle's layers cut into page-sized groups (layer ids per group, in order)."""
+
+    life_cycle: LifeCycle
+    groups: tuple[tuple[int, ...], ...]
+    used_bytes: tuple[int, ...]  # per group: bytes its layers fill of the page
+
+    def padding(self, page_bytes: int) -> int:
+        return sum(page_bytes - u for u in self.used_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class ArenaChoice:
+    """The page size, the packed life cycles, and the life cycles left to their own pools
+    with the reason."""
+
+    page_bytes: int
+    joined: tuple[Packing, ...]
+    own_pools: tuple[tuple[LifeCycle, str], ...]
+
+    @property
+    def tables(self) -> int:
+        return sum(len(p.groups) for p in self.joined)
+
+    @property
+    def padding_bytes(self) -> int:
+        """Bytes of padding in one block of every arena layer group."""
+        return sum(p.padding(self.page_bytes) for p in self.joined)
+
+
+def _pack(layout: ModelLayout, ids: Sequence[int], page: int, tpb: int) -> tuple[list[list[int]], list[int]] | None:
+    """First-fit of the layers into pages of ``page`` bytes (None if one does not fit)."""
+    sizes = {i: layout.layers[i].page_bytes(tpb) for i in ids}
+    if max(sizes.values()) > page:
+        return None
+    groups: list[list[int]] = []
+    used: list[int] = []
+    for i in sorted(ids, key=lambda i: -sizes[i]):  # stable: layout order within a size
+        for g, u in enumerate(used):
+            if u + sizes[i] <= page:
+                groups[g].append(i)
+                used[g] += sizes[i]
+                break
+        else:
+            groups.append([i])
+            used.append(sizes[i])
+    return [sorted(g) for g in groups], used
+
+
+def _candidate(layout: ModelLayout, by_lc: dict[LifeCycle, list[int]], page: int, tpb: int) -> ArenaChoice:
+    joined, own = [], []
+    for lc, ids in by_lc.items():
+        packed = _pack(layout, ids, page, tpb)
+        if packed is None:
+            own.append((lc, f"a layer's page is larger than the {page} B arena page"))
+            continue
+        groups, used = packed
+        waste = 1 - sum(used) / (len(groups) * page)
+        if waste >= JOIN_WASTE:
+            own.append((lc, f"{page} B pages would waste {waste:.0%} of its memory (>= {JOIN_WASTE:.0%})"))
+            continue
+        order = sorted(range(len(groups)), key=lambda g: groups[g][0])
+        joined.append(Packing(lc, tuple(tuple(groups[g]) for g in order), tuple(used[g] for g in order)))
+    return ArenaChoice(page, tuple(joined), tuple(own))
+
+
+def choose_arena(layout: ModelLayout, tokens_per_block: int) -> ArenaChoice:
+    """The page size and packing by the module's cost (see the docstring)."""
+    by_lc: dict[LifeCycle, list[int]] = {}
+    for i, layer in enumerate(layout.layers):
+        by_lc.setdefault(layer.life_cycle, []).append(i)
+    sizes = sorted({layer.page_bytes(tokens_per_block) for layer in layout.layers})
+    most = max(len(ids) for ids in by_lc.values())
+    pages = sorted({k * s for s in sizes for k in range(1, most + 1)})
+    best: tuple[tuple[int, int, int, int], ArenaChoice] | None = None
+    for page in pages:
+        c = _candidate(layout, by_lc, page, tokens_per_block)
+        joined_bytes = sum(layout.layers[i].page_bytes(tokens_per_block) for p in c.joined for g in p.groups for i in g)
+        over_budget = c.padding_bytes > PADDING_BUDGET * c.tables * page
+        key = (-joined_bytes, int(over_budget), c.tables, c.padding_bytes)
+        if best is None or key < best[0]:
+            best = (key, c)
+    assert best is not None  # a layout has >= 1 layer
+    return best[1]

@@ -42,16 +42,17 @@ class CacheModel:
     lengths: dict[int, CacheLengths]
 
     def build(self, layers: list[LayerSpec], tpb: int, max_seq_len: int, batch: int, gpu_extra: float,
-              host: float, disk: float, max_active: int, **storage: Any) -> None:
-        """A manager over a plan whose GPU quota is the floors' bytes times ``1 + gpu_extra``;
-        host and disk tiers sized as shares of those bytes (disk files in a temp folder)."""
+              host: float, disk: float, max_active: int, pools: str = "per-lifecycle", **storage: Any) -> None:
+        """A manager over a plan (pool mode ``pools``) whose GPU quota is the floors' bytes times
+        ``1 + gpu_extra``; host and disk tiers sized as shares of those bytes (disk files in a
+        temp folder)."""
         layout = ModelLayout("random", tuple(layers))
-        probe = PlanSpec(layout, 1, max_seq_len, tokens_per_block=tpb, max_batch_size=batch)
-        grouped = group_layers(layout, tpb)
+        probe = PlanSpec(layout, 1, max_seq_len, tokens_per_block=tpb, max_batch_size=batch, pools=pools)
+        grouped = group_layers(layout, tpb, pools)
         need = sum(f.min_slots * pg.slot_bytes
                    for f, pg in zip(compute_floors(probe, grouped), grouped.pool_groups, strict=True))
         p = plan(PlanSpec(layout, max(1, int(need * (1 + gpu_extra))), max_seq_len, tokens_per_block=tpb,
-                          max_batch_size=batch, host_bytes=int(need * host)))
+                          max_batch_size=batch, host_bytes=int(need * host), pools=pools))
         self.directory = tempfile.mkdtemp(prefix="hybridkv-test-")
         config = StorageConfig.local(disk_bytes=int(need * disk), disk_directory=self.directory, **storage)
         self.m = KVCacheManager(p, ManagerConfig(max_active_requests=max_active, storage=config))

@@ -28,6 +28,7 @@ from hypothesis.stateful import (
 from conftest import DISK, HOST, snapshot
 from hybridkv.core.errors import UsageError
 from hybridkv.core.types import GPU, TierId
+from hybridkv.layouts.grouping import POOL_MODES
 from hybridkv.layouts.spec import LayerSpec
 from hybridkv.lifecycles import Chunked, Encoder, Full, Sliding, Ssm, live_blocks
 from hybridkv.manager.state import CacheLengths
@@ -54,10 +55,11 @@ class ManagerMachine(CacheModel, RuleBasedStateMachine):
 
     @initialize(layers=LAYERS, tpb=st.sampled_from([1, 2, 4, 8]), max_seq_len=st.integers(1, 48),
                 batch=st.integers(1, 4), gpu_extra=GPU_EXTRA, host=LOWER_TIER, disk=LOWER_TIER,
-                max_active=st.integers(1, 6))
+                max_active=st.integers(1, 6), pools=st.sampled_from(POOL_MODES))
     def setup(self, layers: list[LayerSpec], tpb: int, max_seq_len: int, batch: int, gpu_extra: float,
-              host: float, disk: float, max_active: int) -> None:
-        self.build(layers, tpb, max_seq_len, batch, gpu_extra, host, disk, max_active, **type(self).storage_options())
+              host: float, disk: float, max_active: int, pools: str) -> None:
+        self.build(layers, tpb, max_seq_len, batch, gpu_extra, host, disk, max_active, pools,
+                   **type(self).storage_options())
 
     # ---- helpers ---------------------------------------------------------------------------
     def unchanged(self, before: dict[str, Any]) -> None:

@@ -32,6 +32,7 @@ from conftest import DISK, HOST, snapshot
 from hybridkv.core.errors import UsageError
 from hybridkv.core.types import GPU, TierId
 from hybridkv.engine.fake import FakeEngine
+from hybridkv.layouts.grouping import POOL_MODES
 from hybridkv.layouts.spec import BufferSpec, LayerSpec, ModelLayout, attention_layer, ssm_layer
 from hybridkv.lifecycles import Chunked, Encoder, Full, Sliding, Ssm, live_blocks
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
@@ -67,10 +68,11 @@ class PrefixMachine(CacheModel, RuleBasedStateMachine):
 
     @initialize(layers=LAYERS, tpb=st.sampled_from([1, 2, 4]), max_seq_len=st.integers(4, 24),
                 batch=st.integers(1, 3), gpu_extra=GPU_EXTRA, host=HOST_TIER, disk=DISK_TIER,
-                max_active=st.integers(3, 6), offload_to_host=st.sampled_from([True, True, False]))
+                max_active=st.integers(3, 6), offload_to_host=st.sampled_from([True, True, False]),
+                pools=st.sampled_from(POOL_MODES))
     def setup(self, layers: list[LayerSpec], tpb: int, max_seq_len: int, batch: int, gpu_extra: float,
-              host: float, disk: float, max_active: int, offload_to_host: bool) -> None:
-        self.build(layers, tpb, max_seq_len, batch, gpu_extra, host, disk, max_active)
+              host: float, disk: float, max_active: int, offload_to_host: bool, pools: str) -> None:
+        self.build(layers, tpb, max_seq_len, batch, gpu_extra, host, disk, max_active, pools)
         self.pc = self.m.enable_prefix_cache(offload_to_host=offload_to_host)
         self.tpb = tpb
         self.has_ssm = any(isinstance(lg.life_cycle, Ssm) for lg in self.m.grouped.layer_groups)

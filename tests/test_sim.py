@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hybridkv.cli.main import main
 from hybridkv.core.types import GIB
 from hybridkv.layouts.catalog import BY_NAME
-from hybridkv.layouts.grouping import group_layers
+from hybridkv.layouts.grouping import POOL_MODES, group_layers
 from hybridkv.layouts.models import load_model
 from hybridkv.layouts.spec import LayerSpec, ModelLayout, attention_layer, ssm_layer
 from hybridkv.lifecycles import Chunked, Full, Sliding
@@ -340,14 +340,16 @@ def scenarios(draw: st.DrawFn) -> tuple[PlanSpec, WorkloadSpec, SimConfig]:
     layout = draw(small_layouts(tpb))
     max_seq_len = draw(st.integers(max(2, tpb), 160))
     batch = draw(st.integers(1, 6))
-    probe = PlanSpec(layout, gpu_bytes=1, max_seq_len=max_seq_len, tokens_per_block=tpb, max_batch_size=batch)
-    grouped = group_layers(layout, tpb)
+    pools = draw(st.sampled_from(POOL_MODES))  # liveness rests on floor (a) alone: both modes
+    probe = PlanSpec(layout, gpu_bytes=1, max_seq_len=max_seq_len, tokens_per_block=tpb, max_batch_size=batch,
+                     pools=pools)
+    grouped = group_layers(layout, tpb, pools)
     floor_bytes = sum(f.min_slots * pg.slot_bytes
                       for f, pg in zip(compute_floors(probe, grouped), grouped.pool_groups, strict=True))
     extra = draw(st.sampled_from([0, 0, 1, 10, 50])) * floor_bytes // 100  # at and just above the floors
     host = draw(st.sampled_from([0, 0, floor_bytes]))
     spec = PlanSpec(layout, gpu_bytes=floor_bytes + extra, max_seq_len=max_seq_len, tokens_per_block=tpb,
-                    max_batch_size=batch, host_bytes=host)
+                    max_batch_size=batch, host_bytes=host, pools=pools)
     rate = draw(st.sampled_from([None, 50.0]))
     wl = WorkloadSpec(draw(st.sampled_from(list(WORKLOADS))), max_seq_len, tpb,
                       num_requests=draw(st.integers(1, 10)), seed=draw(st.integers(0, 2**16)), rate_per_s=rate)

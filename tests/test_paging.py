@@ -43,7 +43,7 @@ def test_dense_release_equals_entry_by_entry(n: int, width: int, seed: int, unif
         stop = start + rng.integers(1, width - start + 1)
     span = Span(rows, start.astype(np.int64), stop.astype(np.int64))
     dense, sparse = _rows_with_tables(n, width, seed), _rows_with_tables(n, width, seed)
-    got = _release_span(dense, 0, span)
+    got = _release_span(dense, dense.families[0], span)
     c = span.coords()
     want = sparse.tables[0][c.rows, c.cols].copy()
     sparse.tables[0][c.rows, c.cols] = NULL_SLOT

@@ -32,7 +32,7 @@ import numpy.typing as npt
 
 from hybridkv.core.errors import ConfigError, InvariantError
 from hybridkv.core.limits import check_max
-from hybridkv.layouts.grouping import group_layers
+from hybridkv.layouts.grouping import POOL_MODES, group_layers
 from hybridkv.layouts.spec import ModelLayout, attention_layer
 from hybridkv.lifecycles import Full, LifeCycle, Sliding
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
@@ -50,6 +50,9 @@ I64 = npt.NDArray[np.int64]
 _LAYOUTS: dict[str, tuple[tuple[int, LifeCycle], ...]] = {  # (KV heads, life cycle) per layer
     "vllm": ((8, Full()), (8, Sliding(1024))),
     "three-group": ((2, Sliding(128)), (4, Sliding(1024)), (8, Full())),
+    # gemma-3-27b's pattern (5 window layers, then 1 full; 62 layers): 2 groups per life cycle,
+    # 31 page-sized groups with --pools shared
+    "gemma-3": tuple((16, Full() if i % 6 == 5 else Sliding(1024)) for i in range(62)),
 }
 LAYOUT_NAMES = tuple(_LAYOUTS)
 
@@ -62,14 +65,14 @@ def bench_layout(name: str) -> ModelLayout:
     return ModelLayout(f"bench-{name}", layers)
 
 
-def make_manager(layout: ModelLayout, batch: int, steps: int) -> KVCacheManager:
+def make_manager(layout: ModelLayout, batch: int, steps: int, pools: str = "per-lifecycle") -> KVCacheManager:
     """A bookkeeping-only manager whose pools hold the batch's prefill (history 0: every block
     live, even in windowed groups) and its last decode step; constraints guarantee both."""
     max_seq_len = PROMPT_TOKENS + steps
     per_request_blocks = -(-max_seq_len // TOKENS_PER_BLOCK) + 2
-    grouped = group_layers(layout, TOKENS_PER_BLOCK)
+    grouped = group_layers(layout, TOKENS_PER_BLOCK, pools)
     gpu_bytes = batch * per_request_blocks * sum(lg.slot_bytes for lg in grouped.layer_groups)
-    spec = PlanSpec(layout, gpu_bytes, max_seq_len, TOKENS_PER_BLOCK, max_batch_size=batch,
+    spec = PlanSpec(layout, gpu_bytes, max_seq_len, TOKENS_PER_BLOCK, max_batch_size=batch, pools=pools,
                     constraints=(Batch.uniform("bench prefill", batch, PROMPT_TOKENS, 0),
                                  Batch.uniform("bench decode", batch, max_seq_len)))
     config = ManagerConfig(max_active_requests=batch, storage=StorageConfig(with_data=False))
@@ -107,6 +110,8 @@ class StepResult:
     us_per_step_mean: float
     us_per_step_max: float
     close_us_per_request_median: float
+    pools_mode: str = "per-lifecycle"
+    layer_groups: int = 0
 
 
 def _prefill(manager: KVCacheManager, batch: int) -> tuple[I64, I64]:
@@ -119,7 +124,7 @@ def _prefill(manager: KVCacheManager, batch: int) -> tuple[I64, I64]:
 
 def _decode(manager: KVCacheManager, handles: I64, capacity: I64, steps: int) -> tuple[list[int], list[int]]:
     """``steps`` decode steps of the whole batch; returns (step-call ns, whole-step ns) per step."""
-    groups = range(len(manager.grouped.layer_groups))
+    families = range(len(manager.rows.families))
     computed = capacity.copy()  # engine side: tokens computed per request
     output_tokens = np.zeros((handles.size, steps), np.int32)
     call_ns: list[int] = []
@@ -134,8 +139,8 @@ def _decode(manager: KVCacheManager, handles: I64, capacity: I64, steps: int) ->
         if tables is None:
             raise InvariantError(f"bench: decode step {i} ran short of slots")
         width = 0
-        for g in groups:  # the engine hands these to its kernels; shape forces a real view / copy
-            width += tables.block_table(g).shape[1]
+        for f in families:  # the engine hands these to its kernels; shape forces a real view / copy
+            width += tables.family_table(f).shape[1]
         capacity = c_new
         computed += 1
         output_tokens[:, i] = i + 1
@@ -155,10 +160,10 @@ def _verify(manager: KVCacheManager, handles: I64, steps: int) -> None:
             raise InvariantError(f"bench: request {h} ended at {lengths}, expected (capacity, history) {want}")
 
 
-def run_once(layout_name: str, batch: int, steps: int, check: bool = False) -> StepRun:
+def run_once(layout_name: str, batch: int, steps: int, check: bool = False, pools: str = "per-lifecycle") -> StepRun:
     """One repeat: prefill, ``steps`` timed decode steps, timed closes. With ``check``, the
     manager's invariants and final lengths are verified before and after closing."""
-    manager = make_manager(bench_layout(layout_name), batch, steps)
+    manager = make_manager(bench_layout(layout_name), batch, steps, pools)
     handles, capacity = _prefill(manager, batch)
     call_ns, whole_ns = _decode(manager, handles, capacity, steps)
     if check:
@@ -177,19 +182,21 @@ def run_once(layout_name: str, batch: int, steps: int, check: bool = False) -> S
                    statistics.median(close_ns) / 1e3)
 
 
-def summarize(layout_name: str, batch: int, steps: int, runs: list[StepRun]) -> StepResult:
+def summarize(layout_name: str, batch: int, steps: int, runs: list[StepRun], pools: str = "per-lifecycle"
+              ) -> StepResult:
     """Medians over repeats."""
-    pools = len(group_layers(bench_layout(layout_name), TOKENS_PER_BLOCK).pool_groups)
+    grouped = group_layers(bench_layout(layout_name), TOKENS_PER_BLOCK, pools)
     return StepResult(
-        layout_name, pools, batch, steps, len(runs),
+        layout_name, len(grouped.pool_groups), batch, steps, len(runs),
         statistics.median(r.step_call_us for r in runs), statistics.median(r.whole_step_us for r in runs),
         statistics.median(r.whole_step_us / batch for r in runs),
         statistics.median(r.step_call_mean_us for r in runs), statistics.median(r.whole_step_mean_us for r in runs),
-        statistics.median(r.whole_step_max_us for r in runs), statistics.median(r.close_us_per_request for r in runs))
+        statistics.median(r.whole_step_max_us for r in runs), statistics.median(r.close_us_per_request for r in runs),
+        pools, len(grouped.layer_groups))
 
 
 def bench_step(batches: tuple[int, ...] = DEFAULT_BATCHES, steps: int = 200, repeats: int = 5,
-               layout_name: str = "vllm", check: bool = False) -> list[StepResult]:
+               layout_name: str = "vllm", check: bool = False, pools: str = "per-lifecycle") -> list[StepResult]:
     """The step benchmark over several batch sizes, repeats interleaved across them."""
     bench_layout(layout_name)
     for what, value in {"--batch": min(batches, default=0), "--steps": steps, "--repeats": repeats}.items():
@@ -202,8 +209,8 @@ def bench_step(batches: tuple[int, ...] = DEFAULT_BATCHES, steps: int = 200, rep
     runs: dict[int, list[StepRun]] = {b: [] for b in batches}
     for _ in range(repeats):
         for b in batches:
-            runs[b].append(run_once(layout_name, b, steps, check))
-    return [summarize(layout_name, b, steps, runs[b]) for b in batches]
+            runs[b].append(run_once(layout_name, b, steps, check, pools))
+    return [summarize(layout_name, b, steps, runs[b], pools) for b in batches]
 
 
 @dataclass(frozen=True)
@@ -258,14 +265,15 @@ def bookkeeping_memory(num_slots: int = 1 << 20, max_active_requests: int = 512,
 
 # ---- the command ------------------------------------------------------------------------
 def cmd_bench_step(args: argparse.Namespace) -> int:
-    results = bench_step(tuple(args.batch), args.steps, args.repeats, args.layout)
+    results = bench_step(tuple(args.batch), args.steps, args.repeats, args.layout, pools=args.pools)
     if args.json:
         rows = [asdict(r) for r in results]
         out: dict[str, Any] = rows[0] if len(rows) == 1 else {"results": rows}
         print(json.dumps(out, indent=2))
         return 0
     r0 = results[0]
-    print(f"layout {r0.layout} ({r0.pool_groups} pool groups), {r0.steps} decode steps after a "
+    print(f"layout {r0.layout} ({r0.pool_groups} pool groups, {r0.layer_groups} layer groups, {r0.pools_mode} "
+          f"pools), {r0.steps} decode steps after a "
           f"{PROMPT_TOKENS}-token prefill, {r0.repeats} repeats; microseconds, medians over steps "
           "unless 'mean' / 'max', then medians over repeats")
     print(f"{'B':>6} {'step call':>10} {'whole step':>11} {'per req-step':>13} {'call mean':>10} "
@@ -286,6 +294,7 @@ def add_bench_parser(sub: argparse._SubParsersAction[Any]) -> None:
     s.add_argument("--steps", type=int, default=200, help="decode steps per run")
     s.add_argument("--repeats", type=int, default=5, help="runs per batch size (interleaved)")
     s.add_argument("--layout", choices=LAYOUT_NAMES, default="vllm")
+    s.add_argument("--pools", choices=POOL_MODES, default="per-lifecycle")
     s.add_argument("--json", action="store_true",
                    help="one object for one --batch, else {\"results\": [...]}")
     s.set_defaults(func=cmd_bench_step)

@@ -22,7 +22,7 @@ from hybridkv.manager import invariants, moves, paging, sharing
 from hybridkv.manager.cache_table import CacheTable
 from hybridkv.manager.counters import Counters
 from hybridkv.manager.prefix import PrefixCache
-from hybridkv.manager.rows import NULL_SLOT, ActiveRows
+from hybridkv.manager.rows import ActiveRows
 from hybridkv.manager.state import CacheLengths, RequestState, check_transition
 from hybridkv.manager.stats import ManagerStats, collect_stats
 from hybridkv.manager.step_tables import StepTables
@@ -187,8 +187,8 @@ class KVCacheManager:
         check_transition("close", handle, st)
         if st is RequestState.ACTIVE:
             row = self.caches.row(handle)
-            slots = [self.rows.pages(row, lg.id)[1] for lg in self.grouped.layer_groups]
-            self._free_by_pool(GPU, slots)
+            self._free_pool_slots(GPU, self.rows.slots_by_pool(np.array([row]), len(self.grouped.pool_groups),
+                                                               self.tokens_per_block))
             self._remove_row(row)
         else:
             cache = self.suspended[handle]
@@ -211,9 +211,8 @@ class KVCacheManager:
         active = h[states == RequestState.ACTIVE]
         if active.size:
             rows = self.caches.rows(active)
-            width = max(1, -(-int(self.rows.capacity[rows].max()) // self.tokens_per_block))  # none beyond capacity
-            tables = [self.rows.tables[lg.id][rows, :width] for lg in self.grouped.layer_groups]
-            self._free_by_pool(GPU, [t[t != NULL_SLOT] for t in tables])
+            self._free_pool_slots(GPU, self.rows.slots_by_pool(rows, len(self.grouped.pool_groups),
+                                                               self.tokens_per_block))
             moved, new_rows = self.rows.remove_many(rows)
             self.caches.moved(moved, new_rows)
             self.caches.close(active)
@@ -370,8 +369,11 @@ class KVCacheManager:
         per_pool: list[list[I32]] = [[] for _ in self.grouped.pool_groups]
         for lg in self.grouped.layer_groups:
             per_pool[lg.pool_group].append(slots_per_layer_group[lg.id])
-        for g, parts in enumerate(per_pool):
-            self.tiers.allocators[tier][g].free(np.concatenate(parts), distinct=True)
+        self._free_pool_slots(tier, [np.concatenate(parts) for parts in per_pool])
+
+    def _free_pool_slots(self, tier: TierId, slots_per_pool: list[I32]) -> None:
+        for g, slots in enumerate(slots_per_pool):
+            self.tiers.allocators[tier][g].free(slots, distinct=True)
 
     def _remove_row(self, row: int) -> None:
         moved = self.rows.remove(row)

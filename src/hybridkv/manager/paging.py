@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from hybridkv.layouts.grouping import GroupedLayout
 from hybridkv.lifecycles.base import expand as expand_ranges
-from hybridkv.manager.rows import NULL_SLOT, ActiveRows
+from hybridkv.manager.rows import NULL_SLOT, ActiveRows, Family
 from hybridkv.storage.allocator import SlotAllocator
 
 I64 = npt.NDArray[np.int64]
@@ -75,15 +75,17 @@ def _tail_changes(rows: I64, tot_old: I64, tot_new: I64) -> tuple[Coords, Coords
 
 
 def plan_step(grouped: GroupedLayout, state: ActiveRows, rows: I64, c_new: I64, h_new: I64) -> list[GroupDelta]:
-    """Per layer group, what moving ``rows`` to (c_new, h_new) frees and fills. Pure.
+    """Per family of layer groups (``ActiveRows.families``: one life cycle in one pool group),
+    what moving ``rows`` to (c_new, h_new) frees and fills in each of its tables. Pure.
 
     Each life cycle says which ordinals a capacity spans and where its stale range ends;
-    groups whose kinds span alike (every token-holding kind) share one tail computation."""
+    families whose kinds span alike (every token-holding kind) share one tail computation."""
     tpb = grouped.tokens_per_block
     c_old = state.capacity[rows]
     tails: dict[object, tuple[Coords, Coords]] = {}
     out = []
-    for g, lc in enumerate(state.life_cycles):
+    for f in state.families:
+        lc = f.life_cycle
         key = lc.span_key()
         if key not in tails:
             tails[key] = _tail_changes(rows, lc.blocks_spanned(c_old, tpb), lc.blocks_spanned(c_new, tpb))
@@ -92,7 +94,7 @@ def plan_step(grouped: GroupedLayout, state: ActiveRows, rows: I64, c_new: I64, 
         if stop is None:  # this kind never goes stale: only the tail moves
             out.append(GroupDelta(shrink, grow, _NO_SPAN))
             continue
-        start = state.released[g][rows]
+        start = f.released[rows]
         gain = stop - start
         if int(gain.max(initial=0)) <= 0:  # no block went stale this step
             out.append(GroupDelta(shrink, grow, _NO_SPAN))
@@ -123,15 +125,16 @@ def net_slots(grouped: GroupedLayout, state: ActiveRows, deltas: list[GroupDelta
     fill, cache_only = [0] * n, [0] * n
     freed_slots: list[list[I32]] = [[] for _ in range(n)]
     need = [0] * n
-    for lg, d in zip(grouped.layer_groups, deltas, strict=True):
-        fill[lg.pool_group] += int(d.grow.rows.size)
-        need[lg.pool_group] += int(d.grow.rows.size)
-        if not allocators[lg.pool_group].shared:  # no page has two holders: every entry frees its page
-            need[lg.pool_group] -= int(d.free.rows.size) + d.stale.num_blocks
+    for f, d in zip(state.families, deltas, strict=True):
+        k, pg = len(f.members), f.pool_group
+        fill[pg] += k * int(d.grow.rows.size)
+        need[pg] += k * int(d.grow.rows.size)
+        if not allocators[pg].shared:  # no page has two holders: every entry frees its page
+            need[pg] -= k * (int(d.free.rows.size) + d.stale.num_blocks)
             continue
         for c in (d.free, d.stale.coords()):
             if c.rows.size:
-                freed_slots[lg.pool_group].append(state.tables[lg.id][c.rows, c.cols])
+                freed_slots[pg].append(f.table[c.rows, c.cols].ravel())
     for g, parts in enumerate(freed_slots):
         if not parts:
             continue
@@ -147,61 +150,71 @@ def apply_frees(grouped: GroupedLayout, state: ActiveRows, deltas: list[GroupDel
                 allocators: list[SlotAllocator]) -> None:
     """Drop the step's stale and shrunk entries (one free per pool group: repeats counted)."""
     per_pool: list[list[I32]] = [[] for _ in grouped.pool_groups]
-    for lg, d in zip(grouped.layer_groups, deltas, strict=True):
-        table = state.tables[lg.id]
+    for f, d in zip(state.families, deltas, strict=True):
         if d.free.rows.size:
-            per_pool[lg.pool_group].append(table[d.free.rows, d.free.cols])
-            table[d.free.rows, d.free.cols] = NULL_SLOT
-            state.record(lg.id, d.free.rows, d.free.cols, np.full(d.free.rows.size, NULL_SLOT, np.int32))
+            slots = f.table[d.free.rows, d.free.cols]  # [entries, members]
+            per_pool[f.pool_group].append(slots.ravel())
+            f.table[d.free.rows, d.free.cols] = NULL_SLOT
+            _record(state, f, d.free.rows, d.free.cols, np.full_like(slots, NULL_SLOT))
         if d.stale.rows.size:
-            per_pool[lg.pool_group].append(_release_span(state, lg.id, d.stale))
+            per_pool[f.pool_group].append(_release_span(state, f, d.stale))
     for g, parts in enumerate(per_pool):
         if parts:
             allocators[g].free(np.concatenate(parts), distinct=True, trusted=True)
 
 
-def _release_span(state: ActiveRows, layer_group: int, span: Span) -> I32:
-    """NULL the stale ranges of one layer group's table; returns the slots they held. When the
+def _record(state: ActiveRows, f: Family, rows: I64, cols: I64, slots: I32) -> None:
+    """Log each member table's changed entries (``slots``: [entries, members])."""
+    if state.log is not None:
+        for j, g in enumerate(f.members):
+            state.record(g, rows, cols, slots[:, j])
+
+
+def _release_span(state: ActiveRows, f: Family, span: Span) -> I32:
+    """NULL the stale ranges of one family's tables; returns the slots they held. When the
     ranges fill most of the rectangle they span (the step after long prefills), a mask over
     that rectangle does it with a few contiguous passes (a slice view when the batch is the
     active rows in order); otherwise the entries are addressed one by one."""
-    table = state.tables[layer_group]
+    table = f.table
     lo, hi = int(span.start.min()), int(span.stop.max())
     n = span.rows.size
     if n * (hi - lo) > 2 * span.num_blocks:  # sparse: ordinary fancy indexing
         c = span.coords()
         slots: I32 = table[c.rows, c.cols]
         table[c.rows, c.cols] = NULL_SLOT
-        state.record(layer_group, c.rows, c.cols, np.full(c.rows.size, NULL_SLOT, np.int32))
-        return slots
+        _record(state, f, c.rows, c.cols, np.full_like(slots, NULL_SLOT))
+        return slots.ravel()
     in_order = n == state.n and int(span.rows[0]) == 0 and bool((np.diff(span.rows) == 1).all())
     block = table[:n, lo:hi] if in_order else table[span.rows, lo:hi]
     if n * (hi - lo) == span.num_blocks:  # every row releases the same range: the whole rectangle
-        mask = np.ones(block.shape, np.bool_)
+        mask = np.ones(block.shape[:2], np.bool_)
         slots = block.flatten()  # a copy, before the block is overwritten
         block[...] = NULL_SLOT
     else:
         cols = np.arange(lo, hi, dtype=np.int64)
         mask = (cols >= span.start[:, None]) & (cols < span.stop[:, None])
-        slots = block[mask]
+        slots = block[mask].ravel()
         block[mask] = NULL_SLOT
     if not in_order:
         table[span.rows, lo:hi] = block
     if state.log is not None:
         r, k = np.nonzero(mask)
-        state.record(layer_group, span.rows[r], k + lo, np.full(r.size, NULL_SLOT, np.int32))
+        _record(state, f, span.rows[r], k + lo, np.full((r.size, len(f.members)), NULL_SLOT, np.int32))
     return slots
 
 
 def apply_grows(grouped: GroupedLayout, state: ActiveRows, deltas: list[GroupDelta],
                 allocators: list[SlotAllocator]) -> None:
-    """Fill the step's new entries, then record stale stops. The caller made the room."""
-    for lg, d in zip(grouped.layer_groups, deltas, strict=True):
+    """Fill the step's new entries (one allocation per family), then record stale stops. The
+    caller made the room."""
+    for f, d in zip(state.families, deltas, strict=True):
         if d.grow.rows.size:
-            slots = allocators[lg.pool_group].allocate(int(d.grow.rows.size))
+            k = len(f.members)
+            slots = allocators[f.pool_group].allocate(int(d.grow.rows.size) * k)
             if slots is None:
-                raise AssertionError(f"pool group {lg.pool_group}: slots vanished between check and apply")
-            state.tables[lg.id][d.grow.rows, d.grow.cols] = slots
-            state.record(lg.id, d.grow.rows, d.grow.cols, slots)
+                raise AssertionError(f"pool group {f.pool_group}: slots vanished between check and apply")
+            new = slots.reshape(-1, k)
+            f.table[d.grow.rows, d.grow.cols] = new
+            _record(state, f, d.grow.rows, d.grow.cols, new)
         if d.stale.rows.size:
-            state.released[lg.id][d.stale.rows] = d.stale.stop
+            f.released[d.stale.rows] = d.stale.stop

@@ -19,6 +19,7 @@ import numpy.typing as npt
 
 from hybridkv.core.errors import UsageError
 from hybridkv.layouts.grouping import GroupedLayout
+from hybridkv.lifecycles import LifeCycle
 
 NULL_SLOT = -1
 I32 = npt.NDArray[np.int32]
@@ -35,6 +36,18 @@ class TableChange(NamedTuple):
     slots: npt.NDArray[np.int32]
 
 
+class Family(NamedTuple):
+    """Layer groups of one life cycle in one pool group (the page-sized parts of a life cycle
+    in a shared arena): their block tables are slices ``table[:, :, j]`` of one array, so a
+    step frees and fills all of them with one pass; one stale-stop array serves them all."""
+
+    life_cycle: LifeCycle
+    pool_group: int
+    members: tuple[int, ...]  # layer group ids; member j is table[:, :, j]
+    table: npt.NDArray[np.int32]  # [max_rows, width, len(members)]
+    released: I64
+
+
 class ActiveRows:
     """Per-row arrays for active requests; the manager owns one."""
 
@@ -48,15 +61,22 @@ class ActiveRows:
         self.committed: I64 = np.zeros(max_rows, np.int64)
         self.priority: I64 = np.zeros(max_rows, np.int64)
         self.seq_lens: I32 = np.zeros(max_rows, np.int32)  # = capacity, int32 for kernels
-        self.tables: list[I32] = []
-        self.released: list[I64] = []
-        self.first_stale: list[int] = []
         self.life_cycles = [lg.life_cycle for lg in grouped.layer_groups]
+        self.first_stale = [lc.sink_blocks(tpb) for lc in self.life_cycles]
         self.log: list[TableChange] | None = None  # enabled by a GPU table mirror
-        for lc in self.life_cycles:
-            self.tables.append(np.full((max_rows, lc.table_width(max_seq_len, tpb)), NULL_SLOT, np.int32))
-            self.first_stale.append(lc.sink_blocks(tpb))
-            self.released.append(np.zeros(max_rows, np.int64))
+        members: dict[tuple[LifeCycle, int], list[int]] = {}
+        for lg in grouped.layer_groups:
+            members.setdefault((lg.life_cycle, int(lg.pool_group)), []).append(int(lg.id))
+        self.families: list[Family] = []
+        self.tables: list[I32] = [np.zeros((0, 0), np.int32)] * len(self.life_cycles)
+        self.released: list[I64] = [np.zeros(0, np.int64)] * len(self.life_cycles)
+        for (lc, pg), ids in members.items():
+            table = np.full((max_rows, lc.table_width(max_seq_len, tpb), len(ids)), NULL_SLOT, np.int32)
+            family = Family(lc, pg, tuple(ids), table, np.zeros(max_rows, np.int64))
+            self.families.append(family)
+            for j, g in enumerate(ids):
+                self.tables[g] = table[:, :, j]
+                self.released[g] = family.released
 
     def add(self, handle: int, capacity: int, history: int, committed: int, priority: int) -> int:
         """Append a row (tables all NULL); the caller fills its pages. Returns the row."""
@@ -67,17 +87,17 @@ class ActiveRows:
         self.handle[row], self.priority[row] = handle, priority
         self.capacity[row], self.history[row], self.committed[row] = capacity, history, committed
         self.seq_lens[row] = capacity
-        for lg, rel in enumerate(self.released):
-            self.tables[lg][row] = NULL_SLOT
-            rel[row] = self.first_stale[lg]
+        for f in self.families:
+            f.table[row] = NULL_SLOT
+            f.released[row] = self.first_stale[f.members[0]]
         self._log_rows(row)
         return row
 
     def _row_arrays(self) -> list[I32 | I64]:
         """Every per-row array: what moves when a row moves."""
         arrays: list[I32 | I64] = [self.handle, self.capacity, self.history, self.committed,
-                                   self.priority, self.seq_lens, *self.tables]
-        return arrays + self.released
+                                   self.priority, self.seq_lens]
+        return arrays + [f.table for f in self.families] + [f.released for f in self.families]
 
     def remove(self, row: int) -> int | None:
         """Swap-remove ``row``; returns the handle whose row moved into it (or None)."""
@@ -127,6 +147,16 @@ class ActiveRows:
         self.tables[layer_group][row, ordinals] = slots
         self.record(layer_group, np.full(ordinals.size, row, np.int64), ordinals, slots)
         self.released[layer_group][row] = released
+
+    def slots_by_pool(self, rows: I64, num_pool_groups: int, tokens_per_block: int) -> list[I32]:
+        """Every slot these rows hold, per pool group (one gather per family, up to the widest
+        the rows' capacities span: nothing lies beyond)."""
+        out: list[list[I32]] = [[] for _ in range(num_pool_groups)]
+        longest = int(self.capacity[rows].max(initial=0))
+        for f in self.families:
+            t = f.table[rows, :f.life_cycle.width_at(longest, tokens_per_block)]
+            out[f.pool_group].append(t[t != NULL_SLOT])
+        return [np.concatenate(parts) if parts else np.zeros(0, np.int32) for parts in out]
 
     def all_slots(self, layer_group: int) -> I32:
         """Every slot the active rows hold in one layer group."""

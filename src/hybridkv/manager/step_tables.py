@@ -4,6 +4,10 @@
   = slot of block ordinal ``b`` (``NULL_SLOT`` where a window block was released), with
   ``seq_lens`` (int32 capacity per request). When the batch is the active rows in row order
   (``manager.active_handles()``), it is a zero-copy view of the manager's table.
+- ``family_table(i)``: the tables of family ``i`` (``ActiveRows.families``: the layer
+  groups of one life cycle in one pool group, e.g. the page-sized parts of a life cycle in a
+  shared arena) as one ``[batch, max_blocks, members]`` array: member ``j``'s table is
+  ``[:, :, j]``, so an engine hands its kernels one table per family per step.
 - ``paged(g)``: FlashInfer style ``(indptr, indices, last_page_len)`` listing each request's
   *live* pages in block order (sink pages, then the window): built on demand.
 
@@ -57,6 +61,16 @@ class StepTables:
         if self._contiguous:
             return table[:self.rows.size, :width]
         out: I32 = table[self.rows, :width]
+        return out
+
+    def family_table(self, family: int) -> npt.NDArray[np.int32]:
+        """``[batch, width, members]`` int32 slot ids of one family (zero-copy as above)."""
+        f = self._state.families[family]
+        longest = int(self.seq_lens.max()) if self.rows.size else 0
+        width = f.life_cycle.width_at(longest, self._tpb)
+        if self._contiguous:
+            return f.table[:self.rows.size, :width]
+        out: npt.NDArray[np.int32] = f.table[self.rows, :width]
         return out
 
     def paged(self, layer_group: int) -> PagedView:

@@ -137,8 +137,13 @@ def test_cli_pools_flag_and_json_keys(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_qwen3_next_state_pages_and_attention_pages_stay_apart() -> None:
+    """The gated-delta-net states (38 MiB) and the full-attention pages cannot share a page
+    size; the state pool, whose need per request is fixed, keeps the concurrent-decode
+    reservation (32 states); the attention pool reserves one 32k request alone."""
     g = group_layers(load_model("qwen3-next-80b-a3b"), 16, "shared")
     assert len(g.pool_groups) == 2 and len(g.own_pools) == 1 and "keeps its own pool" in g.own_pools[0]
     p = plan(PlanSpec(load_model("qwen3-next-80b-a3b"), 40 * GIB, 32768, pools="shared"))
-    assert [pg.floor_source for pg in p.pool_groups] == ["1 request of max_seq_len 32768 alone"] * 2
+    assert [(pg.min_slots, pg.floor_source) for pg in p.pool_groups] == [
+        (32, "32 concurrent decodes (max_batch_size) at worst-case positions"),
+        (2048, "1 request of max_seq_len 32768 alone")]
     assert 40 * GIB - max(pg.slot_bytes for pg in p.pool_groups) < p.gpu_bytes_used <= 40 * GIB

@@ -173,3 +173,13 @@ def test_scheduler_runs_an_encoder_decoder_layout() -> None:
         m.check_invariants()
         now += 1
     assert [r.status for r in reqs] == [Status.FINISHED] * 4 and s.preemptions == 0
+
+
+def test_close_many_frees_encoder_blocks_past_the_capacity_blocks() -> None:
+    """Capacity 5 spans 2 token blocks, but the encoder holds 3: closing must free all 3."""
+    m, e = _manager()
+    hs = [m.open(), m.open()]
+    assert e.step(hs, [5, 5], [0, 0])
+    m.close_many(hs)
+    m.check_invariants()
+    assert [a.num_in_use for a in m.tiers.allocators[GPU]] == [0] * len(m.grouped.pool_groups)

@@ -5,7 +5,7 @@ Floors come from guarantees, never from one request alone:
 1. one request of ``max_seq_len`` runs to completion alone (its worst decode position);
 2. ``max_batch_size`` requests decode concurrently at worst-case positions in every pool group
    (demand.concurrent_decode_demand: the window straddle in every windowed group) -- with
-   per-lifecycle pools only; with shared pools (one arena) it is reported, not reserved;
+   shared pools only in pools whose life cycles are all bounded (the arena reports it instead);
 3. every user constraint (a Batch) fits at once.
 
 A pool group's floor is the largest of these; memory above the floors is split in proportion to
@@ -147,15 +147,20 @@ class PoolPlan:
 
 def compute_floors(spec: PlanSpec, grouped: GroupedLayout) -> tuple[Floor, ...]:
     """Per pool group: the largest demand among the guarantees and the constraints. With
-    shared pools the concurrent-decode guarantee is not a reservation: the report says up to
-    which length ``max_batch_size`` requests run together, and admission enforces it."""
+    shared pools the concurrent-decode guarantee is not a reservation in a pool whose requests
+    grow with length (the arena): the report says up to which length ``max_batch_size``
+    requests run together, and admission enforces it. A pool of bounded life cycles only (an
+    SSM state pool that keeps its own pool) still reserves it: its need per request is fixed."""
     sources: list[tuple[str, tuple[int, ...]]] = [
         (f"1 request of max_seq_len {spec.max_seq_len} alone",
          worst_request_demand(grouped, spec.max_seq_len)),
     ]
-    if spec.pools == "per-lifecycle":
-        sources.append((f"{spec.max_batch_size} concurrent decodes (max_batch_size) at worst-case positions",
-                        concurrent_decode_demand(grouped, spec.max_batch_size, spec.max_seq_len)))
+    decodes = concurrent_decode_demand(grouped, spec.max_batch_size, spec.max_seq_len)
+    if spec.pools == "shared":  # reserve it only where a request's need does not grow with length
+        decodes = tuple(d if all(lg.life_cycle.is_bounded_below(spec.max_seq_len) for lg in grouped.layer_groups
+                                 if lg.pool_group == pg.id) else 0
+                        for d, pg in zip(decodes, grouped.pool_groups, strict=True))
+    sources.append((f"{spec.max_batch_size} concurrent decodes (max_batch_size) at worst-case positions", decodes))
     sources += [(f"constraint {b.name!r}", batch_demand(grouped, b)) for b in spec.constraints]
     floors = []
     for g in range(len(grouped.pool_groups)):

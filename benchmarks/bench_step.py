@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from hybridkv.cli.bench import StepResult, StepRun, bookkeeping_memory, run_once, summarize
+from hybridkv.layouts.grouping import POOL_MODES
 
 PEER_PYTHON = Path("/tmp/vllm_peer/bin/python")
 PEER_SCRIPT = Path(__file__).with_name("vllm_peer_step.py")
@@ -110,31 +111,44 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--peer-python", type=Path, default=PEER_PYTHON)
+    ap.add_argument("--pools", choices=POOL_MODES, default="per-lifecycle",
+                    help="hybridkv's pool mode; with shared, the second table is gemma-3's pattern (31 arena groups)")
+    ap.add_argument("--skip-memory", action="store_true")
     args = ap.parse_args()
+    second = "gemma-3" if args.pools == "shared" else "three-group"
     have_peer = args.peer_python.exists()
     if not have_peer:
         print(INSTALL.format(python=args.peer_python))
     runs: dict[int, list[StepRun]] = {b: [] for b in args.batch}
     runs3: dict[int, list[StepRun]] = {b: [] for b in args.three_group_batch}
+    runs_second: dict[int, list[StepRun]] = {b: [] for b in args.three_group_batch}
     peer: list[dict[int, dict[str, Any]]] = []
     for i in range(args.repeats):
         print(f"repeat {i + 1}/{args.repeats} ...", file=sys.stderr, flush=True)
         for b in args.batch:
-            runs[b].append(run_once("vllm", b, args.steps))
+            runs[b].append(run_once("vllm", b, args.steps, pools=args.pools))
         if have_peer:
             peer.append(run_peer(args.peer_python, args.batch, args.steps))
         for b in args.three_group_batch:
-            runs3[b].append(run_once("three-group", b, args.steps))
+            runs3[b].append(run_once("three-group", b, args.steps, pools=args.pools))
+            if second != "three-group":
+                runs_second[b].append(run_once(second, b, args.steps, pools=args.pools))
     print(f"{datetime.date.today()}, {platform.machine()} {platform.processor() or ''}, Python "
           f"{platform.python_version()}, NumPy {np.__version__}; {args.steps} decode steps after a 2,000-token "
           f"prefill, {args.repeats} interleaved repeats; medians over steps, then over repeats\n")
     print("Workload of shared/reference/vllm-baseline.md (full + window 1024, one pool group; vLLM prefix caching on)"
           "\n")
-    print_main_table([summarize("vllm", b, args.steps, runs[b]) for b in args.batch], peer)
+    print(f"hybridkv pools: {args.pools}\n")
+    print_main_table([summarize("vllm", b, args.steps, runs[b], args.pools) for b in args.batch], peer)
     print("\nThree pool groups (window 128, window 1024, full), hybridkv only\n")
-    print_three_group([summarize("three-group", b, args.steps, runs3[b]) for b in args.three_group_batch])
-    print("\nBookkeeping memory at 2^20 GPU slots (NumPy arrays owned by the manager: sys.getsizeof)\n")
-    print_memory()
+    print_three_group([summarize("three-group", b, args.steps, runs3[b], args.pools) for b in args.three_group_batch])
+    if second != "three-group":
+        print(f"\n{second}: 52 window + 10 full layers, one arena of 31 page-sized groups, hybridkv only\n")
+        print_three_group([summarize(second, b, args.steps, runs_second[b], args.pools)
+                           for b in args.three_group_batch])
+    if not args.skip_memory:
+        print("\nBookkeeping memory at 2^20 GPU slots (NumPy arrays owned by the manager: sys.getsizeof)\n")
+        print_memory()
 
 
 if __name__ == "__main__":

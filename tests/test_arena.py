@@ -147,3 +147,15 @@ def test_qwen3_next_state_pages_and_attention_pages_stay_apart() -> None:
         (32, "32 concurrent decodes (max_batch_size) at worst-case positions"),
         (2048, "1 request of max_seq_len 32768 alone")]
     assert 40 * GIB - max(pg.slot_bytes for pg in p.pool_groups) < p.gpu_bytes_used <= 40 * GIB
+
+
+def test_shared_pools_refuse_only_when_one_request_alone_cannot_fit() -> None:
+    """mistral (all window layers: a bounded pool) at B = 256 would need 128.5 GiB for the
+    concurrent-decode reservation: per-lifecycle refuses, shared drops the reservation."""
+    layout = load_model("mistral-7b-v0.1")
+    with pytest.raises(CapacityError, match="256 concurrent decodes"):
+        plan(PlanSpec(layout, 40 * GIB, 32768, max_batch_size=256))
+    p = plan(PlanSpec(layout, 40 * GIB, 32768, max_batch_size=256, pools="shared"))
+    assert [pg.floor_source for pg in p.pool_groups] == ["1 request of max_seq_len 32768 alone"]
+    with pytest.raises(CapacityError, match="1 request of max_seq_len 32768 alone"):
+        plan(PlanSpec(layout, GIB // 4, 32768, max_batch_size=256, pools="shared"))  # one needs 514 MiB

@@ -145,21 +145,23 @@ class PoolPlan:
         return tuple(pg.slots for pg in self.pool_groups)
 
 
-def compute_floors(spec: PlanSpec, grouped: GroupedLayout) -> tuple[Floor, ...]:
+def compute_floors(spec: PlanSpec, grouped: GroupedLayout, reserve_decodes: bool = True) -> tuple[Floor, ...]:
     """Per pool group: the largest demand among the guarantees and the constraints. With
     shared pools the concurrent-decode guarantee is not a reservation in a pool whose requests
     grow with length (the arena): the report says up to which length ``max_batch_size``
     requests run together, and admission enforces it. A pool of bounded life cycles only (an
-    SSM state pool that keeps its own pool) still reserves it: its need per request is fixed."""
+    SSM state pool that keeps its own pool) still reserves it, its need per request being
+    fixed, unless ``reserve_decodes`` is False (the plan drops it rather than refuse: with
+    shared pools only floor 1 and the constraints may refuse a quota)."""
     sources: list[tuple[str, tuple[int, ...]]] = [
         (f"1 request of max_seq_len {spec.max_seq_len} alone",
          worst_request_demand(grouped, spec.max_seq_len)),
     ]
     decodes = concurrent_decode_demand(grouped, spec.max_batch_size, spec.max_seq_len)
     if spec.pools == "shared":  # reserve it only where a request's need does not grow with length
-        decodes = tuple(d if all(lg.life_cycle.is_bounded_below(spec.max_seq_len) for lg in grouped.layer_groups
-                                 if lg.pool_group == pg.id) else 0
-                        for d, pg in zip(decodes, grouped.pool_groups, strict=True))
+        bounded = [all(lg.life_cycle.is_bounded_below(spec.max_seq_len) for lg in grouped.layer_groups
+                       if lg.pool_group == pg.id) for pg in grouped.pool_groups]
+        decodes = tuple(d if reserve_decodes and b else 0 for d, b in zip(decodes, bounded, strict=True))
     sources.append((f"{spec.max_batch_size} concurrent decodes (max_batch_size) at worst-case positions", decodes))
     sources += [(f"constraint {b.name!r}", batch_demand(grouped, b)) for b in spec.constraints]
     floors = []
@@ -169,8 +171,12 @@ def compute_floors(spec: PlanSpec, grouped: GroupedLayout) -> tuple[Floor, ...]:
     return tuple(floors)
 
 
+def _floor_bytes(grouped: GroupedLayout, floors: tuple[Floor, ...]) -> int:
+    return sum(f.min_slots * pg.slot_bytes for f, pg in zip(floors, grouped.pool_groups, strict=True))
+
+
 def _check_quota(spec: PlanSpec, grouped: GroupedLayout, floors: tuple[Floor, ...]) -> None:
-    need = sum(f.min_slots * pg.slot_bytes for f, pg in zip(floors, grouped.pool_groups, strict=True))
+    need = _floor_bytes(grouped, floors)
     if need <= spec.gpu_bytes:
         return
     parts = "; ".join(
@@ -277,7 +283,10 @@ def plan(
     for name, given in (("floors", floors), ("typical", typical)):
         if given is not None and len(given) != n_groups:
             raise ConfigError(f"plan: {name} has {len(given)} entries for {n_groups} pool groups")
-    floors = compute_floors(spec, grouped) if floors is None else floors
+    if floors is None:
+        floors = compute_floors(spec, grouped)
+        if spec.pools == "shared" and _floor_bytes(grouped, floors) > spec.gpu_bytes:
+            floors = compute_floors(spec, grouped, reserve_decodes=False)
     _check_quota(spec, grouped, floors)
     typical = typical_demand(spec, grouped) if typical is None else typical
     slot_bytes = tuple(pg.slot_bytes for pg in grouped.pool_groups)

@@ -20,7 +20,7 @@ from hybridkv.manager.tiers import StorageConfig  # noqa: E402
 from hybridkv.planning.planner import PlanSpec, plan  # noqa: E402
 
 
-def make_manager(tmp_path, mechanism: str) -> KVCacheManager:
+def make_manager(tmp_path, mechanism: str, pools: str = "per-lifecycle") -> KVCacheManager:
     from hybridkv.storage.cuda_copy import CudaCopyEngine
 
     name, _, ctas = mechanism.partition("-")
@@ -28,7 +28,7 @@ def make_manager(tmp_path, mechanism: str) -> KVCacheManager:
     layers = (attention_layer(2, 16, 2, Sliding(24, 4)), attention_layer(2, 16, 2, Full()),
               attention_layer(1, 16, 2, Chunked(40)), ssm_layer(64, 64, 2, 4))
     p = plan(PlanSpec(ModelLayout("cuda-test", layers * 2), 400_000, 256, tokens_per_block=8,
-                      max_batch_size=6, host_bytes=300_000))
+                      max_batch_size=6, host_bytes=300_000, pools=pools))
     storage = StorageConfig.local(gpu_backend="torch", gpu_options={"device": "cuda"}, host_backend="torch",
                             host_options={"device": "cpu", "pin_memory": True}, disk_bytes=300_000,
                             disk_directory=str(tmp_path),
@@ -36,9 +36,12 @@ def make_manager(tmp_path, mechanism: str) -> KVCacheManager:
     return KVCacheManager(p, ManagerConfig(max_active_requests=12, storage=storage))
 
 
-@pytest.mark.parametrize("mechanism", ["auto", "batched", "kernel", "kernel-4", "runs", "gather"])
-def test_random_operations_keep_data_intact_on_cuda(tmp_path, mechanism: str) -> None:
-    m = make_manager(tmp_path, mechanism)
+@pytest.mark.parametrize(("mechanism", "pools"), [
+    *((m, "per-lifecycle") for m in ("auto", "batched", "kernel", "kernel-4", "runs", "gather")),
+    ("auto", "shared"),  # the arena: every layer group's pages from one CUDA buffer
+])
+def test_random_operations_keep_data_intact_on_cuda(tmp_path, mechanism: str, pools: str) -> None:
+    m = make_manager(tmp_path, mechanism, pools)
     e = FakeEngine(m)
     rng = np.random.default_rng(0)
     handles: list[int] = []

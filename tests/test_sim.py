@@ -166,7 +166,11 @@ def test_issue_15401_guaranteed_planner_completes_everything() -> None:
     assert not r.deadlocked and r.deadlock_reason == ""
     assert (r.requests, r.completed, r.rejected) == (6, 6, 0)
     assert r.output_tokens == sum(s.turns[0].max_new_tokens for s in wl.sessions)
-    assert r.peak_utilization_per_pool_group[1] > 0.9  # the full group binds, not a window
+    # the full group binds, not a window; admission holds back prompts that would not fit
+    # beside the running ones (it reached 0.9 when requests were admitted on a first chunk
+    # and preempted later), so the peak sits just below
+    peaks = r.peak_utilization_per_pool_group
+    assert peaks[1] > 0.85 and peaks[1] == max(peaks)
 
 
 def test_issue_15401_single_request_planner_deadlocks() -> None:

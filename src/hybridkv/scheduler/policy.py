@@ -30,6 +30,9 @@ class SchedulerView(Protocol):
     @property
     def slots(self) -> list[int]: ...
 
+    @property
+    def num_running(self) -> int: ...
+
 
 class SchedulingPolicy:
     """Decides whether the scheduler may preempt, and gates admission beyond the demand

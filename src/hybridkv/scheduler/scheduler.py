@@ -139,6 +139,10 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def num_running(self) -> int:
+        return self.manager.rows.n
+
     # ---- one step ---------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         """Choose this step's work, make room, admit, and allocate through the manager."""

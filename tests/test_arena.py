@@ -90,7 +90,7 @@ def test_shared_pools_drop_the_concurrent_decode_reservation() -> None:
     reserving only one 32k request alone, and says how long 256 requests can run together."""
     layout = load_model("gemma-3-27b")
     with pytest.raises(CapacityError, match="256 concurrent decodes"):
-        plan(PlanSpec(layout, 40 * GIB, 32768, max_batch_size=256))
+        plan(PlanSpec(layout, 40 * GIB, 32768, max_batch_size=256, pools="per-lifecycle"))
     p = plan(PlanSpec(layout, 40 * GIB, 32768, max_batch_size=256, pools="shared"))
     longest = max_seq_len_at(p, 256)
     ideal = ideal_max_seq_len_at(layout, 40 * GIB, 256)
@@ -125,7 +125,7 @@ def test_cli_pools_flag_and_json_keys(capsys: pytest.CaptureFixture[str]) -> Non
     assert code == 0 and (j["pools_mode"], j["page_bytes"], j["padding_bytes"], j["tables_per_step"]) == \
         ("shared", 262144, 0, 31)
     assert j["concurrency_ratio_to_ideal"] == pytest.approx(0.998, abs=5e-4)
-    code, out, _ = run_cli(capsys, "plan", "gemma-3-27b", "--gpu-mem", "40GiB", "--json")
+    code, out, _ = run_cli(capsys, "plan", "gemma-3-27b", "--gpu-mem", "40GiB", "--pools", "per-lifecycle", "--json")
     j = json.loads(out)
     assert (j["pools_mode"], j["page_bytes"], j["padding_bytes"], j["tables_per_step"]) == ("per-lifecycle", None, 0, 2)
     code, out, _ = run_cli(capsys, "plan", "gemma-3-27b", "--gpu-mem", "40GiB", "--pools", "shared")
@@ -154,7 +154,7 @@ def test_shared_pools_refuse_only_when_one_request_alone_cannot_fit() -> None:
     concurrent-decode reservation: per-lifecycle refuses, shared drops the reservation."""
     layout = load_model("mistral-7b-v0.1")
     with pytest.raises(CapacityError, match="256 concurrent decodes"):
-        plan(PlanSpec(layout, 40 * GIB, 32768, max_batch_size=256))
+        plan(PlanSpec(layout, 40 * GIB, 32768, max_batch_size=256, pools="per-lifecycle"))
     p = plan(PlanSpec(layout, 40 * GIB, 32768, max_batch_size=256, pools="shared"))
     assert [pg.floor_source for pg in p.pool_groups] == ["1 request of max_seq_len 32768 alone"]
     with pytest.raises(CapacityError, match="1 request of max_seq_len 32768 alone"):

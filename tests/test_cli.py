@@ -76,7 +76,7 @@ def test_plan_json_every_catalog_model(capsys: pytest.CaptureFixture[str], name:
 
 
 def test_plan_json_gemma3_27b_pool_groups(capsys: pytest.CaptureFixture[str]) -> None:
-    j = plan_json(capsys, "gemma-3-27b", "--gpu-mem", "40GiB")
+    j = plan_json(capsys, "gemma-3-27b", "--gpu-mem", "40GiB", "--pools", "per-lifecycle")
     sliding, full = j["pool_groups"]
     assert (sliding["kind"], sliding["window"], sliding["sink_tokens"]) == ("attention", 1024, 0)
     assert sliding["layer_ids"] == [i for i in range(62) if (i + 1) % 6 != 0]
@@ -123,7 +123,7 @@ def test_plan_from_layout_json(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     path.write_text(json.dumps({"name": "tiny", "max_position_embeddings": 4096, "layers": [
         {"type": "attention", "window": 256, "kv_bytes_per_token": 1024, "count": 3},
         {"type": "attention", "kv_bytes_per_token": 1024}]}), encoding="utf-8")
-    j = plan_json(capsys, str(path), "--gpu-mem", "1GiB")
+    j = plan_json(capsys, str(path), "--gpu-mem", "1GiB", "--pools", "per-lifecycle")
     assert j["model"] == "tiny"
     assert j["max_seq_len"] == 4096
     assert [g["layer_ids"] for g in j["pool_groups"]] == [[0, 1, 2], [3]]
@@ -173,7 +173,7 @@ def test_user_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str],
 
 
 def test_quota_below_floors_names_the_numbers(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, _, err = run(capsys, "plan", "gemma-3-27b", "--gpu-mem", "1MiB")
+    rc, _, err = run(capsys, "plan", "gemma-3-27b", "--gpu-mem", "1MiB", "--pools", "per-lifecycle")
     assert rc == 2
     # floors: 2080 sliding slots x (52 x 8192 x 16) B + 2048 full slots x (10 x 8192 x 16) B
     need = 2080 * 52 * 8192 * 16 + 2048 * 10 * 8192 * 16

@@ -39,7 +39,8 @@ ISSUE_EXAMPLES: list[tuple[str, list[str], str]] = [
     ("rate inf", ["simulate", *GEMMA, "40GiB", "--workload", "chat", "--requests", "2", "--rate", "inf"],
      "--rate must be > 0 requests/s and finite"),
     # what one simulation may hold (sim/simulator.py: MAX_SIM_*); a plan alone takes these sizes
-    ("simulate 2^60 B of slots", ["simulate", *GEMMA, "1048576TiB", "--workload", "chat", "--requests", "2"],
+    ("simulate 2^60 B of slots", ["simulate", *GEMMA, "1048576TiB", "--workload", "chat", "--requests", "2",
+                                  "--pools", "per-lifecycle"],
      "simulate: slots of the plan ((23962533379, 755004128650) GPU) must be <= 16777216 (2^24)"),
     ("simulate 2^20 rows", ["simulate", *GEMMA, "1048576TiB", "--workload", "chat", "--requests", "2",
                             "--max-batch-size", "1048576"], "simulate: --max-batch-size (1048576) x blocks of"),

@@ -71,10 +71,13 @@ def test_planner_floors_count_the_encoder_blocks() -> None:
     slot = 2 * 8 * 2 * TPB
     floors = {}
     for batch in (1, 4, 8):
-        p = plan(PlanSpec(_layout(), 400 * slot, 40, tokens_per_block=TPB, max_batch_size=batch))
-        (pg,) = p.pool_groups
-        floors[batch] = pg.min_slots
-    assert floors == {1: 16, 4: 4 * 7, 8: 8 * 7}
+        for pools in ("per-lifecycle", "shared"):
+            p = plan(PlanSpec(_layout(), 400 * slot, 40, tokens_per_block=TPB, max_batch_size=batch, pools=pools))
+            (pg,) = p.pool_groups
+            floors[batch, pools] = pg.min_slots
+    # shared pools reserve one request alone; per-lifecycle pools the concurrent decodes too
+    assert floors == {(1, "per-lifecycle"): 16, (4, "per-lifecycle"): 4 * 7, (8, "per-lifecycle"): 8 * 7,
+                      (1, "shared"): 16, (4, "shared"): 16, (8, "shared"): 16}
     brute = max(sum(int(live_blocks(lc, h + 1, h, TPB)) for lc in (Full(), Sliding(6), ENC)) for h in range(40))
     assert brute == 16
 

@@ -32,7 +32,7 @@ def fits(p: PoolPlan, caps: np.ndarray, hists: np.ndarray, prefix: int = 0) -> b
 
 
 def test_gemma_3_27b_at_40gib_exact() -> None:
-    p = plan(PlanSpec(catalog_layout("gemma-3-27b"), 40 * GIB, 32768))
+    p = plan(PlanSpec(catalog_layout("gemma-3-27b"), 40 * GIB, 32768, pools="per-lifecycle"))
     check_plan(p)
     sw_slot, full_slot = 52 * 2 * 16 * 128 * 2 * 16, 10 * 2 * 16 * 128 * 2 * 16
     assert [pg.slot_bytes for pg in p.pool_groups] == [sw_slot, full_slot]
@@ -67,7 +67,7 @@ def test_issue_15401_shape_floors_and_every_position_mod_256() -> None:
 
 
 def test_quota_below_floors_raises_with_numbers() -> None:
-    spec = PlanSpec(catalog_layout("gemma-3-27b"), 4 * GIB, 32768)
+    spec = PlanSpec(catalog_layout("gemma-3-27b"), 4 * GIB, 32768, pools="per-lifecycle")
     with pytest.raises(CapacityError) as e:
         plan(spec)
     need = 2080 * 52 * 8192 * 16 + 2048 * 10 * 8192 * 16
@@ -76,7 +76,7 @@ def test_quota_below_floors_raises_with_numbers() -> None:
 
 def test_constraints_raise_floors_and_name_themselves() -> None:
     c = Batch.uniform("long-decodes", 4, 32768)
-    p = plan(PlanSpec(catalog_layout("gemma-3-27b"), 40 * GIB, 32768, constraints=(c,)))
+    p = plan(PlanSpec(catalog_layout("gemma-3-27b"), 40 * GIB, 32768, constraints=(c,), pools="per-lifecycle"))
     check_plan(p)
     assert p.pool_groups[1].min_slots == 4 * 2048
     assert p.pool_groups[1].floor_source == "constraint 'long-decodes'"
@@ -156,11 +156,12 @@ def test_guarantees_hold_for_random_layouts(layers: list, tpb: int, batch: int, 
     layout = ModelLayout("rand", tuple(layers))
     constraints = tuple(Batch.uniform(f"c{i}", n, min(c, max_len), min(h, c, max_len))
                         for i, (n, c, h) in enumerate(cons))
-    probe = PlanSpec(layout, 1, max_len, tpb, batch, constraints=constraints)
+    probe = PlanSpec(layout, 1, max_len, tpb, batch, constraints=constraints, pools="per-lifecycle")
     grouped = group_layers(layout, tpb)
     need = sum(f.min_slots * pg.slot_bytes for f, pg in zip(compute_floors(probe, grouped),
                                                             grouped.pool_groups, strict=True))
-    spec = PlanSpec(layout, int(need * (1 + extra)) + 1, max_len, tpb, batch, constraints=constraints)
+    spec = PlanSpec(layout, int(need * (1 + extra)) + 1, max_len, tpb, batch, constraints=constraints,
+                    pools="per-lifecycle")
     p = plan(spec)
     check_plan(p)
     h = np.arange(max_len)
@@ -179,4 +180,4 @@ def test_guarantees_hold_for_random_layouts(layers: list, tpb: int, batch: int, 
             assert demand(p.grouped, short + 1, short)[pg.id] <= slots
     if need > 1:  # one byte less than the floors: refused, never silently raised
         with pytest.raises(CapacityError):
-            plan(PlanSpec(layout, need - 1, max_len, tpb, batch, constraints=constraints))
+            plan(PlanSpec(layout, need - 1, max_len, tpb, batch, constraints=constraints, pools="per-lifecycle"))

@@ -4,6 +4,7 @@ deadlocks and every admitted request completes on random small layouts."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -148,7 +149,7 @@ def test_cost_model_roofline() -> None:
 
 # ---- the baseline planner and the issue-15401 scenario ------------------------------------
 def test_single_request_plan_is_the_production_formula() -> None:
-    spec = issue_spec()
+    spec = dataclasses.replace(issue_spec(), pools="per-lifecycle")  # the static pools it compares with
     base, good = single_request_plan(spec), plan(spec)
     grouped = group_layers(spec.layout, ISSUE_TPB)
     assert demand(grouped, [ISSUE_LEN], [ISSUE_LEN - 1]) == (1, 539, 1)
@@ -292,7 +293,7 @@ def test_cli_table_and_file_layout_note(capsys: pytest.CaptureFixture[str], tmp_
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--gpu-mem", "1GiB"], "Raise --gpu-mem to at least 3748659200 B"),
+    (["--gpu-mem", "1GiB", "--pools", "per-lifecycle"], "Raise --gpu-mem to at least 3748659200 B"),
     (["--rate", "-1"], "--rate must be > 0"),
     (["--active-params", "lots"], "--active-params: cannot read 'lots'"),
     (["--requests", "0"], "--requests must be >= 1"),

@@ -8,7 +8,13 @@ import argparse
 from hybridkv.cli.specs import parse_batch, parse_size, parse_tokens
 from hybridkv.layouts.grouping import POOL_MODES
 from hybridkv.layouts.models import load_model
-from hybridkv.planning.planner import DEFAULT_MAX_BATCH_SIZE, DEFAULT_TOKENS_PER_BLOCK, PlanSpec, default_max_seq_len
+from hybridkv.planning.planner import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_POOLS,
+    DEFAULT_TOKENS_PER_BLOCK,
+    PlanSpec,
+    default_max_seq_len,
+)
 
 
 def add_plan_arguments(p: argparse.ArgumentParser, host_help: str, constraints: bool) -> None:
@@ -20,9 +26,9 @@ def add_plan_arguments(p: argparse.ArgumentParser, host_help: str, constraints: 
     p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE)
     p.add_argument("--max-seq-len", help="tokens (default: model max, capped at 32k)")
     p.add_argument("--tokens-per-block", type=int, default=DEFAULT_TOKENS_PER_BLOCK)
-    p.add_argument("--pools", choices=POOL_MODES, default="per-lifecycle",
-                   help="per-lifecycle: a pool per life cycle with static floors; shared: one arena of "
-                        "equal pages every layer group draws from (default: per-lifecycle)")
+    p.add_argument("--pools", choices=POOL_MODES, default=DEFAULT_POOLS,
+                   help="shared: one arena of equal pages every layer group draws from (default); "
+                        "per-lifecycle: a pool per life cycle with static floors")
     if constraints:
         p.add_argument("--constraint", action="append", default=[],
                        help="batch that must fit at once: COUNTxCAP[@HIST][+...][,prefix=N]")

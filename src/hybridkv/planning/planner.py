@@ -29,6 +29,8 @@ from hybridkv.planning.demand import Batch, batch_demand, concurrent_decode_dema
 DEFAULT_TOKENS_PER_BLOCK = 16
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_MAX_SEQ_LEN_CAP = 32768
+DEFAULT_POOLS = "shared"
+"""One arena where a page size suits the layers (layouts/arena.py); per-lifecycle pools on request."""
 
 
 def default_max_seq_len(layout: ModelLayout) -> int:
@@ -61,7 +63,7 @@ class PlanSpec:
     constraints: tuple[Batch, ...] = ()
     typical_step: Batch | None = None
     slot_granularity: int = 1
-    pools: str = "per-lifecycle"
+    pools: str = DEFAULT_POOLS
 
     def __post_init__(self) -> None:
         positive = {"gpu_bytes (--gpu-mem)": self.gpu_bytes,

@@ -12,6 +12,7 @@ same formula (``FinalLengthScheduler``: only the last position is checked at sub
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,8 +24,10 @@ from hybridkv.scheduler.scheduler import Scheduler
 
 
 def single_request_plan(spec: PlanSpec) -> PoolPlan:
-    """The baseline: floors and split from one request at max_seq_len (see the module doc)."""
-    grouped = group_layers(spec.layout, spec.tokens_per_block)
+    """The baseline: floors and split from one request at max_seq_len (see the module doc),
+    over a pool per life cycle (the production managers' layout)."""
+    spec = dataclasses.replace(spec, pools="per-lifecycle")
+    grouped = group_layers(spec.layout, spec.tokens_per_block, spec.pools)
     length = spec.max_seq_len
     need = demand(grouped, [length], [length - 1])
     source = f"1 request at max_seq_len {length}, history {length - 1} (single-request baseline)"

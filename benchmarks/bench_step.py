@@ -29,6 +29,7 @@ import numpy as np
 
 from hybridkv.cli.bench import StepResult, StepRun, bookkeeping_memory, run_once, summarize
 from hybridkv.layouts.grouping import POOL_MODES
+from hybridkv.planning.planner import DEFAULT_POOLS
 
 PEER_PYTHON = Path("/tmp/vllm_peer/bin/python")
 PEER_SCRIPT = Path(__file__).with_name("vllm_peer_step.py")
@@ -111,7 +112,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--peer-python", type=Path, default=PEER_PYTHON)
-    ap.add_argument("--pools", choices=POOL_MODES, default="per-lifecycle",
+    ap.add_argument("--pools", choices=POOL_MODES, default=DEFAULT_POOLS,
                     help="hybridkv's pool mode; with shared, the second table is gemma-3's pattern (31 arena groups)")
     ap.add_argument("--skip-memory", action="store_true")
     args = ap.parse_args()

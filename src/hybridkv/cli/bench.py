@@ -38,7 +38,7 @@ from hybridkv.lifecycles import Full, LifeCycle, Sliding
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
 from hybridkv.manager.tiers import StorageConfig
 from hybridkv.planning.demand import Batch
-from hybridkv.planning.planner import PlanSpec, plan
+from hybridkv.planning.planner import DEFAULT_POOLS, PlanSpec, plan
 
 PROMPT_TOKENS = 2000
 TOKENS_PER_BLOCK = 16
@@ -65,7 +65,7 @@ def bench_layout(name: str) -> ModelLayout:
     return ModelLayout(f"bench-{name}", layers)
 
 
-def make_manager(layout: ModelLayout, batch: int, steps: int, pools: str = "per-lifecycle") -> KVCacheManager:
+def make_manager(layout: ModelLayout, batch: int, steps: int, pools: str = DEFAULT_POOLS) -> KVCacheManager:
     """A bookkeeping-only manager whose pools hold the batch's prefill (history 0: every block
     live, even in windowed groups) and its last decode step; constraints guarantee both."""
     max_seq_len = PROMPT_TOKENS + steps
@@ -110,7 +110,7 @@ class StepResult:
     us_per_step_mean: float
     us_per_step_max: float
     close_us_per_request_median: float
-    pools_mode: str = "per-lifecycle"
+    pools_mode: str = DEFAULT_POOLS
     layer_groups: int = 0
 
 
@@ -160,7 +160,7 @@ def _verify(manager: KVCacheManager, handles: I64, steps: int) -> None:
             raise InvariantError(f"bench: request {h} ended at {lengths}, expected (capacity, history) {want}")
 
 
-def run_once(layout_name: str, batch: int, steps: int, check: bool = False, pools: str = "per-lifecycle") -> StepRun:
+def run_once(layout_name: str, batch: int, steps: int, check: bool = False, pools: str = DEFAULT_POOLS) -> StepRun:
     """One repeat: prefill, ``steps`` timed decode steps, timed closes. With ``check``, the
     manager's invariants and final lengths are verified before and after closing."""
     manager = make_manager(bench_layout(layout_name), batch, steps, pools)
@@ -182,7 +182,7 @@ def run_once(layout_name: str, batch: int, steps: int, check: bool = False, pool
                    statistics.median(close_ns) / 1e3)
 
 
-def summarize(layout_name: str, batch: int, steps: int, runs: list[StepRun], pools: str = "per-lifecycle"
+def summarize(layout_name: str, batch: int, steps: int, runs: list[StepRun], pools: str = DEFAULT_POOLS
               ) -> StepResult:
     """Medians over repeats."""
     grouped = group_layers(bench_layout(layout_name), TOKENS_PER_BLOCK, pools)
@@ -196,7 +196,7 @@ def summarize(layout_name: str, batch: int, steps: int, runs: list[StepRun], poo
 
 
 def bench_step(batches: tuple[int, ...] = DEFAULT_BATCHES, steps: int = 200, repeats: int = 5,
-               layout_name: str = "vllm", check: bool = False, pools: str = "per-lifecycle") -> list[StepResult]:
+               layout_name: str = "vllm", check: bool = False, pools: str = DEFAULT_POOLS) -> list[StepResult]:
     """The step benchmark over several batch sizes, repeats interleaved across them."""
     bench_layout(layout_name)
     for what, value in {"--batch": min(batches, default=0), "--steps": steps, "--repeats": repeats}.items():
@@ -294,7 +294,7 @@ def add_bench_parser(sub: argparse._SubParsersAction[Any]) -> None:
     s.add_argument("--steps", type=int, default=200, help="decode steps per run")
     s.add_argument("--repeats", type=int, default=5, help="runs per batch size (interleaved)")
     s.add_argument("--layout", choices=LAYOUT_NAMES, default="vllm")
-    s.add_argument("--pools", choices=POOL_MODES, default="per-lifecycle")
+    s.add_argument("--pools", choices=POOL_MODES, default=DEFAULT_POOLS)
     s.add_argument("--json", action="store_true",
                    help="one object for one --batch, else {\"results\": [...]}")
     s.set_defaults(func=cmd_bench_step)

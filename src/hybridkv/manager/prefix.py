@@ -208,7 +208,7 @@ class PrefixCache:
         reused tokens); capacity = history = committed = reused. None (nothing changed) when
         no row or no slots for the pages that must be brought back or copied. ``keys``: as in
         ``hit``."""
-        m, tpb = self.m, self.m.tokens_per_block
+        m = self.m
         if m.rows.n == m.rows.max_rows:
             return None
         tok = np.asarray(tokens)
@@ -227,7 +227,13 @@ class PrefixCache:
         m.resume(handle)
         if match.tokens == 0:
             return handle, 0
-        L, row = match.tokens, m.caches.row(handle)
+        self._adopt(m.caches.row(handle), match, keys, gkeys)
+        return handle, match.tokens
+
+    def _adopt(self, row: int, match: Match, keys: list[bytes], gkeys: list[Sequence[bytes]]) -> None:
+        """Give the new cache in ``row`` the matched pages (brought back to the GPU, shared or
+        copied as each life cycle says) and history ``match.tokens``; mark the keys used."""
+        m, tpb, L = self.m, self.m.tokens_per_block, match.tokens
         m.rows.capacity[row] = m.rows.history[row] = m.rows.committed[row] = m.rows.seq_lens[row] = L
         gpu = m.tiers.allocators[GPU]
         for lg, mb, gk in zip(m.grouped.layer_groups, match.per_group, gkeys, strict=True):
@@ -247,7 +253,6 @@ class PrefixCache:
         for pins in self.pins_on.values():
             pins.touched(touched)
         self.stats.reused_tokens += L
-        return handle, L
 
     def _onboard(self, keys: Sequence[bytes], group: int, ords: I64, slots: I64, tiers: I64) -> I64:
         """GPU slots of matched pages, copying those found on a lower tier back (room checked)."""

@@ -13,6 +13,7 @@ import pytest
 import model_files
 from hybridkv.core.errors import ConfigError
 from hybridkv.layouts.catalog import catalog_layout
+from hybridkv.layouts.hf_config import parse_hf_config
 from hybridkv.layouts.models import load_model
 from hybridkv.layouts.spec import BufferSpec, ModelLayout
 from hybridkv.lifecycles import Chunked, Full, Sliding, Ssm
@@ -327,3 +328,153 @@ def test_non_string_torch_dtype(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="torch_dtype") as info:
         load_model(path)
     assert path in str(info.value)
+
+
+# --- transformers-5 hybrid families: layer kinds and exact bytes -----------------------------
+# Dimensions shaped like the published checkpoints (Bamba-9B, Falcon-H1, Zamba2, Nemotron-H,
+# Granite-4.0-H), in bfloat16; the byte counts are worked out by hand beside each test.
+
+BAMBA: dict[str, Any] = {
+    "model_type": "bamba", "dtype": "bfloat16", "num_hidden_layers": 32, "hidden_size": 4096,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "attn_layer_indices": [9, 18, 27],
+    "mamba_n_heads": 128, "mamba_d_head": 64, "mamba_n_groups": 1, "mamba_d_state": 128,
+    "mamba_d_conv": 4, "mamba_expand": 2, "max_position_embeddings": 262144,
+}
+FALCON_H1: dict[str, Any] = {
+    "model_type": "falcon_h1", "torch_dtype": "bfloat16", "num_hidden_layers": 36, "hidden_size": 1024,
+    "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64, "mamba_d_ssm": 1536,
+    "mamba_n_heads": 24, "mamba_d_head": 64, "mamba_n_groups": 1, "mamba_d_state": 128,
+    "mamba_d_conv": 4, "mamba_expand": 2, "max_position_embeddings": 16384,
+}
+ZAMBA2: dict[str, Any] = {
+    "model_type": "zamba2", "torch_dtype": "bfloat16", "num_hidden_layers": 12, "hidden_size": 2048,
+    "num_attention_heads": 32, "num_key_value_heads": 32, "layers_block_type": (["mamba"] * 5 + ["hybrid"]) * 2,
+    "n_mamba_heads": 64, "mamba_ngroups": 1, "mamba_d_state": 64, "mamba_d_conv": 4, "mamba_expand": 2,
+    "attention_head_dim": 128, "mamba_headdim": 64, "head_dim": 999,  # saved, derived again by transformers
+    "max_position_embeddings": 4096,
+}
+NEMOTRON_H_TF5: dict[str, Any] = {  # transformers 5 saves layers_block_type and no num_hidden_layers
+    **{k: v for k, v in NEMOTRON_H.items() if k not in ("num_hidden_layers", "hybrid_override_pattern")},
+    "layers_block_type": [{"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}[c]
+                          for c in NEMOTRON_PATTERN],
+}
+GRANITE_4_H: dict[str, Any] = {
+    "model_type": "granitemoehybrid", "torch_dtype": "bfloat16", "num_hidden_layers": 10, "hidden_size": 1536,
+    "num_attention_heads": 12, "num_key_value_heads": 4, "layer_types": (["mamba"] * 4 + ["attention"]) * 2,
+    "mamba_n_heads": 48, "mamba_d_head": 64, "mamba_n_groups": 1, "mamba_d_state": 128, "mamba_d_conv": 4,
+    "mamba_expand": 2, "max_position_embeddings": 131072,
+}
+
+
+def kinds(layout: ModelLayout) -> list[str]:
+    return ["ssm" if isinstance(la.life_cycle, Ssm) else la.life_cycle.describe() for la in layout.layers]
+
+
+def ssm_buffers(conv_elems: int, ssm_elems: int, conv_b: int = 2, ssm_b: int = 2) -> tuple[BufferSpec, ...]:
+    return (BufferSpec("conv", state_bytes=conv_elems * conv_b), BufferSpec("ssm", state_bytes=ssm_elems * ssm_b))
+
+
+def test_bamba_attn_layer_indices(tmp_path: Path) -> None:
+    layout = load(tmp_path, BAMBA)
+    assert ids(layout, lambda lc: isinstance(lc, Full)) == [9, 18, 27]
+    assert len(ids(layout, lambda lc: isinstance(lc, Ssm))) == 29
+    conv, ssm = (128 * 64 + 2 * 1 * 128) * (4 - 1), 128 * 64 * 128  # 25,344 and 1,048,576 elements
+    assert layout.layers[0].buffers == ssm_buffers(conv, ssm)
+    assert layout.layers[0].state_bytes == 2_147_840
+    assert layout.layers[9].kv_bytes_per_token == 2 * 8 * 128 * 2 == 4096
+    assert layout.kv_bytes_per_token() == 3 * 4096
+
+
+def test_bamba_auto_head_dim_and_no_attention(tmp_path: Path) -> None:
+    cfg = {**_drop(BAMBA, "attn_layer_indices"), "mamba_d_head": "auto"}  # 2 x 4096 / 128 = 64
+    layout = load(tmp_path, cfg)
+    assert kinds(layout) == ["ssm"] * 32
+    assert layout.layers[0].state_bytes == 2_147_840
+
+
+def test_falcon_h1_keeps_attention_and_mamba2_in_every_layer(tmp_path: Path) -> None:
+    layout = load(tmp_path, FALCON_H1)
+    assert kinds(layout) == ["full", "ssm"] * 36  # one attention and one state per model layer
+    conv, ssm = (1536 + 2 * 1 * 128) * (4 - 1), 24 * 64 * 128  # 5,376 and 196,608 elements
+    assert layout.layers[1].buffers == ssm_buffers(conv, ssm)
+    assert layout.layers[1].state_bytes == 403_968
+    assert layout.layers[0].kv_bytes_per_token == 2 * 2 * 64 * 2 == 512
+    assert layout.kv_bytes_per_token() == 36 * 512
+    assert "two cache layers" in layout.notes[-1]
+
+
+def test_falcon_h1_inner_size_from_expand_when_d_ssm_is_null(tmp_path: Path) -> None:
+    layout = load(tmp_path, {**FALCON_H1, "mamba_d_ssm": None, "mamba_n_heads": 32})  # 2 x 1024 = 32 x 64
+    assert layout.layers[1].buffers == ssm_buffers((2048 + 256) * 3, 32 * 64 * 128)
+
+
+def test_zamba2_hybrid_layers_keep_their_mamba2_state(tmp_path: Path) -> None:
+    layout = load(tmp_path, ZAMBA2)
+    model = (["ssm"] * 5 + ["full", "ssm"]) * 2  # a hybrid layer: shared attention, then Mamba-2
+    assert kinds(layout) == model
+    conv, ssm = (4096 + 2 * 1 * 64) * (4 - 1), 64 * 64 * 64  # 12,672 and 262,144 elements
+    assert {la.buffers for la in layout.layers if isinstance(la.life_cycle, Ssm)} == {ssm_buffers(conv, ssm)}
+    assert layout.layers[0].state_bytes == 549_632
+    assert layout.layers[5].kv_bytes_per_token == 2 * 32 * 128 * 2  # head_dim 2 x 2048 / 32, not 999
+    tf5 = {**ZAMBA2, "layers_block_type": (["linear_attention"] * 5 + ["hybrid"]) * 2}
+    assert load(tmp_path, tf5).layers == layout.layers
+
+
+def test_nemotron_h_transformers5_layers_block_type() -> None:
+    # through the parser: models.load_model still tells an HF config by its num_hidden_layers
+    layout = parse_hf_config(NEMOTRON_H_TF5, "config.json")
+    assert layout.layers == parse_hf_config(NEMOTRON_H, "config.json").layers
+    assert layout.layers == catalog_layout("nemotron-3-nano-30b-a3b").layers
+    assert len(layout.layers) == 29
+    assert layout.layers[0].state_bytes == 2_134_016
+
+
+def test_granite_4_h_mamba_layers_are_mamba2(tmp_path: Path) -> None:
+    layout = load(tmp_path, GRANITE_4_H)
+    assert kinds(layout) == (["ssm"] * 4 + ["full"]) * 2
+    conv, ssm = (48 * 64 + 2 * 1 * 128) * (4 - 1), 48 * 64 * 128  # 9,984 and 393,216 elements
+    assert layout.layers[0].buffers == ssm_buffers(conv, ssm)
+    assert layout.layers[0].state_bytes == 806_400
+    assert layout.layers[4].kv_bytes_per_token == 2 * 4 * 128 * 2  # head_dim 1536 / 12
+    tf5 = {**GRANITE_4_H, "layer_types": (["linear_attention"] * 4 + ["full_attention"]) * 2}
+    assert load(tmp_path, tf5).layers == layout.layers
+    assert kinds(load(tmp_path, _drop(GRANITE_4_H, "layer_types"))) == ["ssm"] * 10
+
+
+def test_linear_attention_is_gated_delta_net_for_qwen3_5(tmp_path: Path) -> None:
+    qwen35 = {**_drop(QWEN3_NEXT, "full_attention_interval"), "model_type": "qwen3_5_text",
+              "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 12}
+    assert load(tmp_path, qwen35).layers == load(tmp_path, QWEN3_NEXT).layers
+
+
+HYBRID_ERRORS: list[tuple[str, Any, list[str]]] = [
+    ("minimax lightning", {**GPT_OSS_20B, "model_type": "minimax", "layer_types": ["linear_attention"] * 24},
+     ["layer_types", "'linear_attention'", "'minimax'", "lightning"]),
+    ("kimi KDA", {**GPT_OSS_20B, "model_type": "kimi_linear", "layer_types": ["linear_attention"] * 24},
+     ["layer_types", "'linear_attention'", "KDA"]),
+    ("unknown model_type", {**QWEN3_NEXT, "model_type": "my_hybrid"},
+     ["full_attention_interval", "'linear_attention'", "'my_hybrid'"]),
+    ("mamba in another family", {**GPT_OSS_20B, "layer_types": ["mamba"] * 24}, ["layer_types", "'gpt_oss'"]),
+    ("hybrid_sliding", {**FALCON_H1, "layer_types": ["hybrid_sliding"] * 36}, ["layer_types", "hybrid_sliding"]),
+    ("attn index past the layers", {**BAMBA, "attn_layer_indices": [9, 32]}, ["attn_layer_indices", "[0, 32)"]),
+    ("attn index not an int", {**BAMBA, "attn_layer_indices": ["9"]}, ["attn_layer_indices"]),
+    ("bamba head split", {**BAMBA, "mamba_d_head": 32}, ["mamba_d_head", "8192"]),
+    ("falcon head split", {**FALCON_H1, "mamba_d_ssm": 1000}, ["mamba_d_head", "mamba_d_ssm"]),
+    ("zamba2 heads", {**ZAMBA2, "n_mamba_heads": 48}, ["n_mamba_heads", "4096"]),
+    ("zamba2 missing layers", {**ZAMBA2, "num_hidden_layers": 13}, ["layers_block_type", "13"]),
+    ("nemotron list vs count", {**NEMOTRON_H_TF5, "num_hidden_layers": 50}, ["layers_block_type", "50"]),
+    ("nemotron pattern char", {**NEMOTRON_H, "hybrid_override_pattern": "X" * 52}, ["hybrid_override_pattern"]),
+    ("granite missing d_state", _drop(GRANITE_4_H, "mamba_d_state"), ["mamba_d_state"]),
+    ("falcon missing heads", _drop(FALCON_H1, "mamba_n_heads"), ["mamba_n_heads"]),
+]
+
+
+@pytest.mark.parametrize(("data", "needles"), [(d, n) for _, d, n in HYBRID_ERRORS],
+                         ids=[i for i, _, _ in HYBRID_ERRORS])
+def test_hybrid_errors_name_the_field_and_value(tmp_path: Path, data: Any, needles: list[str]) -> None:
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as info:
+        load_model(path)
+    assert path in str(info.value)
+    for needle in needles:
+        assert needle in str(info.value)

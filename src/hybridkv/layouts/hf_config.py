@@ -1,17 +1,20 @@
-"""Layouts from a Hugging Face ``config.json``.
+"""Layouts from a Hugging Face ``config.json`` (transformers 4 and 5).
 
-Reads ``layer_types`` when present; otherwise the model family's pattern fields:
-``sliding_window_pattern`` (Gemma 3, Cohere2), Gemma 2 alternation, ``no_rope_layers`` with
-``attention_chunk_size`` (Llama 4), ``attn_layer_period/offset`` (Jamba),
-``full_attention_interval`` (Qwen3-Next), ``hybrid_override_pattern`` (Nemotron-H),
-``use_sliding_window`` / ``max_window_layers`` (Qwen2). MLA from ``kv_lora_rank``. A window
-at least ``max_position_embeddings`` long never drops a token and is treated as full.
-Multimodal configs are read from ``text_config``.
-"""
+Reads ``layer_types`` or ``layers_block_type`` when present; otherwise the model family's
+pattern fields: ``hybrid_override_pattern`` (Nemotron-H), Falcon-H1 (attention and Mamba-2 in
+every layer), ``attn_layer_indices`` (Bamba), ``attn_layer_period/offset`` (Jamba),
+``full_attention_interval`` (Qwen3-Next), ``no_rope_layers`` with ``attention_chunk_size``
+(Llama 4), ``sliding_window_pattern`` (Gemma 3, Cohere2), Gemma 2 alternation,
+``use_sliding_window`` / ``max_window_layers`` (Qwen2). A recurrent layer ("linear_attention",
+legacy "mamba") holds the state its ``model_type`` defines (gated delta net, Mamba-2, Mamba-1);
+any other is an error naming the field. MLA from ``kv_lora_rank``. A window at least
+``max_position_embeddings`` long never drops a token and is treated as full. Multimodal
+configs are read from ``text_config``."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from hybridkv.core.errors import ConfigError
 from hybridkv.core.limits import MAX_LAYERS, MAX_TOKENS, check_max
@@ -28,14 +31,19 @@ from hybridkv.lifecycles import Chunked, Full, Sliding
 _FULL = "full_attention"
 _SLIDING = "sliding_attention"
 _CHUNKED = "chunked_attention"
-_LINEAR = "linear_attention"
-_MAMBA = "mamba"
+# The model's recurrent layer. Transformers 5 calls every recurrent mixer "linear_attention"
+# (legacy "mamba" and "conv" are renamed to it), so what it holds depends on model_type.
+_RECURRENT = "linear_attention"
+# One model layer with attention *and* a recurrent state (Falcon-H1, Zamba2's shared block).
+_HYBRID = "hybrid"
 _NONE = "none"  # a layer without cache (Nemotron-H MoE/MLP layers)
 _TYPE_ALIASES = {
     "full_attention": _FULL, "attention": _FULL, "global": _FULL,
     "sliding_attention": _SLIDING, "sliding": _SLIDING, "local": _SLIDING,
-    "chunked_attention": _CHUNKED, "linear_attention": _LINEAR, "mamba": _MAMBA,
+    "chunked_attention": _CHUNKED, "linear_attention": _RECURRENT, "mamba": _RECURRENT,
+    "hybrid": _HYBRID, "moe": _NONE, "mlp": _NONE,
 }
+_PATTERN_CHARS = {"M": _RECURRENT, "*": _FULL, "E": _NONE, "-": _NONE}  # Nemotron-H
 
 
 class _Cfg:
@@ -73,45 +81,115 @@ def _str_list(cfg: _Cfg, key: str, n: int) -> list[str]:
     return value
 
 
-def _layer_types(cfg: _Cfg, n: int) -> list[str]:
+class _Kinds(NamedTuple):
+    """One cache kind per model layer, and the config field they were read from (named when a
+    recurrent kind cannot be resolved for the config's model_type)."""
+
+    field: str
+    kinds: list[str]
+
+
+def _model_type(cfg: _Cfg) -> str:
     mt = cfg.get("model_type", "")
-    if cfg.get("layer_types") is not None:
-        explicit = _str_list(cfg, "layer_types", n)
-        unknown = sorted({t for t in explicit if t not in _TYPE_ALIASES})
-        if unknown:
-            raise ConfigError(f"{cfg.path}: field 'layer_types' has unknown type(s) {unknown}; "
-                              f"known: {sorted(_TYPE_ALIASES)}")
-        return [_TYPE_ALIASES[t] for t in explicit]
-    if cfg.get("hybrid_override_pattern") is not None:
-        pattern = cfg.get("hybrid_override_pattern")
-        if not isinstance(pattern, str):
-            raise ConfigError(f"{cfg.path}: field 'hybrid_override_pattern' must be a string such as "
-                              f"'M-M*', got {pattern!r:.60}")
-        if len(pattern) != n:
-            raise ConfigError(f"{cfg.path}: 'hybrid_override_pattern' has {len(pattern)} "
-                              f"layers, num_hidden_layers is {n}")
-        return [{"M": _MAMBA, "*": _FULL}.get(c, _NONE) for c in pattern]
+    return mt if isinstance(mt, str) else ""
+
+
+def _num_layers(cfg: _Cfg) -> int:
+    """``num_hidden_layers``; Nemotron-H saved by transformers 5 has none and counts its
+    ``layers_block_type`` instead."""
+    listed = cfg.get("layers_block_type")
+    if cfg.get("num_hidden_layers") is None and isinstance(listed, list) and listed:
+        check_max(f"{cfg.path}: field 'layers_block_type' entries", len(listed), MAX_LAYERS,
+                  "no model has that many layers")
+        return len(listed)
+    return cfg.int("num_hidden_layers", maximum=MAX_LAYERS)
+
+
+def _layer_types(cfg: _Cfg, n: int) -> _Kinds:
+    """The kind of every model layer, from the first field the config's family uses."""
+    for read in (_listed_types, _family_types, _pattern_types):
+        found = read(cfg, n)
+        if found is not None:
+            return found
+    return _Kinds("sliding_window", _window_types(cfg, n))
+
+
+def _named_types(cfg: _Cfg, key: str, n: int) -> _Kinds:
+    names = _str_list(cfg, key, n)
+    unknown = sorted({t for t in names if t not in _TYPE_ALIASES})
+    if unknown:
+        raise ConfigError(f"{cfg.path}: field {key!r} has unknown type(s) {unknown}; "
+                          f"known: {sorted(_TYPE_ALIASES)}")
+    return _Kinds(key, [_TYPE_ALIASES[t] for t in names])
+
+
+def _listed_types(cfg: _Cfg, n: int) -> _Kinds | None:
+    """A type per layer: ``layer_types``, ``layers_block_type`` (Zamba2, Nemotron-H in
+    transformers 5) or the ``hybrid_override_pattern`` string (Nemotron-H in transformers 4)."""
+    for key in ("layer_types", "layers_block_type"):
+        if cfg.get(key) is not None:
+            return _named_types(cfg, key, n)
+    pattern = cfg.get("hybrid_override_pattern")
+    if pattern is None:
+        return None
+    if not isinstance(pattern, str) or any(c not in _PATTERN_CHARS for c in pattern):
+        raise ConfigError(f"{cfg.path}: field 'hybrid_override_pattern' must be a string of "
+                          f"{''.join(_PATTERN_CHARS)!r} such as 'M-M*', got {pattern!r:.60}")
+    if len(pattern) != n:
+        raise ConfigError(f"{cfg.path}: 'hybrid_override_pattern' has {len(pattern)} "
+                          f"layers, num_hidden_layers is {n}")
+    return _Kinds("hybrid_override_pattern", [_PATTERN_CHARS[c] for c in pattern])
+
+
+def _family_types(cfg: _Cfg, n: int) -> _Kinds | None:
+    """Families whose config lists no types: Falcon-H1 (attention and Mamba-2 in every layer),
+    Bamba (attention at ``attn_layer_indices``, Mamba-2 elsewhere, none given: all Mamba-2)
+    and GraniteMoeHybrid without ``layer_types`` (all Mamba-2), as transformers builds them."""
+    mt = _model_type(cfg)
+    if mt == "falcon_h1":
+        return _Kinds("model_type", [_HYBRID] * n)
+    if cfg.get("attn_layer_indices") is not None or mt == "bamba":
+        value = cfg.get("attn_layer_indices", [])
+        if not isinstance(value, list) or any(
+            isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n for i in value
+        ):
+            raise ConfigError(f"{cfg.path}: field 'attn_layer_indices' must list layer indices in "
+                              f"[0, {n}) (num_hidden_layers), got {value!r:.80}")
+        return _Kinds("attn_layer_indices", [_FULL if i in value else _RECURRENT for i in range(n)])
+    if mt == "granitemoehybrid":
+        return _Kinds("model_type", [_RECURRENT] * n)
+    return None
+
+
+def _pattern_types(cfg: _Cfg, n: int) -> _Kinds | None:
+    """Periodic patterns: Jamba, Qwen3-Next, Llama 4."""
     if cfg.get("attn_layer_period") is not None:  # Jamba
         period, offset = cfg.int("attn_layer_period"), cfg.int("attn_layer_offset", 0, 0)
         if offset >= period:
             raise ConfigError(f"{cfg.path}: field 'attn_layer_offset' ({offset}) must be < "
                               f"'attn_layer_period' ({period})")
-        return [_FULL if i % period == offset else _MAMBA for i in range(n)]
+        return _Kinds("attn_layer_period", [_FULL if i % period == offset else _RECURRENT for i in range(n)])
     if cfg.get("full_attention_interval") is not None:  # Qwen3-Next
         k = cfg.int("full_attention_interval")
-        return [_FULL if (i + 1) % k == 0 else _LINEAR for i in range(n)]
+        return _Kinds("full_attention_interval", [_FULL if (i + 1) % k == 0 else _RECURRENT for i in range(n)])
     if cfg.get("attention_chunk_size") is not None:  # Llama 4: RoPE layers are chunked
         no_rope = cfg.get("no_rope_layers") or [int((i + 1) % 4 != 0) for i in range(n)]
         if not isinstance(no_rope, list) or len(no_rope) != n or any(f not in (0, 1) for f in no_rope):
             raise ConfigError(f"{cfg.path}: field 'no_rope_layers' must list {n} entries of 0 or 1 "
                               "(num_hidden_layers)")
-        return [_CHUNKED if no_rope[i] else _FULL for i in range(n)]
+        return _Kinds("no_rope_layers", [_CHUNKED if no_rope[i] else _FULL for i in range(n)])
+    return None
+
+
+def _window_types(cfg: _Cfg, n: int) -> list[str]:
+    """Attention-only models: full, or sliding by the family's window fields."""
     window = cfg.get("sliding_window")
     if window is None or cfg.get("use_sliding_window") is False:
         return [_FULL] * n
     if cfg.get("sliding_window_pattern") is not None:
         k = cfg.int("sliding_window_pattern")
         return [_FULL if (i + 1) % k == 0 else _SLIDING for i in range(n)]
+    mt = _model_type(cfg)
     if mt == "gemma2":
         return [_SLIDING if i % 2 == 0 else _FULL for i in range(n)]
     if mt == "qwen2":
@@ -120,36 +198,128 @@ def _layer_types(cfg: _Cfg, n: int) -> list[str]:
     return [_SLIDING] * n
 
 
-def _ssm_state(cfg: _Cfg, kind: str, hidden: int) -> LayerSpec:
+# --- recurrent states: what "linear_attention" holds, by model_type ---------------------------
+
+class _Mamba2(NamedTuple):
+    """A Mamba-2 mixer's dimensions, whatever its family calls the fields. Its conv state holds
+    the last d_conv - 1 inputs of x, B and C; its SSM state one d_state vector per head channel."""
+
+    heads: int
+    head_dim: int
+    groups: int
+    d_state: int
+    d_conv: int
+
+    def conv_elems(self) -> int:
+        return (self.heads * self.head_dim + 2 * self.groups * self.d_state) * (self.d_conv - 1)
+
+    def ssm_elems(self) -> int:
+        return self.heads * self.head_dim * self.d_state
+
+
+def _split_heads(cfg: _Cfg, key: str | None, inner: int, heads: int, inner_fields: str) -> int:
+    """The Mamba head dim: field ``key``, or inner / heads where it is "auto", absent or
+    derived (``key`` None); heads x head_dim must be the mixer's inner size, as transformers checks."""
+    value = "auto" if key is None else cfg.get(key, "auto")
+    head_dim = inner // heads if value == "auto" or key is None else cfg.int(key)
+    if head_dim * heads != inner:
+        raise ConfigError(f"{cfg.path}: field {key or 'n_mamba_heads'!r} gives head dim {head_dim} x {heads} "
+                          f"Mamba heads, which must equal the Mamba inner size {inner} ({inner_fields})")
+    return head_dim
+
+
+def _nemotron_h_mamba2(cfg: _Cfg) -> _Mamba2:
+    # transformers 5 still reads the 4.x names mamba_n_groups / mamba_d_conv first
+    groups = "mamba_n_groups" if cfg.get("mamba_n_groups") is not None else "n_groups"
+    kernel = "mamba_d_conv" if cfg.get("mamba_d_conv") is not None else "conv_kernel"
+    return _Mamba2(cfg.int("mamba_num_heads"), cfg.int("mamba_head_dim"), cfg.int(groups, 8),
+                   cfg.int("ssm_state_size"), cfg.int(kernel, 4))
+
+
+def _bamba_mamba2(cfg: _Cfg, inner: int | None = None, inner_fields: str = "mamba_expand x hidden_size") -> _Mamba2:
+    """Bamba and GraniteMoeHybrid (Falcon-H1 with its own inner size)."""
+    heads = cfg.int("mamba_n_heads")
+    inner = inner or cfg.int("mamba_expand", 2) * cfg.int("hidden_size")
+    head_dim = _split_heads(cfg, "mamba_d_head", inner, heads, inner_fields)
+    return _Mamba2(heads, head_dim, cfg.int("mamba_n_groups", 1), cfg.int("mamba_d_state"),
+                   cfg.int("mamba_d_conv", 4))
+
+
+def _falcon_h1_mamba2(cfg: _Cfg) -> _Mamba2:
+    # mamba_d_ssm absent: transformers' default 1024; null: mamba_expand x hidden_size
+    if "mamba_d_ssm" not in cfg.data:
+        return _bamba_mamba2(cfg, 1024, "transformers' default mamba_d_ssm")
+    if cfg.data["mamba_d_ssm"] is None:
+        return _bamba_mamba2(cfg)
+    return _bamba_mamba2(cfg, cfg.int("mamba_d_ssm"), "mamba_d_ssm")
+
+
+def _zamba2_mamba2(cfg: _Cfg) -> _Mamba2:
+    # transformers derives the head dim (mamba_headdim) and ignores the saved one
+    heads = cfg.int("n_mamba_heads")
+    inner = cfg.int("mamba_expand", 2) * cfg.int("hidden_size")
+    head_dim = _split_heads(cfg, None, inner, heads, "mamba_expand x hidden_size")
+    return _Mamba2(heads, head_dim, cfg.int("mamba_ngroups", 1), cfg.int("mamba_d_state"),
+                   cfg.int("mamba_d_conv", 4))
+
+
+_MAMBA2_FAMILIES: dict[str, Callable[[_Cfg], _Mamba2]] = {
+    "nemotron_h": _nemotron_h_mamba2, "bamba": _bamba_mamba2, "granitemoehybrid": _bamba_mamba2,
+    "falcon_h1": _falcon_h1_mamba2, "zamba2": _zamba2_mamba2,
+}
+_GATED_DELTA_NET = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
+_MAMBA1 = ("jamba",)
+_NOT_REPRESENTED = {
+    "minimax": "lightning attention", "kimi_linear": "Kimi delta attention (KDA)",
+    "lfm2": "a short convolution", "lfm2_moe": "a short convolution",
+}
+
+
+def _recurrent_state(cfg: _Cfg, field: str) -> LayerSpec:
+    """The state one recurrent layer keeps per request, chosen by ``model_type``; one that
+    hybridkv does not know is an error naming ``field``, never a guess."""
+    mt = _model_type(cfg)
     elem = dtype_bytes(cfg.get("torch_dtype", cfg.get("dtype", "bfloat16")), f"{cfg.path}: dtype")
     ssm_elem = elem
     if cfg.get("mamba_ssm_cache_dtype") not in (None, "auto"):
         ssm_elem = dtype_bytes(cfg.get("mamba_ssm_cache_dtype"), f"{cfg.path}: mamba_ssm_cache_dtype")
-    if kind == _LINEAR:  # gated delta net
+    if mt in _GATED_DELTA_NET:
         nk, nv = cfg.int("linear_num_key_heads"), cfg.int("linear_num_value_heads")
         dk, dv = cfg.int("linear_key_head_dim"), cfg.int("linear_value_head_dim")
         conv = (2 * nk * dk + nv * dv) * (cfg.int("linear_conv_kernel_dim", 4) - 1)
         return ssm_layer(conv, nv * dk * dv, elem, ssm_elem)
-    if cfg.get("mamba_num_heads") is not None:  # Mamba-2
-        heads, hd = cfg.int("mamba_num_heads"), cfg.int("mamba_head_dim")
-        d_state, groups = cfg.int("ssm_state_size"), cfg.int("n_groups", 1)
-        conv_dim = heads * hd + 2 * groups * d_state
-        kernel = cfg.int("conv_kernel", cfg.int("mamba_d_conv", 4))
-        return ssm_layer(conv_dim * (kernel - 1), heads * hd * d_state, elem, ssm_elem)
-    inner = cfg.int("mamba_expand", 2) * hidden  # Mamba-1
-    return ssm_layer(inner * (cfg.int("mamba_d_conv", 4) - 1), inner * cfg.int("mamba_d_state", 16),
-                     elem, ssm_elem)
+    if mt in _MAMBA2_FAMILIES:
+        m = _MAMBA2_FAMILIES[mt](cfg)
+        return ssm_layer(m.conv_elems(), m.ssm_elems(), elem, ssm_elem)
+    if mt in _MAMBA1:
+        inner = cfg.int("mamba_expand", 2) * cfg.int("hidden_size")
+        return ssm_layer(inner * (cfg.int("mamba_d_conv", 4) - 1), inner * cfg.int("mamba_d_state", 16),
+                         elem, ssm_elem)
+    known = sorted([*_GATED_DELTA_NET, *_MAMBA2_FAMILIES, *_MAMBA1])
+    why = (f"for model_type {mt!r} it is {_NOT_REPRESENTED[mt]}, which hybridkv cannot represent"
+           if mt in _NOT_REPRESENTED else f"model_type {mt!r:.40} is not one hybridkv reads (known: {known})")
+    raise ConfigError(f"{cfg.path}: field {field!r} gives recurrent layers ({_RECURRENT!r}), whose state "
+                      f"depends on model_type; {why}")
+
+
+# --- attention ---------------------------------------------------------------------------------
+
+def _head_dim(cfg: _Cfg, heads: int) -> int:
+    if _model_type(cfg) == "zamba2":  # attention over [hidden, embedding]: 2 x hidden_size wide
+        hd = 2 * cfg.int("hidden_size") // heads  # transformers ignores a saved head_dim here
+    else:
+        hd = cfg.int("head_dim") if cfg.get("head_dim") is not None else cfg.int("hidden_size") // heads
+    if hd < 1:
+        raise ConfigError(f"{cfg.path}: field 'hidden_size' ({cfg.int('hidden_size')}) is smaller than "
+                          f"'num_attention_heads' ({heads}): no head dimension; give 'head_dim'")
+    return hd
 
 
 def _attention_spec(cfg: _Cfg, kind: str, elem: int, max_pos: int | None) -> LayerSpec:
     if cfg.get("kv_lora_rank") is not None:
         return mla_layer(cfg.int("kv_lora_rank"), cfg.int("qk_rope_head_dim"), elem)
     heads = cfg.int("num_attention_heads")
-    hd = cfg.int("head_dim") if cfg.get("head_dim") is not None else cfg.int("hidden_size") // heads
-    if hd < 1:
-        raise ConfigError(f"{cfg.path}: field 'hidden_size' ({cfg.int('hidden_size')}) is smaller than "
-                          f"'num_attention_heads' ({heads}): no head dimension; give 'head_dim'")
-    kv = cfg.int("num_key_value_heads", heads)
+    hd, kv = _head_dim(cfg, heads), cfg.int("num_key_value_heads", heads)
     if kind == _CHUNKED:
         return attention_layer(kv, hd, elem, Chunked(cfg.int("attention_chunk_size")))
     if kind == _SLIDING:
@@ -167,21 +337,22 @@ def parse_hf_config(data: Any, path: str) -> ModelLayout:
         outer_dtype = {k: v for k, v in data.items() if k in ("torch_dtype", "dtype")}
         data = {**outer_dtype, **data["text_config"]}
     cfg = _Cfg(data, path)
-    n = cfg.int("num_hidden_layers", maximum=MAX_LAYERS)
+    n = _num_layers(cfg)
     dtype = cfg.get("torch_dtype", cfg.get("dtype"))
     notes = [] if dtype else ["no torch_dtype in config: bfloat16 assumed"]
     elem = dtype_bytes(dtype or "bfloat16", f"{path}: field 'torch_dtype'")
     max_pos = cfg.get("max_position_embeddings")
     if max_pos is not None:
         max_pos = cfg.int("max_position_embeddings")
+    found = _layer_types(cfg, n)
     layers: list[LayerSpec] = []
-    cache: dict[str, LayerSpec] = {}
-    for kind in _layer_types(cfg, n):
-        if kind == _NONE:
-            continue
+    cache: dict[str, tuple[LayerSpec, ...]] = {}
+    for kind in found.kinds:
         if kind not in cache:
-            cache[kind] = _layer_spec(cfg, kind, elem, max_pos)
-        layers.append(cache[kind])
+            cache[kind] = _layer_specs(cfg, found.field, kind, elem, max_pos)
+        layers.extend(cache[kind])
+    if _HYBRID in cache:
+        notes.append("each hybrid model layer holds attention and a recurrent state: two cache layers")
     names = [cfg.get("_name_or_path"), cfg.get("model_type"), path]
     name = next(v for v in names if (isinstance(v, str) and v and v.isprintable()) or v is path)
     try:
@@ -190,11 +361,22 @@ def parse_hf_config(data: Any, path: str) -> ModelLayout:
         raise ConfigError(f"{path}: {e}") from None
 
 
-def _layer_spec(cfg: _Cfg, kind: str, elem: int, max_pos: int | None) -> LayerSpec:
-    """One layer of ``kind``; a size the layout helpers reject is reported with the file."""
+def _layer_specs(cfg: _Cfg, field: str, kind: str, elem: int, max_pos: int | None) -> tuple[LayerSpec, ...]:
+    """The cache layers of one model layer of ``kind``; a size the layout helpers reject is
+    reported with the file.
+
+    A hybrid model layer (Falcon-H1, Zamba2) becomes two cache layers, its attention then its
+    recurrent state: a LayerSpec has one life cycle and either per-token or per-request buffers
+    (spec.py), and layer ids already index cache layers, not model layers (Nemotron-H's MoE
+    layers have none), so each part gets the pool and table its life cycle needs.
+    """
     try:
-        if kind in (_LINEAR, _MAMBA):
-            return _ssm_state(cfg, kind, cfg.int("hidden_size"))
-        return _attention_spec(cfg, kind, elem, max_pos)
+        if kind == _NONE:
+            return ()
+        if kind == _RECURRENT:
+            return (_recurrent_state(cfg, field),)
+        if kind == _HYBRID:
+            return (_attention_spec(cfg, _FULL, elem, max_pos), _recurrent_state(cfg, field))
+        return (_attention_spec(cfg, kind, elem, max_pos),)
     except ConfigError as e:
         raise ConfigError(str(e) if str(e).startswith(cfg.path) else f"{cfg.path}: {e}") from None

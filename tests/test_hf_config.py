@@ -5,6 +5,7 @@ Each config holds only the fields the parser reads, with the values of the publi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -478,3 +479,62 @@ def test_hybrid_errors_name_the_field_and_value(tmp_path: Path, data: Any, needl
     assert path in str(info.value)
     for needle in needles:
         assert needle in str(info.value)
+
+
+# --- oracle: transformers allocates its own cache (skipped where transformers is absent) ------
+
+def _tiny_transformers_configs(tf: Any) -> dict[str, Any]:
+    """One tiny float32 config per hybrid family, small enough to run a forward on CPU."""
+    common = {"vocab_size": 64, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "dtype": "float32"}
+    return {
+        "bamba": tf.BambaConfig(**common, num_hidden_layers=4, intermediate_size=64, attn_layer_indices=[1, 3],
+                                mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=16, mamba_chunk_size=8),
+        "falcon_h1": tf.FalconH1Config(**common, num_hidden_layers=3, head_dim=24, intermediate_size=64,
+                                       mamba_d_ssm=96, mamba_n_heads=6, mamba_d_state=16, mamba_d_conv=3,
+                                       mamba_chunk_size=8),
+        "zamba2": tf.Zamba2Config(**common, num_hidden_layers=4, layers_block_type=["mamba", "hybrid"] * 2,
+                                  n_mamba_heads=4, mamba_d_state=16, chunk_size=8, use_mamba_kernels=False),
+        "nemotron_h": tf.NemotronHConfig(
+            **common, head_dim=16, mamba_num_heads=4, mamba_head_dim=16, n_groups=2, ssm_state_size=16,
+            layers_block_type=["linear_attention", "moe", "full_attention", "mlp", "linear_attention"],
+            intermediate_size=32, moe_intermediate_size=16, moe_shared_expert_intermediate_size=16,
+            n_routed_experts=2, num_experts_per_tok=1, chunk_size=8, use_mamba_kernels=False),
+        "granitemoehybrid": tf.GraniteMoeHybridConfig(
+            **common, num_hidden_layers=3, intermediate_size=32, shared_intermediate_size=32, num_local_experts=2,
+            num_experts_per_tok=1, layer_types=["mamba", "attention", "mamba"], mamba_n_heads=8,
+            mamba_d_state=16, mamba_chunk_size=8),
+    }
+
+
+def _transformers_cache_sizes(cache: Any) -> list[tuple[str, int, int]]:
+    """("attn", K+V bytes per token, 0) and ("ssm", conv bytes, ssm bytes) per cache part, in
+    layer order. Transformers keeps d_conv conv columns; a paged state keeps the d_conv - 1 past
+    inputs the next step needs (the newest input is the step's own), so one column is dropped."""
+    sizes: list[tuple[str, int, int]] = []
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        if keys is not None and hasattr(keys, "shape"):
+            sizes.append(("attn", 2 * keys.shape[1] * keys.shape[3] * keys.element_size(), 0))
+        conv = [s for s in getattr(layer, "conv_states", {}).values() if s is not None]
+        ssm = [s for s in getattr(layer, "recurrent_states", {}).values() if s is not None]
+        if conv:
+            c, s = conv[0], ssm[0]
+            sizes.append(("ssm", c.shape[1] * (c.shape[2] - 1) * c.element_size(), s.numel() * s.element_size()))
+    return sizes
+
+
+@pytest.mark.parametrize("family", ["bamba", "falcon_h1", "zamba2", "nemotron_h", "granitemoehybrid"])
+def test_layout_matches_the_cache_transformers_allocates(family: str) -> None:
+    torch = pytest.importorskip("torch")
+    tf = pytest.importorskip("transformers")
+    config = _tiny_transformers_configs(tf)[family]
+    saved = json.loads(config.to_json_string(use_diff=True))  # what save_pretrained writes
+    layout = parse_hf_config(saved, "config.json")
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    cache = model(torch.arange(7)[None], use_cache=True).past_key_values
+    ours = [("ssm", la.buffers[0].state_bytes, la.buffers[1].state_bytes) if isinstance(la.life_cycle, Ssm)
+            else ("attn", la.kv_bytes_per_token, 0) for la in layout.layers]
+    assert ours == _transformers_cache_sizes(cache)
+    assert all(la.life_cycle in (Full(), Ssm()) for la in layout.layers)

@@ -421,9 +421,8 @@ def test_zamba2_hybrid_layers_keep_their_mamba2_state(tmp_path: Path) -> None:
     assert load(tmp_path, tf5).layers == layout.layers
 
 
-def test_nemotron_h_transformers5_layers_block_type() -> None:
-    # through the parser: models.load_model still tells an HF config by its num_hidden_layers
-    layout = parse_hf_config(NEMOTRON_H_TF5, "config.json")
+def test_nemotron_h_transformers5_layers_block_type(tmp_path: Path) -> None:
+    layout = load(tmp_path, NEMOTRON_H_TF5)  # a config.json with layers_block_type only
     assert layout.layers == parse_hf_config(NEMOTRON_H, "config.json").layers
     assert layout.layers == catalog_layout("nemotron-3-nano-30b-a3b").layers
     assert len(layout.layers) == 29

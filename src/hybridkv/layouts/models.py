@@ -69,7 +69,7 @@ def load_model(arg: str) -> ModelLayout:
     data = _parse_json(arg, _read_text(arg))
     if isinstance(data, dict) and "layers" in data:
         return parse_layout(data, arg)
-    if isinstance(data, dict) and ("num_hidden_layers" in data or "text_config" in data):
-        return parse_hf_config(data, arg)
+    if isinstance(data, dict) and ({"num_hidden_layers", "layers_block_type", "text_config"} & data.keys()):
+        return parse_hf_config(data, arg)  # transformers 5 Nemotron-H saves only layers_block_type
     raise ConfigError(f"{arg}: neither a hybridkv layout (needs 'layers') nor a Hugging Face "
-                      "config.json (needs 'num_hidden_layers')")
+                      "config.json (needs 'num_hidden_layers' or 'layers_block_type')")

@@ -13,18 +13,18 @@ configs are read from ``text_config``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from hybridkv.core.errors import ConfigError
-from hybridkv.core.limits import MAX_LAYERS, MAX_TOKENS, check_max
+from hybridkv.core.limits import MAX_LAYERS, check_max
+from hybridkv.layouts.hf_fields import ConfigFields
+from hybridkv.layouts.hf_recurrent import RECURRENT, recurrent_state
 from hybridkv.layouts.spec import (
     LayerSpec,
     ModelLayout,
     attention_layer,
     dtype_bytes,
     mla_layer,
-    ssm_layer,
 )
 from hybridkv.lifecycles import Chunked, Full, Sliding
 
@@ -33,7 +33,7 @@ _SLIDING = "sliding_attention"
 _CHUNKED = "chunked_attention"
 # The model's recurrent layer. Transformers 5 calls every recurrent mixer "linear_attention"
 # (legacy "mamba" and "conv" are renamed to it), so what it holds depends on model_type.
-_RECURRENT = "linear_attention"
+_RECURRENT = RECURRENT
 # One model layer with attention *and* a recurrent state (Falcon-H1, Zamba2's shared block).
 _HYBRID = "hybrid"
 _NONE = "none"  # a layer without cache (Nemotron-H MoE/MLP layers)
@@ -46,30 +46,7 @@ _TYPE_ALIASES = {
 _PATTERN_CHARS = {"M": _RECURRENT, "*": _FULL, "E": _NONE, "-": _NONE}  # Nemotron-H
 
 
-class _Cfg:
-    """Field access that names the file and field in every error."""
-
-    def __init__(self, data: dict[str, Any], path: str) -> None:
-        self.data, self.path = data, path
-
-    def get(self, key: str, default: Any = None) -> Any:
-        value = self.data.get(key)
-        return default if value is None else value
-
-    def int(self, key: str, default: int | None = None, minimum: int = 1, maximum: int = MAX_TOKENS) -> int:
-        """An integer field in [minimum, maximum]; every dimension and length of a config is
-        far below MAX_TOKENS (2^40), and products of them are checked where they are made."""
-        value = self.get(key, default)
-        if value is None:
-            raise ConfigError(f"{self.path}: missing field {key!r}")
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"{self.path}: field {key!r} must be an integer >= {minimum}, "
-                              f"got {value!r:.60}")
-        check_max(f"{self.path}: field {key!r}", value, maximum, "no model needs that much")
-        return value
-
-
-def _str_list(cfg: _Cfg, key: str, n: int) -> list[str]:
+def _str_list(cfg: ConfigFields, key: str, n: int) -> list[str]:
     """Field ``key``: a list of ``n`` strings (one per layer)."""
     value = cfg.get(key)
     if not isinstance(value, list) or len(value) != n:
@@ -89,12 +66,11 @@ class _Kinds(NamedTuple):
     kinds: list[str]
 
 
-def _model_type(cfg: _Cfg) -> str:
-    mt = cfg.get("model_type", "")
-    return mt if isinstance(mt, str) else ""
+def _model_type(cfg: ConfigFields) -> str:
+    return cfg.model_type()
 
 
-def _num_layers(cfg: _Cfg) -> int:
+def _num_layers(cfg: ConfigFields) -> int:
     """``num_hidden_layers``; Nemotron-H saved by transformers 5 has none and counts its
     ``layers_block_type`` instead."""
     listed = cfg.get("layers_block_type")
@@ -105,7 +81,7 @@ def _num_layers(cfg: _Cfg) -> int:
     return cfg.int("num_hidden_layers", maximum=MAX_LAYERS)
 
 
-def _layer_types(cfg: _Cfg, n: int) -> _Kinds:
+def _layer_types(cfg: ConfigFields, n: int) -> _Kinds:
     """The kind of every model layer, from the first field the config's family uses."""
     for read in (_listed_types, _family_types, _pattern_types):
         found = read(cfg, n)
@@ -114,7 +90,7 @@ def _layer_types(cfg: _Cfg, n: int) -> _Kinds:
     return _Kinds("sliding_window", _window_types(cfg, n))
 
 
-def _named_types(cfg: _Cfg, key: str, n: int) -> _Kinds:
+def _named_types(cfg: ConfigFields, key: str, n: int) -> _Kinds:
     names = _str_list(cfg, key, n)
     unknown = sorted({t for t in names if t not in _TYPE_ALIASES})
     if unknown:
@@ -123,7 +99,7 @@ def _named_types(cfg: _Cfg, key: str, n: int) -> _Kinds:
     return _Kinds(key, [_TYPE_ALIASES[t] for t in names])
 
 
-def _listed_types(cfg: _Cfg, n: int) -> _Kinds | None:
+def _listed_types(cfg: ConfigFields, n: int) -> _Kinds | None:
     """A type per layer: ``layer_types``, ``layers_block_type`` (Zamba2, Nemotron-H in
     transformers 5) or the ``hybrid_override_pattern`` string (Nemotron-H in transformers 4)."""
     for key in ("layer_types", "layers_block_type"):
@@ -141,7 +117,7 @@ def _listed_types(cfg: _Cfg, n: int) -> _Kinds | None:
     return _Kinds("hybrid_override_pattern", [_PATTERN_CHARS[c] for c in pattern])
 
 
-def _family_types(cfg: _Cfg, n: int) -> _Kinds | None:
+def _family_types(cfg: ConfigFields, n: int) -> _Kinds | None:
     """Families whose config lists no types: Falcon-H1 (attention and Mamba-2 in every layer),
     Bamba (attention at ``attn_layer_indices``, Mamba-2 elsewhere, none given: all Mamba-2)
     and GraniteMoeHybrid without ``layer_types`` (all Mamba-2), as transformers builds them."""
@@ -161,7 +137,7 @@ def _family_types(cfg: _Cfg, n: int) -> _Kinds | None:
     return None
 
 
-def _pattern_types(cfg: _Cfg, n: int) -> _Kinds | None:
+def _pattern_types(cfg: ConfigFields, n: int) -> _Kinds | None:
     """Periodic patterns: Jamba, Qwen3-Next, Llama 4."""
     if cfg.get("attn_layer_period") is not None:  # Jamba
         period, offset = cfg.int("attn_layer_period"), cfg.int("attn_layer_offset", 0, 0)
@@ -181,7 +157,7 @@ def _pattern_types(cfg: _Cfg, n: int) -> _Kinds | None:
     return None
 
 
-def _window_types(cfg: _Cfg, n: int) -> list[str]:
+def _window_types(cfg: ConfigFields, n: int) -> list[str]:
     """Attention-only models: full, or sliding by the family's window fields."""
     window = cfg.get("sliding_window")
     if window is None or cfg.get("use_sliding_window") is False:
@@ -198,113 +174,9 @@ def _window_types(cfg: _Cfg, n: int) -> list[str]:
     return [_SLIDING] * n
 
 
-# --- recurrent states: what "linear_attention" holds, by model_type ---------------------------
-
-class _Mamba2(NamedTuple):
-    """A Mamba-2 mixer's dimensions, whatever its family calls the fields. Its conv state holds
-    the last d_conv - 1 inputs of x, B and C; its SSM state one d_state vector per head channel."""
-
-    heads: int
-    head_dim: int
-    groups: int
-    d_state: int
-    d_conv: int
-
-    def conv_elems(self) -> int:
-        return (self.heads * self.head_dim + 2 * self.groups * self.d_state) * (self.d_conv - 1)
-
-    def ssm_elems(self) -> int:
-        return self.heads * self.head_dim * self.d_state
-
-
-def _split_heads(cfg: _Cfg, key: str | None, inner: int, heads: int, inner_fields: str) -> int:
-    """The Mamba head dim: field ``key``, or inner / heads where it is "auto", absent or
-    derived (``key`` None); heads x head_dim must be the mixer's inner size, as transformers checks."""
-    value = "auto" if key is None else cfg.get(key, "auto")
-    head_dim = inner // heads if value == "auto" or key is None else cfg.int(key)
-    if head_dim * heads != inner:
-        raise ConfigError(f"{cfg.path}: field {key or 'n_mamba_heads'!r} gives head dim {head_dim} x {heads} "
-                          f"Mamba heads, which must equal the Mamba inner size {inner} ({inner_fields})")
-    return head_dim
-
-
-def _nemotron_h_mamba2(cfg: _Cfg) -> _Mamba2:
-    # transformers 5 still reads the 4.x names mamba_n_groups / mamba_d_conv first
-    groups = "mamba_n_groups" if cfg.get("mamba_n_groups") is not None else "n_groups"
-    kernel = "mamba_d_conv" if cfg.get("mamba_d_conv") is not None else "conv_kernel"
-    return _Mamba2(cfg.int("mamba_num_heads"), cfg.int("mamba_head_dim"), cfg.int(groups, 8),
-                   cfg.int("ssm_state_size"), cfg.int(kernel, 4))
-
-
-def _bamba_mamba2(cfg: _Cfg, inner: int | None = None, inner_fields: str = "mamba_expand x hidden_size") -> _Mamba2:
-    """Bamba and GraniteMoeHybrid (Falcon-H1 with its own inner size)."""
-    heads = cfg.int("mamba_n_heads")
-    inner = inner or cfg.int("mamba_expand", 2) * cfg.int("hidden_size")
-    head_dim = _split_heads(cfg, "mamba_d_head", inner, heads, inner_fields)
-    return _Mamba2(heads, head_dim, cfg.int("mamba_n_groups", 1), cfg.int("mamba_d_state"),
-                   cfg.int("mamba_d_conv", 4))
-
-
-def _falcon_h1_mamba2(cfg: _Cfg) -> _Mamba2:
-    # mamba_d_ssm absent: transformers' default 1024; null: mamba_expand x hidden_size
-    if "mamba_d_ssm" not in cfg.data:
-        return _bamba_mamba2(cfg, 1024, "transformers' default mamba_d_ssm")
-    if cfg.data["mamba_d_ssm"] is None:
-        return _bamba_mamba2(cfg)
-    return _bamba_mamba2(cfg, cfg.int("mamba_d_ssm"), "mamba_d_ssm")
-
-
-def _zamba2_mamba2(cfg: _Cfg) -> _Mamba2:
-    # transformers derives the head dim (mamba_headdim) and ignores the saved one
-    heads = cfg.int("n_mamba_heads")
-    inner = cfg.int("mamba_expand", 2) * cfg.int("hidden_size")
-    head_dim = _split_heads(cfg, None, inner, heads, "mamba_expand x hidden_size")
-    return _Mamba2(heads, head_dim, cfg.int("mamba_ngroups", 1), cfg.int("mamba_d_state"),
-                   cfg.int("mamba_d_conv", 4))
-
-
-_MAMBA2_FAMILIES: dict[str, Callable[[_Cfg], _Mamba2]] = {
-    "nemotron_h": _nemotron_h_mamba2, "bamba": _bamba_mamba2, "granitemoehybrid": _bamba_mamba2,
-    "falcon_h1": _falcon_h1_mamba2, "zamba2": _zamba2_mamba2,
-}
-_GATED_DELTA_NET = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
-_MAMBA1 = ("jamba",)
-_NOT_REPRESENTED = {
-    "minimax": "lightning attention", "kimi_linear": "Kimi delta attention (KDA)",
-    "lfm2": "a short convolution", "lfm2_moe": "a short convolution",
-}
-
-
-def _recurrent_state(cfg: _Cfg, field: str) -> LayerSpec:
-    """The state one recurrent layer keeps per request, chosen by ``model_type``; one that
-    hybridkv does not know is an error naming ``field``, never a guess."""
-    mt = _model_type(cfg)
-    elem = dtype_bytes(cfg.get("torch_dtype", cfg.get("dtype", "bfloat16")), f"{cfg.path}: dtype")
-    ssm_elem = elem
-    if cfg.get("mamba_ssm_cache_dtype") not in (None, "auto"):
-        ssm_elem = dtype_bytes(cfg.get("mamba_ssm_cache_dtype"), f"{cfg.path}: mamba_ssm_cache_dtype")
-    if mt in _GATED_DELTA_NET:
-        nk, nv = cfg.int("linear_num_key_heads"), cfg.int("linear_num_value_heads")
-        dk, dv = cfg.int("linear_key_head_dim"), cfg.int("linear_value_head_dim")
-        conv = (2 * nk * dk + nv * dv) * (cfg.int("linear_conv_kernel_dim", 4) - 1)
-        return ssm_layer(conv, nv * dk * dv, elem, ssm_elem)
-    if mt in _MAMBA2_FAMILIES:
-        m = _MAMBA2_FAMILIES[mt](cfg)
-        return ssm_layer(m.conv_elems(), m.ssm_elems(), elem, ssm_elem)
-    if mt in _MAMBA1:
-        inner = cfg.int("mamba_expand", 2) * cfg.int("hidden_size")
-        return ssm_layer(inner * (cfg.int("mamba_d_conv", 4) - 1), inner * cfg.int("mamba_d_state", 16),
-                         elem, ssm_elem)
-    known = sorted([*_GATED_DELTA_NET, *_MAMBA2_FAMILIES, *_MAMBA1])
-    why = (f"for model_type {mt!r} it is {_NOT_REPRESENTED[mt]}, which hybridkv cannot represent"
-           if mt in _NOT_REPRESENTED else f"model_type {mt!r:.40} is not one hybridkv reads (known: {known})")
-    raise ConfigError(f"{cfg.path}: field {field!r} gives recurrent layers ({_RECURRENT!r}), whose state "
-                      f"depends on model_type; {why}")
-
-
 # --- attention ---------------------------------------------------------------------------------
 
-def _head_dim(cfg: _Cfg, heads: int) -> int:
+def _head_dim(cfg: ConfigFields, heads: int) -> int:
     if _model_type(cfg) == "zamba2":  # attention over [hidden, embedding]: 2 x hidden_size wide
         hd = 2 * cfg.int("hidden_size") // heads  # transformers ignores a saved head_dim here
     else:
@@ -315,7 +187,7 @@ def _head_dim(cfg: _Cfg, heads: int) -> int:
     return hd
 
 
-def _attention_spec(cfg: _Cfg, kind: str, elem: int, max_pos: int | None) -> LayerSpec:
+def _attention_spec(cfg: ConfigFields, kind: str, elem: int, max_pos: int | None) -> LayerSpec:
     if cfg.get("kv_lora_rank") is not None:
         return mla_layer(cfg.int("kv_lora_rank"), cfg.int("qk_rope_head_dim"), elem)
     heads = cfg.int("num_attention_heads")
@@ -336,7 +208,7 @@ def parse_hf_config(data: Any, path: str) -> ModelLayout:
     if isinstance(data.get("text_config"), dict):
         outer_dtype = {k: v for k, v in data.items() if k in ("torch_dtype", "dtype")}
         data = {**outer_dtype, **data["text_config"]}
-    cfg = _Cfg(data, path)
+    cfg = ConfigFields(data, path)
     n = _num_layers(cfg)
     dtype = cfg.get("torch_dtype", cfg.get("dtype"))
     notes = [] if dtype else ["no torch_dtype in config: bfloat16 assumed"]
@@ -361,7 +233,7 @@ def parse_hf_config(data: Any, path: str) -> ModelLayout:
         raise ConfigError(f"{path}: {e}") from None
 
 
-def _layer_specs(cfg: _Cfg, field: str, kind: str, elem: int, max_pos: int | None) -> tuple[LayerSpec, ...]:
+def _layer_specs(cfg: ConfigFields, field: str, kind: str, elem: int, max_pos: int | None) -> tuple[LayerSpec, ...]:
     """The cache layers of one model layer of ``kind``; a size the layout helpers reject is
     reported with the file.
 
@@ -374,9 +246,9 @@ def _layer_specs(cfg: _Cfg, field: str, kind: str, elem: int, max_pos: int | Non
         if kind == _NONE:
             return ()
         if kind == _RECURRENT:
-            return (_recurrent_state(cfg, field),)
+            return (recurrent_state(cfg, field),)
         if kind == _HYBRID:
-            return (_attention_spec(cfg, _FULL, elem, max_pos), _recurrent_state(cfg, field))
+            return (_attention_spec(cfg, _FULL, elem, max_pos), recurrent_state(cfg, field))
         return (_attention_spec(cfg, kind, elem, max_pos),)
     except ConfigError as e:
         raise ConfigError(str(e) if str(e).startswith(cfg.path) else f"{cfg.path}: {e}") from None

@@ -266,19 +266,24 @@ class LifeCycle(abc.ABC):
     def readable(self, ordinals: IntArray, seen: int, tokens_per_block: int) -> Positions:
         """Positions the held pages ``ordinals`` hold for a request whose tokens ``[0, seen)``
         were computed; ``item`` picks the page."""
-        pos = (ordinals[:, None] * tokens_per_block + np.arange(tokens_per_block)[None, :]).ravel()
-        index = np.repeat(np.arange(ordinals.size, dtype=np.int64), tokens_per_block)
-        keep = pos < seen
-        pos = pos[keep]
-        return Positions(index[keep], pos, pos // tokens_per_block, pos % tokens_per_block)
+        return page_positions(ordinals, seen, tokens_per_block)
 
     def entry_positions(self, ordinal: int, tokens_per_block: int) -> Positions:
         """Positions a cached page of block ``ordinal`` holds."""
-        pos = ordinal * tokens_per_block + np.arange(tokens_per_block, dtype=np.int64)
-        return Positions(np.zeros(tokens_per_block, np.int64), pos, pos // tokens_per_block, pos % tokens_per_block)
+        return page_positions(np.array([ordinal], np.int64), (ordinal + 1) * tokens_per_block, tokens_per_block)
 
 
 _EMPTY: IntArray = np.zeros(0, np.int64)
+
+
+def page_positions(ordinals: IntArray, limit: int, tokens_per_block: int) -> Positions:
+    """Every token position below ``limit`` that the pages of block ``ordinals`` hold;
+    ``item`` picks the page."""
+    pos = (ordinals[:, None] * tokens_per_block + np.arange(tokens_per_block)[None, :]).ravel()
+    index = np.repeat(np.arange(ordinals.size, dtype=np.int64), tokens_per_block)
+    keep = pos < limit
+    pos = pos[keep]
+    return Positions(index[keep], pos, pos // tokens_per_block, pos % tokens_per_block)
 
 
 def expand(rows: IntArray, start: IntArray, count: IntArray) -> tuple[IntArray, IntArray]:

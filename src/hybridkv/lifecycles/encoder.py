@@ -36,6 +36,7 @@ from hybridkv.lifecycles.base import (
     Present,
     as_array,
     expand,
+    page_positions,
     register_layer_type,
 )
 
@@ -116,9 +117,6 @@ class Encoder(LifeCycle):
     def held_ordinals(self, tokens: int, tokens_per_block: int) -> IntArray:
         return np.arange(self.num_blocks(tokens_per_block) if tokens > 0 else 0, dtype=np.int64)
 
-    def needed_blocks(self, num_blocks: int, tokens_per_block: int) -> IntArray:
-        return np.arange(self.num_blocks(tokens_per_block) if num_blocks else 0, dtype=np.int64)
-
     def match_search(self, present: Present, tokens_per_block: int, num_blocks: int) -> MatchSearch:
         return _AllOrNothing(present, self.num_blocks(tokens_per_block))
 
@@ -129,17 +127,10 @@ class Encoder(LifeCycle):
         return Positions(index, pos, pos // tokens_per_block, pos % tokens_per_block)
 
     def readable(self, ordinals: IntArray, seen: int, tokens_per_block: int) -> Positions:
-        return self._in_pages(ordinals, tokens_per_block)
+        return page_positions(ordinals, self.tokens, tokens_per_block)  # written whole, at the first step
 
     def entry_positions(self, ordinal: int, tokens_per_block: int) -> Positions:
-        return self._in_pages(np.array([ordinal], np.int64), tokens_per_block)
-
-    def _in_pages(self, ordinals: IntArray, tokens_per_block: int) -> Positions:
-        pos = (ordinals[:, None] * tokens_per_block + np.arange(tokens_per_block)[None, :]).ravel()
-        index = np.repeat(np.arange(ordinals.size, dtype=np.int64), tokens_per_block)
-        keep = pos < self.tokens
-        pos = pos[keep]
-        return Positions(index[keep], pos, pos // tokens_per_block, pos % tokens_per_block)
+        return page_positions(np.array([ordinal], np.int64), self.tokens, tokens_per_block)
 
 
 def _build(read: FieldReader) -> LifeCycle:

@@ -155,7 +155,7 @@ def apply_frees(grouped: GroupedLayout, state: ActiveRows, deltas: list[GroupDel
             slots = f.table[d.free.rows, d.free.cols]  # [entries, members]
             per_pool[f.pool_group].append(slots.ravel())
             f.table[d.free.rows, d.free.cols] = NULL_SLOT
-            _record(state, f, d.free.rows, d.free.cols, np.full_like(slots, NULL_SLOT))
+            _record(state, f, d.free.rows, d.free.cols)
         if d.stale.rows.size:
             per_pool[f.pool_group].append(_release_span(state, f, d.stale))
     for g, parts in enumerate(per_pool):
@@ -163,9 +163,12 @@ def apply_frees(grouped: GroupedLayout, state: ActiveRows, deltas: list[GroupDel
             allocators[g].free(np.concatenate(parts), distinct=True, trusted=True)
 
 
-def _record(state: ActiveRows, f: Family, rows: I64, cols: I64, slots: I32) -> None:
-    """Log each member table's changed entries (``slots``: [entries, members])."""
+def _record(state: ActiveRows, f: Family, rows: I64, cols: I64, slots: I32 | None = None) -> None:
+    """Log each member table's changed entries (``slots``: [entries, members]; None: NULL,
+    built only when a mirror reads the log, never on the plain step)."""
     if state.log is not None:
+        if slots is None:
+            slots = np.full((rows.size, len(f.members)), NULL_SLOT, np.int32)
         for j, g in enumerate(f.members):
             state.record(g, rows, cols, slots[:, j])
 
@@ -182,7 +185,7 @@ def _release_span(state: ActiveRows, f: Family, span: Span) -> I32:
         c = span.coords()
         slots: I32 = table[c.rows, c.cols]
         table[c.rows, c.cols] = NULL_SLOT
-        _record(state, f, c.rows, c.cols, np.full_like(slots, NULL_SLOT))
+        _record(state, f, c.rows, c.cols)
         return slots.ravel()
     in_order = n == state.n and int(span.rows[0]) == 0 and bool((np.diff(span.rows) == 1).all())
     block = table[:n, lo:hi] if in_order else table[span.rows, lo:hi]
@@ -199,7 +202,7 @@ def _release_span(state: ActiveRows, f: Family, span: Span) -> I32:
         table[span.rows, lo:hi] = block
     if state.log is not None:
         r, k = np.nonzero(mask)
-        _record(state, f, span.rows[r], k + lo, np.full((r.size, len(f.members)), NULL_SLOT, np.int32))
+        _record(state, f, span.rows[r], k + lo)
     return slots
 
 

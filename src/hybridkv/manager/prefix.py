@@ -172,22 +172,13 @@ class PrefixCache:
             tokens = None if tokens is None else tokens[take]
         slots = src.copy()
         if copied.any():
-            slots[copied] = self._copied(pool_group, src[copied])
+            slots[copied] = self.m.tiers.copy_to_fresh(pool_group, src[copied])
         res = self.index.insert(where.keys, ords, group, slots, GPU, root=where.root, block_tokens=tokens)
         fresh = res.new_mask
         self.pins.placed(pool_group, slots[fresh], res.rows[fresh])
         alloc.pin(slots[fresh & ~copied])  # the cache's own reference
         alloc.pin(slots[copied], retain=False)  # the fresh allocation is the cache's reference
         return res.num_new
-
-    def _copied(self, pool_group: int, src: I32) -> I32:
-        """Fresh GPU slots holding copies of ``src`` (the caller checked the room)."""
-        own = self.m.tiers.allocators[GPU][pool_group].allocate(int(src.size))
-        assert own is not None
-        buf = self.m.tiers.buffers[GPU][pool_group]
-        if buf is not None:
-            self.m.tiers.copy_engine.copy(buf, src.astype(np.int32), buf, own)
-        return own
 
     def _no_tokens(self, ords: I64) -> npt.NDArray[np.int64] | None:
         """Blocks not keyed by prompt tokens (an encoder's): events carry -1 as their token ids."""
@@ -243,7 +234,7 @@ class PrefixCache:
             lc, copied = lg.life_cycle, lg.life_cycle.reuse_copies(slots.size)
             gpu[lg.pool_group].retain(slots[~copied])
             if copied.any():  # e.g. the request's own state starts as a copy of the snapshot
-                slots[copied] = self._copied(lg.pool_group, slots[copied].astype(np.int32))
+                slots[copied] = self.m.tiers.copy_to_fresh(lg.pool_group, slots[copied])
             m.rows.set_pages(row, lg.id, lc.held_ordinals(L, tpb), slots.astype(np.int32), lc.stale_range(L, tpb).stop)
         m.tiers.copy_engine.wait_for_copies()
         touched = self.index.touch(keys[:L // tpb])

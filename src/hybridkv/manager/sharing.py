@@ -75,12 +75,7 @@ def fork(m: ManagerView, handle: CacheHandle, tokens: int) -> CacheHandle | None
         alloc.retain(slots[~mask])
         new = slots.copy()
         if mask.any():
-            fresh = alloc.allocate(int(mask.sum()))
-            assert fresh is not None  # checked above
-            buf = m.tiers.buffers[GPU][lg.pool_group]
-            if buf is not None:
-                m.tiers.copy_engine.copy(buf, slots[mask], buf, fresh)
-            new[mask] = fresh
+            new[mask] = m.tiers.copy_to_fresh(lg.pool_group, slots[mask])  # room checked above
         released = max(cache.released[lg.id], lg.life_cycle.stale_range(tokens, m.tokens_per_block).stop)
         m.rows.set_pages(child_row, lg.id, fp.ordinals, new, released)
     m.tiers.copy_engine.wait_for_copies()

@@ -139,6 +139,17 @@ class TierPools:
     def free_slots(self, tier: TierId) -> list[int]:
         return [a.num_free for a in self.allocators[tier]]
 
+    def copy_to_fresh(self, pool_group: int, src: I32 | npt.NDArray[np.int64]) -> I32:
+        """Fresh GPU slots holding copies of the GPU pages ``src`` (a fork's partial block, a
+        state's snapshot); the caller checked the room and waits for the copies."""
+        fresh = self.allocators[GPU][pool_group].allocate(int(src.size))
+        if fresh is None:
+            raise AssertionError(f"pool group {pool_group}: copy without room (caller bug)")
+        buf = self.buffers[GPU][pool_group]
+        if buf is not None:
+            self.copy_engine.copy(buf, src.astype(np.int32), buf, fresh)
+        return fresh
+
     def move(self, src: TierId, dst: TierId, slots: list[I32]) -> list[I32]:
         """Move pages (per pool group) between two local tiers now: allocate, copy, free the
         source. The caller has checked that ``dst`` has room; returns the new slot ids.

@@ -27,8 +27,9 @@ ACTIVE, SUSPENDED, CLOSED = RequestState.ACTIVE, RequestState.SUSPENDED, Request
 
 def make_layer(lc: LifeCycle, width: int) -> LayerSpec:
     """8-byte multiples throughout, as the fake engine needs; ``width`` varies the slot sizes so
-    some layer groups share a pool group and some do not."""
-    return ssm_layer(8, 8 * width, 1, 1) if isinstance(lc, Ssm) else attention_layer(width, 8, 1, lc)
+    some layer groups share a pool group and some do not. A state (32 or 48 B) is 2 or 3
+    times a 16 B attention page, so in shared mode states are often cut into slices."""
+    return ssm_layer(8, 8 * (2 * width + 1), 1, 1) if isinstance(lc, Ssm) else attention_layer(width, 8, 1, lc)
 
 
 class CacheModel:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from hybridkv.cli.main import main
@@ -14,11 +15,12 @@ from hybridkv.engine.fake import FakeEngine
 from hybridkv.layouts.arena import choose_arena
 from hybridkv.layouts.grouping import group_layers
 from hybridkv.layouts.models import load_model
-from hybridkv.layouts.spec import ModelLayout, attention_layer
+from hybridkv.layouts.spec import ModelLayout, attention_layer, ssm_layer
 from hybridkv.lifecycles import Full, Sliding
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
 from hybridkv.planning.planner import PlanSpec, plan
 from hybridkv.planning.report import ideal_max_seq_len_at, max_seq_len_at
+from hybridkv.storage.pages import page_specs
 
 GIB = 1 << 30
 
@@ -136,17 +138,94 @@ def test_cli_pools_flag_and_json_keys(capsys: pytest.CaptureFixture[str]) -> Non
     assert exit_info.value.code == 2 and "--pools" in err and len(err.strip().splitlines()) == 1
 
 
-def test_qwen3_next_state_pages_and_attention_pages_stay_apart() -> None:
-    """The gated-delta-net states (38 MiB) and the full-attention pages cannot share a page
-    size; the state pool, whose need per request is fixed, keeps the concurrent-decode
-    reservation (32 states); the attention pool reserves one 32k request alone."""
+def test_qwen3_next_states_are_sliced_into_arena_pages() -> None:
+    """The 36 gated-delta-net states (1,097,728 B each, 37.7 MiB in all) are cut into 101
+    slices of the 393,216 B page (12 full layers x 32 KiB), the last one half used: one arena,
+    no own pools, whose only reservation is one 32k request alone (2048 full blocks + one page
+    per slice). Per-lifecycle mode keeps a state pool with the concurrent-decode reservation."""
     g = group_layers(load_model("qwen3-next-80b-a3b"), 16, "shared")
-    assert len(g.pool_groups) == 2 and len(g.own_pools) == 1 and "keeps its own pool" in g.own_pools[0]
+    assert (g.page_bytes, len(g.pool_groups), g.own_pools, len(g.layer_groups)) == (393_216, 1, (), 102)
+    slices = [lg for lg in g.layer_groups if lg.state_slice is not None]
+    assert [lg.state_slice for lg in slices] == [(k, 101) for k in range(101)]
+    assert all(lg.layer_ids == tuple(i for i in range(48) if i % 4 != 3) for lg in slices)
+    assert g.padding_bytes == 101 * 393_216 - 36 * 1_097_728 == 196_608
     p = plan(PlanSpec(load_model("qwen3-next-80b-a3b"), 40 * GIB, 32768, pools="shared"))
+    ((pg),) = p.pool_groups
+    assert (pg.min_slots, pg.floor_source) == (2048 + 101, "1 request of max_seq_len 32768 alone")
+    assert 40 * GIB - pg.slot_bytes < p.gpu_bytes_used <= 40 * GIB
+    p = plan(PlanSpec(load_model("qwen3-next-80b-a3b"), 40 * GIB, 32768, pools="per-lifecycle"))
     assert [(pg.min_slots, pg.floor_source) for pg in p.pool_groups] == [
         (32, "32 concurrent decodes (max_batch_size) at worst-case positions"),
         (2048, "1 request of max_seq_len 32768 alone")]
-    assert 40 * GIB - max(pg.slot_bytes for pg in p.pool_groups) < p.gpu_bytes_used <= 40 * GIB
+
+
+def _sliced_layout() -> ModelLayout:
+    """Two state layers of 8 + 40 = 48 B and a full layer of 16 B per token: at tpb 1 the
+    96 B of states are 6 slices of the 16 B page, cutting both layers' buffers mid-way."""
+    return ModelLayout("sliced", (ssm_layer(8, 40, 1, 1), attention_layer(1, 8, 1, Full()),
+                                  ssm_layer(8, 40, 1, 1)))
+
+
+def test_state_slices_address_every_state_byte_once() -> None:
+    g = group_layers(_sliced_layout(), 1, "shared")
+    assert g.page_bytes == 16 and [lg.state_slice for lg in g.layer_groups] == [
+        (0, 6), (1, 6), (2, 6), (3, 6), (4, 6), (5, 6), None]
+    specs = [page_specs(g, lg.id) for lg in g.layer_groups[:6]]
+    # (layer, buffer, offset in the slot, bytes, first byte of the state part)
+    assert [[(s.layer_id, s.buffer, s.offset, s.page_bytes, s.start) for s in sl] for sl in specs] == [
+        [(0, "conv", 0, 8, 0), (0, "ssm", 8, 8, 0)],
+        [(0, "ssm", 0, 16, 8)],
+        [(0, "ssm", 0, 16, 24)],
+        [(2, "conv", 0, 8, 0), (2, "ssm", 8, 8, 0)],
+        [(2, "ssm", 0, 16, 8)],
+        [(2, "ssm", 0, 16, 24)],
+    ]
+    covered: dict[tuple[int, str], list[tuple[int, int]]] = {}
+    for sl in specs:
+        for sp in sl:
+            assert sp.stride == 16 and sp.offset + sp.page_bytes <= 16
+            covered.setdefault((sp.layer_id, sp.buffer), []).append((sp.start, sp.start + sp.page_bytes))
+    assert covered == {(0, "conv"): [(0, 8)], (0, "ssm"): [(0, 8), (8, 24), (24, 40)],
+                       (2, "conv"): [(0, 8)], (2, "ssm"): [(0, 8), (8, 24), (24, 40)]}
+
+
+def test_sliced_states_through_fork_prefix_hit_offload_and_resume() -> None:
+    """A state is one page in each of 6 slice groups: a step writes all of them, a fork copies
+    all of them, a prefix hit opens from a snapshot in all of them, offload and resume move
+    them; the fake engine reads every page back as its writer wrote it."""
+    layout = _sliced_layout()
+    p = plan(PlanSpec(layout, 16 * 200, 32, tokens_per_block=1, max_batch_size=2, host_bytes=16 * 200,
+                      pools="shared"))
+    assert len(p.pool_groups) == 1 and len(p.grouped.layer_groups) == 7
+    m = KVCacheManager(p, ManagerConfig(max_active_requests=6))
+    m.enable_prefix_cache()
+    e = FakeEngine(m)
+    prompt = np.arange(100, 112, dtype=np.int32)
+    a = m.open()
+    assert a is not None and e.step([a], [12], [0])
+    e.publish(a, prompt, 12)
+    assert m.resize(a, 12, 12)
+    m.commit(a, 12)
+    used = m.tiers.allocators[GPU][0].num_in_use
+    child = e.fork(a, 12)
+    assert child is not None
+    assert m.tiers.allocators[GPU][0].num_in_use == used + 6  # a copy of the state; full pages shared
+    m.check_invariants()
+    e.verify()
+    opened = e.open_with_prefix(np.arange(100, 113, dtype=np.int32))  # the prompt and one more token
+    assert opened is not None and opened[1] == 12  # from the state snapshot at 12
+    b = opened[0]
+    assert e.step([b, child], [13, 13], [12, 12])
+    m.suspend(b)
+    assert m.offload(b, "host")
+    m.check_invariants()
+    assert m.resume(b)
+    assert e.step([b], [14], [13])
+    m.check_invariants()
+    e.verify()
+    for h in (a, b, child):
+        m.close(h)
+    m.check_invariants()
 
 
 def test_shared_pools_refuse_only_when_one_request_alone_cannot_fit() -> None:

@@ -88,11 +88,24 @@ def test_plan_json_gemma3_27b_pool_groups(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_plan_json_ssm_pool_group(capsys: pytest.CaptureFixture[str]) -> None:
-    j = plan_json(capsys, "qwen3-next-80b-a3b", "--gpu-mem", "40GiB")
+    j = plan_json(capsys, "qwen3-next-80b-a3b", "--gpu-mem", "40GiB", "--pools", "per-lifecycle")
     ssm = next(g for g in j["pool_groups"] if g["kind"] == "ssm")
     assert ssm["window"] is None
     assert ssm["slot_bytes"] == 36 * 1_097_728
     assert ssm["min_slots"] == 32  # one state per request, max_batch_size requests
+
+
+def test_plan_json_ssm_state_slices_in_the_arena(capsys: pytest.CaptureFixture[str]) -> None:
+    """Shared mode: the 36 layers' states (36 x 1,097,728 B) are 101 slices of the 393,216 B
+    page (12 full layers x 32 KiB), the last one half used; one pool, no own pools."""
+    j = plan_json(capsys, "qwen3-next-80b-a3b", "--gpu-mem", "40GiB")
+    assert (j["page_bytes"], j["own_pools"], j["tables_per_step"]) == (393_216, [], 102)
+    (pool,) = j["pool_groups"]
+    assert pool["kind"] == "mixed" and len(pool["layer_ids"]) == 48
+    slices = [lg for lg in pool["layer_groups"] if lg["state_slice"] is not None]
+    assert [lg["state_slice"] for lg in slices] == [[k, 101] for k in range(101)]
+    assert [lg["used_bytes"] for lg in slices] == [393_216] * 100 + [36 * 1_097_728 - 100 * 393_216]
+    assert j["padding_bytes"] == 393_216 // 2
 
 
 def test_plan_options_are_applied(capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,7 +5,9 @@ benchmarks/vllm_peer_step.py run in the same session: full attention and sliding
 (8 KV heads x 128 x bf16, one layer each: bookkeeping does not depend on layer count; equal
 slot bytes, so both layer groups share one pool group), tokens_per_block 16. Workload
 "three-group": window 128 (2 KV heads), window 1024 (4 KV heads), full (8 KV heads): three
-pool groups because the slot sizes differ.
+pool groups because the slot sizes differ. Workload "qwen3-next": the catalog's qwen3-next-80b-a3b
+(36 gated-delta-net states, 12 full layers); with --pools shared its states are 101 slice
+groups beside the full layers' group.
 
 One run: B requests are opened and their 2,000-token prompts prefilled in one step (untimed).
 Each of N decode steps then calls ``manager.step(handles, capacity + 1, history=capacity)`` for
@@ -33,6 +35,7 @@ import numpy.typing as npt
 from hybridkv.core.errors import ConfigError, InvariantError
 from hybridkv.core.limits import check_max
 from hybridkv.layouts.grouping import POOL_MODES, group_layers
+from hybridkv.layouts.models import load_model
 from hybridkv.layouts.spec import ModelLayout, attention_layer
 from hybridkv.lifecycles import Full, LifeCycle, Sliding
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
@@ -54,13 +57,17 @@ _LAYOUTS: dict[str, tuple[tuple[int, LifeCycle], ...]] = {  # (KV heads, life cy
     # 31 page-sized groups with --pools shared
     "gemma-3": tuple((16, Full() if i % 6 == 5 else Sliding(1024)) for i in range(62)),
 }
-LAYOUT_NAMES = tuple(_LAYOUTS)
+_CATALOG_LAYOUTS = {"qwen3-next": "qwen3-next-80b-a3b"}  # bench name: catalog model
+LAYOUT_NAMES = (*_LAYOUTS, *_CATALOG_LAYOUTS)
 
 
 def bench_layout(name: str) -> ModelLayout:
-    """One attention layer (head dim 128, bf16) per life cycle of workload ``name``."""
+    """One attention layer (head dim 128, bf16) per life cycle of workload ``name``, or the
+    catalog model it names."""
+    if name in _CATALOG_LAYOUTS:
+        return load_model(_CATALOG_LAYOUTS[name])
     if name not in _LAYOUTS:
-        raise ConfigError(f"unknown bench layout {name!r}; use one of {list(_LAYOUTS)}")
+        raise ConfigError(f"unknown bench layout {name!r}; use one of {list(LAYOUT_NAMES)}")
     layers = tuple(attention_layer(heads, 128, 2, lc) for heads, lc in _LAYOUTS[name])
     return ModelLayout(f"bench-{name}", layers)
 

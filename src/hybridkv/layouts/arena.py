@@ -13,11 +13,21 @@ a group whose layers fill less is padded. The planner chooses ``P`` by a stated 
    arena's page bytes (``PADDING_BUDGET``);
 3. then the least padding, then the smaller page.
 
-Candidate sizes are ``k`` layers' pages of any layer, ``k`` from 1 to the most layers one life
-cycle has, so a model with one per-layer page size gets ``P = gcd``-friendly multiples: for
-gemma-3-27b (52 window + 10 full layers, equal pages) that is 2 layers per page, 31 tables,
-no padding. Layers are packed in layout order (first fit, largest first within equal sizes
-keeps mixed sizes tight); a layer larger than ``P`` rules that ``P`` out for its life cycle.
+Candidate sizes are ``k`` layers' pages of any per-token layer, ``k`` from 1 to the most
+layers one life cycle has, so a model with one per-layer page size gets ``P = gcd``-friendly
+multiples: for gemma-3-27b (52 window + 10 full layers, equal pages) that is 2 layers per page,
+31 tables, no padding. Token layers are packed in layout order (first fit, largest first within
+equal sizes keeps mixed sizes tight); a layer larger than ``P`` rules that ``P`` out for its
+life cycle.
+
+A state life cycle (SSM, gated delta net: one state per request, ``per_token`` False) is
+*sliced* instead: its layers' states, back to back in layout order, are cut into
+``ceil(S / P)`` page-sized slices, each a layer group of its own; a request's state is one
+page in every slice group. So a 37.7 MiB state beside 384 KiB attention pages (qwen3-next:
+12 full layers of 32 KiB per 16-token page) is 101 pages of the arena, 0.5% padding, instead
+of a pool of its own with a static share. Slices of one life cycle form one family, so they
+cost the step one table (``[rows, 1, slices]``); the cost counts them as layer groups all
+the same, since the manager keeps a row of slots per group.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ class Packing:
     life_cycle: LifeCycle
     groups: tuple[tuple[int, ...], ...]
     used_bytes: tuple[int, ...]  # per group: bytes its layers fill of the page
+    sliced: bool = False  # groups are slices of one state over all the layers (see module doc)
 
     def padding(self, page_bytes: int) -> int:
         return sum(page_bytes - u for u in self.used_bytes)
@@ -84,9 +95,24 @@ def _pack(layout: ModelLayout, ids: Sequence[int], page: int, tpb: int) -> tuple
     return [sorted(g) for g in groups], used
 
 
+def _slice(layout: ModelLayout, ids: Sequence[int], page: int, tpb: int) -> tuple[list[list[int]], list[int]]:
+    """A state life cycle's states back to back, cut into ``page``-byte slices."""
+    state = sum(layout.layers[i].page_bytes(tpb) for i in ids)
+    n = -(-state // page)
+    return [list(ids)] * n, [page] * (n - 1) + [state - (n - 1) * page]
+
+
 def _candidate(layout: ModelLayout, by_lc: dict[LifeCycle, list[int]], page: int, tpb: int) -> ArenaChoice:
     joined, own = [], []
     for lc, ids in by_lc.items():
+        if not lc.per_token:
+            groups, used = _slice(layout, ids, page, tpb)
+            waste = 1 - sum(used) / (len(groups) * page)
+            if waste >= JOIN_WASTE:
+                own.append((lc, f"its state in {page} B slices would waste {waste:.0%} (>= {JOIN_WASTE:.0%})"))
+            else:
+                joined.append(Packing(lc, tuple(tuple(g) for g in groups), tuple(used), sliced=True))
+            continue
         packed = _pack(layout, ids, page, tpb)
         if packed is None:
             own.append((lc, f"a layer's page is larger than the {page} B arena page"))
@@ -106,15 +132,19 @@ def choose_arena(layout: ModelLayout, tokens_per_block: int) -> ArenaChoice:
     by_lc: dict[LifeCycle, list[int]] = {}
     for i, layer in enumerate(layout.layers):
         by_lc.setdefault(layer.life_cycle, []).append(i)
-    sizes = sorted({layer.page_bytes(tokens_per_block) for layer in layout.layers})
-    most = max(len(ids) for ids in by_lc.values())
+    token_lcs = [ids for lc, ids in by_lc.items() if lc.per_token]
+    sizes = sorted({layout.layers[i].page_bytes(tokens_per_block) for ids in token_lcs for i in ids})
+    if not sizes:  # states only: one state life cycle's layers per page
+        sizes = sorted({sum(layout.layers[i].page_bytes(tokens_per_block) for i in ids) for ids in by_lc.values()})
+    most = max([len(ids) for ids in token_lcs] or [1])
     pages = sorted({k * s for s in sizes for k in range(1, most + 1)})
-    best: tuple[tuple[int, int, int, int], ArenaChoice] | None = None
+    best: tuple[tuple[int, int, int, int, int], ArenaChoice] | None = None
     for page in pages:
         c = _candidate(layout, by_lc, page, tokens_per_block)
-        joined_bytes = sum(layout.layers[i].page_bytes(tokens_per_block) for p in c.joined for g in p.groups for i in g)
+        joined_bytes = sum(layout.layers[i].page_bytes(tokens_per_block)
+                           for p in c.joined for i in {i for g in p.groups for i in g})
         over_budget = c.padding_bytes > PADDING_BUDGET * c.tables * page
-        key = (-joined_bytes, int(over_budget), c.tables, c.padding_bytes)
+        key = (len(c.own_pools), -joined_bytes, int(over_budget), c.tables, c.padding_bytes)
         if best is None or key < best[0]:
             best = (key, c)
     assert best is not None  # a layout has >= 1 layer

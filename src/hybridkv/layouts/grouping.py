@@ -10,7 +10,8 @@ with different slot sizes get pools of their own, each with its own floors and s
 quota. ``shared``: each life cycle's layers are cut into layer groups of one page size
 (layouts/arena.py), so every joined layer group is in one pool group, the *arena*: any layer
 group can use any page at any moment. A life cycle that no page size suits (padding >= 5%)
-keeps a pool of its own, and the grouping says why.
+keeps a pool of its own, and the grouping says why. A state life cycle joins as *slices*:
+its state cut into page-sized parts, each a layer group (``LayerGroup.state_slice``).
 
 Group ids are assigned in order of first appearance in the layout, so they are stable.
 """
@@ -37,6 +38,9 @@ class LayerGroup:
     slot_bytes: int
     pool_group: PoolGroupId
     used_bytes: int = 0  # bytes its layers fill of a slot; less than slot_bytes when padded
+    state_slice: tuple[int, int] | None = None
+    """``(k, n)``: the group holds bytes ``[k * slot_bytes, ...)`` of the state of all its
+    layers laid back to back (slice ``k`` of ``n``; shared mode, state life cycles only)."""
 
     @property
     def padding_bytes(self) -> int:
@@ -90,24 +94,27 @@ def group_layers(layout: ModelLayout, tokens_per_block: int, pools: str = "per-l
         by_lc.setdefault(layer.life_cycle, []).append(i)
     page: int | None = None
     notes: tuple[str, ...] = ()
-    parts: list[tuple[LifeCycle, tuple[int, ...], int]] = []  # (life cycle, layers, slot bytes)
+    # (life cycle, layers, slot bytes, used bytes, state slice)
+    parts: list[tuple[LifeCycle, tuple[int, ...], int, int, tuple[int, int] | None]] = []
     if pools == "shared":
         choice = choose_arena(layout, tokens_per_block)
         page = choice.page_bytes
-        parts = [(p.life_cycle, g, page) for p in choice.joined for g in p.groups]
+        parts = [(p.life_cycle, g, page, used, (k, len(p.groups)) if p.sliced else None)
+                 for p in choice.joined for k, (g, used) in enumerate(zip(p.groups, p.used_bytes, strict=True))]
         own = {lc for lc, _ in choice.own_pools}
         notes = tuple(f"{lc.describe()} keeps its own pool: {why}" for lc, why in choice.own_pools)
         by_lc = {lc: ids for lc, ids in by_lc.items() if lc in own}
-    parts += [(lc, tuple(ids), _bytes(layout, ids, tokens_per_block)) for lc, ids in by_lc.items()]
-    parts.sort(key=lambda part: part[1][0])  # layer groups in order of their first layer
+    parts += [(lc, tuple(ids), b, b, None) for lc, ids in by_lc.items() for b in [_bytes(layout, ids, tokens_per_block)]]
+    # layer groups in order of their first layer (a state's slices in slice order)
+    parts.sort(key=lambda part: (part[1][0], part[4] or (0, 0)))
     pool_of_bytes: dict[int, PoolGroupId] = {}
     members: dict[PoolGroupId, list[LayerGroupId]] = {}
     layer_groups: list[LayerGroup] = []
-    for lg_index, (lc, ids, slot_bytes) in enumerate(parts):
+    for lg_index, (lc, ids, slot_bytes, used, state_slice) in enumerate(parts):
         lg_id = LayerGroupId(lg_index)
         pg_id = pool_of_bytes.setdefault(slot_bytes, PoolGroupId(len(pool_of_bytes)))
         members.setdefault(pg_id, []).append(lg_id)
-        layer_groups.append(LayerGroup(lg_id, lc, ids, slot_bytes, pg_id, _bytes(layout, ids, tokens_per_block)))
+        layer_groups.append(LayerGroup(lg_id, lc, ids, slot_bytes, pg_id, used, state_slice))
     pool_groups = tuple(
         PoolGroup(pg_id, tuple(members[pg_id]), slot_bytes)
         for slot_bytes, pg_id in pool_of_bytes.items()

@@ -127,7 +127,7 @@ class PoolGroupPlan:
 
     @property
     def layer_ids(self) -> tuple[int, ...]:
-        return tuple(sorted(i for lg in self.layer_groups for i in lg.layer_ids))
+        return tuple(sorted({i for lg in self.layer_groups for i in lg.layer_ids}))  # slices share layers
 
 
 @dataclass(frozen=True, slots=True)

@@ -105,7 +105,8 @@ def _pool_group_json(pg: PoolGroupPlan) -> dict[str, Any]:
             {"id": int(lg.id), "life_cycle": lg.life_cycle.describe(),
              "window": lg.life_cycle.window_tokens, "chunk": lg.life_cycle.chunk_tokens,
              "sink_tokens": lg.life_cycle.sink_tokens, "layer_ids": list(lg.layer_ids),
-             "slot_bytes": lg.slot_bytes}
+             "slot_bytes": lg.slot_bytes, "used_bytes": lg.used_bytes,
+             "state_slice": None if lg.state_slice is None else list(lg.state_slice)}
             for lg in pg.layer_groups
         ],
     }

@@ -10,6 +10,11 @@ layer order, K before V::
 so a kernel reads layer ``a``'s K pages as a strided view: base + offset, stride
 ``slot_bytes``, each page ``tokens_per_block x bytes_per_token`` bytes (token-major; an SSM
 page is one state). Moving a slot between tiers is one contiguous copy of ``slot_bytes``.
+
+A *state slice* group (shared mode) holds one page-sized part of the states of all its layers
+laid back to back; its specs are the parts of (layer, buffer) states that fall in the slice,
+each with ``start``, its first byte within that state. An engine reads a layer's state by
+gathering its parts from the slice groups' slots of the request, in slice order.
 """
 
 from __future__ import annotations
@@ -30,16 +35,23 @@ class PageSpec:
     page_bytes: int
     bytes_per_token: int  # 0 for an SSM state page
     stride: int  # = slot_bytes of the pool group
+    start: int = 0  # first byte of the (layer, buffer) page this spec holds (state slices)
 
 
 def page_specs(grouped: GroupedLayout, layer_group: LayerGroupId) -> tuple[PageSpec, ...]:
     """The pages one slot of ``layer_group`` holds, in address order."""
     lg = grouped.layer_groups[layer_group]
     tpb, offset, out = grouped.tokens_per_block, 0, []
+    lo, hi = 0, None  # the byte range of the back-to-back pages this group holds
+    if lg.state_slice is not None:
+        lo = lg.state_slice[0] * lg.slot_bytes
+        hi = lo + lg.slot_bytes
     for layer_id in lg.layer_ids:
         for buf in grouped.layout.layers[layer_id].buffers:
             size = buf.page_bytes(tpb)
-            out.append(PageSpec(layer_id, buf.name, offset, size, buf.bytes_per_token, lg.slot_bytes))
+            a, b = max(offset, lo), offset + size if hi is None else min(offset + size, hi)
+            if a < b:
+                out.append(PageSpec(layer_id, buf.name, a - lo, b - a, buf.bytes_per_token, lg.slot_bytes, a - offset))
             offset += size
     return tuple(out)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.core.errors import ConfigError, InvariantError
+from hybridkv.core.errors import ConfigError, InvariantError, UsageError
 from hybridkv.core.types import GPU, CacheHandle
 from hybridkv.manager.manager import KVCacheManager
 from hybridkv.manager.step_tables import StepTables
@@ -344,16 +344,64 @@ class Scheduler:
                 handle = m.open(t.spec.priority)
             if handle is None:
                 raise InvariantError("no active row although running < max_batch_size")
-            t.handle = int(handle)
-            self.by_handle[t.handle] = t
-            self._grow_handle_arrays(t.handle)
-            self._target[t.handle], self._order[t.handle] = t.prefill_target, t.seq
-            self._max_new[t.handle] = t.spec.max_new_tokens
-            self.policy.on_admit(self, t)
-            self._chunk[t.handle] = t.chunk_limit or self.config.prefill_chunk_tokens
+            self._track(t, handle)
         self._keys.pop(t.spec.request_id, None)  # admitted: not probed again
         t.status = Status.RUNNING
         return True
+
+    def _track(self, t: Tracked, handle: CacheHandle) -> None:
+        t.handle = int(handle)
+        self.by_handle[t.handle] = t
+        self._grow_handle_arrays(t.handle)
+        self._target[t.handle], self._order[t.handle] = t.prefill_target, t.seq
+        self._max_new[t.handle] = t.spec.max_new_tokens
+        self.policy.on_admit(self, t)
+        self._chunk[t.handle] = t.chunk_limit or self.config.prefill_chunk_tokens
+
+    # ---- operations an engine asks for between steps -------------------------------------
+    def suspend(self, request_id: int) -> bool:
+        """Take a running request off the GPU now, as a victim would be: its pages go down
+        to the first lower tier with room (True; admission resumes it before newer requests),
+        or, without room, its KV is dropped and it recomputes when re-admitted (False)."""
+        t = self._running(request_id, "suspend")
+        self._suspend_or_preempt(t)
+        return t.status is Status.SUSPENDED
+
+    def fork(self, parent_id: int, spec: SeqRequest, tokens: int) -> Tracked | None:
+        """Start ``spec`` as a running request whose first ``tokens`` tokens are the running
+        request ``parent_id``'s (``KVCacheManager.fork``: full blocks shared, a partial block
+        copied); it prefills the rest of its prompt. ``tokens`` must be computed already (at
+        most the parent's history) and shorter than the prompt. None (nothing changed) without
+        a free row or pages now; a request that could never fit is REJECTED as in ``submit``."""
+        parent, m = self._running(parent_id, "fork"), self.manager
+        assert parent.handle is not None
+        history = m.lengths(CacheHandle(parent.handle)).history
+        if not 0 < tokens <= history or tokens >= spec.prompt_tokens:
+            raise UsageError(f"fork({parent_id}): tokens ({tokens}) must be in 1..history ({history}) and < the "
+                             f"new prompt ({spec.prompt_tokens} tokens), which computes at least one token itself")
+        if spec.request_id in self.requests:
+            raise ConfigError(f"request id {spec.request_id} submitted twice")
+        if self._never_fits(spec):
+            return self.submit(spec)  # REJECTED, with the reason
+        if m.rows.n >= self.max_batch_size:
+            return None
+        m.commit(CacheHandle(parent.handle), max(tokens, m.lengths(CacheHandle(parent.handle)).committed))
+        handle = m.fork(CacheHandle(parent.handle), tokens)
+        if handle is None:
+            return None
+        self.progress.reserve(self._seq)
+        t = Tracked(spec, self._seq, self.progress, status=Status.RUNNING, prefill_target=spec.prompt_tokens)
+        self._seq += 1
+        self.requests[spec.request_id] = t
+        self._track(t, handle)
+        return t
+
+    def _running(self, request_id: int, what: str) -> Tracked:
+        t = self.requests.get(request_id)
+        if t is None or t.status is not Status.RUNNING or t.handle is None:
+            state = "unknown" if t is None else t.status.value
+            raise UsageError(f"{what}({request_id}): the request must be running (it is {state})")
+        return t
 
     def _grow_handle_arrays(self, handle: int) -> None:
         if handle >= self._target.size:

@@ -1,0 +1,215 @@
+"""The reference engine: hybridkv's scheduler and manager driving a transformers model.
+
+One step (``Engine.step``):
+
+1. The scheduler picks the step (decodes, prefill chunks, admissions, prefix hits, resumes,
+   victims) and the manager hands back the block tables (``StepPlan``).
+2. Every running request's new tokens are packed into one sequence (batch 1), with each
+   token's position in its request as ``position_ids`` and its batch row in ``q_row``.
+3. The model runs once; its attention layers write their keys and values into the pages and
+   read them back through the tables (``attention.py``); logits are computed only at the last
+   token of each request that finished its prompt (or decodes).
+4. Those requests sample a token, the scheduler records the step (publishes prefixes to the
+   prefix cache, closes finished requests), and each new token is streamed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from hybridkv.core.errors import ConfigError, InvariantError
+from hybridkv.core.types import MIB, CacheHandle
+from hybridkv.engine.paged_attention import paged_attention
+from hybridkv.manager.manager import KVCacheManager, ManagerConfig
+from hybridkv.manager.tiers import StorageConfig
+from hybridkv.planning.planner import PlanSpec, plan
+from hybridkv.runtime import attention
+from hybridkv.runtime.model import kv_heads, model_layout
+from hybridkv.runtime.pages import layer_pages
+from hybridkv.runtime.requests import GenRequest, TokenEvent
+from hybridkv.scheduler.request import SeqRequest, Status
+from hybridkv.scheduler.scheduler import Scheduler, SchedulerConfig, StepPlan
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Memory, batching and prefill settings of an engine (the plan's and scheduler's fields);
+    ``storage`` None: torch pools on ``device`` with a torch host tier."""
+
+    gpu_bytes: int = 16 * MIB
+    host_bytes: int = 16 * MIB
+    max_seq_len: int | None = None  # None: the model's max_position_embeddings, at most 4096
+    tokens_per_block: int = 16
+    max_batch_size: int = 8
+    pools: str = "shared"
+    token_budget: int = 512
+    prefill_chunk_tokens: int = 128
+    prefix_cache: bool = True
+    keep_logits: bool = False
+    device: str = "cpu"
+    storage: StorageConfig | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.token_budget < self.max_batch_size:
+            raise ConfigError(f"token_budget ({self.token_budget}) must be >= max_batch_size ({self.max_batch_size})")
+
+    def storage_config(self) -> StorageConfig:
+        if self.storage is not None:
+            return self.storage
+        from hybridkv.storage.torch_backend import TorchCopyEngine
+
+        return StorageConfig.local(gpu_backend="torch", gpu_options={"device": self.device}, host_backend="torch",
+                                   copy_engine=TorchCopyEngine())
+
+
+class Engine:
+    """Continuous batching over a transformers causal LM whose KV cache is hybridkv's pages."""
+
+    def __init__(self, model: Any, config: EngineConfig | None = None, *,
+                 on_token: Callable[[TokenEvent], None] | None = None,
+                 kernel: attention.PagedAttention = paged_attention) -> None:
+        self.model, self.config, self.on_token, self.kernel = model, config or EngineConfig(), on_token, kernel
+        cfg = self.config
+        text = getattr(model.config, "text_config", None) or model.config
+        self.vocab_size = int(text.vocab_size)
+        layout = model_layout(model)
+        max_seq_len = cfg.max_seq_len or min(layout.max_position_embeddings or 4096, 4096)
+        self.plan = plan(PlanSpec(layout, cfg.gpu_bytes, max_seq_len, cfg.tokens_per_block, cfg.max_batch_size,
+                                  cfg.host_bytes, pools=cfg.pools))
+        self.manager = KVCacheManager(self.plan, ManagerConfig(storage=cfg.storage_config()))
+        if cfg.prefix_cache:
+            self.manager.enable_prefix_cache()
+        self.scheduler = Scheduler(self.manager, SchedulerConfig(token_budget=cfg.token_budget,
+                                                                 prefill_chunk_tokens=cfg.prefill_chunk_tokens))
+        dtype = next(model.parameters()).dtype
+        self.layers = layer_pages(self.manager, kv_heads(model), dtype)
+        attention.register()
+        model.set_attn_implementation(attention.ATTENTION_NAME)
+        self.requests: dict[int, GenRequest] = {}
+        self._next_id = 0
+
+    # ---- requests -----------------------------------------------------------------------
+    def add_request(self, prompt_ids: npt.ArrayLike, max_new_tokens: int, temperature: float = 0.0,
+                    seed: int | None = None) -> int:
+        """Queue a request; returns its id. A request that can never fit raises ConfigError."""
+        req = GenRequest.new(self._next_id, prompt_ids, max_new_tokens, temperature, seed, self.vocab_size)
+        t = self.scheduler.submit(self._spec(req))
+        if t.status is Status.REJECTED:
+            raise ConfigError(f"request {req.request_id} can never run: {t.reason} (raise EngineConfig.gpu_bytes "
+                              "or max_seq_len, or shorten the request)")
+        self._next_id += 1
+        self.requests[req.request_id] = req
+        return req.request_id
+
+    def _spec(self, req: GenRequest) -> SeqRequest:
+        return SeqRequest(req.request_id, req.prompt_tokens, req.max_new_tokens, tokens=req.tokens)
+
+    def suspend(self, request_id: int) -> bool:
+        """Move a running request's pages to the host tier now (True); the scheduler resumes it
+        before newer requests. False: no room below, its KV was dropped and it recomputes."""
+        return self.scheduler.suspend(request_id)
+
+    def fork(self, request_id: int, extra_ids: Sequence[int] = (), max_new_tokens: int = 1,
+             temperature: float = 0.0, seed: int | None = None) -> int | None:
+        """A new request continuing running request ``request_id``'s tokens so far plus
+        ``extra_ids``, sharing its computed pages (``KVCacheManager.fork``). None without a free
+        row or pages now."""
+        parent = self.requests[request_id]
+        prompt = np.concatenate([parent.tokens[:parent.known], np.asarray(extra_ids, np.int64)])
+        req = GenRequest.new(self._next_id, prompt, max_new_tokens, temperature, seed, self.vocab_size)
+        handle = self.scheduler.requests[request_id].handle
+        shared = self.manager.lengths(CacheHandle(handle)).history if handle is not None else 0
+        t = self.scheduler.fork(request_id, self._spec(req), shared)
+        if t is None:
+            return None
+        if t.status is Status.REJECTED:
+            raise ConfigError(f"fork of request {request_id} can never run: {t.reason}")
+        self._next_id += 1
+        self.requests[req.request_id] = req
+        return req.request_id
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.scheduler.num_waiting or self.scheduler.num_running)
+
+    # ---- one step -----------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        """Run one scheduler step through the model; the new tokens, in batch order."""
+        import torch
+
+        step = self.scheduler.schedule()
+        if step.deadlocked:
+            raise InvariantError("the scheduler cannot advance any request: the plan's floors are broken")
+        if step.tables is None or not step.advanced:
+            return []
+        ctx, ids, emit_at, rows = self._pack(step)
+        with torch.no_grad():
+            out = self.model(input_ids=ids[None], position_ids=ctx.q_pos[None], use_cache=False,
+                             logits_to_keep=torch.as_tensor(emit_at, device=ids.device),
+                             **{attention.STEP_KEYWORD: ctx})
+        logits = out.logits[0].float()
+        events = self._emit(step, rows, logits)
+        self.scheduler.complete(step, time.monotonic())
+        return events
+
+    def _pack(self, step: StepPlan) -> tuple[attention.StepContext, Any, list[int], list[int]]:
+        """The packed tokens, their rows and positions, and where logits are needed."""
+        import torch
+
+        assert step.tables is not None
+        device = self.config.device
+        q_row, q_pos, ids, emit_at, rows = [], [], [], [], []
+        for i in np.flatnonzero(step.num_tokens > 0).tolist():
+            req = self._request_at(step, i)
+            lo, hi = int(step.history[i]), int(step.capacity[i])
+            q_row.append(np.full(hi - lo, i))
+            q_pos.append(np.arange(lo, hi))
+            ids.append(req.tokens[lo:hi])
+            if hi == req.known:  # the step computes its last known token: it samples the next
+                emit_at.append(sum(len(p) for p in q_pos) - 1)
+                rows.append(i)
+        groups = len(self.manager.grouped.layer_groups)
+        tables = tuple(torch.from_numpy(np.ascontiguousarray(step.tables.block_table(g))).to(device)
+                       for g in range(groups))
+        ctx = attention.StepContext(torch.as_tensor(np.concatenate(q_row), device=device),
+                                    torch.as_tensor(np.concatenate(q_pos), device=device),
+                                    torch.as_tensor(step.capacity, device=device), tables, self.layers, self.kernel)
+        return ctx, torch.as_tensor(np.concatenate(ids).astype(np.int64), device=device), emit_at, rows
+
+    def _request_at(self, step: StepPlan, i: int) -> GenRequest:
+        return self.requests[self.scheduler.by_handle[int(step.handles[i])].spec.request_id]
+
+    def _emit(self, step: StepPlan, rows: list[int], logits: Any) -> list[TokenEvent]:
+        events = []
+        for j, i in enumerate(rows):
+            req = self._request_at(step, i)
+            token = req.sample(logits[j])
+            position = req.known
+            req.append(token)
+            req.finished = len(req.outputs) == req.max_new_tokens
+            kept = logits[j].clone() if self.config.keep_logits else None
+            events.append(TokenEvent(req.request_id, token, position, req.finished, kept))
+            if self.on_token is not None:
+                self.on_token(events[-1])
+        return events
+
+    # ---- running to the end -------------------------------------------------------------
+    def stream(self) -> Iterator[TokenEvent]:
+        """Step until every request finished, yielding each new token as it comes."""
+        while self.has_work:
+            yield from self.step()
+
+    def generate(self, prompts: Sequence[npt.ArrayLike], max_new_tokens: int = 16, temperature: float = 0.0,
+                 seed: int | None = None) -> list[list[int]]:
+        """Run ``prompts`` together to the end; their output token ids, in order."""
+        ids = [self.add_request(p, max_new_tokens, temperature, None if seed is None else seed + k)
+               for k, p in enumerate(prompts)]
+        for _ in self.stream():
+            pass
+        return [self.requests[i].outputs for i in ids]

@@ -1,0 +1,105 @@
+"""Models for the reference engine: seeded random weights from a transformers config (or a
+local Hugging Face directory), and the hybridkv layout of a loaded model, checked against the
+model's own ``layer_types``."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from hybridkv.core.errors import ConfigError
+from hybridkv.layouts.hf_config import parse_hf_config
+from hybridkv.layouts.spec import ModelLayout
+
+if TYPE_CHECKING:
+    import torch
+
+# Small sizes that run in milliseconds on a CPU; any key may be overridden.
+TINY = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 1024}
+_PATTERN = ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"]
+# What makes each family hybrid, at a size a test can decode past.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "gemma3_text": {"sliding_window": 16, "layer_types": _PATTERN},
+    "gemma2": {"sliding_window": 16, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+    "gpt_oss": {"sliding_window": 16, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "cohere2": {"sliding_window": 16, "layer_types": _PATTERN},
+    "llama4_text": {"attention_chunk_size": 16, "num_local_experts": 2, "intermediate_size_mlp": 128,
+                    "interleave_moe_layer_step": 1, "attn_temperature_tuning": True, "floor_scale": 8},
+}
+
+
+def tiny_config(model_type: str, **overrides: Any) -> Any:
+    """A transformers config of ``model_type`` at the ``TINY`` sizes (plus ``FAMILIES`` extras)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(model_type, **{**TINY, **FAMILIES.get(model_type, {}), **overrides})
+    except ValueError as e:
+        raise ConfigError(f"model {model_type!r}: not a transformers model_type nor a directory ({e})") from None
+
+
+def build_model(name_or_config: Any, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A causal LM in float32 on the CPU: a local HF directory (its weights), or seeded random
+    weights from a transformers config, a dict with ``model_type``, or a ``model_type`` name
+    (``tiny_config`` sizes; ``overrides`` change any field)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+    if isinstance(name_or_config, str) and os.path.isdir(name_or_config):
+        model = AutoModelForCausalLM.from_pretrained(name_or_config, dtype=torch.float32)
+        return model.eval()
+    if isinstance(name_or_config, PretrainedConfig):
+        config = name_or_config
+    elif isinstance(name_or_config, dict):
+        fields = dict(name_or_config)
+        if "model_type" not in fields:
+            raise ConfigError("build_model: a config dict needs 'model_type' (e.g. 'gemma3_text')")
+        config = AutoConfig.for_model(fields.pop("model_type"), **{**fields, **overrides})
+    elif isinstance(name_or_config, str):
+        config = tiny_config(name_or_config, **overrides)
+    else:
+        raise ConfigError(f"build_model: give a model_type, a directory, a config dict or a PretrainedConfig, "
+                          f"not {type(name_or_config).__name__}")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def model_layout(model: Any) -> ModelLayout:
+    """hybridkv's layout of ``model``'s text config in the model's dtype, checked layer by
+    layer against the config's own ``layer_types``: a life cycle that disagrees is an error."""
+    config = getattr(model.config, "text_config", None) or model.config
+    fields = config.to_dict()
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    fields["torch_dtype"] = fields["dtype"] = dtype
+    layout = parse_hf_config(fields, config.model_type)
+    types = fields.get("layer_types")
+    if types is None:
+        return layout
+    if len(types) != len(layout.layers):
+        raise ConfigError(f"{config.model_type}: {len(types)} layer_types but {len(layout.layers)} cache layers; "
+                          "the engine runs attention-only models")
+    for i, (kind, layer) in enumerate(zip(types, layout.layers, strict=True)):
+        lc = layer.life_cycle
+        window = fields.get("sliding_window")
+        max_pos = fields.get("max_position_embeddings")
+        if kind == "sliding_attention" and window is not None and max_pos is not None and window >= max_pos:
+            kind = "full_attention"  # a window no position outgrows: hybridkv treats it as full
+        want = {"sliding_attention": (window, None),
+                "chunked_attention": (None, fields.get("attention_chunk_size"))}.get(kind, (None, None))
+        if (lc.window_tokens, lc.chunk_tokens) != want or kind not in _KNOWN_TYPES:
+            raise ConfigError(f"{config.model_type} layer {i}: layer_types says {kind!r} (window, chunk = {want}) "
+                              f"but the hybridkv layout has {lc.describe()}")
+    return layout
+
+
+_KNOWN_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
+
+
+def kv_heads(model: Any) -> dict[int, int]:
+    """KV heads of every attention layer, by ``layer_idx`` (the cache layer id here)."""
+    config = getattr(model.config, "text_config", None) or model.config
+    heads = config.num_key_value_heads or config.num_attention_heads
+    return dict.fromkeys(range(config.num_hidden_layers), int(heads))

@@ -1,0 +1,77 @@
+"""The engine's record of a generation request (its token ids, sampling settings, outputs)
+and what a step hands a streaming client."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+from hybridkv.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+
+class TokenEvent(NamedTuple):
+    """One new token of one request: at ``position`` of its sequence; ``finished`` when it was
+    the last. ``logits`` (float32, the vocabulary) only with ``EngineConfig.keep_logits``."""
+
+    request_id: int
+    token: int
+    position: int
+    finished: bool
+    logits: torch.Tensor | None = None
+
+
+@dataclass(slots=True)
+class GenRequest:
+    """A request's tokens: ``tokens[:known]`` are the prompt and the outputs so far; the array
+    has room for every output, so the scheduler's prefix cache reads the same array as it grows."""
+
+    request_id: int
+    tokens: npt.NDArray[np.int32]
+    prompt_tokens: int
+    max_new_tokens: int
+    temperature: float
+    generator: torch.Generator | None
+    known: int = 0
+    finished: bool = False
+    outputs: list[int] = field(default_factory=list)
+
+    @classmethod
+    def new(cls, request_id: int, prompt_ids: npt.ArrayLike, max_new_tokens: int, temperature: float,
+            seed: int | None, vocab_size: int) -> GenRequest:
+        import torch
+
+        prompt = np.asarray(prompt_ids, dtype=np.int64).ravel()
+        if prompt.size < 1 or max_new_tokens < 1:
+            raise ConfigError(f"request {request_id}: prompt_ids ({prompt.size} tokens) and max_new_tokens "
+                              f"({max_new_tokens}) must be >= 1")
+        if prompt.min() < 0 or prompt.max() >= vocab_size:
+            raise ConfigError(f"request {request_id}: prompt_ids must be in 0..{vocab_size - 1} (the model's "
+                              f"vocab_size), got {int(prompt.min())}..{int(prompt.max())}")
+        if not temperature >= 0.0:
+            raise ConfigError(f"request {request_id}: temperature must be >= 0 (0 is greedy), got {temperature}")
+        tokens = np.zeros(prompt.size + max_new_tokens, np.int32)
+        tokens[:prompt.size] = prompt
+        generator = None
+        if temperature > 0.0:
+            generator = torch.Generator().manual_seed(seed if seed is not None else request_id)
+        return cls(request_id, tokens, int(prompt.size), max_new_tokens, temperature, generator, int(prompt.size))
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """Greedy at temperature 0, else one draw from softmax(logits / temperature)."""
+        import torch
+
+        if self.generator is None:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.double() / self.temperature, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def append(self, token: int) -> None:
+        self.tokens[self.known] = token
+        self.known += 1
+        self.outputs.append(token)

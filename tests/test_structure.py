@@ -91,3 +91,21 @@ def test_only_the_kinds_branch_on_the_kind() -> None:
             if isinstance(node, ast.Attribute) and node.attr in {"is_ssm", "is_full", "kind_name"}:
                 bad.append(f"{name}:{node.lineno} {ast.unparse(node)}")
     assert bad == []
+
+
+# Folders bottom-up (docs/ARCHITECTURE.md's layer table): a module imports only its own folder
+# and folders listed before it. Only the reference engine is pinned here so far: everything may
+# sit below it, and only the CLI above it.
+RUNTIME_ABOVE = {"core", "lifecycles", "layouts", "planning", "storage", "reuse", "manager", "engine",
+                 "scheduler", "sim"}
+
+
+def test_the_runtime_sits_above_the_scheduler_and_below_the_cli() -> None:
+    graph = {name: _imports(name, tree) for name, tree in MODULES.items()}
+    folder = {name: [*name.split("."), ""][1] for name in MODULES}
+    into_runtime = sorted(f"{n} -> {d}" for n, deps in graph.items() for d in deps
+                          if folder[d] == "runtime" and folder[n] not in {"runtime", "cli"})
+    out_of_runtime = sorted(f"{n} -> {d}" for n, deps in graph.items() for d in deps
+                            if folder[n] == "runtime" and folder[d] not in RUNTIME_ABOVE | {"runtime", ""})
+    assert into_runtime == [] and out_of_runtime == []
+    assert any(folder[d] == "scheduler" for d in graph["hybridkv.runtime.engine"])

@@ -151,7 +151,7 @@ class Engine:
         ctx, ids, emit_at, rows = self._pack(step)
         with torch.no_grad():
             out = self.model(input_ids=ids[None], position_ids=ctx.q_pos[None], use_cache=False,
-                             logits_to_keep=torch.as_tensor(emit_at, device=ids.device),
+                             logits_to_keep=torch.as_tensor(emit_at, dtype=torch.long, device=ids.device),
                              **{attention.STEP_KEYWORD: ctx})
         logits = out.logits[0].float()
         events = self._emit(step, rows, logits)

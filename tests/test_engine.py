@@ -1,0 +1,155 @@
+"""The reference engine against plain transformers: tiny random models of each hybrid family run
+several requests at once on hybridkv's pages (chunked prefill, decode past the window, a prefix
+hit, suspend -> offload -> resume, a fork midway); every token's logits must match the same
+weights run per request through transformers' own attention and cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+torch.set_num_threads(1)
+
+from hybridkv.core.errors import ConfigError, UsageError  # noqa: E402
+from hybridkv.engine.paged_attention import paged_attention  # noqa: E402
+from hybridkv.runtime.engine import Engine, EngineConfig  # noqa: E402
+from hybridkv.runtime.model import build_model, model_layout  # noqa: E402
+from hybridkv.runtime.requests import TokenEvent  # noqa: E402
+
+TOL = 1e-4  # max |logit difference| per token, float32 (observed: below 1e-6)
+WINDOW = 16  # the families' window / chunk (runtime.model.FAMILIES)
+
+
+def config(pools: str = "shared", host_bytes: int = 1 << 20, **rest: Any) -> EngineConfig:
+    return EngineConfig(gpu_bytes=1 << 20, host_bytes=host_bytes, max_seq_len=128, tokens_per_block=4,
+                        max_batch_size=8, token_budget=64, prefill_chunk_tokens=8, pools=pools, keep_logits=True,
+                        **rest)
+
+
+class HoleCounter:
+    """The kernel, counting the calls whose table has a released block the layer's mask skips."""
+
+    def __init__(self) -> None:
+        self.calls_with_holes = 0
+
+    def __call__(self, q: Any, k: Any, v: Any, table: Any, *args: Any, **kwargs: Any) -> Any:
+        if (kwargs["window"] is not None or kwargs["chunk"] is not None) and bool((table < 0).any()):
+            self.calls_with_holes += 1
+        return paged_attention(q, k, v, table, *args, **kwargs)
+
+
+def run_scenario(engine: Engine) -> tuple[list[TokenEvent], dict[str, int]]:
+    """Three requests, then a prefix hit on the first, a fork of the second and a suspension
+    of the first, each at a moment chosen by what has been generated."""
+    rng = np.random.default_rng(0)
+    a = engine.add_request(rng.integers(0, 256, 37), 24)
+    b = engine.add_request(rng.integers(0, 256, 9), 30)
+    engine.add_request(rng.integers(0, 256, 21), 12, temperature=0.8, seed=5)
+    events: list[TokenEvent] = []
+    done = {"hit": -1, "fork": -1, "suspended": 0}
+    while engine.has_work:
+        events += engine.step()
+        engine.manager.check_invariants()
+        out_a, out_b = len(engine.requests[a].outputs), len(engine.requests[b].outputs)
+        if out_a >= 1 and done["hit"] < 0:  # a's prompt is published: 36 of its tokens are reused
+            # (a window layer serves a hit at L only from the blocks still live at publish time:
+            # those of a's last prefill chunk's window)
+            done["hit"] = engine.add_request(np.concatenate([engine.requests[a].tokens[:36], [1, 2, 3, 4, 5, 6]]), 8)
+        if out_b >= 5 and done["fork"] < 0:
+            done["fork"] = engine.fork(b, [7, 8], max_new_tokens=6) or -1
+        if out_a == 8 and not done["suspended"]:
+            done["suspended"] = 1 + engine.suspend(a)
+    return events, done
+
+
+def reference_logits(ref: Any, tokens: np.ndarray, prompt: int) -> Any:
+    """Teacher-forced logits of transformers' own attention and cache: row k predicts the
+    token at position prompt + k."""
+    ids = torch.as_tensor(tokens, dtype=torch.long)[None]
+    with torch.no_grad():
+        out = ref(input_ids=ids[:, :prompt], use_cache=True)
+        rows, cache = [out.logits[0, -1]], out.past_key_values
+        for p in range(prompt, ids.shape[1] - 1):
+            out = ref(input_ids=ids[:, p:p + 1], past_key_values=cache, use_cache=True)
+            rows.append(out.logits[0, -1])
+            cache = out.past_key_values
+    return torch.stack(rows)
+
+
+def check_against_transformers(family: str, engine: Engine, events: list[TokenEvent]) -> float:
+    ref = build_model(family, seed=0)
+    worst = 0.0
+    for rid, req in engine.requests.items():
+        assert req.finished and len(req.outputs) == req.max_new_tokens
+        want = reference_logits(ref, req.tokens[:req.known], req.prompt_tokens)
+        mine = [e for e in events if e.request_id == rid]
+        assert [e.position for e in mine] == list(range(req.prompt_tokens, req.known))
+        got = torch.stack([e.logits for e in mine])
+        worst = max(worst, float((got - want).abs().max()))
+        if req.temperature == 0.0:  # greedy: the same tokens transformers picks
+            assert [e.token for e in mine] == want.argmax(dim=-1).tolist()
+    return worst
+
+
+FAMILIES = [("gemma3_text", "shared"), ("gemma3_text", "per-lifecycle"), ("gemma2", "shared"),
+            ("gpt_oss", "per-lifecycle"), ("cohere2", "shared"), ("llama4_text", "shared")]
+
+
+@pytest.mark.parametrize(("family", "pools"), FAMILIES)
+def test_matches_transformers(family: str, pools: str) -> None:
+    kernel = HoleCounter()
+    engine = Engine(build_model(family, seed=0), config(pools), kernel=kernel)
+    events, done = run_scenario(engine)
+    worst = check_against_transformers(family, engine, events)
+    assert worst <= TOL, f"{family} ({pools}): max |dlogit| {worst:.3g}"
+    assert len(engine.requests) == 5 and done["fork"] == 4 and done["hit"] == 3
+    assert engine.scheduler.reused_tokens == 36  # the prefix hit
+    assert done["suspended"] == 2 and engine.scheduler.suspensions == 1  # offloaded, then resumed
+    assert engine.scheduler.preemptions == 0
+    assert kernel.calls_with_holes > 0  # decoded past the window: released blocks were skipped
+    assert engine.manager.rows.n == 0 and not engine.manager.suspended
+
+
+def test_suspend_without_host_room_recomputes() -> None:
+    """No host tier room: the suspended request's KV is dropped and recomputed from its tokens."""
+    engine = Engine(build_model("gemma3_text", seed=0), config(host_bytes=0))
+    events, done = run_scenario(engine)
+    assert done["suspended"] == 1 and engine.scheduler.preemptions == 1 and engine.scheduler.suspensions == 0
+    assert check_against_transformers("gemma3_text", engine, events) <= TOL
+
+
+def test_layouts_follow_the_configs() -> None:
+    gemma3 = model_layout(build_model("gemma3_text"))
+    assert [layer.life_cycle.describe() for layer in gemma3.layers] == ["window(16)"] * 3 + ["full"]
+    llama4 = model_layout(build_model("llama4_text"))
+    assert [layer.life_cycle.chunk_tokens for layer in llama4.layers] == [16, 16, 16, None]
+    assert gemma3.layers[0].kv_bytes_per_token == 2 * 2 * 16 * 4  # K and V, 2 heads x 16, float32
+
+
+def test_streaming_sampling_and_generate() -> None:
+    seen: list[TokenEvent] = []
+    engine = Engine(build_model("gemma3_text", seed=1), config(), on_token=seen.append)
+    outs = engine.generate([[1, 2, 3], list(range(40))], max_new_tokens=5, temperature=0.7, seed=3)
+    assert [len(o) for o in outs] == [5, 5] and len(seen) == 10
+    assert [e.finished for e in seen if e.request_id == 0] == [False] * 4 + [True]
+    again = Engine(build_model("gemma3_text", seed=1), config()).generate(
+        [[1, 2, 3], list(range(40))], max_new_tokens=5, temperature=0.7, seed=3)
+    assert again == outs  # seeded sampling is reproducible
+
+
+def test_bad_input_names_the_field() -> None:
+    engine = Engine(build_model("gemma3_text"), config())
+    with pytest.raises(ConfigError, match=r"prompt_ids must be in 0\.\.255"):
+        engine.add_request([5, 300], 4)
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        engine.add_request([5], 0)
+    with pytest.raises(ConfigError, match="max_seq_len 128"):
+        engine.add_request(list(range(100)), 40)
+    with pytest.raises(UsageError, match="must be running"):
+        engine.suspend(7)
+    with pytest.raises(UsageError, match="hybridkv_step=StepContext"):
+        engine.model(input_ids=torch.tensor([[1, 2]]))

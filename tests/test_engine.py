@@ -153,3 +153,15 @@ def test_bad_input_names_the_field() -> None:
         engine.suspend(7)
     with pytest.raises(UsageError, match="hybridkv_step=StepContext"):
         engine.model(input_ids=torch.tensor([[1, 2]]))
+
+
+def test_the_readme_example_runs() -> None:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "Engine(" in b]
+    assert len(blocks) == 1
+    scope: dict[str, Any] = {}
+    exec(compile(blocks[0], "README.md", "exec"), scope)
+    assert [len(o) for o in scope["outs"]] == [8, 8] and len(scope["engine"].requests[scope["r"]].outputs) == 4

@@ -5,3 +5,10 @@
 into its pages and reads them back through the step's block tables, and samples the next
 tokens. ``build_model`` makes a seeded random model from a transformers config.
 """
+
+from hybridkv.runtime.attention import StepContext
+from hybridkv.runtime.engine import Engine, EngineConfig
+from hybridkv.runtime.model import build_model, model_layout, tiny_config
+from hybridkv.runtime.requests import TokenEvent
+
+__all__ = ["Engine", "EngineConfig", "StepContext", "TokenEvent", "build_model", "model_layout", "tiny_config"]

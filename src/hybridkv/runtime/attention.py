@@ -44,6 +44,7 @@ class StepContext:
     kv_len: torch.Tensor  # [R] int64: tokens each row sees after this step's writes
     tables: tuple[torch.Tensor, ...]  # per layer group: [R, W] int32 slots, -1 where released
     layers: dict[int, LayerPages]  # attention layer id -> its pages and life cycle
+    runs: tuple[tuple[int, int, int], ...]  # (row, first, end) of each request's packed tokens
     kernel: PagedAttention = paged_attention
 
 

@@ -29,10 +29,11 @@ from hybridkv.engine.paged_attention import paged_attention
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
 from hybridkv.manager.tiers import StorageConfig
 from hybridkv.planning.planner import PlanSpec, plan
-from hybridkv.runtime import attention
-from hybridkv.runtime.model import kv_heads, model_layout
+from hybridkv.runtime import attention, recurrent
+from hybridkv.runtime.model import kv_heads, model_layout, recurrent_layers
 from hybridkv.runtime.pages import layer_pages
 from hybridkv.runtime.requests import GenRequest, TokenEvent
+from hybridkv.runtime.states import state_buffers
 from hybridkv.scheduler.request import SeqRequest, Status
 from hybridkv.scheduler.scheduler import Scheduler, SchedulerConfig, StepPlan
 
@@ -89,6 +90,7 @@ class Engine:
                                                                  prefill_chunk_tokens=cfg.prefill_chunk_tokens))
         dtype = next(model.parameters()).dtype
         self.layers = layer_pages(self.manager, kv_heads(model), dtype)
+        recurrent.install(model, state_buffers(self.manager, recurrent_layers(model)))
         attention.register()
         model.set_attn_implementation(attention.ATTENTION_NAME)
         self.requests: dict[int, GenRequest] = {}
@@ -118,14 +120,14 @@ class Engine:
     def fork(self, request_id: int, extra_ids: Sequence[int] = (), max_new_tokens: int = 1,
              temperature: float = 0.0, seed: int | None = None) -> int | None:
         """A new request continuing running request ``request_id``'s tokens so far plus
-        ``extra_ids``, sharing its computed pages (``KVCacheManager.fork``). None without a free
-        row or pages now."""
+        ``extra_ids``, sharing the pages (and recurrent state) of every token it has computed
+        (``Scheduler.fork``). None without a free row or pages now."""
         parent = self.requests[request_id]
         prompt = np.concatenate([parent.tokens[:parent.known], np.asarray(extra_ids, np.int64)])
         req = GenRequest.new(self._next_id, prompt, max_new_tokens, temperature, seed, self.vocab_size)
         handle = self.scheduler.requests[request_id].handle
-        shared = self.manager.lengths(CacheHandle(handle)).history if handle is not None else 0
-        t = self.scheduler.fork(request_id, self._spec(req), shared)
+        computed = self.manager.lengths(CacheHandle(handle)).capacity if handle is not None else 0
+        t = self.scheduler.fork(request_id, self._spec(req), computed)
         if t is None:
             return None
         if t.status is Status.REJECTED:
@@ -164,22 +166,31 @@ class Engine:
 
         assert step.tables is not None
         device = self.config.device
-        q_row, q_pos, ids, emit_at, rows = [], [], [], [], []
+        q_row: list[npt.NDArray[np.int64]] = []
+        q_pos: list[npt.NDArray[np.int64]] = []
+        ids: list[npt.NDArray[np.int32]] = []
+        emit_at: list[int] = []
+        rows: list[int] = []
+        runs: list[tuple[int, int, int]] = []
+        start = 0
         for i in np.flatnonzero(step.num_tokens > 0).tolist():
             req = self._request_at(step, i)
             lo, hi = int(step.history[i]), int(step.capacity[i])
+            runs.append((i, start, start + hi - lo))
+            start += hi - lo
             q_row.append(np.full(hi - lo, i))
             q_pos.append(np.arange(lo, hi))
             ids.append(req.tokens[lo:hi])
             if hi == req.known:  # the step computes its last known token: it samples the next
-                emit_at.append(sum(len(p) for p in q_pos) - 1)
+                emit_at.append(runs[-1][2] - 1)
                 rows.append(i)
         groups = len(self.manager.grouped.layer_groups)
         tables = tuple(torch.from_numpy(np.ascontiguousarray(step.tables.block_table(g))).to(device)
                        for g in range(groups))
         ctx = attention.StepContext(torch.as_tensor(np.concatenate(q_row), device=device),
                                     torch.as_tensor(np.concatenate(q_pos), device=device),
-                                    torch.as_tensor(step.capacity, device=device), tables, self.layers, self.kernel)
+                                    torch.as_tensor(step.capacity, device=device), tables, self.layers,
+                                    tuple(runs), self.kernel)
         return ctx, torch.as_tensor(np.concatenate(ids).astype(np.int64), device=device), emit_at, rows
 
     def _request_at(self, step: StepPlan, i: int) -> GenRequest:

@@ -24,6 +24,12 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "gemma2": {"sliding_window": 16, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
     "gpt_oss": {"sliding_window": 16, "num_local_experts": 4, "num_experts_per_tok": 2},
     "cohere2": {"sliding_window": 16, "layer_types": _PATTERN},
+    # sizes whose states a shared arena of 4-token pages cuts into 9 slices (buffers straddle them)
+    "qwen3_next": {"layer_types": ["linear_attention"] * 3 + ["full_attention"], "linear_num_value_heads": 4,
+                   "linear_num_key_heads": 1, "linear_key_head_dim": 8, "linear_value_head_dim": 16,
+                   "linear_conv_kernel_dim": 4,
+                   "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                   "shared_expert_intermediate_size": 32},
     "llama4_text": {"attention_chunk_size": 16, "num_local_experts": 2, "intermediate_size_mlp": 128,
                     "interleave_moe_layer_step": 1, "attn_temperature_tuning": True, "floor_scale": 8},
 }
@@ -89,7 +95,9 @@ def model_layout(model: Any) -> ModelLayout:
             kind = "full_attention"  # a window no position outgrows: hybridkv treats it as full
         want = {"sliding_attention": (window, None),
                 "chunked_attention": (None, fields.get("attention_chunk_size"))}.get(kind, (None, None))
-        if (lc.window_tokens, lc.chunk_tokens) != want or kind not in _KNOWN_TYPES:
+        if kind == "linear_attention" and not lc.per_token:
+            continue  # a recurrent state (gated delta net)
+        if (lc.window_tokens, lc.chunk_tokens) != want or kind not in _KNOWN_TYPES or not lc.per_token:
             raise ConfigError(f"{config.model_type} layer {i}: layer_types says {kind!r} (window, chunk = {want}) "
                               f"but the hybridkv layout has {lc.describe()}")
     return layout
@@ -102,4 +110,11 @@ def kv_heads(model: Any) -> dict[int, int]:
     """KV heads of every attention layer, by ``layer_idx`` (the cache layer id here)."""
     config = getattr(model.config, "text_config", None) or model.config
     heads = config.num_key_value_heads or config.num_attention_heads
-    return dict.fromkeys(range(config.num_hidden_layers), int(heads))
+    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    return {i: int(heads) for i, kind in enumerate(types) if kind != "linear_attention"}
+
+
+def recurrent_layers(model: Any) -> set[int]:
+    """Layers that keep a recurrent state instead of keys and values."""
+    config = getattr(model.config, "text_config", None) or model.config
+    return {i for i, kind in enumerate(getattr(config, "layer_types", None) or []) if kind == "linear_attention"}

@@ -37,7 +37,7 @@ class LayerPages:
     chunk: int | None
 
 
-def _buffer_tensor(manager: KVCacheManager, pool_group: int) -> torch.Tensor:
+def buffer_tensor(manager: KVCacheManager, pool_group: int) -> torch.Tensor:
     buf: Any = manager.tiers.buffers[GPU][pool_group]
     tensor = getattr(buf, "tensor", None)
     if tensor is None:
@@ -65,7 +65,7 @@ def layer_pages(manager: KVCacheManager, kv_heads: dict[int, int], dtype: torch.
     out: dict[int, LayerPages] = {}
     for lg in grouped.layer_groups:
         specs = {(s.layer_id, s.buffer): s for s in page_specs(grouped, LayerGroupId(lg.id))}
-        tensor = _buffer_tensor(manager, lg.pool_group)
+        tensor = buffer_tensor(manager, lg.pool_group)
         lc = lg.life_cycle
         for layer_id in lg.layer_ids:
             if layer_id not in kv_heads:

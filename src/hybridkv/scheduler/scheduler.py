@@ -370,23 +370,30 @@ class Scheduler:
     def fork(self, parent_id: int, spec: SeqRequest, tokens: int) -> Tracked | None:
         """Start ``spec`` as a running request whose first ``tokens`` tokens are the running
         request ``parent_id``'s (``KVCacheManager.fork``: full blocks shared, a partial block
-        copied); it prefills the rest of its prompt. ``tokens`` must be computed already (at
-        most the parent's history) and shorter than the prompt. None (nothing changed) without
-        a free row or pages now; a request that could never fit is REJECTED as in ``submit``."""
+        and SSM state copied); it prefills the rest of its prompt. Between steps the engine
+        has computed the parent's tokens up to its capacity, so ``tokens`` may be up to the
+        capacity (the parent's history is first moved there and committed; an SSM state can
+        only be forked there) and must be shorter than the new prompt. None (nothing changed)
+        without a free row or pages now; a request that could never fit is REJECTED as in
+        ``submit``."""
         parent, m = self._running(parent_id, "fork"), self.manager
         assert parent.handle is not None
-        history = m.lengths(CacheHandle(parent.handle)).history
-        if not 0 < tokens <= history or tokens >= spec.prompt_tokens:
-            raise UsageError(f"fork({parent_id}): tokens ({tokens}) must be in 1..history ({history}) and < the "
-                             f"new prompt ({spec.prompt_tokens} tokens), which computes at least one token itself")
+        h = CacheHandle(parent.handle)
+        lengths = m.lengths(h)
+        if not 0 < tokens <= lengths.capacity or tokens >= spec.prompt_tokens:
+            raise UsageError(f"fork({parent_id}): tokens ({tokens}) must be in 1..capacity ({lengths.capacity}) and "
+                             f"< the new prompt ({spec.prompt_tokens} tokens), which computes at least one token")
         if spec.request_id in self.requests:
             raise ConfigError(f"request id {spec.request_id} submitted twice")
         if self._never_fits(spec):
             return self.submit(spec)  # REJECTED, with the reason
         if m.rows.n >= self.max_batch_size:
             return None
-        m.commit(CacheHandle(parent.handle), max(tokens, m.lengths(CacheHandle(parent.handle)).committed))
-        handle = m.fork(CacheHandle(parent.handle), tokens)
+        if tokens > lengths.history and not m.resize(h, lengths.capacity, lengths.capacity):
+            raise InvariantError(f"request {parent_id}: moving history to capacity needs no pages, yet was refused")
+        if tokens > m.lengths(h).committed:
+            m.commit(h, tokens)
+        handle = m.fork(h, tokens)
         if handle is None:
             return None
         self.progress.reserve(self._seq)

@@ -1,0 +1,128 @@
+"""Gated delta net layers (Qwen3-Next, Qwen3.5) over state pages.
+
+A recurrent layer mixes tokens in order, so the packed sequence is cut into its requests'
+runs and the model's own module runs once per run, handed a one-request cache object that
+holds the request's state gathered from its pages (``states.py``); afterwards the state goes
+back to the pages. The module's forward (projections, the causal convolution, the gated
+delta rule, the gated norm) is transformers' own, so only the cache it talks to changes.
+
+The convolution keeps the last ``kernel - 1`` inputs per channel in hybridkv's layout (what a
+next token needs); the module's cache convention is ``kernel`` columns whose first one is
+never read, so a zero column is put in front on the way in and dropped on the way out.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from hybridkv.core.errors import ConfigError, UsageError
+from hybridkv.runtime.states import StateBuffer
+
+if TYPE_CHECKING:
+    import torch
+
+
+class OneRequestCache:
+    """The cache interface a gated delta net module uses, for one request and one layer:
+    ``has_previous_state``, ``layers[i].conv_states / recurrent_states / record_past``,
+    ``update_conv_state`` and ``update_recurrent_state``."""
+
+    record_past = False
+
+    def __init__(self, layer_idx: int, kernel: int, conv: torch.Tensor | None, recurrent: torch.Tensor | None) -> None:
+        self.layers = {layer_idx: self}
+        self.kernel = kernel
+        self.conv_states: dict[int, torch.Tensor | None] = {0: conv}
+        self.recurrent_states: dict[int, torch.Tensor | None] = {0: recurrent}
+
+    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
+        return self.conv_states[0] is not None
+
+    def update_conv_state(self, x: torch.Tensor, layer_idx: int, **kwargs: Any) -> torch.Tensor:
+        """The inputs the convolution sees (the kept ones, then ``x``); keeps the last ``kernel``."""
+        import torch
+
+        old = self.conv_states[0]
+        full = x if old is None else torch.cat([old, x], dim=-1)
+        if full.shape[-1] < self.kernel:
+            full = torch.nn.functional.pad(full, (self.kernel - full.shape[-1], 0))
+        self.conv_states[0] = full[..., -self.kernel:].clone()
+        return full
+
+    def update_recurrent_state(self, state: torch.Tensor, layer_idx: int, **kwargs: Any) -> torch.Tensor:
+        self.recurrent_states[0] = state
+        return state
+
+
+def _load(module: Any, buffers: dict[str, StateBuffer], tables: tuple[Any, ...], row: int,
+          dtype: Any) -> OneRequestCache:
+    import torch
+
+    kernel = module.conv_kernel_size
+    conv = buffers["conv"].gather(tables, row).view(dtype).view(1, module.conv_dim, kernel - 1)
+    conv = torch.nn.functional.pad(conv, (1, 0))
+    shape = (1, module.num_v_heads, module.head_k_dim, module.head_v_dim)
+    ssm = buffers["ssm"].gather(tables, row)
+    recurrent = ssm.view(torch.float32 if ssm.numel() == 4 * _numel(shape) else dtype).view(shape)
+    return OneRequestCache(module.layer_idx, kernel, conv, recurrent)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return functools.reduce(lambda a, b: a * b, shape, 1)
+
+
+def _store(cache: OneRequestCache, buffers: dict[str, StateBuffer], tables: tuple[Any, ...], row: int) -> None:
+    conv, recurrent = cache.conv_states[0], cache.recurrent_states[0]
+    assert conv is not None and recurrent is not None
+    buffers["conv"].scatter(tables, row, conv[..., 1:])
+    ssm = buffers["ssm"]
+    if recurrent.numel() * recurrent.element_size() != ssm.nbytes:
+        import torch
+
+        recurrent = recurrent.to(torch.float32 if ssm.nbytes == 4 * recurrent.numel() else conv.dtype)
+    ssm.scatter(tables, row, recurrent)
+
+
+def gated_delta_forward(module: Any, original: Callable[..., Any], buffers: dict[str, StateBuffer],
+                        hidden_states: torch.Tensor, cache_params: Any = None, attention_mask: Any = None,
+                        **kwargs: Any) -> torch.Tensor:
+    """The module's forward, run per request of the packed step over its state pages."""
+    import torch
+
+    from hybridkv.runtime.attention import STEP_KEYWORD, StepContext
+
+    step = kwargs.get(STEP_KEYWORD)
+    if not isinstance(step, StepContext):
+        raise UsageError(f"layer {module.layer_idx} keeps its state in hybridkv pages: run the model through "
+                         "hybridkv.runtime.engine.Engine")
+    outs = []
+    for row, lo, hi in step.runs:
+        if int(step.q_pos[lo]) == 0:  # a fresh request: the module starts from a zero state
+            cache = OneRequestCache(module.layer_idx, module.conv_kernel_size, None, None)
+        else:
+            cache = _load(module, buffers, step.tables, row, hidden_states.dtype)
+        outs.append(original(hidden_states[:, lo:hi], cache_params=cache))
+        _store(cache, buffers, step.tables, row)
+    return torch.cat(outs, dim=1)
+
+
+def install(model: Any, states: dict[int, dict[str, StateBuffer]]) -> None:
+    """Route every recurrent layer of ``model`` in ``states`` through its state pages."""
+    for module in model.modules():
+        layer_idx = getattr(module, "layer_idx", None)
+        if layer_idx not in states or not hasattr(module, "conv1d"):
+            continue
+        if not all(hasattr(module, a) for a in ("conv_dim", "num_v_heads", "head_k_dim", "head_v_dim")):
+            raise ConfigError(f"layer {layer_idx} ({type(module).__name__}): the engine runs gated delta net "
+                              "recurrent layers only")
+        if "conv" not in states[layer_idx] or "ssm" not in states[layer_idx]:
+            raise ConfigError(f"layer {layer_idx}: expected 'conv' and 'ssm' state buffers, "
+                              f"got {sorted(states[layer_idx])}")
+        original = getattr(module, "hybridkv_original_forward", None) or module.forward
+        module.hybridkv_original_forward = original  # a second engine on the same model wraps the original
+        module.forward = functools.partial(gated_delta_forward, module, original, states[layer_idx])
+        states = {k: v for k, v in states.items() if k != layer_idx}
+    if states:
+        raise ConfigError(f"recurrent layers {sorted(states)} have pages but no gated delta net module in the model")

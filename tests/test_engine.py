@@ -144,6 +144,19 @@ def test_streaming_sampling_and_generate() -> None:
     assert again == outs  # seeded sampling is reproducible
 
 
+def test_a_stop_token_ends_a_request_early() -> None:
+    prompts = [[1, 2, 3], list(range(40))]
+    full = Engine(build_model("gemma3_text", seed=1), config()).generate(prompts, max_new_tokens=8)
+    stop = full[1][2]
+    engine = Engine(build_model("gemma3_text", seed=1), config())
+    outs = engine.generate(prompts, max_new_tokens=8, stop_token_ids=[stop])
+    for mine, whole in zip(outs, full, strict=True):
+        end = whole.index(stop) + 1 if stop in whole else len(whole)
+        assert mine == whole[:end]
+    assert len(outs[1]) == full[1].index(stop) + 1 < 8 and engine.manager.rows.n == 0
+    engine.manager.check_invariants()
+
+
 def test_bad_input_names_the_field() -> None:
     engine = Engine(build_model("gemma3_text"), config())
     with pytest.raises(ConfigError, match=r"prompt_ids must be in 0\.\.255"):

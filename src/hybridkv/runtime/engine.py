@@ -98,9 +98,11 @@ class Engine:
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, prompt_ids: npt.ArrayLike, max_new_tokens: int, temperature: float = 0.0,
-                    seed: int | None = None) -> int:
-        """Queue a request; returns its id. A request that can never fit raises ConfigError."""
-        req = GenRequest.new(self._next_id, prompt_ids, max_new_tokens, temperature, seed, self.vocab_size)
+                    seed: int | None = None, stop_token_ids: Sequence[int] = ()) -> int:
+        """Queue a request; returns its id. It ends after ``max_new_tokens`` or at a token of
+        ``stop_token_ids`` (included in its outputs). One that can never fit raises ConfigError."""
+        req = GenRequest.new(self._next_id, prompt_ids, max_new_tokens, temperature, seed, self.vocab_size,
+                             frozenset(int(t) for t in stop_token_ids))
         t = self.scheduler.submit(self._spec(req))
         if t.status is Status.REJECTED:
             raise ConfigError(f"request {req.request_id} can never run: {t.reason} (raise EngineConfig.gpu_bytes "
@@ -157,7 +159,11 @@ class Engine:
                              **{attention.STEP_KEYWORD: ctx})
         logits = out.logits[0].float()
         events = self._emit(step, rows, logits)
-        self.scheduler.complete(step, time.monotonic())
+        now = time.monotonic()
+        ended = {t.spec.request_id for t in self.scheduler.complete(step, now)}
+        for event in events:  # stopped before max_new_tokens
+            if event.finished and event.request_id not in ended:
+                self.scheduler.finish(event.request_id, now)
         return events
 
     def _pack(self, step: StepPlan) -> tuple[attention.StepContext, Any, list[int], list[int]]:
@@ -203,7 +209,6 @@ class Engine:
             token = req.sample(logits[j])
             position = req.known
             req.append(token)
-            req.finished = len(req.outputs) == req.max_new_tokens
             kept = logits[j].clone() if self.config.keep_logits else None
             events.append(TokenEvent(req.request_id, token, position, req.finished, kept))
             if self.on_token is not None:
@@ -217,9 +222,10 @@ class Engine:
             yield from self.step()
 
     def generate(self, prompts: Sequence[npt.ArrayLike], max_new_tokens: int = 16, temperature: float = 0.0,
-                 seed: int | None = None) -> list[list[int]]:
-        """Run ``prompts`` together to the end; their output token ids, in order."""
-        ids = [self.add_request(p, max_new_tokens, temperature, None if seed is None else seed + k)
+                 seed: int | None = None, stop_token_ids: Sequence[int] = ()) -> list[list[int]]:
+        """Run ``prompts`` together to the end; their output token ids, in order (request k
+        samples with ``seed + k``)."""
+        ids = [self.add_request(p, max_new_tokens, temperature, None if seed is None else seed + k, stop_token_ids)
                for k, p in enumerate(prompts)]
         for _ in self.stream():
             pass

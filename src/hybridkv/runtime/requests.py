@@ -37,13 +37,14 @@ class GenRequest:
     max_new_tokens: int
     temperature: float
     generator: torch.Generator | None
+    stop_token_ids: frozenset[int] = frozenset()
     known: int = 0
     finished: bool = False
     outputs: list[int] = field(default_factory=list)
 
     @classmethod
     def new(cls, request_id: int, prompt_ids: npt.ArrayLike, max_new_tokens: int, temperature: float,
-            seed: int | None, vocab_size: int) -> GenRequest:
+            seed: int | None, vocab_size: int, stop_token_ids: frozenset[int] = frozenset()) -> GenRequest:
         import torch
 
         prompt = np.asarray(prompt_ids, dtype=np.int64).ravel()
@@ -60,7 +61,8 @@ class GenRequest:
         generator = None
         if temperature > 0.0:
             generator = torch.Generator().manual_seed(seed if seed is not None else request_id)
-        return cls(request_id, tokens, int(prompt.size), max_new_tokens, temperature, generator, int(prompt.size))
+        return cls(request_id, tokens, int(prompt.size), max_new_tokens, temperature, generator, stop_token_ids,
+                   int(prompt.size))
 
     def sample(self, logits: torch.Tensor) -> int:
         """Greedy at temperature 0, else one draw from softmax(logits / temperature)."""
@@ -68,10 +70,12 @@ class GenRequest:
 
         if self.generator is None:
             return int(torch.argmax(logits))
-        probs = torch.softmax(logits.double() / self.temperature, dim=-1)
+        probs = torch.softmax(logits.double().cpu() / self.temperature, dim=-1)  # the generator is on the CPU
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
     def append(self, token: int) -> None:
+        """Record a sampled token; the request is finished at ``max_new_tokens`` or a stop token."""
         self.tokens[self.known] = token
         self.known += 1
         self.outputs.append(token)
+        self.finished = len(self.outputs) == self.max_new_tokens or token in self.stop_token_ids

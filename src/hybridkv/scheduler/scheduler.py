@@ -359,6 +359,18 @@ class Scheduler:
         self._chunk[t.handle] = t.chunk_limit or self.config.prefill_chunk_tokens
 
     # ---- operations an engine asks for between steps -------------------------------------
+    def finish(self, request_id: int, now_s: float) -> None:
+        """End a running request before ``max_new_tokens`` (it sampled a stop token): its
+        computed tokens are published to the prefix cache, as ``complete`` does at the end,
+        and its pages freed."""
+        t = self._running(request_id, "finish")
+        assert t.handle is not None
+        h = CacheHandle(t.handle)
+        if self.manager.prefix is not None and t.spec.tokens is not None:
+            self.manager.prefix.publish(h, t.spec.tokens, self.manager.lengths(h).capacity)
+        self._release(t)
+        t.status, t.finish_s = Status.FINISHED, now_s
+
     def suspend(self, request_id: int) -> bool:
         """Take a running request off the GPU now, as a victim would be: its pages go down
         to the first lower tier with room (True; admission resumes it before newer requests),

@@ -182,6 +182,13 @@ def test_masks_on_mixed_decode_and_prefill(name: str) -> None:
 
 
 @needs_triton
+@pytest.mark.parametrize("name", ["full", "window+sinks", "chunk"])
+def test_decode_one_query_per_row(name: str) -> None:
+    rows = [(9, 1), (14, 1), (4, 1), (22, 1), (1, 1)]
+    check(make_case(rows, MASKS[name], hq=4, hkv=2, d=32, dv=32, tpb=4, seed=7), MASKS[name], F32_TOL)
+
+
+@needs_triton
 @pytest.mark.parametrize("tiles", [ta.KernelTiles(block_q=4, block_n=16, num_splits=3),
                                    ta.KernelTiles(block_q=1, block_n=32, num_splits=2),
                                    ta.KernelTiles(block_q=8, block_n=16, num_splits=1)])
@@ -235,11 +242,13 @@ def test_query_groups_cut_runs_of_one_row() -> None:
 
 
 def test_choose_tiles_splits_decode_only_when_programs_are_few() -> None:
-    small = ta.choose_tiles(32, 32, 8192, 4, 1, 256, num_sms=132)
-    assert (small.block_q, small.block_n, small.num_splits) == (1, 32, 16)
-    assert ta.choose_tiles(256, 256, 8192, 4, 1, 256, num_sms=132).num_splits == 3
-    assert ta.choose_tiles(32, 32, 64, 4, 1, 256, num_sms=132).num_splits == 1  # short rows: no split
-    prefill = ta.choose_tiles(8192, 2, 8192, 4, 1, 256, num_sms=132)
+    small = ta.choose_tiles(32, 32, 8192, 4, 1, 256, 256, num_sms=132)
+    assert (small.block_q, small.block_n, small.num_splits) == (1, 64, 8)
+    assert ta.choose_tiles(128, 128, 8192, 4, 1, 256, 256, num_sms=132).num_splits == 2
+    assert ta.choose_tiles(256, 256, 8192, 4, 1, 256, 256, num_sms=132).num_splits == 1
+    assert ta.choose_tiles(32, 32, 128, 4, 1, 256, 256, num_sms=132).num_splits == 2  # one tile per split at least
+    assert ta.choose_tiles(8, 8, 576, 16, 1, 576, 512, num_sms=132).block_n == 32  # MLA: wide values
+    prefill = ta.choose_tiles(8192, 2, 8192, 4, 1, 256, 256, num_sms=132)
     assert (prefill.block_q, prefill.num_splits) == (8, 1)
     with pytest.raises(UsageError, match="power of two"):
         ta.KernelTiles(block_q=3, block_n=32, num_splits=1)

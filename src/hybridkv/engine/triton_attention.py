@@ -24,6 +24,7 @@ torch reference.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,19 +71,44 @@ class KernelTiles:
                              f"(got {self.num_splits})")
 
 
-def choose_tiles(num_tokens: int, num_rows: int, table_tokens: int, q_per_kv: int, num_kv_heads: int,
-                 head_dim: int, num_sms: int) -> KernelTiles:
-    """The default cut, from shapes only (no device sync): one query per program for decode,
-    ``~32 / q_per_kv`` for prefill chunks; splits along the keys until about four programs
-    per SM exist, but never splits shorter than four tiles of the longest row the table holds."""
+def choose_tiles(num_tokens: int, num_rows: int, visible_tokens: int, q_per_kv: int, num_kv_heads: int,
+                 head_dim: int, value_dim: int, num_sms: int) -> KernelTiles:
+    """The default cut, from shapes only (no device sync). ``visible_tokens``: the most keys
+    one query can see (the table's width in tokens, or less under a window or chunk).
+
+    One query per program for decode, ``~32 / q_per_kv`` for prefill chunks; 64-key tiles,
+    4 warps; splits along the keys up to about two programs per SM, at least one tile each.
+    (Measured on an H200 at a Gemma-3-1B layer, batch 32-256, 2k-8k context: 8 warps or
+    four programs per SM were slower; see benchmarks/bench_attention.py --sweep.)"""
     decode = num_tokens <= num_rows
     block_q = 1 if decode else max(1, 32 // _pow2(q_per_kv))
-    block_n = 32 if head_dim > 128 else 64
+    block_n = 32 if max(head_dim, value_dim) > 256 else 64
     groups = num_tokens if decode else max(num_rows, -(-num_tokens // block_q))
-    programs = max(1, groups * num_kv_heads)
-    want = -(-4 * num_sms // programs)
-    longest = -(-table_tokens // (4 * block_n))
-    return KernelTiles(block_q, block_n, max(1, min(want, longest, 16)), num_warps=4 if head_dim <= 128 else 8)
+    splits = min(2 * num_sms // max(1, groups * num_kv_heads), -(-visible_tokens // block_n), 16)
+    return KernelTiles(block_q, block_n, max(1, splits))
+
+
+@functools.cache
+def _num_sms(device: int) -> int:
+    import torch
+
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def default_tiles(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                  window: int | None, sink_tokens: int, chunk: int | None) -> KernelTiles:
+    """``choose_tiles`` for these arguments, as ``paged_attention_triton`` calls it."""
+    import torch
+
+    visible = block_table.shape[1] * k_cache.shape[1]
+    if window is not None:
+        visible = min(visible, window + sink_tokens)
+    if chunk is not None:
+        visible = min(visible, chunk)
+    num_sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
+        if q.is_cuda else 4
+    return choose_tiles(q.shape[0], block_table.shape[0], visible, q.shape[1] // k_cache.shape[2],
+                        k_cache.shape[2], q.shape[2], v_cache.shape[3], num_sms)
 
 
 def _pow2(n: int) -> int:
@@ -147,7 +173,10 @@ if triton is not None:  # the kernels; ``triton.jit`` reads TRITON_INTERPRET her
                   HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                   HAS_SINKS: tl.constexpr, IEEE: tl.constexpr):
         t0, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        n_q = tl.load(group_len + t0)  # 0: token t0 is not the first of a group, nothing to do
+        if BLOCK_Q == 1:  # decode: every token is its own group
+            n_q = 1
+        else:  # 0: token t0 is not the first of its group, nothing to do
+            n_q = tl.load(group_len + t0)
         m = tl.arange(0, BLOCK_Q * BLOCK_H)  # rows: (query of the group, query head of this KV head)
         live = (m // BLOCK_H < n_q) & (m % BLOCK_H < q_per_kv)
         token = t0 + m // BLOCK_H
@@ -282,8 +311,9 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
         parts = [torch.empty(tiles.num_splits, t, hq, *extra, dtype=torch.float32, device=q.device)
                  for extra in ((), (), (value_dim,))]
     grid = (t, hkv, tiles.num_splits)
+    group_len = q_row if tiles.block_q == 1 else query_groups(q_row, tiles.block_q)  # (unread for decode)
     _attention[grid](
-        q, k_cache, v_cache, out, *parts, block_table, q_row, q_pos, kv_len, query_groups(q_row, tiles.block_q),
+        q, k_cache, v_cache, out, *parts, block_table, q_row, q_pos, kv_len, group_len,
         q if sinks is None else sinks, t, hq, *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         *block_table.stride(), block_table.shape[1], head_dim, value_dim, hq // hkv, scale, softcap or 1.0,
         window or 1, sink_tokens, chunk or 1, TPB=k_cache.shape[1], BLOCK_Q=tiles.block_q,
@@ -306,7 +336,6 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """Attention of the packed queries ``q`` ``[T, Hq, D]`` over their rows' pages, in one
     launch (decode and prefill chunks mixed); the contract of the torch reference
     ``hybridkv.engine.paged_attention.paged_attention``. Returns ``[T, Hq, Dv]`` in q's dtype."""
-    import torch
 
     if not triton_available():
         raise UsageError("paged_attention_triton needs triton (pip install 'hybridkv[triton]'); "
@@ -315,9 +344,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if (window is not None and window < 1) or (chunk is not None and chunk < 1) or sink_tokens < 0:
         raise UsageError(f"paged_attention_triton: window and chunk must be >= 1 and sink_tokens >= 0 "
                          f"(got window={window}, chunk={chunk}, sink_tokens={sink_tokens})")
-    num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-    tiles = choose_tiles(q.shape[0], block_table.shape[0], block_table.shape[1] * k_cache.shape[1],
-                         q.shape[1] // k_cache.shape[2], k_cache.shape[2], q.shape[2], num_sms)
+    tiles = default_tiles(q, k_cache, v_cache, block_table, window, sink_tokens, chunk)
     return launch(q, k_cache, v_cache, block_table, q_row, q_pos, kv_len, tiles, scale=scale, window=window,
                   sink_tokens=sink_tokens, chunk=chunk, softcap=softcap, sinks=sinks)
 

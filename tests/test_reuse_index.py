@@ -420,3 +420,106 @@ def test_windowed_groups_lose_their_oldest_blocks_first() -> None:
     assert [e.ordinal for e in idx.evictable(GPU, layer_group=0)] == [3, 2, 1, 0]
     assert [e.ordinal for e in idx.evictable(GPU, layer_group=1)] == [0, 1, 2, 3]
     assert [e.ordinal for e in idx.evictable(GPU, layer_group=1, limit=2)] == [0, 1]
+
+
+# ---- dead entries: pages no match can use go first ------------------------------------------
+
+def brute_serves(lc: LifeCycle, o: int, tpb: int, horizon: int) -> set[int]:
+    """Histories (in blocks, up to ``horizon``) whose match reads block ``o``, by the mask."""
+    return {b for b in range(1, horizon) if o in brute_needed(lc, b, tpb)}
+
+
+@settings(max_examples=150, deadline=None)
+@given(lc=life_cycles, tpb=st.integers(1, 4), o=st.integers(0, 12))
+def test_serves_is_the_brute_force_range(lc: LifeCycle, tpb: int, o: int) -> None:
+    lo, hi = lc.serves(o, tpb)
+    horizon = o + 30 // tpb + 8
+    expect = brute_serves(lc, o, tpb, horizon)
+    assert set(range(lo, (horizon if hi is None else hi + 1))) & set(range(1, horizon)) == expect
+    if hi is None:  # unbounded: needed by every later history
+        assert expect == set(range(o + 1, horizon))
+
+
+@settings(max_examples=150, deadline=None)
+@given(lcs=st.lists(life_cycles, min_size=2, max_size=4), tpb=st.integers(1, 3), n=st.integers(1, 10),
+       data=st.data())
+def test_dead_entries_serve_no_match_and_the_rule_is_exact(lcs: list[LifeCycle], tpb: int, n: int,
+                                                           data: st.DataObject) -> None:
+    """Random presence per group along one chain. A dead entry is read by no servable match
+    (brute force over every history); and an entry is dead exactly when it is needed by no
+    history at all, or some group lacks the same block and every history reading this entry
+    reads that group's block too."""
+    keys = chain(n, tpb)
+    cached = [data.draw(st.sets(st.integers(0, n - 1)), label=f"cached {g}") for g in range(len(lcs))]
+    idx = PrefixIndex(life_cycles=lcs, tokens_per_block=tpb)
+    for g, c in enumerate(cached):
+        ords = np.array(sorted(c), np.int64)
+        idx.insert(keys, ords, g, 100 * g + ords, GPU, root=ROOT)
+    idx.settle()
+    idx.check_invariants()
+    horizon = n + 30 // tpb + 8
+    dead = {(int(e.layer_group), int(e.ordinal)) for e in idx.entries() if e.dead}
+    servable = [b for b in range(1, n + 1)
+                if all(set(brute_needed(lc, b, tpb)) <= c for lc, c in zip(lcs, cached, strict=True))]
+    for g, o in dead:
+        assert not any(o in brute_needed(lcs[g], b, tpb) for b in servable)
+    for g, c in enumerate(cached):
+        for o in c:
+            mine = brute_serves(lcs[g], o, tpb, horizon)
+            expect = not mine or any(o not in cached[m] and mine <= brute_serves(lcs[m], o, tpb, horizon)
+                                     for m in range(len(lcs)))
+            assert ((g, o) in dead) == expect, (g, o)
+
+
+def test_a_dropped_block_kills_what_only_served_with_it_and_a_publish_revives_it() -> None:
+    """Full (0), window of 8 tokens (1) and two slices of one state (2, 3), tpb 4, 4 blocks
+    each (the state a snapshot at block 3). Dropping the full block 3 kills the window block 3
+    and both snapshots (every match reading them reads full block 3); they are evicted next,
+    before the older live blocks. Dropping window block 3 instead kills only the snapshots;
+    dropping one slice kills the other. Re-inserting the dropped block revives them all."""
+    lcs: list[LifeCycle] = [Full(), Sliding(8), Ssm(), Ssm()]
+    keys = chain(4, 4)
+
+    def build() -> PrefixIndex:
+        idx = PrefixIndex(windowed_groups=[1], life_cycles=lcs, tokens_per_block=4)
+        for g in (0, 1):
+            idx.insert(keys, [0, 1, 2, 3], g, [10 * g, 10 * g + 1, 10 * g + 2, 10 * g + 3], GPU, root=ROOT)
+        for g in (2, 3):
+            idx.insert(keys, [3], g, [10 * g], GPU, root=ROOT)
+        assert idx.settle().size == 0  # nothing dead
+        return idx
+
+    def dead(idx: PrefixIndex) -> list[tuple[int, int]]:
+        return sorted((int(e.layer_group), int(e.ordinal)) for e in idx.entries() if e.dead)
+
+    idx = build()
+    idx.remove([EntryRef(keys[3], G0)])
+    assert idx.settle().size == 3
+    assert dead(idx) == [(1, 3), (2, 3), (3, 3)]
+    idx.check_invariants()
+    first = [(int(e.layer_group), int(e.ordinal)) for e in idx.evictable(GPU)][:3]
+    assert sorted(first) == [(1, 3), (2, 3), (3, 3)]
+    idx.insert(keys, [3], 0, [3], GPU, root=ROOT)
+    assert idx.settle().size == 3 and dead(idx) == []
+
+    idx = build()
+    idx.remove([EntryRef(keys[3], G1)])
+    idx.settle()
+    assert dead(idx) == [(2, 3), (3, 3)]  # full block 3 stays live: it also serves longer matches
+
+    idx = build()
+    idx.remove([EntryRef(keys[3], LayerGroupId(2))])
+    idx.settle()
+    assert dead(idx) == [(3, 3)]
+    idx.check_invariants()
+
+
+def test_dead_flags_are_checked_by_the_invariants() -> None:
+    idx = PrefixIndex(life_cycles=[Full(), Ssm()], tokens_per_block=2)
+    keys = chain(2, 2)
+    idx.insert(keys, [1], 1, [7], GPU, root=ROOT)  # a snapshot whose full blocks are missing
+    idx.settle()
+    assert [e.dead for e in idx.entries()] == [True]
+    idx._t.dead[:] = 0  # corrupt it
+    with pytest.raises(InvariantError, match="dead flag"):
+        idx.check_invariants()

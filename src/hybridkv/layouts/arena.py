@@ -14,7 +14,7 @@ a group whose layers fill less is padded. The planner chooses ``P`` by a stated 
 3. then the least padding, then the smaller page.
 
 Candidate sizes are ``k`` layers' pages of any per-token layer, ``k`` from 1 to the most
-layers one life cycle has, so a model with one per-layer page size gets ``P = gcd``-friendly
+layers one life cycle has (at most ``MAX_LAYERS_PER_PAGE``), so a model with one per-layer page size gets ``P = gcd``-friendly
 multiples: for gemma-3-27b (52 window + 10 full layers, equal pages) that is 2 layers per page,
 31 tables, no padding. Token layers are packed in layout order (first fit, largest first within
 equal sizes keeps mixed sizes tight); a layer larger than ``P`` rules that ``P`` out for its
@@ -40,6 +40,10 @@ from hybridkv.lifecycles import LifeCycle
 
 JOIN_WASTE = 0.05
 """A life cycle joins the arena only if padding wastes less than this share of its pages."""
+MAX_LAYERS_PER_PAGE = 64
+"""Most layers of one size a candidate page holds (bounds the search on very deep models)."""
+MAX_SLICES = 4096
+"""Most slices one state is cut into (each is a layer group with a row of slots per request)."""
 PADDING_BUDGET = 0.01
 """Padding allowed across the arena's pages before fewer tables stop winning."""
 
@@ -76,44 +80,62 @@ class ArenaChoice:
         return sum(p.padding(self.page_bytes) for p in self.joined)
 
 
-def _pack(layout: ModelLayout, ids: Sequence[int], page: int, tpb: int) -> tuple[list[list[int]], list[int]] | None:
-    """First-fit of the layers into pages of ``page`` bytes (None if one does not fit)."""
-    sizes = {i: layout.layers[i].page_bytes(tpb) for i in ids}
+def _pack(size: Sequence[int], ids: Sequence[int], page: int) -> tuple[list[list[int]], list[int]] | None:
+    """First-fit of the layers (``size[i]``: layer ``i``'s page bytes) into pages of ``page``
+    bytes (None if one does not fit)."""
+    sizes = {i: size[i] for i in ids}
     if max(sizes.values()) > page:
         return None
+    if len(set(sizes.values())) == 1:  # equal layers: first fit fills runs of k in layout order
+        k, one = page // size[ids[0]], size[ids[0]]
+        runs = [list(ids[j:j + k]) for j in range(0, len(ids), k)]
+        return runs, [len(r) * one for r in runs]
     groups: list[list[int]] = []
     used: list[int] = []
+    smallest = min(sizes.values())
+    open_groups: list[int] = []  # groups with room for the smallest layer, in creation order
     for i in sorted(ids, key=lambda i: -sizes[i]):  # stable: layout order within a size
-        for g, u in enumerate(used):
-            if u + sizes[i] <= page:
-                groups[g].append(i)
-                used[g] += sizes[i]
+        for g in open_groups:
+            if used[g] + sizes[i] <= page:
                 break
         else:
-            groups.append([i])
-            used.append(sizes[i])
+            g = len(groups)
+            groups.append([])
+            used.append(0)
+            open_groups.append(g)
+        groups[g].append(i)
+        used[g] += sizes[i]
+        if used[g] + smallest > page:
+            open_groups.remove(g)
     return [sorted(g) for g in groups], used
 
 
-def _slice(layout: ModelLayout, ids: Sequence[int], page: int, tpb: int) -> tuple[list[list[int]], list[int]]:
-    """A state life cycle's states back to back, cut into ``page``-byte slices."""
-    state = sum(layout.layers[i].page_bytes(tpb) for i in ids)
+def _slice(size: Sequence[int], ids: Sequence[int], page: int) -> tuple[list[list[int]], list[int]] | None:
+    """A state life cycle's states back to back, cut into ``page``-byte slices (None: more
+    than ``MAX_SLICES``)."""
+    state = sum(size[i] for i in ids)
     n = -(-state // page)
+    if n > MAX_SLICES:
+        return None
     return [list(ids)] * n, [page] * (n - 1) + [state - (n - 1) * page]
 
 
-def _candidate(layout: ModelLayout, by_lc: dict[LifeCycle, list[int]], page: int, tpb: int) -> ArenaChoice:
+def _candidate(size: Sequence[int], by_lc: dict[LifeCycle, list[int]], page: int) -> ArenaChoice:
     joined, own = [], []
     for lc, ids in by_lc.items():
         if not lc.per_token:
-            groups, used = _slice(layout, ids, page, tpb)
+            sliced = _slice(size, ids, page)
+            if sliced is None:
+                own.append((lc, f"its state would take more than {MAX_SLICES} slices of {page} B"))
+                continue
+            groups, used = sliced
             waste = 1 - sum(used) / (len(groups) * page)
             if waste >= JOIN_WASTE:
                 own.append((lc, f"its state in {page} B slices would waste {waste:.0%} (>= {JOIN_WASTE:.0%})"))
             else:
                 joined.append(Packing(lc, tuple(tuple(g) for g in groups), tuple(used), sliced=True))
             continue
-        packed = _pack(layout, ids, page, tpb)
+        packed = _pack(size, ids, page)
         if packed is None:
             own.append((lc, f"a layer's page is larger than the {page} B arena page"))
             continue
@@ -132,17 +154,17 @@ def choose_arena(layout: ModelLayout, tokens_per_block: int) -> ArenaChoice:
     by_lc: dict[LifeCycle, list[int]] = {}
     for i, layer in enumerate(layout.layers):
         by_lc.setdefault(layer.life_cycle, []).append(i)
+    size = [layer.page_bytes(tokens_per_block) for layer in layout.layers]
     token_lcs = [ids for lc, ids in by_lc.items() if lc.per_token]
-    sizes = sorted({layout.layers[i].page_bytes(tokens_per_block) for ids in token_lcs for i in ids})
+    sizes = sorted({size[i] for ids in token_lcs for i in ids})
     if not sizes:  # states only: one state life cycle's layers per page
-        sizes = sorted({sum(layout.layers[i].page_bytes(tokens_per_block) for i in ids) for ids in by_lc.values()})
-    most = max([len(ids) for ids in token_lcs] or [1])
+        sizes = sorted({sum(size[i] for i in ids) for ids in by_lc.values()})
+    most = min(max([len(ids) for ids in token_lcs] or [1]), MAX_LAYERS_PER_PAGE)
     pages = sorted({k * s for s in sizes for k in range(1, most + 1)})
     best: tuple[tuple[int, int, int, int, int], ArenaChoice] | None = None
     for page in pages:
-        c = _candidate(layout, by_lc, page, tokens_per_block)
-        joined_bytes = sum(layout.layers[i].page_bytes(tokens_per_block)
-                           for p in c.joined for i in {i for g in p.groups for i in g})
+        c = _candidate(size, by_lc, page)
+        joined_bytes = sum(size[i] for p in c.joined for i in {i for g in p.groups for i in g})
         over_budget = c.padding_bytes > PADDING_BUDGET * c.tables * page
         key = (len(c.own_pools), -joined_bytes, int(over_budget), c.tables, c.padding_bytes)
         if best is None or key < best[0]:

@@ -104,7 +104,9 @@ def group_layers(layout: ModelLayout, tokens_per_block: int, pools: str = "per-l
         own = {lc for lc, _ in choice.own_pools}
         notes = tuple(f"{lc.describe()} keeps its own pool: {why}" for lc, why in choice.own_pools)
         by_lc = {lc: ids for lc, ids in by_lc.items() if lc in own}
-    parts += [(lc, tuple(ids), b, b, None) for lc, ids in by_lc.items() for b in [_bytes(layout, ids, tokens_per_block)]]
+    for lc, lc_layers in by_lc.items():
+        b = _bytes(layout, lc_layers, tokens_per_block)
+        parts.append((lc, tuple(lc_layers), b, b, None))
     # layer groups in order of their first layer (a state's slices in slice order)
     parts.sort(key=lambda part: (part[1][0], part[4] or (0, 0)))
     pool_of_bytes: dict[int, PoolGroupId] = {}

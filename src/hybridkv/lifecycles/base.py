@@ -96,6 +96,9 @@ class LifeCycle(abc.ABC):
     deepest_first: ClassVar[bool] = True
     """Eviction order of this group's cached blocks: deepest first (a continuation needs
     every block) or, when False, shallowest first (only the newest window is ever needed)."""
+    own_keys: ClassVar[bool] = False
+    """True when ``reuse_keys`` puts this group's cached pages under keys of their own, not
+    the prompt's block keys (an encoder's, keyed by its input)."""
 
     # ---- identity --------------------------------------------------------------------------
     @abc.abstractmethod
@@ -255,6 +258,13 @@ class LifeCycle(abc.ABC):
     def match_search(self, present: Present, tokens_per_block: int, num_blocks: int) -> MatchSearch:
         """A search for the highest history (in blocks) this group can serve from the cache."""
         return MatchSearch()
+
+    def serves(self, ordinal: int, tokens_per_block: int) -> tuple[int, int | None]:
+        """The matches (histories in blocks, ``[lo, hi]``; ``hi`` None: unbounded) that need
+        cached block ``ordinal`` of this group: ``b`` with ``ordinal in needed_blocks(b)``;
+        empty when ``hi < lo``. Every block is needed from ``ordinal + 1`` on; one that never
+        goes stale forever."""
+        return ordinal + 1, None
 
     # ---- the engine's addressing -----------------------------------------------------------
     def written(self, capacity: IntArray, history: IntArray, seen: IntArray, tokens_per_block: int) -> Positions:

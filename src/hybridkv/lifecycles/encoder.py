@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -58,6 +58,7 @@ class Encoder(LifeCycle):
     """``tokens`` encoder positions per request."""
 
     tokens: int
+    own_keys: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if isinstance(self.tokens, bool) or self.tokens < 1:

@@ -109,6 +109,9 @@ class Ssm(LifeCycle):
     def match_search(self, present: Present, tokens_per_block: int, num_blocks: int) -> MatchSearch:
         return _SnapshotSearch(present)
 
+    def serves(self, ordinal: int, tokens_per_block: int) -> tuple[int, int | None]:
+        return ordinal + 1, ordinal + 1  # the snapshot after block ``ordinal`` and nothing else
+
     def written(self, capacity: IntArray, history: IntArray, seen: IntArray, tokens_per_block: int) -> Positions:
         """The state moves to ``capacity`` only when that differs from where it stands (a
         step that leaves a forked child at its fork point runs nothing)."""

@@ -33,6 +33,14 @@ class Windowed(LifeCycle):
     def match_search(self, present: Present, tokens_per_block: int, num_blocks: int) -> MatchSearch:
         return _DownSearch(self, present, tokens_per_block, num_blocks)
 
+    def serves(self, ordinal: int, tokens_per_block: int) -> tuple[int, int | None]:
+        """A sink block serves every later match; another one until the needed range has
+        moved past it (``first_needed`` is nondecreasing in the history), or none at all
+        (``hi < lo``) when it is stale already at ``ordinal + 1`` (a chunk's last block)."""
+        if ordinal < self.sink_blocks(tokens_per_block):
+            return ordinal + 1, None
+        return ordinal + 1, _last_serving(self, ordinal, tokens_per_block)
+
     def first_needed(self, num_blocks: int, tokens_per_block: int) -> int:
         """First non-sink block needed at history ``num_blocks * tpb`` (never inside the sinks)."""
         return _first_needed(self, num_blocks, tokens_per_block)
@@ -44,6 +52,21 @@ def _first_needed(lc: Windowed, num_blocks: int, tokens_per_block: int) -> int:
     sinks = min(lc.sink_blocks(tokens_per_block), num_blocks)
     stop = lc.stale_stop(num_blocks * tokens_per_block, tokens_per_block)
     return max(0 if stop is None else int(stop), sinks)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _last_serving(lc: Windowed, ordinal: int, tokens_per_block: int) -> int:
+    """The highest history ``b`` whose needed range still starts at or before ``ordinal``
+    (``ordinal`` itself when none does)."""
+    span = lc.span_tokens()
+    assert span is not None  # a windowed kind has a span
+    if _first_needed(lc, ordinal + 1, tokens_per_block) > ordinal:
+        return ordinal
+    lo, hi = ordinal + 1, ordinal + 2 + -(-span // tokens_per_block)  # first_needed(hi) > ordinal
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _first_needed(lc, mid, tokens_per_block) <= ordinal else (lo, mid)
+    return lo
 
 
 class _DownSearch(MatchSearch):

@@ -108,8 +108,10 @@ class PinnedPages:
     def _current(self, pool_group: int, items: list[int], rows: I64) -> tuple[npt.NDArray[np.bool_], I64]:
         """Per item: whether it still names a reclaimable page of this tier with its current
         key; and the page's slot."""
-        _, tiers, slots = self.index.row_locations(rows)
+        groups, tiers, slots = self.index.row_locations(rows)
+        # a row dropped and reused since the push may name another pool group's entry now
         ok = self.index.live_mask(rows) & (tiers == int(self.tier))
+        ok &= np.asarray(self.pool_of_group, np.int64)[groups] == pool_group
         safe = np.where(ok, slots, 0)
         ok &= self.row_of_slot[pool_group][safe] == rows
         ok &= self.allocators[pool_group].is_reclaimable(safe)

@@ -83,7 +83,8 @@ class PrefixCache:
         self.m, self.scope = m, scope or ReuseScope()
         self.lcs = [lg.life_cycle for lg in m.grouped.layer_groups]
         # a window / chunked group keeps its deepest blocks (the window a continuation needs)
-        self.index = PrefixIndex(events, windowed_groups=[g for g, lc in enumerate(self.lcs) if not lc.deepest_first])
+        self.index = PrefixIndex(events, windowed_groups=[g for g, lc in enumerate(self.lcs) if not lc.deepest_first],
+                                 life_cycles=self.lcs, tokens_per_block=m.tokens_per_block)
         self.offload_to_host = offload_to_host
         self.stats = PrefixStats(len(m.grouped.layer_groups), tier_names=tuple(m.tiers.names))
         pool_of_group = [int(lg.pool_group) for lg in m.grouped.layer_groups]
@@ -151,12 +152,20 @@ class PrefixCache:
             ords = lg.life_cycle.publish_ordinals(held, upto, lengths.capacity, tpb)
             if ords.size == 0:
                 continue
-            ids = self._block_tokens(tokens, ords) if gk is keys else self._no_tokens(ords)
+            ids = self._no_tokens(ords) if lg.life_cycle.own_keys else self._block_tokens(tokens, ords)
             where = _Chain(gk, lg.life_cycle.chain_root(root), ids)
             src = table[lg.life_cycle.publish_sources(held, ords)]
             pinned += self._publish(lg.id, lg.pool_group, where, ords, src, lg.life_cycle.reuse_copies(ords.size))
         m.tiers.copy_engine.wait_for_copies()
+        self._settle()
         return pinned
+
+    def _settle(self) -> None:
+        """Dead flags changed by inserts or removals change eviction keys: re-push those rows."""
+        flipped = self.index.settle()
+        if flipped.size:
+            for pins in self.pins_on.values():
+                pins.touched(flipped)
 
     def _publish(self, group: int, pool_group: int, where: _Chain, ords: I64, src: I32,
                  copied: npt.NDArray[np.bool_]) -> int:
@@ -209,7 +218,7 @@ class PrefixCache:
         for lg, mb in zip(m.grouped.layer_groups, match.per_group, strict=True):
             copies = int(lg.life_cycle.reuse_copies(mb.slots.size).sum()) if match.tokens else 0
             need[lg.pool_group] += int((mb.tiers != GPU).sum()) + copies
-        keep = keys if all(gk is keys for gk in gkeys) else [k for gk in gkeys for k in gk]
+        keep = keys if not any(lc.own_keys for lc in self.lcs) else [k for gk in gkeys for k in gk]
         if not m.make_room(need, keep=keep):
             return None
         self.stats.lookups += 1
@@ -238,8 +247,8 @@ class PrefixCache:
             m.rows.set_pages(row, lg.id, lc.held_ordinals(L, tpb), slots.astype(np.int32), lc.stale_range(L, tpb).stop)
         m.tiers.copy_engine.wait_for_copies()
         touched = self.index.touch(keys[:L // tpb])
-        for g, gk in enumerate(gkeys):
-            if gk is not keys:  # pages under a chain of their own
+        for g, (lc, gk) in enumerate(zip(self.lcs, gkeys, strict=True)):
+            if lc.own_keys:  # pages under a chain of their own
                 touched = np.concatenate([touched, self.index.touch(gk, g)])
         for pins in self.pins_on.values():
             pins.touched(touched)
@@ -327,3 +336,4 @@ class PrefixCache:
         self.index.remove_rows(rows)
         self.m.tiers.allocators[tier][pool_group].unpin(slots)
         self.stats.evicted_pages += int(rows.size)
+        self._settle()

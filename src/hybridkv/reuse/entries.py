@@ -44,6 +44,7 @@ class CachedEntry(NamedTuple):
     refcount: int
     priority: int
     last_used: int
+    dead: bool = False  # no match can use it now (``reuse.index``): evicted before live entries
 
     @property
     def ref(self) -> EntryRef:
@@ -54,7 +55,7 @@ class EntryTable:
     """Rows of entries in parallel arrays. Rows of removed entries are not live and are
     reused by later inserts; ``by_group[g][key]`` is the row of a live entry."""
 
-    _ARRAYS = ("ordinal", "group", "slot", "tier", "refcount", "priority", "last_used")
+    _ARRAYS = ("ordinal", "group", "slot", "tier", "refcount", "priority", "last_used", "dead")
 
     def __init__(self, capacity: int = 256) -> None:
         self.keys: list[bytes] = [b""] * capacity
@@ -66,6 +67,7 @@ class EntryTable:
         self.refcount = np.zeros(capacity, np.int64)
         self.priority = np.zeros(capacity, np.int64)
         self.last_used = np.zeros(capacity, np.int64)
+        self.dead = np.zeros(capacity, np.int64)  # 1: can serve no match now (evicted first)
         self.live = np.zeros(capacity, np.bool_)
         self.free: list[int] = list(range(capacity - 1, -1, -1))
         self.by_group: dict[LayerGroupId, dict[bytes, int]] = {}
@@ -101,7 +103,7 @@ class EntryTable:
         rows = np.array(taken, np.int64)
         self.ordinal[rows], self.group[rows], self.slot[rows] = ordinals, group, slots
         self.tier[rows], self.refcount[rows], self.priority[rows] = int(tier), 0, priority
-        self.last_used[rows], self.live[rows] = clock, True
+        self.last_used[rows], self.live[rows], self.dead[rows] = clock, True, 0
         return rows
 
     def drop(self, rows: I64) -> None:
@@ -116,15 +118,15 @@ class EntryTable:
         return CachedEntry(self.keys[row], LayerGroupId(int(self.group[row])), self.parents[row],
                            BlockIndex(int(self.ordinal[row])), SlotId(int(self.slot[row])),
                            TierId(int(self.tier[row])), int(self.refcount[row]), int(self.priority[row]),
-                           int(self.last_used[row]))
+                           int(self.last_used[row]), bool(self.dead[row]))
 
     def snapshots(self, rows: I64) -> list[CachedEntry]:
         """``snapshot`` for many rows, converting each column once."""
         cols = zip(rows.tolist(), self.group[rows].tolist(), self.ordinal[rows].tolist(), self.slot[rows].tolist(),
                    self.tier[rows].tolist(), self.refcount[rows].tolist(), self.priority[rows].tolist(),
-                   self.last_used[rows].tolist(), strict=True)
+                   self.last_used[rows].tolist(), self.dead[rows].tolist(), strict=True)
         return [CachedEntry(self.keys[r], LayerGroupId(g), self.parents[r], BlockIndex(o), SlotId(s), TierId(t),
-                            c, p, u) for r, g, o, s, t, c, p, u in cols]
+                            c, p, u, bool(x)) for r, g, o, s, t, c, p, u, x in cols]
 
     def live_rows(self) -> I64:
         return np.flatnonzero(self.live).astype(np.int64)

@@ -1,6 +1,7 @@
 """Eviction order for cached entries nobody uses (refcount 0), one policy per class.
 
-Documented policy (``priority-lru``): lowest priority first, then least recently used (the
+Documented policy (``priority-lru``): dead entries first (no match can use them now, see
+``reuse.index``), then lowest priority, then least recently used (the
 index's logical clock at the last insert / acquire / release / touch), then the deepest block
 first (a chain loses its leaves before its root: a full-attention prefix with a hole in the
 middle is useless past the hole) — except in *windowed* layer groups, which lose their
@@ -45,14 +46,14 @@ class PriorityLRU(EvictionOrder):
     name = "priority-lru"
 
     def keys(self, t: EntryTable, rows: I64, windowed: I64) -> list[int]:
-        # fields, most significant first: priority (+2^63), last_used, depth (+2^40: windowed
-        # groups their ordinal, others minus it), layer group (16 bits), row (40 bits)
+        # fields, most significant first: alive (1 bit), priority (+2^63), last_used, depth
+        # (+2^40: windowed groups their ordinal, others minus it), layer group (16 bits), row (40 bits)
         groups = t.group[rows]
         depth = np.where(np.isin(groups, windowed), t.ordinal[rows], -t.ordinal[rows]) + (1 << 40)
         low = (groups.astype(np.uint64) << np.uint64(ROW_BITS)) | rows.astype(np.uint64)
-        return [((p + (1 << 63)) << 168) | (u << 105) | (d << 56) | lo
-                for p, u, d, lo in zip(t.priority[rows].tolist(), t.last_used[rows].tolist(), depth.tolist(),
-                                       low.tolist(), strict=True)]
+        return [(((1 - x) << 64 | (p + (1 << 63))) << 168) | (u << 105) | (d << 56) | lo
+                for x, p, u, d, lo in zip(t.dead[rows].tolist(), t.priority[rows].tolist(),
+                                          t.last_used[rows].tolist(), depth.tolist(), low.tolist(), strict=True)]
 
     def order(self, t: EntryTable, rows: I64, limit: int | None, windowed: I64) -> I64:
         # The four keys are packed into one int64 when their ranges allow, so only the
@@ -60,12 +61,13 @@ class PriorityLRU(EvictionOrder):
         if rows.size == 0:
             return rows
         prio, used, ords, groups = t.priority[rows], t.last_used[rows], t.ordinal[rows], t.group[rows]
+        alive = 1 - t.dead[rows]
         p0, o_max = int(prio.min()), int(ords.max())
         depth = np.where(np.isin(groups, windowed), ords, o_max - ords)  # 0 = evicted first among equals
         spans = (int(prio.max()) - p0 + 1, int(used.max()) + 1, o_max + 1, int(groups.max()) + 1)
-        if spans[0] * spans[1] * spans[2] * spans[3] >= 2**62:
-            return np.lexsort((groups, depth, used, prio))[:limit]
-        key = (((prio - p0) * spans[1] + used) * spans[2] + depth) * spans[3] + groups
+        if 2 * spans[0] * spans[1] * spans[2] * spans[3] >= 2**62:
+            return np.lexsort((groups, depth, used, prio, alive))[:limit]
+        key = (((alive * spans[0] + prio - p0) * spans[1] + used) * spans[2] + depth) * spans[3] + groups
         if limit is None or limit >= rows.size:
             return np.argsort(key, kind="stable")
         if limit == 0:

@@ -215,6 +215,13 @@ def test_mla_latent_keys_with_values_in_their_first_channels() -> None:
 
 
 @needs_triton
+def test_many_query_heads_on_one_latent_head_take_several_programs() -> None:
+    """32 query heads on one KV head: programs take 16 heads each and load K / V separately."""
+    c = make_case([(9, 1), (12, 3)], Mask(window=5), hq=32, hkv=1, d=24, dv=16, tpb=4, mla=True, seed=8)
+    check(c, Mask(window=5), F32_TOL)
+
+
+@needs_triton
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, F16_TOL), (torch.bfloat16, BF16_TOL)])
 def test_half_precision_accumulates_in_float32(dtype: torch.dtype, tol: float) -> None:
     if dtype == torch.bfloat16 and DEVICE == "cpu":

@@ -164,7 +164,7 @@ if triton is not None:  # the kernels; ``triton.jit`` reads TRITON_INTERPRET her
         return m_new, l_i * alpha + tl.sum(p, axis=1), acc
 
     @triton.jit  # type: ignore[untyped-decorator]
-    def _attention(q, k_cache, v_cache, out, part_m, part_l, part_acc, block_table, q_row, q_pos,  # type: ignore[no-untyped-def]
+    def _attention(q, k_cache, v_cache, out, part, block_table, q_row, q_pos,  # type: ignore[no-untyped-def]
                   kv_len, group_len, sinks, num_tokens, num_q_heads,
                   sq_t, sq_h, sq_d, sk_s, sk_t, sk_h, sk_d, sv_s, sv_t, sv_h, sv_d, so_t, so_h, so_d, sb_r, sb_w,
                   width, head_dim, value_dim, q_per_kv, scale, softcap, window, sink_tokens, chunk,
@@ -172,15 +172,17 @@ if triton is not None:  # the kernels; ``triton.jit`` reads TRITON_INTERPRET her
                   BLOCK_DK: tl.constexpr, NUM_DK: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
                   HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                   HAS_SINKS: tl.constexpr, IEEE: tl.constexpr):
-        t0, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        t0, split = tl.program_id(0), tl.program_id(2)
+        kvh = tl.program_id(1) // tl.cdiv(q_per_kv, BLOCK_H)  # axis 1: (KV head, chunk of its query heads)
+        h0 = (tl.program_id(1) % tl.cdiv(q_per_kv, BLOCK_H)) * BLOCK_H
         if BLOCK_Q == 1:  # decode: every token is its own group
             n_q = 1
         else:  # 0: token t0 is not the first of its group, nothing to do
             n_q = tl.load(group_len + t0)
         m = tl.arange(0, BLOCK_Q * BLOCK_H)  # rows: (query of the group, query head of this KV head)
-        live = (m // BLOCK_H < n_q) & (m % BLOCK_H < q_per_kv)
-        token = t0 + m // BLOCK_H
-        head = kvh * q_per_kv + m % BLOCK_H
+        live = (m // BLOCK_H < n_q) & (h0 + m % BLOCK_H < q_per_kv)
+        token = (t0 + m // BLOCK_H).to(tl.int64)  # int64: offsets like token * stride may pass 2**31
+        head = kvh * q_per_kv + h0 + m % BLOCK_H
         p_m = tl.load(q_pos + token, mask=live, other=0)
         p_lo = tl.min(tl.where(live, p_m, 1 << 30), axis=0)
         p_hi = tl.max(tl.where(live, p_m, -1), axis=0)
@@ -226,22 +228,22 @@ if triton is not None:  # the kernels; ``triton.jit`` reads TRITON_INTERPRET her
             result = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
             tl.store(out + token[:, None] * so_t + head[:, None] * so_h + dv[None, :] * so_d,
                      result.to(out.dtype.element_ty), mask=out_mask)
-        else:  # partials [split, token, q head (, Dv)] for the merge kernel
-            at = (split * num_tokens + token) * num_q_heads + head
-            tl.store(part_m + at, m_i, mask=live)
-            tl.store(part_l + at, l_i, mask=live)
-            tl.store(part_acc + at[:, None] * value_dim + dv[None, :], acc, mask=out_mask)
+        else:  # partials [split, token, q head, Dv + 2] (acc, then m and l) for the merge kernel
+            at = ((split * num_tokens + token) * num_q_heads + head) * (value_dim + 2)
+            tl.store(part + at[:, None] + dv[None, :], acc, mask=out_mask)
+            tl.store(part + at + value_dim, m_i, mask=live)
+            tl.store(part + at + value_dim + 1, l_i, mask=live)
 
     @triton.jit  # type: ignore[untyped-decorator]
-    def _merge(out, part_m, part_l, part_acc, num_tokens, num_q_heads, so_t, so_h, so_d, value_dim,  # type: ignore[no-untyped-def]
+    def _merge(out, part, num_tokens, num_q_heads, so_t, so_h, so_d, value_dim,  # type: ignore[no-untyped-def]
               NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
-        t, h = tl.program_id(0), tl.program_id(1)
+        t, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
         s = tl.arange(0, BLOCK_S)
         dv = tl.arange(0, BLOCK_DV)
-        at = (s * num_tokens + t) * num_q_heads + h
-        m_s = tl.load(part_m + at, mask=s < NUM_SPLITS, other=-1.0e30)
-        l_s = tl.load(part_l + at, mask=s < NUM_SPLITS, other=0.0)
-        acc = tl.load(part_acc + at[:, None] * value_dim + dv[None, :],
+        at = ((s * num_tokens + t) * num_q_heads + h) * (value_dim + 2)
+        m_s = tl.load(part + at + value_dim, mask=s < NUM_SPLITS, other=-1.0e30)
+        l_s = tl.load(part + at + value_dim + 1, mask=s < NUM_SPLITS, other=0.0)
+        acc = tl.load(part + at[:, None] + dv[None, :],
                       mask=(s < NUM_SPLITS)[:, None] & (dv < value_dim)[None, :], other=0.0)
         w = tl.exp2(m_s - tl.max(m_s, axis=0))
         total = tl.sum(w * l_s, axis=0)
@@ -306,24 +308,24 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
         return out
     block_dk = _pow2(head_dim) if head_dim <= 256 else 64
     block_dv = max(16, _pow2(value_dim))
-    parts = [torch.empty(0, device=q.device)] * 3
+    part = out  # (unread with one split)
     if tiles.num_splits > 1:
-        parts = [torch.empty(tiles.num_splits, t, hq, *extra, dtype=torch.float32, device=q.device)
-                 for extra in ((), (), (value_dim,))]
-    grid = (t, hkv, tiles.num_splits)
+        part = torch.empty(tiles.num_splits, t, hq, value_dim + 2, dtype=torch.float32, device=q.device)
+    block_h = min(max(16 // tiles.block_q, _pow2(hq // hkv)), 16)  # query heads per program (M >= 16)
+    grid = (t, hkv * -(-(hq // hkv) // block_h), tiles.num_splits)
     group_len = q_row if tiles.block_q == 1 else query_groups(q_row, tiles.block_q)  # (unread for decode)
     _attention[grid](
-        q, k_cache, v_cache, out, *parts, block_table, q_row, q_pos, kv_len, group_len,
+        q, k_cache, v_cache, out, part, block_table, q_row, q_pos, kv_len, group_len,
         q if sinks is None else sinks, t, hq, *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         *block_table.stride(), block_table.shape[1], head_dim, value_dim, hq // hkv, scale, softcap or 1.0,
         window or 1, sink_tokens, chunk or 1, TPB=k_cache.shape[1], BLOCK_Q=tiles.block_q,
-        BLOCK_H=max(16 // tiles.block_q, _pow2(hq // hkv)), BLOCK_N=tiles.block_n, BLOCK_DK=max(16, block_dk),
+        BLOCK_H=block_h, BLOCK_N=tiles.block_n, BLOCK_DK=max(16, block_dk),
         NUM_DK=-(-head_dim // block_dk), BLOCK_DV=block_dv, NUM_SPLITS=tiles.num_splits,
         HAS_WINDOW=window is not None, HAS_CHUNK=chunk is not None, HAS_SOFTCAP=softcap is not None,
         HAS_SINKS=sinks is not None, IEEE=q.dtype == torch.float32, num_warps=tiles.num_warps,
         num_stages=tiles.num_stages)
     if tiles.num_splits > 1:
-        _merge[(t, hq)](out, *parts, t, hq, *out.stride(), value_dim, NUM_SPLITS=tiles.num_splits,
+        _merge[(t, hq)](out, part, t, hq, *out.stride(), value_dim, NUM_SPLITS=tiles.num_splits,
                        BLOCK_S=_pow2(tiles.num_splits), BLOCK_DV=block_dv)
     return out
 

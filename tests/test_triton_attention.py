@@ -298,3 +298,13 @@ def test_the_module_imports_without_triton() -> None:
     code = ("import sys; sys.modules['triton'] = None; import hybridkv.engine.triton_attention as m; "
             "assert not m.triton_available()")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs CUDA (and no TRITON_INTERPRET)")
+def test_deepseek_sized_mla_on_cuda() -> None:
+    """16 query heads on one latent head of 576 (512 latent + 64 rope), values the first 512."""
+    rows = [(200, 1)] * 4 + [(90, 40)]
+    for dtype, tol in ((torch.float32, F32_TOL), (torch.bfloat16, BF16_TOL)):
+        c = make_case(rows, Mask(), hq=16, hkv=1, d=576, dv=512, tpb=16, dtype=dtype, mla=True, seed=9)
+        check(c, Mask(), tol)

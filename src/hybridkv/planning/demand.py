@@ -84,11 +84,19 @@ def demand(
     c = np.asarray(capacity, dtype=np.int64)
     h = np.asarray(history, dtype=np.int64)
     out = [0] * len(grouped.pool_groups)
-    for lg in grouped.layer_groups:
-        out[lg.pool_group] += layer_group_demand(
-            lg.life_cycle, grouped.tokens_per_block, c, h, shared_prefix_tokens
-        )
+    for (lc, pg), count in _families(grouped).items():
+        out[pg] += count * layer_group_demand(lc, grouped.tokens_per_block, c, h, shared_prefix_tokens)
     return tuple(out)
+
+
+def _families(grouped: GroupedLayout) -> dict[tuple[LifeCycle, int], int]:
+    """Layer groups per (life cycle, pool group): an arena's page-sized parts of one life
+    cycle need the same blocks, so demand evaluates each family once, times its size."""
+    families: dict[tuple[LifeCycle, int], int] = {}
+    for lg in grouped.layer_groups:
+        key = (lg.life_cycle, int(lg.pool_group))
+        families[key] = families.get(key, 0) + 1
+    return families
 
 
 def batch_demand(grouped: GroupedLayout, batch: Batch) -> tuple[int, ...]:
@@ -128,8 +136,8 @@ def per_request_demand(grouped: GroupedLayout, capacity: npt.ArrayLike, history:
     c = np.asarray(capacity, dtype=np.int64)
     h = np.asarray(history, dtype=np.int64)
     out = np.zeros((c.size, len(grouped.pool_groups)), dtype=np.int64)
-    for lg in grouped.layer_groups:
-        out[:, lg.pool_group] += live_blocks(lg.life_cycle, c, h, grouped.tokens_per_block)
+    for (lc, pg), count in _families(grouped).items():
+        out[:, pg] += count * live_blocks(lc, c, h, grouped.tokens_per_block)
     return out
 
 

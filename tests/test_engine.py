@@ -25,8 +25,8 @@ TOL = 1e-4  # max |logit difference| per token, float32 (observed: below 1e-6)
 WINDOW = 16  # the families' window / chunk (runtime.model.FAMILIES)
 
 
-def config(pools: str = "shared", host_bytes: int = 1 << 20, **rest: Any) -> EngineConfig:
-    return EngineConfig(gpu_bytes=1 << 20, host_bytes=host_bytes, max_seq_len=128, tokens_per_block=4,
+def config(pools: str = "shared", host_bytes: int = 1 << 20, gpu_bytes: int = 1 << 20, **rest: Any) -> EngineConfig:
+    return EngineConfig(gpu_bytes=gpu_bytes, host_bytes=host_bytes, max_seq_len=128, tokens_per_block=4,
                         max_batch_size=8, token_budget=64, prefill_chunk_tokens=8, pools=pools, keep_logits=True,
                         **rest)
 
@@ -181,3 +181,24 @@ def test_the_readme_example_runs() -> None:
     scope: dict[str, Any] = {}
     exec(compile(blocks[0], "README.md", "exec"), scope)
     assert [len(o) for o in scope["outs"]] == [8, 8] and len(scope["engine"].requests[scope["r"]].outputs) == 4
+
+
+def test_state_slices_tile_every_buffer() -> None:
+    """In a shared arena of 1 KiB pages Qwen3-Next's three states (3 x 3008 B) are cut into 9
+    slice groups; each buffer's parts tile it in byte order, some straddling two slices."""
+    from hybridkv.runtime.states import state_buffers
+
+    engine = Engine(build_model("qwen3_next"), config())
+    states = state_buffers(engine.manager, {0, 1, 2})
+    parts = {(i, name): [(p.layer_group, p.start, p.nbytes) for p in b.parts]
+             for i, bufs in states.items() for name, b in bufs.items()}
+    assert parts[1, "conv"] == [(2, 0, 64), (3, 64, 896)]
+    assert parts[2, "ssm"] == [(6, 0, 192), (7, 192, 1024), (8, 1216, 832)]
+    assert sum(p[2] for ps in parts.values() for p in ps) == 3 * (960 + 2048)
+
+
+def test_other_recurrent_layers_are_refused() -> None:
+    model = build_model("bamba", attn_layer_indices=[3], mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1,
+                        mamba_d_state=16, mamba_expand=1)
+    with pytest.raises(ConfigError, match=r"layer 0 \(BambaMixer\): the engine runs gated delta net"):
+        Engine(model, config(gpu_bytes=1 << 22))

@@ -58,9 +58,11 @@ def copy_bandwidth(flush: torch.Tensor) -> float:
 
 
 class Layer:
-    """One attention layer's pages in a slot-major pool, and a decode step over ``batch`` rows."""
+    """One attention layer's pages in a slot-major pool, and a step over ``batch`` rows that
+    each compute their last ``queries`` positions (1: decode; more: a prefill chunk)."""
 
-    def __init__(self, batch: int, context: int, layers_per_slot: int, window: int | None, seed: int) -> None:
+    def __init__(self, batch: int, context: int, layers_per_slot: int, window: int | None, seed: int,
+                 queries: int = 1) -> None:
         g = torch.Generator(device="cuda").manual_seed(seed)
         blocks = -(-context // TPB)
         page = TPB * HEADS_KV * HEAD_DIM
@@ -72,13 +74,15 @@ class Layer:
         self.v = self.pool.as_strided(shape, strides, page)
         perm = torch.randperm(num_slots, device="cuda", generator=g)
         self.table = perm.view(batch, blocks).to(torch.int32)
-        pos = context - 1
-        if window is not None:  # stale blocks: every token older than the window
-            self.table[:, : (pos - window + 1) // TPB] = -1
-        self.q = torch.randn(batch, HEADS_Q, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
-        self.q_row = torch.arange(batch, device="cuda")
-        self.q_pos = torch.full((batch,), pos, device="cuda")
+        first = context - queries
+        if window is not None:  # stale blocks: every token older than the first query's window
+            self.table[:, : max(0, first - window + 1) // TPB] = -1
+        self.q = torch.randn(batch * queries, HEADS_Q, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
+        self.q_row = torch.arange(batch, device="cuda").repeat_interleave(queries)
+        self.q_pos = (first + torch.arange(queries, device="cuda")).repeat(batch)
         self.kv_len = torch.full((batch,), context, device="cuda")
+        seen = [min(p + 1, window) if window is not None else p + 1 for p in range(first, context)]
+        self.flops = batch * 2 * HEADS_Q * 2 * HEAD_DIM * sum(seen)  # QK^T and PV over the visible pairs
         self.window = window
         visible = min(context, window) if window is not None else context
         kv_bytes = batch * visible * HEADS_KV * 2 * HEAD_DIM * 2
@@ -139,6 +143,15 @@ def measure(layer: Layer, repeats: int, flush: torch.Tensor, copy_bps: float, sw
     return row
 
 
+def prefill_row(rows: int, context: int, window: int | None, args: argparse.Namespace,
+                flush: torch.Tensor) -> dict[str, Any]:
+    layer = Layer(rows, context, args.layers_per_slot, window, seed=context, queries=min(args.prefill_chunk, context))
+    layer.triton()
+    t = gpu_time(layer.triton, args.repeats, flush)
+    return {"rows": rows, "chunk": layer.q.shape[0] // rows, "context": context,
+            "mask": "full" if window is None else f"window {window}", "us": t * 1e6, "tflops": layer.flops / t / 1e12}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, nargs="+", default=[32, 128, 256])
@@ -147,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=20, help="timed calls per measurement (median)")
     ap.add_argument("--sweep", action="store_true", help="also time other cuts of the kernel, report the fastest")
     ap.add_argument("--no-reference", action="store_true", help="skip the torch reference")
+    ap.add_argument("--prefill-chunk", type=int, default=0, metavar="N",
+                    help="also time prefill chunks of N tokens (1 and 4 rows) at each context")
     ap.add_argument("--json", metavar="FILE", help="write the rows as JSON ('-' for stdout)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -174,10 +189,16 @@ def main(argv: list[str] | None = None) -> int:
                 del layer
                 torch.cuda.empty_cache()
     print_table(rows, copy_bps)
+    prefill = [prefill_row(rows_, context, window, args, flush) for rows_ in (1, 4) for context in args.context
+               for window in (WINDOW, None)] if args.prefill_chunk else []
+    for r in prefill:
+        print(f"prefill {r['rows']} x {r['chunk']} tokens at {r['context']:>5}, {r['mask']:>10}: {r['us']:8.1f} us, "
+              f"{r['tflops']:6.1f} TFLOP/s")
     if args.json:
         doc = {"device": torch.cuda.get_device_name(), "copy_gb_per_s": copy_bps / 1e9, "torch": torch.__version__,
                "layer": {"q_heads": HEADS_Q, "kv_heads": HEADS_KV, "head_dim": HEAD_DIM, "tokens_per_block": TPB,
-                         "dtype": "bfloat16", "layers_per_slot": args.layers_per_slot}, "rows": rows}
+                         "dtype": "bfloat16", "layers_per_slot": args.layers_per_slot}, "rows": rows,
+               "prefill": prefill}
         text = json.dumps(doc, indent=1)
         if args.json == "-":
             print(text)

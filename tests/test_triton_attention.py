@@ -272,6 +272,17 @@ def test_misuse_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match="window and chunk"):
         ta.paged_attention_triton(c.q, c.k_cache, c.v_cache, c.table, c.q_row, c.q_pos, c.kv_len, scale=1.0,
                                   window=0)
+    with pytest.raises(UsageError, match="softcap > 0"):
+        ta.paged_attention_triton(c.q, c.k_cache, c.v_cache, c.table, c.q_row, c.q_pos, c.kv_len, scale=1.0,
+                                  softcap=0.0)
+
+
+@needs_triton
+def test_a_step_without_queries_returns_an_empty_result() -> None:
+    c = make_case([(5, 1)], Mask(), hq=2, hkv=2, d=16, dv=8, tpb=4)
+    none = torch.zeros(0, dtype=torch.int64)
+    out = ta.paged_attention_triton(c.q[:0], c.k_cache, c.v_cache, c.table, none, none, c.kv_len, scale=1.0)
+    assert out.shape == (0, 2, 8)
 
 
 def test_without_triton_the_call_says_so_and_the_reference_is_picked(monkeypatch: pytest.MonkeyPatch) -> None:

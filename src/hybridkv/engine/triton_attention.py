@@ -343,9 +343,10 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise UsageError("paged_attention_triton needs triton (pip install 'hybridkv[triton]'); "
                          "without it use hybridkv.engine.paged_attention.paged_attention")
     _check(q, k_cache, v_cache, block_table, q_row, q_pos, kv_len, sinks)
-    if (window is not None and window < 1) or (chunk is not None and chunk < 1) or sink_tokens < 0:
-        raise UsageError(f"paged_attention_triton: window and chunk must be >= 1 and sink_tokens >= 0 "
-                         f"(got window={window}, chunk={chunk}, sink_tokens={sink_tokens})")
+    if (window is not None and window < 1) or (chunk is not None and chunk < 1) or sink_tokens < 0 \
+            or (softcap is not None and not softcap > 0):
+        raise UsageError(f"paged_attention_triton: window and chunk must be >= 1, sink_tokens >= 0 and softcap > 0 "
+                         f"(got window={window}, chunk={chunk}, sink_tokens={sink_tokens}, softcap={softcap})")
     tiles = default_tiles(q, k_cache, v_cache, block_table, window, sink_tokens, chunk)
     return launch(q, k_cache, v_cache, block_table, q_row, q_pos, kv_len, tiles, scale=scale, window=window,
                   sink_tokens=sink_tokens, chunk=chunk, softcap=softcap, sinks=sinks)

@@ -75,7 +75,10 @@ def reference_logits(ref: Any, tokens: np.ndarray, prompt: int) -> Any:
         out = ref(input_ids=ids[:, :prompt], use_cache=True)
         rows, cache = [out.logits[0, -1]], out.past_key_values
         for p in range(prompt, ids.shape[1] - 1):
-            out = ref(input_ids=ids[:, p:p + 1], past_key_values=cache, use_cache=True)
+            # positions given: Bamba's forward defaults them to arange(T) whatever the cache
+            # holds (generate() passes them), which would rotate every decode token as position 0
+            out = ref(input_ids=ids[:, p:p + 1], position_ids=torch.tensor([[p]]), past_key_values=cache,
+                      use_cache=True)
             rows.append(out.logits[0, -1])
             cache = out.past_key_values
     return torch.stack(rows)
@@ -98,7 +101,7 @@ def check_against_transformers(family: str, engine: Engine, events: list[TokenEv
 
 FAMILIES = [("gemma3_text", "shared"), ("gemma3_text", "per-lifecycle"), ("gemma2", "shared"),
             ("gpt_oss", "per-lifecycle"), ("cohere2", "shared"), ("llama4_text", "shared"),
-            ("qwen3_next", "shared"), ("qwen3_next", "per-lifecycle")]
+            ("qwen3_next", "shared"), ("qwen3_next", "per-lifecycle"), ("bamba", "shared")]
 
 
 @pytest.mark.parametrize(("family", "pools"), FAMILIES)
@@ -112,8 +115,8 @@ def test_matches_transformers(family: str, pools: str) -> None:
     assert engine.scheduler.reused_tokens == 36  # the prefix hit
     assert done["suspended"] == 2 and engine.scheduler.suspensions == 1  # offloaded, then resumed
     assert engine.scheduler.preemptions == 0
-    # decoded past the window: released blocks were skipped (qwen3_next: no window)
-    assert (kernel.calls_with_holes > 0) == (family != "qwen3_next")
+    # decoded past the window: released blocks were skipped (qwen3_next, bamba: no window)
+    assert (kernel.calls_with_holes > 0) == (family not in {"qwen3_next", "bamba"})
     assert engine.manager.rows.n == 0 and not engine.manager.suspended
 
 
@@ -198,7 +201,13 @@ def test_state_slices_tile_every_buffer() -> None:
 
 
 def test_other_recurrent_layers_are_refused() -> None:
-    model = build_model("bamba", attn_layer_indices=[3], mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1,
-                        mamba_d_state=16, mamba_expand=1)
-    with pytest.raises(ConfigError, match=r"layer 0 \(BambaMixer\): the engine runs gated delta net"):
-        Engine(model, config(gpu_bytes=1 << 22))
+    from hybridkv.runtime.recurrent import install
+
+    class ShortConv(torch.nn.Module):  # a recurrent mixer of neither known kind
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer_idx, self.conv1d = 0, torch.nn.Conv1d(4, 4, 3)
+
+    model = torch.nn.Sequential(ShortConv())
+    with pytest.raises(ConfigError, match=r"layer 0 \(ShortConv\): the engine runs gated delta net and Mamba-2"):
+        install(model, {0: {}})

@@ -30,6 +30,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
                    "linear_conv_kernel_dim": 4,
                    "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                    "shared_expert_intermediate_size": 32},
+    # Mamba-2 layers and one attention layer; scan chunks of 8 split the prefill chunks' work
+    "bamba": {"attn_layer_indices": [3], "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_n_groups": 1,
+              "mamba_d_state": 16, "mamba_expand": 1, "mamba_chunk_size": 8},
     "llama4_text": {"attention_chunk_size": 16, "num_local_experts": 2, "intermediate_size_mlp": 128,
                     "interleave_moe_layer_step": 1, "attn_temperature_tuning": True, "floor_scale": 8},
 }

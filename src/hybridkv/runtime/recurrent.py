@@ -1,10 +1,13 @@
-"""Gated delta net layers (Qwen3-Next, Qwen3.5) over state pages.
+"""Recurrent layers over state pages: gated delta nets (Qwen3-Next, Qwen3.5) and Mamba-2
+mixers (Bamba and the families built like it).
 
 A recurrent layer mixes tokens in order, so the packed sequence is cut into its requests'
 runs and the model's own module runs once per run, handed a one-request cache object that
 holds the request's state gathered from its pages (``states.py``); afterwards the state goes
 back to the pages. The module's forward (projections, the causal convolution, the gated
-delta rule, the gated norm) is transformers' own, so only the cache it talks to changes.
+delta rule or the selective scan, the gated norm) is transformers' own, so only the cache it
+talks to changes. Both kinds keep a convolution state ``[conv_dim, kernel - 1]`` and a
+recurrent state whose shape the module's sizes give (``recurrent_shape``).
 
 The convolution keeps the last ``kernel - 1`` inputs per channel in hybridkv's layout (what a
 next token needs); the module's cache convention is ``kernel`` columns whose first one is
@@ -24,8 +27,18 @@ if TYPE_CHECKING:
     import torch
 
 
+def recurrent_shape(module: Any) -> tuple[int, ...] | None:
+    """The recurrent state of one request: ``[heads, key dim, value dim]`` for a gated delta
+    net, ``[heads, head dim, state size]`` for Mamba-2; None for another module."""
+    if all(hasattr(module, a) for a in ("num_v_heads", "head_k_dim", "head_v_dim")):
+        return (module.num_v_heads, module.head_k_dim, module.head_v_dim)
+    if all(hasattr(module, a) for a in ("num_heads", "head_dim", "ssm_state_size")):
+        return (module.num_heads, module.head_dim, module.ssm_state_size)
+    return None
+
+
 class OneRequestCache:
-    """The cache interface a gated delta net module uses, for one request and one layer:
+    """The cache interface a recurrent module uses, for one request and one layer:
     ``has_previous_state``, ``layers[i].conv_states / recurrent_states / record_past``,
     ``update_conv_state`` and ``update_recurrent_state``."""
 
@@ -63,7 +76,7 @@ def _load(module: Any, buffers: dict[str, StateBuffer], tables: tuple[Any, ...],
     kernel = module.conv_kernel_size
     conv = buffers["conv"].gather(tables, row).view(dtype).view(1, module.conv_dim, kernel - 1)
     conv = torch.nn.functional.pad(conv, (1, 0))
-    shape = (1, module.num_v_heads, module.head_k_dim, module.head_v_dim)
+    shape = (1, *module.hybridkv_state_shape)
     ssm = buffers["ssm"].gather(tables, row)
     recurrent = ssm.view(torch.float32 if ssm.numel() == 4 * _numel(shape) else dtype).view(shape)
     return OneRequestCache(module.layer_idx, kernel, conv, recurrent)
@@ -85,7 +98,7 @@ def _store(cache: OneRequestCache, buffers: dict[str, StateBuffer], tables: tupl
     ssm.scatter(tables, row, recurrent)
 
 
-def gated_delta_forward(module: Any, original: Callable[..., Any], buffers: dict[str, StateBuffer],
+def recurrent_forward(module: Any, original: Callable[..., Any], buffers: dict[str, StateBuffer],
                         hidden_states: torch.Tensor, cache_params: Any = None, attention_mask: Any = None,
                         **kwargs: Any) -> torch.Tensor:
     """The module's forward, run per request of the packed step over its state pages."""
@@ -114,15 +127,17 @@ def install(model: Any, states: dict[int, dict[str, StateBuffer]]) -> None:
         layer_idx = getattr(module, "layer_idx", None)
         if layer_idx not in states or not hasattr(module, "conv1d"):
             continue
-        if not all(hasattr(module, a) for a in ("conv_dim", "num_v_heads", "head_k_dim", "head_v_dim")):
+        shape = recurrent_shape(module)
+        if shape is None or not hasattr(module, "conv_dim") or not hasattr(module, "conv_kernel_size"):
             raise ConfigError(f"layer {layer_idx} ({type(module).__name__}): the engine runs gated delta net "
-                              "recurrent layers only")
+                              "and Mamba-2 recurrent layers only")
+        module.hybridkv_state_shape = shape
         if "conv" not in states[layer_idx] or "ssm" not in states[layer_idx]:
             raise ConfigError(f"layer {layer_idx}: expected 'conv' and 'ssm' state buffers, "
                               f"got {sorted(states[layer_idx])}")
         original = getattr(module, "hybridkv_original_forward", None) or module.forward
         module.hybridkv_original_forward = original  # a second engine on the same model wraps the original
-        module.forward = functools.partial(gated_delta_forward, module, original, states[layer_idx])
+        module.forward = functools.partial(recurrent_forward, module, original, states[layer_idx])
         states = {k: v for k, v in states.items() if k != layer_idx}
     if states:
-        raise ConfigError(f"recurrent layers {sorted(states)} have pages but no gated delta net module in the model")
+        raise ConfigError(f"recurrent layers {sorted(states)} have pages but no recurrent module in the model")

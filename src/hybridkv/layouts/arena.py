@@ -14,11 +14,11 @@ a group whose layers fill less is padded. The planner chooses ``P`` by a stated 
 3. then the least padding, then the smaller page.
 
 Candidate sizes are ``k`` layers' pages of any per-token layer, ``k`` from 1 to the most
-layers one life cycle has (at most ``MAX_LAYERS_PER_PAGE``), so a model with one per-layer page size gets ``P = gcd``-friendly
-multiples: for gemma-3-27b (52 window + 10 full layers, equal pages) that is 2 layers per page,
-31 tables, no padding. Token layers are packed in layout order (first fit, largest first within
-equal sizes keeps mixed sizes tight); a layer larger than ``P`` rules that ``P`` out for its
-life cycle.
+layers one life cycle has (at most ``MAX_LAYERS_PER_PAGE``), so a model with one per-layer
+page size gets ``P = gcd``-friendly multiples: for gemma-3-27b (52 window + 10 full layers,
+equal pages) that is 2 layers per page, 31 tables, no padding. Token layers are packed in
+layout order (first fit, largest first within equal sizes keeps mixed sizes tight); a layer
+larger than ``P`` rules that ``P`` out for its life cycle.
 
 A state life cycle (SSM, gated delta net: one state per request, ``per_token`` False) is
 *sliced* instead: its layers' states, back to back in layout order, are cut into

@@ -20,7 +20,6 @@ from hybridkv.planning.demand import lifetime_peak_demand
 from hybridkv.scheduler.policy import SchedulerView, SchedulingPolicy
 from hybridkv.scheduler.request import Tracked
 
-
 DECODE_LOOKAHEAD = 512
 """Output tokens an admission reserves beyond the prompt (at most the request's own). Beyond
 it a decode grows into pages freed by requests that finish, or is preempted."""

@@ -272,6 +272,8 @@ def test_misuse_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match="window and chunk"):
         ta.paged_attention_triton(c.q, c.k_cache, c.v_cache, c.table, c.q_row, c.q_pos, c.kv_len, scale=1.0,
                                   window=0)
+    with pytest.raises(UsageError, match="integer tensors"):
+        ta.paged_attention_triton(c.q, c.k_cache, c.v_cache, c.table, c.q_row, c.q_pos.float(), c.kv_len, scale=1.0)
     with pytest.raises(UsageError, match="softcap > 0"):
         ta.paged_attention_triton(c.q, c.k_cache, c.v_cache, c.table, c.q_row, c.q_pos, c.kv_len, scale=1.0,
                                   softcap=0.0)

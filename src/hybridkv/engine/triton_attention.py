@@ -41,10 +41,6 @@ try:
 except ImportError:  # optional: the torch reference serves without it
     triton = None
 
-LOG2E = 1.4426950408889634
-_NO_LOGIT = -1.0e30  # the running max before any key: finite, so exp2(m_old - m_new) never sees inf - inf
-
-
 def triton_available() -> bool:
     """Was Triton importable? (It still needs a CUDA device or ``TRITON_INTERPRET=1``.)"""
     return triton is not None
@@ -204,6 +200,8 @@ if triton is not None:  # the kernels; ``triton.jit`` reads TRITON_INTERPRET her
         per_split = tl.cdiv(n_sink + n_main, NUM_SPLITS)
         i_lo = split * per_split
         i_hi = tl.minimum(i_lo + per_split, n_sink + n_main)
+        # (1.4426950408889634 = log2(e): logits in base 2. The running max starts at -1e30, not
+        # -inf, so exp2(m_old - m_new) never meets inf - inf.)
         if HAS_SINKS:  # the sink column: logit sinks[h], weight 1, no value; counted by split 0 only
             sink = tl.load(sinks + head, mask=live, other=0.0).to(tl.float32) * 1.4426950408889634
             m_i = tl.where(split == 0, sink, -1.0e30)
@@ -272,6 +270,11 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not q.dtype == k_cache.dtype == v_cache.dtype:
         raise UsageError(f"paged_attention_triton: q, k_cache and v_cache need one dtype of float32 / bfloat16 / "
                          f"float16 (got {q.dtype}, {k_cache.dtype}, {v_cache.dtype})")
+    tables = (block_table, q_row, q_pos, kv_len)
+    if any(x.dtype.is_floating_point or x.dtype == torch.bool for x in tables) or any(
+            x.device != q.device for x in (k_cache, v_cache, *tables)):
+        raise UsageError(f"paged_attention_triton: block_table, q_row, q_pos and kv_len must be integer tensors, "
+                         f"every argument on q's device {q.device}")
     if sinks is not None and sinks.shape != (hq,):
         raise UsageError(f"paged_attention_triton: sinks must be [Hq] = [{hq}], got {tuple(sinks.shape)}")
 

@@ -120,6 +120,20 @@ def test_matches_transformers(family: str, pools: str) -> None:
     assert engine.manager.rows.n == 0 and not engine.manager.suspended
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("family", "pools"), [("gemma3_text", "shared"), ("gpt_oss", "per-lifecycle"),
+                                               ("qwen3_next", "shared"), ("bamba", "shared")])
+def test_matches_transformers_with_pages_on_cuda(family: str, pools: str) -> None:
+    """The same scenario with the model and the pages on the GPU (the reference on the CPU)."""
+    engine = Engine(build_model(family, seed=0).to("cuda"), config(pools, device="cuda"))
+    events, _ = run_scenario(engine)
+    assert engine.layers[max(engine.layers)].k.is_cuda
+    events = [e._replace(logits=e.logits.cpu()) for e in events]
+    assert check_against_transformers(family, engine, events) <= TOL
+    assert engine.scheduler.reused_tokens == 36 and engine.scheduler.suspensions == 1
+
+
 def test_suspend_without_host_room_recomputes() -> None:
     """No host tier room: the suspended request's KV is dropped and recomputed from its tokens."""
     engine = Engine(build_model("gemma3_text", seed=0), config(host_bytes=0))

@@ -182,6 +182,9 @@ def test_bad_input_names_the_field() -> None:
         engine.add_request([5], 0)
     with pytest.raises(ConfigError, match="max_seq_len 128"):
         engine.add_request(list(range(100)), 40)
+    assert engine.add_request([1, 2], 2) == 1  # a request the scheduler refused keeps its id (0)
+    with pytest.raises(UsageError, match="no such request"):
+        engine.fork(9)
     with pytest.raises(UsageError, match="must be running"):
         engine.suspend(7)
     with pytest.raises(UsageError, match="hybridkv_step=StepContext"):

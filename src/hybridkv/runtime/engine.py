@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from hybridkv.core.errors import ConfigError, InvariantError
+from hybridkv.core.errors import ConfigError, InvariantError, UsageError
 from hybridkv.core.types import MIB, CacheHandle
 from hybridkv.engine.paged_attention import paged_attention
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
@@ -104,10 +104,10 @@ class Engine:
         req = GenRequest.new(self._next_id, prompt_ids, max_new_tokens, temperature, seed, self.vocab_size,
                              frozenset(int(t) for t in stop_token_ids))
         t = self.scheduler.submit(self._spec(req))
+        self._next_id += 1  # a refused id stays taken: the scheduler keeps its record
         if t.status is Status.REJECTED:
             raise ConfigError(f"request {req.request_id} can never run: {t.reason} (raise EngineConfig.gpu_bytes "
                               "or max_seq_len, or shorten the request)")
-        self._next_id += 1
         self.requests[req.request_id] = req
         return req.request_id
 
@@ -124,7 +124,9 @@ class Engine:
         """A new request continuing running request ``request_id``'s tokens so far plus
         ``extra_ids``, sharing the pages (and recurrent state) of every token it has computed
         (``Scheduler.fork``). None without a free row or pages now."""
-        parent = self.requests[request_id]
+        parent = self.requests.get(request_id)
+        if parent is None:
+            raise UsageError(f"fork({request_id}): no such request (ids 0..{self._next_id - 1})")
         prompt = np.concatenate([parent.tokens[:parent.known], np.asarray(extra_ids, np.int64)])
         req = GenRequest.new(self._next_id, prompt, max_new_tokens, temperature, seed, self.vocab_size)
         handle = self.scheduler.requests[request_id].handle
@@ -132,9 +134,9 @@ class Engine:
         t = self.scheduler.fork(request_id, self._spec(req), computed)
         if t is None:
             return None
+        self._next_id += 1
         if t.status is Status.REJECTED:
             raise ConfigError(f"fork of request {request_id} can never run: {t.reason}")
-        self._next_id += 1
         self.requests[req.request_id] = req
         return req.request_id
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from hybridkv.cli.main import main
-from hybridkv.core.types import GPU
+from hybridkv.core.errors import UsageError
+from hybridkv.core.types import GPU, CacheHandle
 from hybridkv.layouts.spec import BufferSpec, LayerSpec, ModelLayout
 from hybridkv.lifecycles import Full
 from hybridkv.manager.manager import KVCacheManager
@@ -59,3 +60,50 @@ def test_window_release_under_a_cache_pin_does_not_stall_the_head(extra: list[st
     out = json.loads(capsys.readouterr().out)
     assert (out["completed"], out["deadlocked"]) == (8, False)
     assert out["resent_reuse_rate"] > 0  # the cache served resent turns
+
+
+def _two_requests() -> tuple[KVCacheManager, Scheduler]:
+    m = KVCacheManager(plan(PlanSpec(ModelLayout("t", (FULL,)), 24 * 32, 40, tokens_per_block=4, max_batch_size=3,
+                                     host_bytes=24 * 32)))
+    s = Scheduler(m, SchedulerConfig(max_batch_size=3, token_budget=64, prefill_chunk_tokens=8))
+    s.submit(SeqRequest(0, 10, 5, tokens=np.arange(14)))
+    s.submit(SeqRequest(1, 6, 5, tokens=np.arange(100, 110)))
+    s.complete(s.schedule(), 0)
+    return m, s
+
+
+def test_suspend_moves_pages_down_and_admission_brings_them_back() -> None:
+    m, s = _two_requests()
+    held = m.lengths(m.active_handles()[1]).capacity
+    assert s.suspend(1) and s.requests[1].status is Status.SUSPENDED and m.rows.n == 1
+    assert s.suspensions == 1 and m.tiers.free_slots(GPU)[0] == 24 - 2  # request 0 holds 8 tokens: 2 blocks
+    step = s.schedule()  # the suspended request is re-admitted (resumed) before anyone newer
+    assert s.requests[1].status is Status.RUNNING and int(step.history[-1]) == held
+    m.check_invariants()
+    with pytest.raises(UsageError, match=r"suspend\(7\): the request must be running \(it is unknown\)"):
+        s.suspend(7)
+
+
+def test_fork_shares_the_computed_tokens_and_prefills_the_rest() -> None:
+    m, s = _two_requests()
+    assert m.lengths(m.active_handles()[0]).capacity == 8  # computed by the engine after the step
+    with pytest.raises(UsageError, match=r"tokens \(9\) must be in 1..capacity \(8\)"):
+        s.fork(0, SeqRequest(5, 12, 2, tokens=np.arange(13)), 9)
+    t = s.fork(0, SeqRequest(5, 12, 2, tokens=np.arange(13)), 8)
+    assert t is not None and t.status is Status.RUNNING and t.handle is not None
+    child = m.lengths(CacheHandle(t.handle))
+    assert (child.capacity, child.history) == (8, 8)
+    parent = m.lengths(m.active_handles()[0])
+    assert (parent.history, parent.committed) == (8, 8)  # moved to capacity and committed first
+    step = s.schedule()
+    i = int(np.flatnonzero(step.handles == t.handle)[0])
+    assert (int(step.history[i]), int(step.capacity[i])) == (8, 12)  # the rest of its prompt
+    m.check_invariants()
+
+
+def test_finish_ends_a_request_early_and_frees_its_pages() -> None:
+    m, s = _two_requests()
+    s.finish(1, 5.0)
+    assert s.requests[1].status is Status.FINISHED and s.requests[1].finish_s == 5.0 and m.rows.n == 1
+    assert m.tiers.free_slots(GPU)[0] == 24 - 2
+    m.check_invariants()

@@ -122,11 +122,15 @@ def test_matches_transformers(family: str, pools: str) -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernel", ["torch", "default"])
 @pytest.mark.parametrize(("family", "pools"), [("gemma3_text", "shared"), ("gpt_oss", "per-lifecycle"),
-                                               ("qwen3_next", "shared"), ("bamba", "shared")])
-def test_matches_transformers_with_pages_on_cuda(family: str, pools: str) -> None:
-    """The same scenario with the model and the pages on the GPU (the reference on the CPU)."""
-    engine = Engine(build_model(family, seed=0).to("cuda"), config(pools, device="cuda"))
+                                               ("llama4_text", "shared"), ("qwen3_next", "shared"),
+                                               ("bamba", "shared")])
+def test_matches_transformers_with_pages_on_cuda(family: str, pools: str, kernel: str) -> None:
+    """The same scenario with the model and the pages on the GPU (the reference on the CPU),
+    through the torch reference kernel and the default one (Triton where it runs)."""
+    engine = Engine(build_model(family, seed=0).to("cuda"), config(pools, device="cuda"),
+                    kernel=paged_attention if kernel == "torch" else None)
     events, _ = run_scenario(engine)
     assert engine.layers[max(engine.layers)].k.is_cuda
     events = [e._replace(logits=e.logits.cpu()) for e in events]

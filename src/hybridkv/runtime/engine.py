@@ -25,7 +25,7 @@ import numpy.typing as npt
 
 from hybridkv.core.errors import ConfigError, InvariantError, UsageError
 from hybridkv.core.types import MIB, CacheHandle
-from hybridkv.engine.paged_attention import paged_attention
+from hybridkv.engine.triton_attention import pick_paged_attention
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
 from hybridkv.manager.tiers import StorageConfig
 from hybridkv.planning.planner import PlanSpec, plan
@@ -74,9 +74,13 @@ class Engine:
 
     def __init__(self, model: Any, config: EngineConfig | None = None, *,
                  on_token: Callable[[TokenEvent], None] | None = None,
-                 kernel: attention.PagedAttention = paged_attention) -> None:
-        self.model, self.config, self.on_token, self.kernel = model, config or EngineConfig(), on_token, kernel
+                 kernel: attention.PagedAttention | None = None) -> None:
+        import torch
+
+        self.model, self.config, self.on_token = model, config or EngineConfig(), on_token
         cfg = self.config
+        # None: the Triton kernel on a CUDA device (or under TRITON_INTERPRET=1), else the torch reference
+        self.kernel = kernel or pick_paged_attention(torch.device(cfg.device))
         text = getattr(model.config, "text_config", None) or model.config
         self.vocab_size = int(text.vocab_size)
         layout = model_layout(model)

@@ -78,6 +78,7 @@ def _load(module: Any, buffers: dict[str, StateBuffer], tables: tuple[Any, ...],
     conv = torch.nn.functional.pad(conv, (1, 0))
     shape = (1, *module.hybridkv_state_shape)
     ssm = buffers["ssm"].gather(tables, row)
+    # the layout sizes the recurrent state in float32 or in the model's dtype, as the family keeps it
     recurrent = ssm.view(torch.float32 if ssm.numel() == 4 * _numel(shape) else dtype).view(shape)
     return OneRequestCache(module.layer_idx, kernel, conv, recurrent)
 
@@ -99,8 +100,8 @@ def _store(cache: OneRequestCache, buffers: dict[str, StateBuffer], tables: tupl
 
 
 def recurrent_forward(module: Any, original: Callable[..., Any], buffers: dict[str, StateBuffer],
-                        hidden_states: torch.Tensor, cache_params: Any = None, attention_mask: Any = None,
-                        **kwargs: Any) -> torch.Tensor:
+                      hidden_states: torch.Tensor, cache_params: Any = None, attention_mask: Any = None,
+                      **kwargs: Any) -> torch.Tensor:
     """The module's forward, run per request of the packed step over its state pages."""
     import torch
 

@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             out["decode"].append(r)
             hk, hf = r["hybridkv"], r["transformers"]
             print(f"B={b} ctx={c}: hybridkv {hk['step_ms']:.2f} ms/step ({hk['tok_s']:.0f} tok/s, "
-                  f"{hk['roofline_share']:.0%} of copy bandwidth, manager+scheduler {hk['manager_scheduler_share']:.1%})"
+                  f"{hk['roofline_share']:.0%} of copy bandwidth, "
+                  f"manager+scheduler {hk['manager_scheduler_share']:.1%})"
                   f"; transformers {hf['step_ms']:.2f} ms/step ({hf['tok_s']:.0f} tok/s)", flush=True)
     if args.json:
         with open(args.json, "w") as f:

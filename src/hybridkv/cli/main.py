@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     from hybridkv.cli.simulate import add_simulate_parser  # `simulate` lives with the simulator
 
     add_simulate_parser(sub)
+    from hybridkv.cli.generate import add_generate_parser  # the engine commands; torch is imported on use
+    from hybridkv.cli.serve_bench import add_serve_bench_parser
+
+    add_generate_parser(sub)
+    add_serve_bench_parser(sub)
     return p
 
 

@@ -101,6 +101,37 @@ def test_generate_sampling_is_seeded() -> None:
     assert first["output_ids"] == engine.generate([[5, 6, 7]], 6, temperature=0.9, seed=4)[0]
 
 
+def test_generate_from_a_directory_streams_decoded_text(tmp_path: Any) -> None:
+    """A saved model with a tokenizer: the prompt is text, the output decoded text, and the
+    tokenizer's end-of-sequence token stops the request."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<eos>", "<unk>"] + [f"w{i}" for i in range(254)]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.decoder = tokenizers.decoders.WordPiece()  # words joined by spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+    fast.save_pretrained(tmp_path)
+    build_model("gemma3_text", seed=5).save_pretrained(tmp_path)
+    r = check(["generate", str(tmp_path), "--prompt", "w1 w2 w3", "--max-new-tokens", str(NEW)])
+    engine = Engine(build_model("gemma3_text", seed=5), EngineConfig(max_batch_size=1))
+    want = engine.generate([[3, 4, 5]], max_new_tokens=NEW, stop_token_ids=[0])[0]
+    assert r.out == fast.decode(want, skip_special_tokens=True) + "\n"
+    j = json.loads(check(["generate", str(tmp_path), "--prompt", "w1 w2 w3", "--max-new-tokens", str(NEW),
+                          "--json"]).out)
+    assert j["prompt_ids"] == [3, 4, 5] and j["output_ids"] == want
+
+
+def test_generate_from_a_config_file_is_the_same_model(tmp_path: Any) -> None:
+    from hybridkv.runtime import tiny_config
+
+    path = tmp_path / "config.json"
+    path.write_text(tiny_config("gemma3_text").to_json_string(), encoding="utf-8")
+    r = check(["generate", str(path), "--prompt", "1 2 3 4 5 6 7", "--max-new-tokens", str(NEW), "--json"])
+    assert json.loads(r.out)["output_ids"] == engine_tokens(PROMPT)
+
+
 SERVE_KEYS = {"model", "device", "pools", "max_batch_size", "seed", "prompt_len", "output_len", "requests",
               "completed", "prompt_tokens", "output_tokens", "steps", "elapsed_s", "output_tokens_per_s",
               "total_tokens_per_s", "ttft_s", "tpot_s", "preemptions", "suspensions", "prefix_cache",
@@ -143,6 +174,8 @@ def test_serve_bench_report_and_no_prefix_cache() -> None:
 
 @pytest.mark.parametrize(("argv", "needle"), [
     (["generate", "no_such_model", "--prompt", "1"], "MODEL 'no_such_model': not a transformers model_type"),
+    (["generate", "t5", "--prompt", "1"], "MODEL 't5': transformers cannot build it (ValueError: Unrecognized"),
+    (["generate", "bert", "--prompt", "1"], "MODEL 'bert': the reference engine cannot run it (RuntimeError: "),
     (["generate", "gemma3_text", "--prompt", "1 2 999"], "--prompt: token id 999 is outside the vocabulary"),
     (["generate", "gemma3_text", "--prompt", "1", "--temperature", "nan"], "--temperature must be >= 0"),
     (["generate", "gemma3_text", "--prompt", "1 2", "--max-new-tokens", "1024"],

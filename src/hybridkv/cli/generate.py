@@ -32,6 +32,7 @@ MAX_SEED = 2**64 - 1
 MAX_THREADS = 4096
 MAX_SEQ_LEN = 1 << 20  # tokens per request when the config names no max_position_embeddings
 _IDS = re.compile(r"^\s*\d+(?:[\s,]+\d+)*\s*$", re.ASCII)
+CHECKED_FAMILIES = ("gemma3_text", "gemma2", "gpt_oss", "cohere2", "llama4_text", "qwen3_next", "bamba")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -93,6 +94,10 @@ def load_engine_model(arg: str, seed: int, device: str, threads: int = 0) -> Eng
     model: Any
     try:
         if os.path.isdir(arg):
+            from transformers.utils import logging as hf_logging
+
+            # stderr is for errors (and serve-bench's own bar), not transformers' loading bar
+            hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
             model = build_model(arg)
             tokenizer = _tokenizer(arg)
         elif arg.endswith(".json") or os.path.isfile(arg):
@@ -100,14 +105,27 @@ def load_engine_model(arg: str, seed: int, device: str, threads: int = 0) -> Eng
         else:
             _check_model_type(arg)
             model = build_model(arg, seed=seed)
-    except (ValueError, KeyError, TypeError, OSError, ImportError) as e:
+    except Exception as e:  # any config transformers refuses (its validators raise their own classes)
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"MODEL {arg!r}: transformers cannot build it ({type(e).__name__}: {e})") from None
+        raise ConfigError(f"MODEL {arg!r}: transformers cannot build it ({brief(e)})") from None
     text = getattr(model.config, "text_config", None) or model.config
     max_positions = getattr(text, "max_position_embeddings", None)
     return EngineModel(model.to(device), tokenizer, int(text.vocab_size),
                        int(max_positions) if max_positions else None)
+
+
+def brief(e: BaseException) -> str:
+    """An exception as one short line: transformers' messages can list every model class."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return f"{type(e).__name__}: {text}"[:240]
+
+
+def cannot_run(model: str, e: BaseException) -> ConfigError:
+    """The error for a model transformers built but the engine cannot run (its layers do not
+    match the layout hybridkv read from its config)."""
+    return ConfigError(f"MODEL {model!r}: the reference engine cannot run it ({brief(e)}); it is checked on "
+                       f"{', '.join(CHECKED_FAMILIES)}")
 
 
 def _check_model_type(name: str) -> None:
@@ -115,7 +133,7 @@ def _check_model_type(name: str) -> None:
 
     if name not in CONFIG_MAPPING:
         raise ConfigError(f"MODEL {name!r}: not a transformers model_type, a directory or a config.json path; "
-                          "e.g. gemma3_text, gemma2, gpt_oss, cohere2, llama4_text, qwen3_next or bamba")
+                          f"e.g. {', '.join(CHECKED_FAMILIES)}")
 
 
 def _config_file(path: str) -> dict[str, Any]:
@@ -154,14 +172,12 @@ def make_engine(em: EngineModel, args: argparse.Namespace, max_seq_len: int, max
     try:
         return Engine(em.model, config)
     except (RuntimeError, MemoryError) as e:  # torch's allocation failures (OutOfMemoryError included)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"--gpu-mem {args.gpu_mem}: cannot allocate the pages on {args.device} ({first:.200}); "
+        raise ConfigError(f"--gpu-mem {args.gpu_mem}: cannot allocate the pages on {args.device} ({brief(e)}); "
                           "give a smaller --gpu-mem") from None
     except (ValueError, TypeError, KeyError, AttributeError, NotImplementedError) as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"MODEL {args.model!r}: the reference engine cannot run it ({type(e).__name__}: "
-                          f"{e})") from None
+        raise cannot_run(args.model, e) from None
 
 
 def prompt_ids(text: str, em: EngineModel) -> list[int]:
@@ -197,6 +213,26 @@ class _TextStream:
             self.shown = text
 
 
+def _stream(engine: Any, args: argparse.Namespace, tokenizer: Any) -> list[int]:
+    """Run the one request to the end, printing each token as it comes (not with --json)."""
+    text = _TextStream(tokenizer) if tokenizer is not None and not args.json else None
+    outputs: list[int] = []
+    try:
+        for event in engine.stream():
+            outputs.append(event.token)
+            if text is not None:
+                text.add(event.token)
+            elif not args.json:
+                print(event.token, flush=True)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:  # a model whose layers break the layout
+        if isinstance(e, ConfigError) or outputs:
+            raise
+        raise cannot_run(args.model, e) from None
+    if text is not None:
+        print(flush=True)
+    return outputs
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     check_seed(args.seed)
     if not (args.temperature >= 0.0 and args.temperature < float("inf")):
@@ -207,20 +243,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     em = load_engine_model(args.model, args.seed, args.device, args.threads)
     ids = prompt_ids(args.prompt, em)
     engine = make_engine(em, args, len(ids) + max_new - 1, 1, "--prompt + --max-new-tokens")
-    stops = [] if em.tokenizer is None or em.tokenizer.eos_token_id is None else [em.tokenizer.eos_token_id]
+    eos = None if em.tokenizer is None else em.tokenizer.eos_token_id
     start = time.monotonic()
-    engine.add_request(ids, max_new, args.temperature, args.seed, stops)
-    text = _TextStream(em.tokenizer) if em.tokenizer is not None and not args.json else None
-    outputs: list[int] = []
-    for event in engine.stream():
-        outputs.append(event.token)
-        if text is not None:
-            text.add(event.token)
-        elif not args.json:
-            print(event.token, flush=True)
+    engine.add_request(ids, max_new, args.temperature, args.seed, [] if eos is None else [eos])
+    outputs = _stream(engine, args, em.tokenizer)
     elapsed = time.monotonic() - start
-    if text is not None:
-        print(flush=True)
     if args.json:
         decoded = None if em.tokenizer is None else em.tokenizer.decode(outputs, skip_special_tokens=True)
         print(json.dumps({"model": args.model, "device": args.device, "pools": args.pools, "seed": args.seed,
@@ -233,14 +260,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def add_generate_parser(subparsers: Any) -> None:
     """Register ``generate`` on the ``hybridkv`` command's subparsers."""
     g = subparsers.add_parser("generate", help="stream one prompt's tokens from the reference engine",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              description="\n\n".join((__doc__ or "").split("\n\n")[:2]),
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog="example: hybridkv generate gemma3_text --prompt '1 2 3' --max-new-tokens 8")
     add_engine_arguments(g)
     g.add_argument("--prompt", required=True,
-                   help="text (through the model's tokenizer; without one, its UTF-8 bytes modulo the vocabulary) "
-                        "or, for a model without a tokenizer, token ids such as '1 2 3'")
-    g.add_argument("--max-new-tokens", default="16", help="tokens to generate (default 16)")
+                   help="with a tokenizer (a model directory that has one): text. Without one (random weights): "
+                        "token ids such as '1 2 3' or '1,2,3', else plain text read as its UTF-8 bytes modulo "
+                        "the vocabulary")
+    g.add_argument("--max-new-tokens", default="16",
+                   help="tokens to generate (default 16); a tokenizer's end-of-sequence token stops earlier")
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default); else sampled, seeded")
     g.add_argument("--json", action="store_true",
-                   help="print one JSON object at the end (prompt_ids, output_ids, text) instead of streaming")
+                   help="print one JSON object at the end (prompt_ids, output_ids, text, tokens_per_s) instead of "
+                        "streaming")
     g.set_defaults(func=cmd_generate)

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from hybridkv.cli.generate import add_engine_arguments, check_seed, load_engine_model, make_engine
+from hybridkv.cli.generate import add_engine_arguments, cannot_run, check_seed, load_engine_model, make_engine
 from hybridkv.cli.specs import parse_tokens
 from hybridkv.core.errors import ConfigError
 from hybridkv.core.limits import MAX_REQUESTS, check_max
@@ -77,6 +77,16 @@ class _Progress:
             print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
+def _step(engine: Any, model: str, tokens_out: int) -> Any:
+    """One engine step; a model that fails its first step is one the engine cannot run."""
+    try:
+        return engine.step()
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        if isinstance(e, ConfigError) or tokens_out:
+            raise
+        raise cannot_run(model, e) from None
+
+
 def _percentiles(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
@@ -98,7 +108,7 @@ def _run(engine: Any, args: argparse.Namespace, prompt: LengthRange, output: Len
     tokens_out = done = steps = 0
     try:
         while engine.has_work:
-            events = engine.step()
+            events = _step(engine, args.model, tokens_out)
             steps += 1
             tokens_out += len(events)
             done += sum(e.finished for e in events)

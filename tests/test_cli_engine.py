@@ -132,7 +132,8 @@ def test_generate_from_a_config_file_is_the_same_model(tmp_path: Any) -> None:
     assert json.loads(r.out)["output_ids"] == engine_tokens(PROMPT)
 
 
-SERVE_KEYS = {"model", "device", "pools", "max_batch_size", "seed", "prompt_len", "output_len", "requests",
+SERVE_KEYS = {"model", "device", "pools", "max_batch_size", "seed", "prompt_len", "output_len", "shared_prefix",
+              "requests",
               "completed", "prompt_tokens", "output_tokens", "steps", "elapsed_s", "output_tokens_per_s",
               "total_tokens_per_s", "ttft_s", "tpot_s", "preemptions", "suspensions", "prefix_cache",
               "reused_tokens", "prefix_hit_rate"}
@@ -172,6 +173,16 @@ def test_serve_bench_report_and_no_prefix_cache() -> None:
     assert "prefix-cache hit rate off" in r.out and "TTFT: p50" in r.out
 
 
+def test_serve_bench_shared_prefix_is_reused() -> None:
+    """One request at a time: each after the first reuses the 48 shared tokens (3 blocks)."""
+    r = check(["serve-bench", "gemma3_text", "--requests", "4", "--shared-prefix", "48", "--prompt-len", "4-20",
+               "--output-len", "2", "--max-batch-size", "1", "--json"])
+    j = json.loads(r.out)
+    own = int(np.random.default_rng(0).integers(4, 21, 4).sum())
+    assert j["prompt_tokens"] == 4 * 48 + own and j["output_tokens"] == 8
+    assert j["reused_tokens"] == 3 * 48 and j["prefix_hit_rate"] == round(3 * 48 / j["prompt_tokens"], 4)
+
+
 @pytest.mark.parametrize(("argv", "needle"), [
     (["generate", "no_such_model", "--prompt", "1"], "MODEL 'no_such_model': not a transformers model_type"),
     (["generate", "t5", "--prompt", "1"], "MODEL 't5': transformers cannot build it (ValueError: Unrecognized"),
@@ -188,6 +199,8 @@ def test_serve_bench_report_and_no_prefix_cache() -> None:
     (["serve-bench", "gemma3_text", "--requests", "2", "--output-len", "x"], "--output-len: cannot read range"),
     (["serve-bench", "gemma3_text", "--requests", "2", "--max-batch-size", "0"], "--max-batch-size must be >= 1"),
     (["serve-bench", "/no/such/config.json", "--requests", "2"], "cannot read the config file"),
+    (["serve-bench", "gemma3_text", "--requests", "2", "--shared-prefix", "1000"],
+     "--shared-prefix + --prompt-len + --output-len: requests of up to 1095 tokens exceed"),
 ])
 def test_bad_input_is_one_line_naming_the_flag(argv: list[str], needle: str) -> None:
     r = check(argv)

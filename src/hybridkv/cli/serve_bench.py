@@ -27,6 +27,7 @@ from hybridkv.core.limits import MAX_REQUESTS, check_max
 
 PROGRESS_INTERVAL_S = 0.25
 BAR_WIDTH = 30
+MAX_SHARED_PREFIX = 1 << 20
 PERCENTILES = (50, 90, 99)
 
 
@@ -99,12 +100,13 @@ def _run(engine: Any, args: argparse.Namespace, prompt: LengthRange, output: Len
     rng = np.random.default_rng(args.seed)
     prompts = rng.integers(prompt.low, prompt.high + 1, args.requests)
     outputs = rng.integers(output.low, output.high + 1, args.requests)
+    shared = rng.integers(0, vocab_size, args.shared_prefix)
     progress = _Progress(args.progress or sys.stderr.isatty(), args.requests)
     start = time.monotonic()
     submitted: dict[int, float] = {}
     for p, o in zip(prompts.tolist(), outputs.tolist(), strict=True):
         now = time.monotonic()
-        submitted[engine.add_request(rng.integers(0, vocab_size, p), o)] = now
+        submitted[engine.add_request(np.concatenate([shared, rng.integers(0, vocab_size, p)]), o)] = now
     tokens_out = done = steps = 0
     try:
         while engine.has_work:
@@ -121,7 +123,7 @@ def _run(engine: Any, args: argparse.Namespace, prompt: LengthRange, output: Len
     ttft = [t.first_token_s - submitted[t.spec.request_id] for t in tracked if t.first_token_s is not None]
     tpot = [(t.finish_s - t.first_token_s) / (t.spec.max_new_tokens - 1) for t in tracked
             if t.finish_s is not None and t.first_token_s is not None and t.spec.max_new_tokens > 1]
-    prompt_tokens = int(prompts.sum())
+    prompt_tokens = int(prompts.sum()) + args.requests * args.shared_prefix
     prefix_on = engine.config.prefix_cache
     return {
         "requests": args.requests, "completed": sum(t.finish_s is not None for t in tracked),
@@ -155,10 +157,13 @@ def cmd_serve_bench(args: argparse.Namespace) -> int:
     _check_counts(args)
     prompt = parse_range(args.prompt_len, "--prompt-len")
     output = parse_range(args.output_len, "--output-len")
+    if not 0 <= args.shared_prefix <= MAX_SHARED_PREFIX:
+        raise ConfigError(f"--shared-prefix must be in [0, {MAX_SHARED_PREFIX}] tokens, got {args.shared_prefix}")
     em = load_engine_model(args.model, args.seed, args.device, args.threads)
-    engine = make_engine(em, args, prompt.high + output.high - 1, args.max_batch_size, "--prompt-len + --output-len")
+    engine = make_engine(em, args, args.shared_prefix + prompt.high + output.high - 1, args.max_batch_size,
+                         "--shared-prefix + --prompt-len + --output-len")
     j = {"model": args.model, "device": args.device, "pools": args.pools, "max_batch_size": args.max_batch_size,
-         "seed": args.seed, "prompt_len": list(prompt), "output_len": list(output),
+         "seed": args.seed, "prompt_len": list(prompt), "output_len": list(output), "shared_prefix": args.shared_prefix,
          **_run(engine, args, prompt, output, em.vocab_size)}
     if args.json:
         print(json.dumps(j, indent=2))
@@ -177,6 +182,9 @@ def add_serve_bench_parser(subparsers: Any) -> None:
     s.add_argument("--prompt-len", default="16-64", help="prompt tokens, drawn uniformly from A-B (default 16-64)")
     s.add_argument("--output-len", default="8-32", help="output tokens, drawn uniformly from A-B (default 8-32)")
     s.add_argument("--max-batch-size", type=int, default=8, help="requests running at once (default 8)")
+    s.add_argument("--shared-prefix", type=int, default=0,
+                   help="tokens every prompt starts with, before its own --prompt-len tokens (default 0): "
+                        "what the prefix cache can reuse")
     s.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="turn off prefix reuse (on by default; random prompts rarely share a block)")
     s.add_argument("--progress", action="store_true", help="draw the progress bar on stderr even when not a terminal")

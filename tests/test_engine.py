@@ -101,7 +101,8 @@ def check_against_transformers(family: str, engine: Engine, events: list[TokenEv
 
 FAMILIES = [("gemma3_text", "shared"), ("gemma3_text", "per-lifecycle"), ("gemma2", "shared"),
             ("gpt_oss", "per-lifecycle"), ("cohere2", "shared"), ("llama4_text", "shared"),
-            ("qwen3_next", "shared"), ("qwen3_next", "per-lifecycle"), ("bamba", "shared")]
+            ("qwen3_next", "shared"), ("qwen3_next", "per-lifecycle"), ("bamba", "shared"),
+            ("deepseek_v3", "shared")]
 
 
 @pytest.mark.parametrize(("family", "pools"), FAMILIES)
@@ -115,8 +116,8 @@ def test_matches_transformers(family: str, pools: str) -> None:
     assert engine.scheduler.reused_tokens == 36  # the prefix hit
     assert done["suspended"] == 2 and engine.scheduler.suspensions == 1  # offloaded, then resumed
     assert engine.scheduler.preemptions == 0
-    # decoded past the window: released blocks were skipped (qwen3_next, bamba: no window)
-    assert (kernel.calls_with_holes > 0) == (family not in {"qwen3_next", "bamba"})
+    # decoded past the window: released blocks were skipped (qwen3_next, bamba, deepseek_v3: no window)
+    assert (kernel.calls_with_holes > 0) == (family not in {"qwen3_next", "bamba", "deepseek_v3"})
     assert engine.manager.rows.n == 0 and not engine.manager.suspended
 
 
@@ -136,6 +137,36 @@ def test_matches_transformers_with_pages_on_cuda(family: str, pools: str, kernel
     events = [e._replace(logits=e.logits.cpu()) for e in events]
     assert check_against_transformers(family, engine, events) <= TOL
     assert engine.scheduler.reused_tokens == 36 and engine.scheduler.suspensions == 1
+
+
+def test_mla_pages_hold_one_latent_head() -> None:
+    """DeepSeek-V3's pages hold [c_kv ; k_pe] per token and layer (32 + 8 floats, the layout's
+    bytes), not per-head keys and values; with q_proj instead of q_a / q_b, RoPE not
+    interleaved and no yarn scaling, the absorbed attention still matches transformers."""
+    from hybridkv.storage.pages import page_specs
+
+    plain = {"q_lora_rank": None, "rope_interleave": False, "rope_parameters": {"rope_type": "default",
+                                                                               "rope_theta": 10000.0}}
+    seen: list[TokenEvent] = []
+    engine = Engine(build_model("deepseek_v3", seed=2, **plain), config(), on_token=seen.append)
+    grouped, elem = engine.manager.grouped, 4  # float32
+    per_token: dict[int, int] = {}
+    for lg in grouped.layer_groups:
+        for spec in page_specs(grouped, lg.id):
+            per_token[spec.layer_id] = per_token.get(spec.layer_id, 0) + spec.bytes_per_token
+    assert per_token == {i: (32 + 8) * elem for i in range(3)}  # kv_lora_rank + qk_rope_head_dim
+    assert [layer.kv_bytes_per_token for layer in engine.manager.grouped.layout.layers] == [(32 + 8) * elem] * 3
+    for pages in engine.layers.values():
+        assert pages.k.shape[1:] == (4, 1, 32 + 8) and pages.v.shape[1:] == (4, 1, 32)
+        assert pages.v.data_ptr() == pages.k.data_ptr()  # V is the latent's first 32 channels, not a copy
+    rng = np.random.default_rng(1)
+    engine.generate([rng.integers(0, 256, 19), rng.integers(0, 256, 30)], max_new_tokens=6)
+    ref = build_model("deepseek_v3", seed=2, **plain)
+    for rid, req in engine.requests.items():
+        want = reference_logits(ref, req.tokens[:req.known], req.prompt_tokens)
+        got = torch.stack([e.logits for e in seen if e.request_id == rid])
+        assert float((got - want).abs().max()) <= TOL
+        assert req.outputs == want.argmax(dim=-1).tolist()
 
 
 def test_suspend_without_host_room_recomputes() -> None:

@@ -29,8 +29,8 @@ from hybridkv.engine.triton_attention import pick_paged_attention
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
 from hybridkv.manager.tiers import StorageConfig
 from hybridkv.planning.planner import PlanSpec, plan
-from hybridkv.runtime import attention, recurrent
-from hybridkv.runtime.model import kv_heads, model_layout, recurrent_layers
+from hybridkv.runtime import attention, mla, recurrent
+from hybridkv.runtime.model import kv_heads, mla_layers, model_layout, recurrent_layers
 from hybridkv.runtime.pages import layer_pages
 from hybridkv.runtime.requests import GenRequest, TokenEvent
 from hybridkv.runtime.states import state_buffers
@@ -95,6 +95,7 @@ class Engine:
         dtype = next(model.parameters()).dtype
         self.layers = layer_pages(self.manager, kv_heads(model), dtype)
         recurrent.install(model, state_buffers(self.manager, recurrent_layers(model)))
+        mla.install(model, mla_layers(model))  # latents in the pages, up-projections absorbed (mla.py)
         attention.register()
         model.set_attn_implementation(attention.ATTENTION_NAME)
         self.requests: dict[int, GenRequest] = {}

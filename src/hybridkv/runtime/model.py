@@ -35,6 +35,15 @@ FAMILIES: dict[str, dict[str, Any]] = {
               "mamba_d_state": 16, "mamba_expand": 1, "mamba_chunk_size": 8},
     "llama4_text": {"attention_chunk_size": 16, "num_local_experts": 2, "intermediate_size_mlp": 128,
                     "interleave_moe_layer_step": 1, "attn_temperature_tuning": True, "floor_scale": 8},
+    # MLA: one latent of 32 + a RoPE key of 8 per token; a dense layer, then MoE; yarn scaling
+    # (its mscale enters the softmax scale) and DeepSeek's interleaved RoPE
+    "deepseek_v3": {"num_hidden_layers": 3, "num_key_value_heads": 4, "head_dim": 8, "kv_lora_rank": 32,
+                    "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16, "q_lora_rank": 24,
+                    "first_k_dense_replace": 1, "n_routed_experts": 4, "num_experts_per_tok": 2,
+                    "moe_intermediate_size": 32, "n_group": 2, "topk_group": 1,
+                    "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                        "original_max_position_embeddings": 256, "mscale": 1.0,
+                                        "mscale_all_dim": 1.0, "beta_fast": 32.0, "beta_slow": 1.0}},
 }
 
 
@@ -110,9 +119,10 @@ _KNOWN_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
 
 
 def kv_heads(model: Any) -> dict[int, int]:
-    """KV heads of every attention layer, by ``layer_idx`` (the cache layer id here)."""
+    """KV heads of every attention layer, by ``layer_idx`` (the cache layer id here); an MLA
+    layer caches one latent head."""
     config = getattr(model.config, "text_config", None) or model.config
-    heads = config.num_key_value_heads or config.num_attention_heads
+    heads = 1 if mla_layers(model) else config.num_key_value_heads or config.num_attention_heads
     types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
     return {i: int(heads) for i, kind in enumerate(types) if kind != "linear_attention"}
 
@@ -121,3 +131,11 @@ def recurrent_layers(model: Any) -> set[int]:
     """Layers that keep a recurrent state instead of keys and values."""
     config = getattr(model.config, "text_config", None) or model.config
     return {i for i, kind in enumerate(getattr(config, "layer_types", None) or []) if kind == "linear_attention"}
+
+
+def mla_layers(model: Any) -> set[int]:
+    """Layers of multi-head latent attention (DeepSeek-V3: every layer, from ``kv_lora_rank``)."""
+    config = getattr(model.config, "text_config", None) or model.config
+    if getattr(config, "kv_lora_rank", None) is None:
+        return set()
+    return set(range(config.num_hidden_layers))

@@ -13,7 +13,7 @@ from hybridkv.cli.main import main
 from hybridkv.core.errors import UsageError
 from hybridkv.core.types import GPU, CacheHandle
 from hybridkv.layouts.spec import BufferSpec, LayerSpec, ModelLayout
-from hybridkv.lifecycles import Full
+from hybridkv.lifecycles import Full, Ssm
 from hybridkv.manager.manager import KVCacheManager
 from hybridkv.planning.planner import PlanSpec, plan
 from hybridkv.scheduler.request import SeqRequest, Status
@@ -107,3 +107,26 @@ def test_finish_ends_a_request_early_and_frees_its_pages() -> None:
     assert s.requests[1].status is Status.FINISHED and s.requests[1].finish_s == 5.0 and m.rows.n == 1
     assert m.tiers.free_slots(GPU)[0] == 24 - 2
     m.check_invariants()
+
+
+def test_a_state_model_resends_an_exchange_from_its_last_block_boundary() -> None:
+    """A state snapshot exists only where a request stood after a step. An exchange of 10 prompt
+    + 9 output tokens (tpb 4) computes 18 tokens and stops off a boundary, so the scheduler also
+    publishes at the last boundary, 16 tokens. Resending the exchange plus a new message then
+    reuses 16 tokens; an attention-only model publishes nothing extra."""
+    ssm = LayerSpec(Ssm(), (BufferSpec("state", state_bytes=32),))
+    for layers, reused in (((FULL, ssm), 16), ((FULL,), 16)):
+        m = KVCacheManager(plan(PlanSpec(ModelLayout("t", layers), 64 * 32 * len(layers), 40, tokens_per_block=4,
+                                         max_batch_size=2)))
+        m.enable_prefix_cache()
+        s = Scheduler(m, SchedulerConfig(max_batch_size=2, token_budget=64, prefill_chunk_tokens=64))
+        exchange = np.arange(100, 119)  # 10 prompt tokens, then the 9 outputs
+        s.submit(SeqRequest(0, 10, 9, tokens=exchange))
+        now = 0.0
+        while s.num_waiting or m.rows.n:
+            s.complete(s.schedule(), now)
+            m.check_invariants()
+            now += 1
+        assert m.prefix is not None
+        resend = np.concatenate([exchange, np.arange(500, 506)])
+        assert m.prefix.probe(resend) == reused  # the state model: 0 without the boundary publish

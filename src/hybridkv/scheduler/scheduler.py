@@ -101,6 +101,9 @@ class Scheduler:
         self.preemptions = self.suspensions = self.reused_tokens = 0
         self._resumed_now: set[int] = set()  # handles resumed by this step's admission
         self._keys: dict[int, list[bytes]] = {}  # request id -> block keys of its prompt (while waiting)
+        # a state kind caches only a snapshot at the exact length a request stopped at, which a
+        # resend can use only on a block boundary: publish once more at the last boundary
+        self._boundary_snapshots = any(not lg.life_cycle.per_token for lg in manager.grouped.layer_groups)
 
     # ---- submission -------------------------------------------------------------------
     def submit(self, spec: SeqRequest) -> Tracked:
@@ -458,20 +461,36 @@ class Scheduler:
         self.policy.on_exit(self, t)
         t.handle = None
 
+    def _at_last_boundary(self, handles: I64, capacity: I64) -> npt.NDArray[np.bool_]:
+        """Which of these decoding requests stand at the last block boundary before their
+        end (prompt + max_new_tokens - 1 computed tokens): a state snapshot there is the one
+        a resend of the whole exchange can resume from."""
+        tpb = self.manager.tokens_per_block
+        out = np.zeros(handles.size, np.bool_)
+        for i in np.flatnonzero(capacity % tpb == 0).tolist():
+            spec = self.by_handle[int(handles[i])].spec
+            out[i] = int(capacity[i]) == (spec.prompt_tokens + spec.max_new_tokens - 1) // tpb * tpb
+        return out
+
     # ---- after the engine ran the step ------------------------------------------------
     def complete(self, plan: StepPlan, now_s: float) -> list[Tracked]:
         """Record the step's outputs: a request whose computed tokens reach its prefill
         target emits one token; those with max_new_tokens outputs finish (pages freed).
         Vectorized over the batch; only requests with an event (first token, publish,
         finish) are touched one by one."""
-        handles = plan.handles[(plan.num_tokens > 0) & (plan.capacity >= self._target[plan.handles])]
+        emitting = (plan.num_tokens > 0) & (plan.capacity >= self._target[plan.handles])
+        handles = plan.handles[emitting]
         seqs = self._order[handles]
         before = self.progress.generated[seqs]
         last = before + 1 >= self._max_new[handles]
         prefix = self.manager.prefix
         if prefix is not None:
-            # publish the computed blocks: the prompt once prefilled, the whole exchange at the end
-            for i in np.flatnonzero((before == 0) | last).tolist():
+            # publish the computed blocks: the prompt once prefilled, the whole exchange at the
+            # end, and for a state model the last block boundary before the end
+            publish = (before == 0) | last
+            if self._boundary_snapshots:
+                publish |= self._at_last_boundary(handles, plan.capacity[emitting])
+            for i in np.flatnonzero(publish).tolist():
                 t = self.by_handle[int(handles[i])]
                 if t.spec.tokens is not None:
                     h = CacheHandle(int(handles[i]))

@@ -156,9 +156,10 @@ def test_mla_pages_hold_one_latent_head() -> None:
             per_token[spec.layer_id] = per_token.get(spec.layer_id, 0) + spec.bytes_per_token
     assert per_token == {i: (32 + 8) * elem for i in range(3)}  # kv_lora_rank + qk_rope_head_dim
     assert [layer.kv_bytes_per_token for layer in engine.manager.grouped.layout.layers] == [(32 + 8) * elem] * 3
+    specs = [s for lg in grouped.layer_groups for s in page_specs(grouped, lg.id)]
+    assert {s.buffer for s in specs} == {"latent"} and len(specs) == 3  # one latent page per layer
     for pages in engine.layers.values():
-        assert pages.k.shape[1:] == (4, 1, 32 + 8) and pages.v.shape[1:] == (4, 1, 32)
-        assert pages.v.data_ptr() == pages.k.data_ptr()  # V is the latent's first 32 channels, not a copy
+        assert pages.k.shape[1:] == (4, 1, 32 + 8) and pages.v is pages.k  # V: the MLA path reads 32 channels
     rng = np.random.default_rng(1)
     engine.generate([rng.integers(0, 256, 19), rng.integers(0, 256, 30)], max_new_tokens=6)
     ref = build_model("deepseek_v3", seed=2, **plain)

@@ -177,7 +177,7 @@ def test_deepseek_v3_mla(tmp_path: Path) -> None:
     assert len(layout.layers) == 61
     layer = layout.layers[0]
     assert layer.life_cycle == Full()
-    assert layer.buffers == (BufferSpec("kv_latent", 1024), BufferSpec("k_rope", 128))
+    assert layer.buffers == (BufferSpec("latent", 1024 + 128),)  # [c_kv (512) ; k_pe (64)] x 2 B
     assert layer.kv_bytes_per_token == (512 + 64) * 2 == 1152  # not 128 heads x (192 + 128)
     assert layout.kv_bytes_per_token() == 61 * 1152
 

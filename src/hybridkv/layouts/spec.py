@@ -122,14 +122,13 @@ def attention_layer(kv_heads: int, head_dim: int, elem_bytes: int, lc: LifeCycle
 
 
 def mla_layer(kv_lora_rank: int, rope_dim: int, elem_bytes: int) -> LayerSpec:
-    """Multi-head latent attention (absorbed): a latent and a decoupled RoPE key per token."""
+    """Multi-head latent attention (absorbed): one latent head per token, ``[c_kv ; k_pe]``
+    (the compressed KV, then the decoupled RoPE key), as an absorbed MLA kernel reads it: K is
+    the whole latent and V its first ``kv_lora_rank`` channels."""
     latent, rope = kv_lora_rank * elem_bytes, rope_dim * elem_bytes
     _check_bytes("MLA latent bytes per token", f"kv_lora_rank {kv_lora_rank} x {elem_bytes} B", latent)
     _check_bytes("MLA rope key bytes per token", f"rope dim {rope_dim} x {elem_bytes} B", rope)
-    return LayerSpec(
-        Full(),
-        (BufferSpec("kv_latent", latent), BufferSpec("k_rope", rope)),
-    )
+    return LayerSpec(Full(), (BufferSpec("latent", latent + rope),))
 
 
 def ssm_layer(conv_elems: int, ssm_elems: int, conv_bytes: int, ssm_bytes: int) -> LayerSpec:

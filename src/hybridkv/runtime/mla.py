@@ -81,13 +81,14 @@ def mla_forward(module: Any, hidden_states: torch.Tensor, position_embeddings: t
     q_pe, k_pe = module.hybridkv_rotary(q_pe, k_pe.view(1, 1, t, rope), cos, sin)
 
     latent = torch.cat([c_kv[0], k_pe[0, 0]], dim=-1)[:, None]  # [T, 1, rank + rope]
-    write_kv(layer.k, layer.v, table, step.q_row, step.q_pos, latent, latent[..., :rank])
+    v_pages = layer.k[..., :rank]  # V: the latent's first rank channels, no copy
+    write_kv(layer.k, v_pages, table, step.q_row, step.q_pos, latent, latent[..., :rank])
 
     w = module.kv_b_proj.weight.view(heads, nope + dv, rank)
     w_uk, w_uv = w[:, :nope], w[:, nope:]  # [H, nope, rank], [H, dv, rank]
     q_lat = torch.einsum("htn,hnr->thr", q_nope[0], w_uk)  # absorbed: the query in latent space
     query = torch.cat([q_lat, q_pe[0].transpose(0, 1)], dim=-1)  # [T, H, rank + rope]
-    o_lat = step.kernel(query, layer.k, layer.v, table, step.q_row, step.q_pos, step.kv_len,
+    o_lat = step.kernel(query, layer.k, v_pages, table, step.q_row, step.q_pos, step.kv_len,
                         scale=float(module.scaling), window=layer.window, sink_tokens=layer.sink_tokens,
                         chunk=layer.chunk, softcap=None, sinks=None)  # [T, H, rank]
     out = torch.einsum("thr,hvr->thv", o_lat, w_uv).reshape(1, t, heads * dv)

@@ -8,8 +8,8 @@ A slot of layer group ``g`` holds one page per (layer, buffer) at ``PageSpec.off
 a view with stride ``slot_bytes`` between slots, so writing ``k[slot, offset_in_block]`` writes
 the manager's buffer in place, and every page move the manager makes (suspend, resume, fork
 copies, prefix-cache copies) is seen by the next step without any copy here. An MLA layer's
-``kv_latent`` and ``k_rope`` pages, adjacent in the slot, are read as one page of a single
-latent head ``[c_kv ; k_pe]`` per token, with V its first ``kv_lora_rank`` channels.
+one ``latent`` page holds a single head ``[c_kv ; k_pe]`` per token: it is both the K and the
+V view, and the MLA path reads V as its first ``kv_lora_rank`` channels.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class LayerPages:
     layer_id: int
     layer_group: int
     k: torch.Tensor  # [num_slots, tokens_per_block, kv_heads, head_dim] (MLA: 1 head, rank + rope)
-    v: torch.Tensor  # [num_slots, tokens_per_block, kv_heads, v_head_dim] (MLA: k's first rank channels)
+    v: torch.Tensor  # [num_slots, tokens_per_block, kv_heads, v_head_dim] (MLA: k itself; V is its first rank channels)
     window: int | None
     sink_tokens: int
     chunk: int | None
@@ -61,21 +61,6 @@ def _view(tensor: torch.Tensor, spec: PageSpec, tpb: int, heads: int, dtype: tor
     return typed[:, start:start + tpb * per_token].unflatten(1, (tpb, heads, per_token // heads))
 
 
-def _latent_view(tensor: torch.Tensor, latent: PageSpec, rope: PageSpec | None, tpb: int,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """An MLA layer's ``kv_latent`` page and the ``k_rope`` page right after it, read as one
-    token-major page of ``[c_kv ; k_pe]`` per token (one head of ``rank + rope`` channels) and
-    its first ``rank`` channels as V: the same bytes per token and per page, moved only as part
-    of whole slots, so nothing outside the engine tells the two layouts apart."""
-    if rope is None or rope.offset != latent.offset + latent.page_bytes or rope.start or latent.start:
-        raise ConfigError(f"MLA layer {latent.layer_id}: the engine reads its 'kv_latent' and 'k_rope' pages "
-                          "as one page, so 'k_rope' must follow 'kv_latent' in the slot")
-    both = PageSpec(latent.layer_id, "kv_latent+k_rope", latent.offset, latent.page_bytes + rope.page_bytes,
-                    latent.bytes_per_token + rope.bytes_per_token, latent.stride)
-    k = _view(tensor, both, tpb, 1, dtype)  # [num_slots, tpb, 1, rank + rope]
-    return k, k[..., :latent.bytes_per_token // k.element_size()]
-
-
 def layer_pages(manager: KVCacheManager, kv_heads: dict[int, int], dtype: torch.dtype) -> dict[int, LayerPages]:
     """Page views of every attention layer in ``kv_heads`` (layer id -> KV heads), by layer id."""
     grouped, tpb = manager.grouped, manager.tokens_per_block
@@ -87,9 +72,9 @@ def layer_pages(manager: KVCacheManager, kv_heads: dict[int, int], dtype: torch.
         for layer_id in lg.layer_ids:
             if layer_id not in kv_heads:
                 continue
-            if (layer_id, "kv_latent") in specs:  # MLA: one latent head; V is its first kv_lora_rank channels
-                k, v = _latent_view(tensor, specs[layer_id, "kv_latent"], specs.get((layer_id, "k_rope")), tpb, dtype)
-                out[layer_id] = LayerPages(layer_id, lg.id, k, v, lc.window_tokens, lc.sink_tokens, lc.chunk_tokens)
+            if (layer_id, "latent") in specs:  # MLA: one latent head, K and V alike
+                k = _view(tensor, specs[layer_id, "latent"], tpb, 1, dtype)
+                out[layer_id] = LayerPages(layer_id, lg.id, k, k, lc.window_tokens, lc.sink_tokens, lc.chunk_tokens)
                 continue
             if (layer_id, "k") not in specs or (layer_id, "v") not in specs:
                 raise ConfigError(f"layer {layer_id}: the engine needs separate 'k' and 'v' pages "

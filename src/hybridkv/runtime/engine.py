@@ -197,9 +197,14 @@ class Engine:
             if hi == req.known:  # the step computes its last known token: it samples the next
                 emit_at.append(runs[-1][2] - 1)
                 rows.append(i)
-        groups = len(self.manager.grouped.layer_groups)
-        tables = tuple(torch.from_numpy(np.ascontiguousarray(step.tables.block_table(g))).to(device)
-                       for g in range(groups))
+        # one upload per family (a life cycle's layer groups in one pool: an arena's page-sized
+        # groups, a state's slices); each layer group's table is a view of its family's
+        per_group: list[Any] = [None] * len(self.manager.grouped.layer_groups)
+        for i, family in enumerate(self.manager.rows.families):
+            both = torch.from_numpy(np.ascontiguousarray(step.tables.family_table(i))).to(device)
+            for j, g in enumerate(family.members):
+                per_group[g] = both[:, :, j]
+        tables = tuple(per_group)
         ctx = attention.StepContext(torch.as_tensor(np.concatenate(q_row), device=device),
                                     torch.as_tensor(np.concatenate(q_pos), device=device),
                                     torch.as_tensor(step.capacity, device=device), tables, self.layers,
@@ -210,10 +215,12 @@ class Engine:
         return self.requests[self.scheduler.by_handle[int(step.handles[i])].spec.request_id]
 
     def _emit(self, step: StepPlan, rows: list[int], logits: Any) -> list[TokenEvent]:
+        reqs = [self._request_at(step, i) for i in rows]
+        # greedy rows: one argmax over the batch and one transfer, not a device sync per row
+        greedy = logits.argmax(dim=-1).tolist() if rows else []
         events = []
-        for j, i in enumerate(rows):
-            req = self._request_at(step, i)
-            token = req.sample(logits[j])
+        for j, req in enumerate(reqs):
+            token = int(greedy[j]) if req.generator is None else req.sample(logits[j])
             position = req.known
             req.append(token)
             kept = logits[j].clone() if self.config.keep_logits else None

@@ -15,19 +15,10 @@ a key has one (parent, ordinal) in every group; a block-0 entry's parent is a sc
 at insert; a parent that is present anywhere sits at ordinal - 1; refcounts >= 0; one entry
 per (layer group, tier, slot).
 
-Dead entries (an index built with the groups' life cycles): a cached block is only as useful
-as the groups that serve the same matches with it. Block ``o`` of group ``h`` serves the
-matches ``LifeCycle.serves(o)``; if another group ``m`` keyed by the same prompt lacks the
-same key and every match ``h``'s block serves also needs ``m``'s (``serves_h(o)`` inside
-``serves_m(o)``), no match can use ``h``'s block now: it is *dead*, and eviction takes dead
-entries before any live one. So a full-attention block dropped at the tip of a chain takes
-the window and state pages under its key with it (window groups lose their *oldest* blocks
-first, full ones their *deepest*: without this they would eat a chain from both ends and
-leave both halves useless), a window block dropped takes the state snapshot after it, and
-one slice of a state taken from the cache takes the other slices. An entry stays dead only
-while the block that killed it is missing: a publish that brings it back revives it.
-Flags change in ``insert`` / ``remove`` and are settled by ``settle`` (which ``evictable``
-calls), returning the rows whose eviction keys changed.
+Dead entries (an index built with the groups' life cycles, ``reuse.dead``): entries no match
+can use now are flagged and evicted first. Flags change in ``insert`` / ``remove`` and are
+settled by ``settle`` (which ``evictable`` calls), returning the rows whose eviction keys
+changed.
 
 Layer group ids are positions in the ``layer_groups`` list given to ``probe`` (the manager's
 ``grouped.layer_groups`` order). An SSM group stores state snapshots: the snapshot taken at
@@ -36,7 +27,6 @@ history ``L`` is the entry (key of block ``L / tpb - 1``, ordinal ``L / tpb - 1`
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
@@ -47,6 +37,7 @@ import numpy.typing as npt
 from hybridkv.core.errors import InvariantError, UsageError
 from hybridkv.core.types import LayerGroupId, TierId
 from hybridkv.lifecycles import LifeCycle
+from hybridkv.reuse.dead import DeadEntries
 from hybridkv.reuse.entries import CachedEntry, EntryRef, EntryTable
 from hybridkv.reuse.events import AllCleared, BlockRemoved, BlockStored, BlockUpdated, EventQueue
 from hybridkv.reuse.eviction import PriorityLRU, make_policy
@@ -115,9 +106,7 @@ class PrefixIndex:
         self._t = EntryTable()
         self._roots: set[bytes] = set()
         self._clock = 0
-        self._lcs, self._tpb = tuple(life_cycles), tokens_per_block
-        self._prompt_keyed = [g for g, lc in enumerate(self._lcs) if not lc.own_keys] if len(self._lcs) > 1 else []
-        self._unsettled: set[bytes] = set()  # keys whose entries' dead flags may be out of date
+        self._dead = DeadEntries(life_cycles, tokens_per_block)
 
     def __len__(self) -> int:
         return len(self._t)
@@ -198,8 +187,7 @@ class PrefixIndex:
         self._roots.add(root)
         rows[new_mask] = self._t.add(new_keys, parents, new_ords, LayerGroupId(layer_group), slot_arr[new_mask],
                                      TierId(tier), priority, self._clock)
-        if self._prompt_keyed:
-            self._unsettled.update(new_keys)
+        self._dead.changed(new_keys)
         if self.events is not None and tokens is not None and new_ords.size:
             self._emit_stored(new_keys, parents, new_ords, tokens[new_mask], TierId(tier), LayerGroupId(layer_group))
         return InsertResult(new_mask, cached, rows)
@@ -320,36 +308,7 @@ class PrefixIndex:
         """Bring the dead flags of the entries under keys inserted or removed since the last
         call up to date; returns the rows whose flag changed (their eviction keys changed:
         a caller keeping a heap re-pushes them)."""
-        if not self._unsettled:
-            return np.zeros(0, np.int64)
-        keys, self._unsettled = self._unsettled, set()
-        flipped = [r for k in keys for r in self._settle_key(k)]
-        return np.array(flipped, np.int64)
-
-    def _settle_key(self, key: bytes) -> list[int]:
-        t = self._t
-        rows = [t.by_group.get(LayerGroupId(g), {}).get(key) for g in self._prompt_keyed]
-        present = [(g, r) for g, r in zip(self._prompt_keyed, rows, strict=True) if r is not None]
-        if not present:
-            return []
-        o = int(t.ordinal[present[0][1]])
-        missing = frozenset(self._lcs[g] for g, r in zip(self._prompt_keyed, rows, strict=True) if r is None)
-        flipped = []
-        for g, r in present:
-            dead = int(_dead(self._lcs[g], missing, o, self._tpb))
-            if int(t.dead[r]) != dead:
-                t.dead[r] = dead
-                flipped.append(r)
-        return flipped
-
-    def _expected_dead(self, row: int) -> int:
-        """The dead flag ``row`` should carry (for the invariant check)."""
-        t, key = self._t, self._t.keys[row]
-        if int(t.group[row]) not in self._prompt_keyed:
-            return 0
-        missing = frozenset(self._lcs[g] for g in self._prompt_keyed
-                            if key not in t.by_group.get(LayerGroupId(g), {}))
-        return int(_dead(self._lcs[int(t.group[row])], missing, int(t.ordinal[row]), self._tpb))
+        return self._dead.settle(self._t)
 
     # ---- eviction, offload, clear ----------------------------------------------------------
 
@@ -382,8 +341,7 @@ class PrefixIndex:
         if (self._t.refcount[rows] > 0).any():
             raise UsageError("remove: an entry is still used by a request (refcount > 0); release it first")
         gone = self._t.snapshots(rows) if self.events is not None else []
-        if self._prompt_keyed:
-            self._unsettled.update(self._t.keys[r] for r in rows.tolist())
+        self._dead.changed(self._t.keys[r] for r in rows.tolist())
         self._t.drop(rows)
         if self.events is not None:
             for (g, tier), ks in _grouped(gone, lambda e: (e.layer_group, e.tier)).items():
@@ -420,7 +378,8 @@ class PrefixIndex:
         if (self._t.refcount[rows] > 0).any():
             raise UsageError("clear: entries are still used by requests (refcount > 0)")
         gone = self._t.snapshots(rows)
-        self._t, self._roots, self._unsettled = EntryTable(), set(), set()
+        self._t, self._roots = EntryTable(), set()
+        self._dead.unsettled = set()
         if self.events is not None:
             self.events.put(AllCleared())
         return gone
@@ -458,22 +417,9 @@ class PrefixIndex:
         for parent, ordinal in chain.values():
             up = chain.get(parent)
             _check(up is None or up[1] == ordinal - 1, f"parent of a block {ordinal} entry is not block {ordinal - 1}")
-        if not self._unsettled:
+        if not self._dead.unsettled:
             for r in live.tolist():
-                _check(int(t.dead[r]) == self._expected_dead(r), f"dead flag of row {r}")
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _dead(lc: LifeCycle, missing: frozenset[LifeCycle], ordinal: int, tokens_per_block: int) -> bool:
-    """Every match block ``ordinal`` of ``lc`` serves also needs a block of a missing kind."""
-    lo, hi = lc.serves(ordinal, tokens_per_block)
-    if hi is not None and hi < lo:
-        return True  # no match needs it at all
-    for m in missing:
-        m_lo, m_hi = m.serves(ordinal, tokens_per_block)
-        if m_lo <= lo and (m_hi is None or (hi is not None and hi <= m_hi)) and (m_hi is None or m_lo <= m_hi):
-            return True
-    return False
+                _check(int(t.dead[r]) == self._dead.expected(t, r), f"dead flag of row {r}")
 
 
 def _check(ok: bool, what: str) -> None:

@@ -33,6 +33,11 @@ FAMILIES: dict[str, dict[str, Any]] = {
     # Mamba-2 layers and one attention layer; scan chunks of 8 split the prefill chunks' work
     "bamba": {"attn_layer_indices": [3], "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_n_groups": 1,
               "mamba_d_state": 16, "mamba_expand": 1, "mamba_chunk_size": 8},
+    # Mamba-2 layers and one attention layer, MoE MLPs
+    "granitemoehybrid": {"layer_types": ["mamba", "mamba", "mamba", "attention"], "mamba_n_heads": 4,
+                         "mamba_d_head": 16, "mamba_n_groups": 1, "mamba_d_state": 16, "mamba_expand": 1,
+                         "mamba_chunk_size": 8, "num_local_experts": 2, "num_experts_per_tok": 1,
+                         "shared_intermediate_size": 64},
     "llama4_text": {"attention_chunk_size": 16, "num_local_experts": 2, "intermediate_size_mlp": 128,
                     "interleave_moe_layer_step": 1, "attn_temperature_tuning": True, "floor_scale": 8},
     # MLA: one latent of 32 + a RoPE key of 8 per token; a dense layer, then MoE; yarn scaling

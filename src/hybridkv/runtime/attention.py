@@ -46,6 +46,10 @@ class StepContext:
     layers: dict[int, LayerPages]  # attention layer id -> its pages and life cycle
     runs: tuple[tuple[int, int, int], ...]  # (row, first, end) of each request's packed tokens
     kernel: PagedAttention = paged_attention
+    # the same on the host (NumPy), for per-request work that would otherwise read the device
+    # one number at a time (state slots, a run's first position)
+    host_tables: tuple[Any, ...] = ()
+    host_q_pos: Any = None
 
 
 def _temperature_fix(module: Any, q: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:

@@ -200,15 +200,18 @@ class Engine:
         # one upload per family (a life cycle's layer groups in one pool: an arena's page-sized
         # groups, a state's slices); each layer group's table is a view of its family's
         per_group: list[Any] = [None] * len(self.manager.grouped.layer_groups)
+        per_group_host: list[Any] = [None] * len(per_group)
         for i, family in enumerate(self.manager.rows.families):
-            both = torch.from_numpy(np.ascontiguousarray(step.tables.family_table(i))).to(device)
+            host = np.ascontiguousarray(step.tables.family_table(i))
+            both = torch.from_numpy(host).to(device)
             for j, g in enumerate(family.members):
-                per_group[g] = both[:, :, j]
+                per_group[g], per_group_host[g] = both[:, :, j], host[:, :, j]
         tables = tuple(per_group)
+        host_q_pos = np.concatenate(q_pos)
         ctx = attention.StepContext(torch.as_tensor(np.concatenate(q_row), device=device),
-                                    torch.as_tensor(np.concatenate(q_pos), device=device),
+                                    torch.as_tensor(host_q_pos, device=device),
                                     torch.as_tensor(step.capacity, device=device), tables, self.layers,
-                                    tuple(runs), self.kernel)
+                                    tuple(runs), self.kernel, tuple(per_group_host), host_q_pos)
         return ctx, torch.as_tensor(np.concatenate(ids).astype(np.int64), device=device), emit_at, rows
 
     def _request_at(self, step: StepPlan, i: int) -> GenRequest:

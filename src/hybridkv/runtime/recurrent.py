@@ -112,13 +112,16 @@ def recurrent_forward(module: Any, original: Callable[..., Any], buffers: dict[s
         raise UsageError(f"layer {module.layer_idx} keeps its state in hybridkv pages: run the model through "
                          "hybridkv.runtime.engine.Engine")
     outs = []
+    # slots and positions from the host copies: no device read per request
+    tables = step.host_tables or step.tables
+    first = step.host_q_pos if step.host_q_pos is not None else step.q_pos
     for row, lo, hi in step.runs:
-        if int(step.q_pos[lo]) == 0:  # a fresh request: the module starts from a zero state
+        if int(first[lo]) == 0:  # a fresh request: the module starts from a zero state
             cache = OneRequestCache(module.layer_idx, module.conv_kernel_size, None, None)
         else:
-            cache = _load(module, buffers, step.tables, row, hidden_states.dtype)
+            cache = _load(module, buffers, tables, row, hidden_states.dtype)
         outs.append(original(hidden_states[:, lo:hi], cache_params=cache))
-        _store(cache, buffers, step.tables, row)
+        _store(cache, buffers, tables, row)
     return torch.cat(outs, dim=1)
 
 

@@ -11,13 +11,14 @@ straddle two slices (``PageSpec.start`` is the part's first byte within the buff
                                     at offset 324     at offset 0
 
 ``gather`` copies the parts of a request's state into one contiguous tensor, ``scatter``
-writes it back; both go through the step's tables (``table[row, 0]`` is a state group's slot).
+writes it back; both go through the step's tables (``table[row, 0]`` is a state group's slot;
+the engine passes its host copies, so reading a slot never waits on the device).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hybridkv.core.errors import InvariantError
 from hybridkv.core.types import LayerGroupId
@@ -46,13 +47,13 @@ class StateBuffer:
     nbytes: int
     parts: tuple[StatePart, ...]
 
-    def gather(self, tables: tuple[torch.Tensor, ...], row: int) -> torch.Tensor:
+    def gather(self, tables: tuple[Any, ...], row: int) -> torch.Tensor:
         """The row's state as one uint8 tensor of ``nbytes``."""
         import torch
 
         return torch.cat([part.pages[self._slot(tables, part, row)] for part in self.parts])
 
-    def scatter(self, tables: tuple[torch.Tensor, ...], row: int, data: torch.Tensor) -> None:
+    def scatter(self, tables: tuple[Any, ...], row: int, data: torch.Tensor) -> None:
         """Write ``data`` (any dtype, ``nbytes`` in all) into the row's state pages."""
         flat = data.contiguous().view(-1).view(dtype=_uint8())
         if flat.numel() != self.nbytes:
@@ -61,7 +62,7 @@ class StateBuffer:
             part.pages[self._slot(tables, part, row)] = flat[part.start:part.start + part.nbytes]
 
     @staticmethod
-    def _slot(tables: tuple[torch.Tensor, ...], part: StatePart, row: int) -> int:
+    def _slot(tables: tuple[Any, ...], part: StatePart, row: int) -> int:
         slot = int(tables[part.layer_group][row, 0])
         if slot < 0:
             raise InvariantError(f"layer group {part.layer_group}: row {row} holds no state page")

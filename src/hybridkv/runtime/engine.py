@@ -30,7 +30,7 @@ from hybridkv.manager.manager import KVCacheManager, ManagerConfig
 from hybridkv.manager.tiers import StorageConfig
 from hybridkv.planning.planner import PlanSpec, plan
 from hybridkv.runtime import attention, mla, recurrent
-from hybridkv.runtime.model import kv_heads, mla_layers, model_layout, recurrent_layers
+from hybridkv.runtime.model import cache_layer_ids, kv_heads, mla_layers, model_layout, recurrent_layers
 from hybridkv.runtime.pages import layer_pages
 from hybridkv.runtime.requests import GenRequest, TokenEvent
 from hybridkv.runtime.states import state_buffers
@@ -93,8 +93,15 @@ class Engine:
         self.scheduler = Scheduler(self.manager, SchedulerConfig(token_budget=cfg.token_budget,
                                                                  prefill_chunk_tokens=cfg.prefill_chunk_tokens))
         dtype = next(model.parameters()).dtype
-        self.layers = layer_pages(self.manager, kv_heads(model), dtype)
-        recurrent.install(model, state_buffers(self.manager, recurrent_layers(model)))
+        # pages and states are the layout's layers; the model's modules know their layer_idx
+        ids = cache_layer_ids(model)
+        heads, states = kv_heads(model), recurrent_layers(model)
+        pages = layer_pages(self.manager, {ids[i]: h for i, h in heads.items()}, dtype)
+        self.layers = {i: pages[ids[i]] for i in heads}
+        buffers = state_buffers(self.manager, {ids[i] for i in states})
+        if missing := sorted(i for i in states if ids[i] not in buffers):
+            raise ConfigError(f"recurrent layers {missing} have no state pages in the plan's layout")
+        recurrent.install(model, {i: buffers[ids[i]] for i in states})
         mla.install(model, mla_layers(model))  # latents in the pages, up-projections absorbed (mla.py)
         attention.register()
         model.set_attn_implementation(attention.ATTENTION_NAME)

@@ -38,6 +38,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
                          "mamba_d_head": 16, "mamba_n_groups": 1, "mamba_d_state": 16, "mamba_expand": 1,
                          "mamba_chunk_size": 8, "num_local_experts": 2, "num_experts_per_tok": 1,
                          "shared_intermediate_size": 64},
+    # Mamba-2, attention and cache-free MLP layers: model layer ids differ from the layout's
+    "nemotron_h": {"layers_block_type": ["mamba", "mlp", "mamba", "attention", "mlp", "attention"],
+                   "num_hidden_layers": 6, "mamba_num_heads": 4, "mamba_head_dim": 16, "n_groups": 1,
+                   "ssm_state_size": 16, "expand": 1, "chunk_size": 8},
     "llama4_text": {"attention_chunk_size": 16, "num_local_experts": 2, "intermediate_size_mlp": 128,
                     "interleave_moe_layer_step": 1, "attn_temperature_tuning": True, "floor_scale": 8},
     # MLA: one latent of 32 + a RoPE key of 8 per token; a dense layer, then MoE; yarn scaling
@@ -123,19 +127,37 @@ def model_layout(model: Any) -> ModelLayout:
 _KNOWN_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
 
 
+_CACHE_FREE = {"mlp", "moe"}  # Nemotron-H's layers with no attention and no state
+
+
+def _layer_types(model: Any) -> list[str]:
+    config = getattr(model.config, "text_config", None) or model.config
+    return list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+
+
+def cache_layer_ids(model: Any) -> dict[int, int]:
+    """Model layer index (``layer_idx``) -> hybridkv layout layer index: the layout has one
+    layer per cache-bearing model layer, in order, so a layer without a cache (Nemotron-H's
+    MLP blocks) shifts the ones after it."""
+    out: dict[int, int] = {}
+    for i, kind in enumerate(_layer_types(model)):
+        if kind not in _CACHE_FREE:
+            out[i] = len(out)
+    return out
+
+
 def kv_heads(model: Any) -> dict[int, int]:
-    """KV heads of every attention layer, by ``layer_idx`` (the cache layer id here); an MLA
+    """KV heads of every attention layer, by ``layer_idx`` (the model's layer index); an MLA
     layer caches one latent head."""
     config = getattr(model.config, "text_config", None) or model.config
     heads = 1 if mla_layers(model) else config.num_key_value_heads or config.num_attention_heads
-    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-    return {i: int(heads) for i, kind in enumerate(types) if kind != "linear_attention"}
+    return {i: int(heads) for i, kind in enumerate(_layer_types(model))
+            if kind != "linear_attention" and kind not in _CACHE_FREE}
 
 
 def recurrent_layers(model: Any) -> set[int]:
-    """Layers that keep a recurrent state instead of keys and values."""
-    config = getattr(model.config, "text_config", None) or model.config
-    return {i for i, kind in enumerate(getattr(config, "layer_types", None) or []) if kind == "linear_attention"}
+    """Layers that keep a recurrent state instead of keys and values (by ``layer_idx``)."""
+    return {i for i, kind in enumerate(_layer_types(model)) if kind == "linear_attention"}
 
 
 def mla_layers(model: Any) -> set[int]:

@@ -102,7 +102,8 @@ def check_against_transformers(family: str, engine: Engine, events: list[TokenEv
 FAMILIES = [("gemma3_text", "shared"), ("gemma3_text", "per-lifecycle"), ("gemma2", "shared"),
             ("gpt_oss", "per-lifecycle"), ("cohere2", "shared"), ("llama4_text", "shared"),
             ("qwen3_next", "shared"), ("qwen3_next", "per-lifecycle"), ("bamba", "shared"),
-            ("granitemoehybrid", "shared"), ("nemotron_h", "shared"), ("deepseek_v3", "shared")]
+            ("granitemoehybrid", "shared"), ("nemotron_h", "shared"), ("falcon_h1", "shared"),
+            ("deepseek_v3", "shared")]
 
 
 @pytest.mark.parametrize(("family", "pools"), FAMILIES)
@@ -117,7 +118,7 @@ def test_matches_transformers(family: str, pools: str) -> None:
     assert done["suspended"] == 2 and engine.scheduler.suspensions == 1  # offloaded, then resumed
     assert engine.scheduler.preemptions == 0
     # decoded past the window: released blocks were skipped (the state models and deepseek_v3: no window)
-    no_window = {"qwen3_next", "bamba", "granitemoehybrid", "nemotron_h", "deepseek_v3"}
+    no_window = {"qwen3_next", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "deepseek_v3"}
     assert (kernel.calls_with_holes > 0) == (family not in no_window)
     assert engine.manager.rows.n == 0 and not engine.manager.suspended
 
@@ -265,3 +266,12 @@ def test_other_recurrent_layers_are_refused() -> None:
     model = torch.nn.Sequential(ShortConv())
     with pytest.raises(ConfigError, match=r"layer 0 \(ShortConv\): the engine runs gated delta net and Mamba-2"):
         install(model, {0: {}})
+
+
+def test_a_model_the_engine_does_not_run_is_refused_by_name() -> None:
+    """Zamba2's hybrid layers share one attention block over a doubled hidden state: the
+    engine refuses it at construction, naming the model_type, instead of failing mid-step."""
+    model = build_model("zamba2", seed=0, layers_block_type=["mamba", "hybrid", "mamba", "hybrid"], mamba_headdim=16,
+                        mamba_ngroups=1, mamba_d_state=16, n_mamba_heads=4, chunk_size=8)
+    with pytest.raises(ConfigError, match="model_type 'zamba2'"):
+        Engine(model, config())

@@ -94,14 +94,14 @@ class Engine:
                                                                  prefill_chunk_tokens=cfg.prefill_chunk_tokens))
         dtype = next(model.parameters()).dtype
         # pages and states are the layout's layers; the model's modules know their layer_idx
-        ids = cache_layer_ids(model)
+        attention_ids, state_ids = cache_layer_ids(model)
         heads, states = kv_heads(model), recurrent_layers(model)
-        pages = layer_pages(self.manager, {ids[i]: h for i, h in heads.items()}, dtype)
-        self.layers = {i: pages[ids[i]] for i in heads}
-        buffers = state_buffers(self.manager, {ids[i] for i in states})
-        if missing := sorted(i for i in states if ids[i] not in buffers):
+        pages = layer_pages(self.manager, {attention_ids[i]: h for i, h in heads.items()}, dtype)
+        self.layers = {i: pages[attention_ids[i]] for i in heads}
+        buffers = state_buffers(self.manager, {state_ids[i] for i in states})
+        if missing := sorted(i for i in states if state_ids[i] not in buffers):
             raise ConfigError(f"recurrent layers {missing} have no state pages in the plan's layout")
-        recurrent.install(model, {i: buffers[ids[i]] for i in states})
+        recurrent.install(model, {i: buffers[state_ids[i]] for i in states})
         mla.install(model, mla_layers(model))  # latents in the pages, up-projections absorbed (mla.py)
         attention.register()
         model.set_attn_implementation(attention.ATTENTION_NAME)

@@ -38,6 +38,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
                          "mamba_d_head": 16, "mamba_n_groups": 1, "mamba_d_state": 16, "mamba_expand": 1,
                          "mamba_chunk_size": 8, "num_local_experts": 2, "num_experts_per_tok": 1,
                          "shared_intermediate_size": 64},
+    # attention and a Mamba-2 mixer side by side in every layer: two caches per layer
+    "falcon_h1": {"mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_n_groups": 1,
+                  "mamba_d_state": 16, "mamba_expand": 1, "mamba_chunk_size": 8},
     # Mamba-2, attention and cache-free MLP layers: model layer ids differ from the layout's
     "nemotron_h": {"layers_block_type": ["mamba", "mlp", "mamba", "attention", "mlp", "attention"],
                    "num_hidden_layers": 6, "mamba_num_heads": 4, "mamba_head_dim": 16, "n_groups": 1,
@@ -98,6 +101,9 @@ def model_layout(model: Any) -> ModelLayout:
     """hybridkv's layout of ``model``'s text config in the model's dtype, checked layer by
     layer against the config's own ``layer_types``: a life cycle that disagrees is an error."""
     config = getattr(model.config, "text_config", None) or model.config
+    if config.model_type in _NOT_RUN:
+        raise ConfigError(f"model_type {config.model_type!r}: {_NOT_RUN[config.model_type]}; hybridkv plans its "
+                          "memory (hybridkv plan), the reference engine does not run it yet")
     fields = config.to_dict()
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     fields["torch_dtype"] = fields["dtype"] = dtype
@@ -125,9 +131,12 @@ def model_layout(model: Any) -> ModelLayout:
 
 
 _KNOWN_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
+_NOT_RUN = {"zamba2": "its hybrid layers run one attention block shared by several layers over a doubled "
+                      "hidden state, which the engine's per-layer pages do not cover"}
 
 
 _CACHE_FREE = {"mlp", "moe"}  # Nemotron-H's layers with no attention and no state
+_RECURRENT = {"linear_attention", "hybrid"}  # a recurrent state (a hybrid layer: beside attention)
 
 
 def _layer_types(model: Any) -> list[str]:
@@ -135,15 +144,21 @@ def _layer_types(model: Any) -> list[str]:
     return list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
 
 
-def cache_layer_ids(model: Any) -> dict[int, int]:
-    """Model layer index (``layer_idx``) -> hybridkv layout layer index: the layout has one
-    layer per cache-bearing model layer, in order, so a layer without a cache (Nemotron-H's
-    MLP blocks) shifts the ones after it."""
-    out: dict[int, int] = {}
+def cache_layer_ids(model: Any) -> tuple[dict[int, int], dict[int, int]]:
+    """Model layer index (``layer_idx``) -> hybridkv layout layer index, for attention caches
+    and for recurrent states. The layout has one layer per cache in model order: a layer
+    without a cache (Nemotron-H's MLP blocks) shifts the ones after it, and a ``hybrid`` layer
+    (Falcon-H1: attention and a Mamba-2 mixer side by side) has two, attention first."""
+    attention: dict[int, int] = {}
+    state: dict[int, int] = {}
     for i, kind in enumerate(_layer_types(model)):
-        if kind not in _CACHE_FREE:
-            out[i] = len(out)
-    return out
+        if kind in _CACHE_FREE:
+            continue
+        if kind != "linear_attention":
+            attention[i] = len(attention) + len(state)
+        if kind in _RECURRENT:
+            state[i] = len(attention) + len(state)
+    return attention, state
 
 
 def kv_heads(model: Any) -> dict[int, int]:
@@ -157,7 +172,7 @@ def kv_heads(model: Any) -> dict[int, int]:
 
 def recurrent_layers(model: Any) -> set[int]:
     """Layers that keep a recurrent state instead of keys and values (by ``layer_idx``)."""
-    return {i for i, kind in enumerate(_layer_types(model)) if kind == "linear_attention"}
+    return {i for i, kind in enumerate(_layer_types(model)) if kind in _RECURRENT}
 
 
 def mla_layers(model: Any) -> set[int]:

@@ -44,7 +44,7 @@ class CachedEntry(NamedTuple):
     refcount: int
     priority: int
     last_used: int
-    dead: bool = False  # no match can use it now (``reuse.index``): evicted before live entries
+    dead: bool = False  # no match can use it now (``reuse.dead``): evicted before live entries
 
     @property
     def ref(self) -> EntryRef:

@@ -1,7 +1,7 @@
 """Eviction order for cached entries nobody uses (refcount 0), one policy per class.
 
 Documented policy (``priority-lru``): dead entries first (no match can use them now, see
-``reuse.index``), then lowest priority, then least recently used (the
+``reuse.dead``), then lowest priority, then least recently used (the
 index's logical clock at the last insert / acquire / release / touch), then the deepest block
 first (a chain loses its leaves before its root: a full-attention prefix with a hole in the
 middle is useless past the hole) — except in *windowed* layer groups, which lose their

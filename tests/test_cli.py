@@ -99,7 +99,7 @@ def test_plan_json_ssm_state_slices_in_the_arena(capsys: pytest.CaptureFixture[s
     """Shared mode: the 36 layers' states (36 x 1,097,728 B) are 101 slices of the 393,216 B
     page (12 full layers x 32 KiB), the last one half used; one pool, no own pools."""
     j = plan_json(capsys, "qwen3-next-80b-a3b", "--gpu-mem", "40GiB")
-    assert (j["page_bytes"], j["own_pools"], j["tables_per_step"]) == (393_216, [], 102)
+    assert (j["page_bytes"], j["own_pools"], j["tables_per_step"], j["families"]) == (393_216, [], 102, 2)
     (pool,) = j["pool_groups"]
     assert pool["kind"] == "mixed" and len(pool["layer_ids"]) == 48
     slices = [lg for lg in pool["layer_groups"] if lg["state_slice"] is not None]

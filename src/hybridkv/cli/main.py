@@ -81,7 +81,8 @@ def _print_plan(j: dict[str, Any]) -> None:
           f"{'unbounded' if longest is None else longest} tokens"
           + ("" if ideal is None or longest is None else f" (ideal {ideal}, ratio {longest / ideal:.3f})"))
     if j["pools_mode"] == "shared":
-        print(f"shared arena: page {j['page_bytes']} B, {j['tables_per_step']} layer groups (tables per step), "
+        print(f"shared arena: page {j['page_bytes']} B, {j['tables_per_step']} layer groups (tables per step) "
+              f"in {j['families']} families (one [rows, blocks, groups] array each), "
               f"padding {j['padding_bytes']} B per block of every group")
     for note in j["own_pools"]:
         print(f"note: {note}")

@@ -136,6 +136,8 @@ def plan_json(plan: PoolPlan) -> dict[str, Any]:
         "page_bytes": plan.grouped.page_bytes,
         "padding_bytes": plan.grouped.padding_bytes,
         "tables_per_step": len(plan.grouped.layer_groups),
+        # layer groups of one life cycle in one pool keep their tables in one array
+        "families": len({(lg.life_cycle, lg.pool_group) for lg in plan.grouped.layer_groups}),
         "own_pools": list(plan.grouped.own_pools),
         "constraints": [c.name for c in spec.constraints],
         "typical_step": spec.typical_name(),

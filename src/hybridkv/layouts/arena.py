@@ -123,29 +123,21 @@ def _slice(size: Sequence[int], ids: Sequence[int], page: int) -> tuple[list[lis
 def _candidate(size: Sequence[int], by_lc: dict[LifeCycle, list[int]], page: int) -> ArenaChoice:
     joined, own = [], []
     for lc, ids in by_lc.items():
-        if not lc.per_token:
-            sliced = _slice(size, ids, page)
-            if sliced is None:
-                own.append((lc, f"its state would take more than {MAX_SLICES} slices of {page} B"))
-                continue
-            groups, used = sliced
-            waste = 1 - sum(used) / (len(groups) * page)
-            if waste >= JOIN_WASTE:
-                own.append((lc, f"its state in {page} B slices would waste {waste:.0%} (>= {JOIN_WASTE:.0%})"))
-            else:
-                joined.append(Packing(lc, tuple(tuple(g) for g in groups), tuple(used), sliced=True))
+        sliced = not lc.per_token  # a state is cut into slices; token layers are packed
+        laid = _slice(size, ids, page) if sliced else _pack(size, ids, page)
+        if laid is None:
+            own.append((lc, f"its state would take more than {MAX_SLICES} slices of {page} B" if sliced
+                        else f"a layer's page is larger than the {page} B arena page"))
             continue
-        packed = _pack(size, ids, page)
-        if packed is None:
-            own.append((lc, f"a layer's page is larger than the {page} B arena page"))
-            continue
-        groups, used = packed
+        groups, used = laid
         waste = 1 - sum(used) / (len(groups) * page)
         if waste >= JOIN_WASTE:
-            own.append((lc, f"{page} B pages would waste {waste:.0%} of its memory (>= {JOIN_WASTE:.0%})"))
+            what = (f"its state in {page} B slices would waste {waste:.0%}" if sliced
+                    else f"{page} B pages would waste {waste:.0%} of its memory")
+            own.append((lc, f"{what} (>= {JOIN_WASTE:.0%})"))
             continue
-        order = sorted(range(len(groups)), key=lambda g: groups[g][0])
-        joined.append(Packing(lc, tuple(tuple(groups[g]) for g in order), tuple(used[g] for g in order)))
+        order = sorted(range(len(groups)), key=lambda g: groups[g][0])  # stable: slices keep their order
+        joined.append(Packing(lc, tuple(tuple(groups[g]) for g in order), tuple(used[g] for g in order), sliced))
     return ArenaChoice(page, tuple(joined), tuple(own))
 
 

@@ -67,16 +67,22 @@ def _temperature_fix(module: Any, q: torch.Tensor, q_pos: torch.Tensor) -> torch
     return (q.float() * (scales(q_pos) / scales(index))[:, None, None]).to(q.dtype)
 
 
+def step_context(kwargs: dict[str, Any], who: str, batch: int | None = None) -> StepContext:
+    """The step a forward call over hybridkv's pages runs in (the engine passes it as the
+    ``hybridkv_step`` keyword), checking the packed batch of 1; ``who`` names the caller."""
+    step = kwargs.get(STEP_KEYWORD)
+    if not isinstance(step, StepContext):
+        raise UsageError(f"{who}: run the model through hybridkv.runtime.engine.Engine (the forward call "
+                         f"needs {STEP_KEYWORD}=StepContext)")
+    if batch is not None and batch != 1:
+        raise UsageError(f"{who} takes one packed sequence (batch 1), got batch {batch}")
+    return step
+
+
 def hybridkv_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract: ``[1, H, T, D]`` in, ``[1, T, Hq, Dv]`` out."""
-    step = kwargs.get(STEP_KEYWORD)
-    if not isinstance(step, StepContext):
-        raise UsageError(f"attention {ATTENTION_NAME!r} reads hybridkv pages: run the model through "
-                         f"hybridkv.runtime.engine.Engine (the forward call needs {STEP_KEYWORD}=StepContext)")
-    if query.shape[0] != 1:
-        raise UsageError(f"attention {ATTENTION_NAME!r} takes one packed sequence "
-                         f"(batch 1), got batch {query.shape[0]}")
+    step = step_context(kwargs, f"attention {ATTENTION_NAME!r} reads hybridkv pages", query.shape[0])
     layer = step.layers[module.layer_idx]
     table = step.tables[layer.layer_group]
     q = _temperature_fix(module, query[0].transpose(0, 1), step.q_pos)

@@ -28,7 +28,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from hybridkv.core.errors import ConfigError, UsageError
+from hybridkv.core.errors import ConfigError
 from hybridkv.engine.paged_attention import write_kv
 
 if TYPE_CHECKING:
@@ -55,15 +55,10 @@ def mla_forward(module: Any, hidden_states: torch.Tensor, position_embeddings: t
     """The attention module's forward over the step's latent pages: ``[1, T, hidden]`` in and out."""
     import torch
 
-    from hybridkv.runtime.attention import STEP_KEYWORD, StepContext
+    from hybridkv.runtime.attention import step_context
 
-    step = kwargs.get(STEP_KEYWORD)
-    if not isinstance(step, StepContext):
-        raise UsageError(f"layer {module.layer_idx} keeps MLA latents in hybridkv pages: run the model through "
-                         f"hybridkv.runtime.engine.Engine (the forward call needs {STEP_KEYWORD}=StepContext)")
-    if hidden_states.shape[0] != 1:
-        raise UsageError(f"MLA layer {module.layer_idx} takes one packed sequence (batch 1), "
-                         f"got batch {hidden_states.shape[0]}")
+    step = step_context(kwargs, f"MLA layer {module.layer_idx} keeps its latents in hybridkv pages",
+                        hidden_states.shape[0])
     heads, nope, rope = module.num_heads, module.qk_nope_head_dim, module.qk_rope_head_dim
     rank, dv, t = module.kv_lora_rank, module.v_head_dim, hidden_states.shape[1]
     layer = step.layers[module.layer_idx]

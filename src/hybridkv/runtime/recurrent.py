@@ -20,7 +20,7 @@ import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from hybridkv.core.errors import ConfigError, UsageError
+from hybridkv.core.errors import ConfigError
 from hybridkv.runtime.states import StateBuffer
 
 if TYPE_CHECKING:
@@ -105,12 +105,9 @@ def recurrent_forward(module: Any, original: Callable[..., Any], buffers: dict[s
     """The module's forward, run per request of the packed step over its state pages."""
     import torch
 
-    from hybridkv.runtime.attention import STEP_KEYWORD, StepContext
+    from hybridkv.runtime.attention import step_context
 
-    step = kwargs.get(STEP_KEYWORD)
-    if not isinstance(step, StepContext):
-        raise UsageError(f"layer {module.layer_idx} keeps its state in hybridkv pages: run the model through "
-                         "hybridkv.runtime.engine.Engine")
+    step = step_context(kwargs, f"layer {module.layer_idx} keeps its state in hybridkv pages")
     outs = []
     # slots and positions from the host copies: no device read per request
     tables = step.host_tables or step.tables

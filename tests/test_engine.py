@@ -106,10 +106,16 @@ FAMILIES = [("gemma3_text", "shared"), ("gemma3_text", "per-lifecycle"), ("gemma
             ("deepseek_v3", "shared")]
 
 
-@pytest.mark.parametrize(("family", "pools"), FAMILIES)
-def test_matches_transformers(family: str, pools: str) -> None:
+GRAPH_FAMILIES = [("gemma3_text", "shared"), ("gemma2", "shared"), ("gpt_oss", "per-lifecycle"),
+                  ("llama4_text", "shared"), ("deepseek_v3", "shared")]
+
+
+@pytest.mark.parametrize(("family", "pools", "graphs"), [(f, p, "off") for f, p in FAMILIES]
+                         + [(f, p, "eager") for f, p in GRAPH_FAMILIES])
+def test_matches_transformers(family: str, pools: str, graphs: str) -> None:
+    """``graphs="eager"``: decode steps run padded over the static buffers a CUDA graph replays."""
     kernel = HoleCounter()
-    engine = Engine(build_model(family, seed=0), config(pools), kernel=kernel)
+    engine = Engine(build_model(family, seed=0), config(pools, decode_graphs=graphs), kernel=kernel)
     events, done = run_scenario(engine)
     worst = check_against_transformers(family, engine, events)
     assert worst <= TOL, f"{family} ({pools}): max |dlogit| {worst:.3g}"
@@ -121,6 +127,8 @@ def test_matches_transformers(family: str, pools: str) -> None:
     no_window = {"qwen3_next", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "deepseek_v3"}
     assert (kernel.calls_with_holes > 0) == (family not in no_window)
     assert engine.manager.rows.n == 0 and not engine.manager.suspended
+    # every step that decodes each of its rows (and only those) ran over the static buffers
+    assert (engine.graph_steps > 0) == (graphs == "eager")
 
 
 @pytest.mark.cuda
@@ -275,3 +283,27 @@ def test_a_model_the_engine_does_not_run_is_refused_by_name() -> None:
                         mamba_ngroups=1, mamba_d_state=16, n_mamba_heads=4, chunk_size=8)
     with pytest.raises(ConfigError, match="model_type 'zamba2'"):
         Engine(model, config())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("family", "pools"), GRAPH_FAMILIES)
+def test_decode_graphs_on_cuda(family: str, pools: str) -> None:
+    """Decode steps replayed from captured CUDA graphs (the default on a GPU with Triton) give
+    the logits transformers gives; a step of n rows replays the graph of the next size up."""
+    engine = Engine(build_model(family, seed=0).to("cuda"), config(pools, device="cuda", decode_graphs="capture"))
+    events, _ = run_scenario(engine)
+    assert engine.graph_steps > 0 and engine.graphs is not None and engine.graphs.graphs
+    events = [e._replace(logits=e.logits.cpu()) for e in events]
+    assert check_against_transformers(family, engine, events) <= TOL
+
+
+def test_decode_graph_modes_are_checked() -> None:
+    with pytest.raises(ConfigError, match="decode_graphs must be one of auto, capture, eager, off"):
+        config(decode_graphs="always")
+    with pytest.raises(ConfigError, match="recurrent layers"):
+        Engine(build_model("qwen3_next", seed=0), config(decode_graphs="eager"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="needs a CUDA device and the Triton kernels"):
+            Engine(build_model("gemma3_text", seed=0), config(decode_graphs="capture"))
+    assert Engine(build_model("gemma3_text", seed=0), config()).graphs is None or torch.cuda.is_available()

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -321,3 +322,52 @@ def test_deepseek_sized_mla_on_cuda() -> None:
     for dtype, tol in ((torch.float32, F32_TOL), (torch.bfloat16, BF16_TOL)):
         c = make_case(rows, Mask(), hq=16, hkv=1, d=576, dv=512, tpb=16, dtype=dtype, mla=True, seed=9)
         check(c, Mask(), tol)
+
+
+def write_case(mla: bool) -> tuple[Any, ...]:
+    """Pages of 6 slots x 4 tokens, 3 rows whose tables have holes; 8 tokens, four of them in
+    a hole (row 1 at 2 and 9, both of the padding row 2). Keys arrive as a transposed view."""
+    g = torch.Generator().manual_seed(3)
+    hkv, d, dv = (1, 10, 8) if mla else (2, 8, 4)
+    k_cache = torch.randn(6, 4, hkv, d, generator=g)
+    v_cache = k_cache[..., :dv] if mla else torch.randn(6, 4, hkv, dv, generator=g)
+    table = torch.tensor([[3, 0, 5], [-1, 2, -1], [-1, -1, -1]], dtype=torch.int32)
+    rows = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+    positions = torch.tensor([3, 4, 9, 2, 5, 9, 0, 11])
+    k = torch.randn(hkv, 8, d, generator=g).transpose(0, 1)
+    v = k[..., :dv] if mla else torch.randn(8, hkv, dv, generator=g)
+    return k_cache, v_cache, table, rows, positions, k, v
+
+
+@needs_triton
+@pytest.mark.parametrize("mla", [False, True])
+def test_triton_write_skips_holes_and_matches_the_torch_write(mla: bool) -> None:
+    from hybridkv.engine.paged_attention import write_kv
+    from hybridkv.engine.triton_write import write_kv_skipping_holes, write_kv_triton
+
+    k_cache, v_cache, table, rows, positions, k, v = write_case(mla)
+    want_k = k_cache.clone()
+    want_v = want_k[..., :v_cache.shape[-1]] if mla else v_cache.clone()
+    keep = torch.tensor([True, True, True, False, True, False, False, False])  # 1@2, 1@9, row 2: holes
+    write_kv(want_k, want_v, table, rows[keep], positions[keep], k[keep], v[keep])
+    got_k = k_cache.clone().to(DEVICE)
+    got_v = got_k[..., :v_cache.shape[-1]] if mla else v_cache.clone().to(DEVICE)
+    write_kv_triton(got_k, got_v, table.to(DEVICE), rows.to(DEVICE), positions.to(DEVICE), k.to(DEVICE), v.to(DEVICE))
+    assert torch.equal(got_k.cpu(), want_k) and torch.equal(got_v.cpu(), want_v)
+    skip_k, skip_v = k_cache.clone(), v_cache.clone()
+    if mla:
+        skip_v = skip_k[..., :v_cache.shape[-1]]
+    write_kv_skipping_holes(skip_k, skip_v, table, rows, positions, k, v)
+    assert torch.equal(skip_k, want_k) and torch.equal(skip_v, want_v)
+
+
+def test_triton_write_misuse_is_a_usage_error() -> None:
+    from hybridkv.engine.triton_write import write_kv_triton
+
+    k_cache, v_cache, table, rows, positions, k, v = write_case(False)
+    if not ta.triton_available():
+        with pytest.raises(UsageError, match="needs triton"):
+            write_kv_triton(k_cache, v_cache, table, rows, positions, k, v)
+        return
+    with pytest.raises(UsageError, match="must match their caches' last two dims"):
+        write_kv_triton(k_cache, v_cache, table, rows, positions, k[..., :4], v)

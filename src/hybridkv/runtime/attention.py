@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from hybridkv.core.errors import UsageError
 from hybridkv.engine.paged_attention import paged_attention, write_kv
+from hybridkv.engine.triton_write import WriteKV
 from hybridkv.runtime.pages import LayerPages
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ class StepContext:
     layers: dict[int, LayerPages]  # attention layer id -> its pages and life cycle
     runs: tuple[tuple[int, int, int], ...]  # (row, first, end) of each request's packed tokens
     kernel: PagedAttention = paged_attention
+    write: WriteKV = write_kv  # writes the step's keys / values into the pages (engine.triton_write)
     # the same on the host (NumPy), for per-request work that would otherwise read the device
     # one number at a time (state slots, a run's first position)
     host_tables: tuple[Any, ...] = ()
@@ -86,7 +88,7 @@ def hybridkv_attention(module: Any, query: torch.Tensor, key: torch.Tensor, valu
     layer = step.layers[module.layer_idx]
     table = step.tables[layer.layer_group]
     q = _temperature_fix(module, query[0].transpose(0, 1), step.q_pos)
-    write_kv(layer.k, layer.v, table, step.q_row, step.q_pos, key[0].transpose(0, 1), value[0].transpose(0, 1))
+    step.write(layer.k, layer.v, table, step.q_row, step.q_pos, key[0].transpose(0, 1), value[0].transpose(0, 1))
     scale = kwargs.get("scaling")
     sinks = kwargs.get("s_aux", getattr(module, "sinks", None))
     out = step.kernel(q, layer.k, layer.v, table, step.q_row, step.q_pos, step.kv_len,

@@ -25,17 +25,21 @@ import numpy.typing as npt
 
 from hybridkv.core.errors import ConfigError, InvariantError, UsageError
 from hybridkv.core.types import MIB, CacheHandle
-from hybridkv.engine.triton_attention import pick_paged_attention
+from hybridkv.engine.triton_attention import paged_attention_triton, pick_paged_attention
+from hybridkv.engine.triton_write import pick_write_kv
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
 from hybridkv.manager.tiers import StorageConfig
 from hybridkv.planning.planner import PlanSpec, plan
 from hybridkv.runtime import attention, mla, recurrent
+from hybridkv.runtime.graphs import DecodeGraphs, HostStep
 from hybridkv.runtime.model import cache_layer_ids, kv_heads, mla_layers, model_layout, recurrent_layers
 from hybridkv.runtime.pages import layer_pages
 from hybridkv.runtime.requests import GenRequest, TokenEvent
 from hybridkv.runtime.states import state_buffers
 from hybridkv.scheduler.request import SeqRequest, Status
 from hybridkv.scheduler.scheduler import Scheduler, SchedulerConfig, StepPlan
+
+GRAPH_MODES = ("auto", "capture", "eager", "off")
 
 
 @dataclass(frozen=True)
@@ -54,11 +58,17 @@ class EngineConfig:
     prefix_cache: bool = True
     keep_logits: bool = False
     device: str = "cpu"
+    # decode steps from CUDA graphs (runtime/graphs.py): "auto" captures them on a CUDA device
+    # with the Triton kernels for a model without recurrent layers; "capture" insists; "eager"
+    # runs the same padded static step without capturing (the CPU check); "off" never
+    decode_graphs: str = "auto"
     storage: StorageConfig | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.token_budget < self.max_batch_size:
             raise ConfigError(f"token_budget ({self.token_budget}) must be >= max_batch_size ({self.max_batch_size})")
+        if self.decode_graphs not in GRAPH_MODES:
+            raise ConfigError(f"decode_graphs must be one of {', '.join(GRAPH_MODES)}, got {self.decode_graphs!r}")
 
     def storage_config(self) -> StorageConfig:
         if self.storage is not None:
@@ -79,8 +89,10 @@ class Engine:
 
         self.model, self.config, self.on_token = model, config or EngineConfig(), on_token
         cfg = self.config
-        # None: the Triton kernel on a CUDA device (or under TRITON_INTERPRET=1), else the torch reference
-        self.kernel = kernel or pick_paged_attention(torch.device(cfg.device))
+        # None: the Triton kernels on a CUDA device (or under TRITON_INTERPRET=1), else the torch reference
+        device = torch.device(cfg.device)
+        self.kernel = kernel or pick_paged_attention(device)
+        self.write = pick_write_kv(device)
         text = getattr(model.config, "text_config", None) or model.config
         self.vocab_size = int(text.vocab_size)
         layout = model_layout(model)
@@ -105,8 +117,29 @@ class Engine:
         mla.install(model, mla_layers(model))  # latents in the pages, up-projections absorbed (mla.py)
         attention.register()
         model.set_attn_implementation(attention.ATTENTION_NAME)
+        self._needs_runs = bool(states)  # recurrent layers walk the packed sequence request by request
+        self.graphs = self._decode_graphs(device, bool(states))
+        self.graph_steps = 0  # steps replayed from a graph (or, "eager", run over its static buffers)
         self.requests: dict[int, GenRequest] = {}
         self._next_id = 0
+
+    def _decode_graphs(self, device: Any, recurrent_layers: bool) -> DecodeGraphs | None:
+        mode = self.config.decode_graphs
+        can_capture = device.type == "cuda" and self.kernel is paged_attention_triton
+        if mode == "auto":
+            mode = "capture" if can_capture and not recurrent_layers else "off"
+        if mode == "off":
+            return None
+        if recurrent_layers:
+            raise ConfigError(f"decode_graphs={mode!r}: this model has recurrent layers, which run request by "
+                              "request on the host; use decode_graphs='off' (or 'auto')")
+        if mode == "capture" and not can_capture:
+            raise ConfigError("decode_graphs='capture' needs a CUDA device and the Triton kernels (pip install "
+                              "'hybridkv[triton]'); use 'auto' to capture only where possible")
+        families = self.manager.rows.families
+        return DecodeGraphs(self.model, self.layers, [f.table for f in families], [f.members for f in families],
+                            len(self.manager.grouped.layer_groups), self.config.max_batch_size, self.kernel,
+                            pick_write_kv(device, skip_holes=True), self.config.device, capture=mode == "capture")
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, prompt_ids: npt.ArrayLike, max_new_tokens: int, temperature: float = 0.0,
@@ -166,13 +199,18 @@ class Engine:
             raise InvariantError("the scheduler cannot advance any request: the plan's floors are broken")
         if step.tables is None or not step.advanced:
             return []
-        ctx, ids, emit_at, rows = self._pack(step)
-        with torch.no_grad():
-            out = self.model(input_ids=ids[None], position_ids=ctx.q_pos[None], use_cache=False,
-                             logits_to_keep=torch.as_tensor(emit_at, dtype=torch.long, device=ids.device),
-                             **{attention.STEP_KEYWORD: ctx})
-        logits = out.logits[0].float()
-        events = self._emit(step, rows, logits)
+        host = self._pack(step)
+        if self.graphs is not None and self.graphs.fits(host):
+            logits = self.graphs.run(host).float()
+            self.graph_steps += 1
+        else:
+            ctx, ids = self._upload(host)
+            with torch.no_grad():
+                out = self.model(input_ids=ids[None], position_ids=ctx.q_pos[None], use_cache=False,
+                                 logits_to_keep=torch.as_tensor(host.emit_at, device=ids.device),
+                                 **{attention.STEP_KEYWORD: ctx})
+            logits = out.logits[0].float()
+        events = self._emit(step, host.rows.tolist(), logits)
         now = time.monotonic()
         ended = {t.spec.request_id for t in self.scheduler.complete(step, now)}
         for event in events:  # stopped before max_new_tokens
@@ -180,46 +218,43 @@ class Engine:
                 self.scheduler.finish(event.request_id, now)
         return events
 
-    def _pack(self, step: StepPlan) -> tuple[attention.StepContext, Any, list[int], list[int]]:
-        """The packed tokens, their rows and positions, and where logits are needed."""
+    def _pack(self, step: StepPlan) -> HostStep:
+        """The packed tokens, their rows and positions, and where logits are needed (host)."""
+        assert step.tables is not None
+        live = np.flatnonzero(step.num_tokens > 0)
+        lo, hi = step.history[live].astype(np.int64), step.capacity[live].astype(np.int64)
+        counts = hi - lo
+        ends = np.cumsum(counts)
+        starts = ends - counts
+        reqs = [self._request_at(step, i) for i in live.tolist()]
+        ids = np.concatenate([r.tokens[a:b] for r, a, b in zip(reqs, lo.tolist(), hi.tolist(), strict=True)])
+        # a request whose step computes its last known token samples the next one
+        emits = hi == np.fromiter((r.known for r in reqs), np.int64, len(reqs))
+        runs = tuple(zip(live.tolist(), starts.tolist(), ends.tolist(), strict=True)) if self._needs_runs else ()
+        families = tuple(step.tables.family_table(i) for i in range(len(self.manager.rows.families)))
+        return HostStep(ids.astype(np.int64), np.repeat(live, counts),
+                        np.arange(int(ends[-1])) - np.repeat(starts - lo, counts), step.capacity, families,
+                        (ends - 1)[emits], live[emits], runs)
+
+    def _upload(self, host: HostStep) -> tuple[attention.StepContext, Any]:
+        """The step on the device: one upload per family (a life cycle's layer groups in one
+        pool: an arena's page-sized groups, a state's slices); each layer group's table is a
+        view of its family's."""
         import torch
 
-        assert step.tables is not None
         device = self.config.device
-        q_row: list[npt.NDArray[np.int64]] = []
-        q_pos: list[npt.NDArray[np.int64]] = []
-        ids: list[npt.NDArray[np.int32]] = []
-        emit_at: list[int] = []
-        rows: list[int] = []
-        runs: list[tuple[int, int, int]] = []
-        start = 0
-        for i in np.flatnonzero(step.num_tokens > 0).tolist():
-            req = self._request_at(step, i)
-            lo, hi = int(step.history[i]), int(step.capacity[i])
-            runs.append((i, start, start + hi - lo))
-            start += hi - lo
-            q_row.append(np.full(hi - lo, i))
-            q_pos.append(np.arange(lo, hi))
-            ids.append(req.tokens[lo:hi])
-            if hi == req.known:  # the step computes its last known token: it samples the next
-                emit_at.append(runs[-1][2] - 1)
-                rows.append(i)
-        # one upload per family (a life cycle's layer groups in one pool: an arena's page-sized
-        # groups, a state's slices); each layer group's table is a view of its family's
         per_group: list[Any] = [None] * len(self.manager.grouped.layer_groups)
         per_group_host: list[Any] = [None] * len(per_group)
-        for i, family in enumerate(self.manager.rows.families):
-            host = np.ascontiguousarray(step.tables.family_table(i))
-            both = torch.from_numpy(host).to(device)
+        for family, host_table in zip(self.manager.rows.families, host.families, strict=True):
+            table = np.ascontiguousarray(host_table)
+            both = torch.from_numpy(table).to(device)
             for j, g in enumerate(family.members):
-                per_group[g], per_group_host[g] = both[:, :, j], host[:, :, j]
-        tables = tuple(per_group)
-        host_q_pos = np.concatenate(q_pos)
-        ctx = attention.StepContext(torch.as_tensor(np.concatenate(q_row), device=device),
-                                    torch.as_tensor(host_q_pos, device=device),
-                                    torch.as_tensor(step.capacity, device=device), tables, self.layers,
-                                    tuple(runs), self.kernel, tuple(per_group_host), host_q_pos)
-        return ctx, torch.as_tensor(np.concatenate(ids).astype(np.int64), device=device), emit_at, rows
+                per_group[g], per_group_host[g] = both[:, :, j], table[:, :, j]
+        ctx = attention.StepContext(torch.as_tensor(host.q_row, device=device),
+                                    torch.as_tensor(host.q_pos, device=device),
+                                    torch.as_tensor(host.kv_len, device=device), tuple(per_group), self.layers,
+                                    host.runs, self.kernel, self.write, tuple(per_group_host), host.q_pos)
+        return ctx, torch.as_tensor(host.ids, device=device)
 
     def _request_at(self, step: StepPlan, i: int) -> GenRequest:
         return self.requests[self.scheduler.by_handle[int(step.handles[i])].spec.request_id]

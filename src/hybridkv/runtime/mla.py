@@ -29,7 +29,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from hybridkv.core.errors import ConfigError
-from hybridkv.engine.paged_attention import write_kv
 
 if TYPE_CHECKING:
     import torch
@@ -77,7 +76,7 @@ def mla_forward(module: Any, hidden_states: torch.Tensor, position_embeddings: t
 
     latent = torch.cat([c_kv[0], k_pe[0, 0]], dim=-1)[:, None]  # [T, 1, rank + rope]
     v_pages = layer.k[..., :rank]  # V: the latent's first rank channels, no copy
-    write_kv(layer.k, v_pages, table, step.q_row, step.q_pos, latent, latent[..., :rank])
+    step.write(layer.k, v_pages, table, step.q_row, step.q_pos, latent, latent[..., :rank])
 
     w = module.kv_b_proj.weight.view(heads, nope + dv, rank)
     w_uk, w_uv = w[:, :nope], w[:, nope:]  # [H, nope, rank], [H, dv, rank]

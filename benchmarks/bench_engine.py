@@ -7,17 +7,19 @@ heads on 1 KV head of dim 256, hidden 1152, vocab 262,144) with seeded random we
 bf16 on the GPU. Per batch size B:
 
 1. **Agreement.** 4 prompts of 64-320 tokens, 128 greedy tokens each: hybridkv's engine in
-   bf16 (Triton kernel) against transformers in float32 on the same weights, teacher-forced
-   on transformers' tokens so one flip does not cascade: the share of positions whose argmax
-   agrees, and the top-1 / top-2 margin where they differ (random weights give flat logits).
-2. **Decode throughput.** B prompts of ``--context`` random tokens are prefilled (untimed),
-   then ``--steps`` decode steps are timed (CUDA synchronized per step): hybridkv's engine
-   (one packed step over its pages), then ``model.generate`` with transformers' default cache
-   and attention on the same B prompts (prefill timed separately and subtracted).
+   bf16 (Triton kernels, decode steps from CUDA graphs) against transformers in float32 on
+   the same weights, teacher-forced on the engine's tokens so one flip does not cascade: the
+   share of positions where transformers picks the engine's token, and the top-1 / top-2
+   margin where they differ (random weights give flat logits).
+2. **Decode throughput.** B prompts of ``--context`` random tokens are prefilled, then
+   ``--steps`` decode steps are timed (CUDA synchronized per step): hybridkv's engine with
+   its decode steps replayed from a CUDA graph, then ``--steps`` more with one eager forward
+   per step (the same requests), then ``model.generate`` with transformers' default cache and
+   attention on the same B prompts ((prefill + steps) minus prefill alone).
 3. **Where a step goes.** The scheduler and manager (``schedule`` + ``complete``) and the
-   host packing, against the whole step; and the step's bytes (weights once, plus each
-   row's visible K/V per layer) against a device-to-device copy measured in the same run
-   (the card's usable HBM bandwidth).
+   host packing, as shares of the step; and the step's bytes (weights once, plus each row's
+   visible K/V per layer) per second against a device-to-device copy measured in the same run
+   (bytes read and written: the card's usable HBM bandwidth).
 
 ``--tiny`` runs a 2-layer config on the CPU (checks the script, measures nothing).
 """
@@ -67,42 +69,75 @@ def copy_bandwidth(torch: Any, device: str) -> float:
 
 
 def agreement(torch: Any, cfg: dict[str, Any], device: str, steps: int) -> dict[str, Any]:
-    """Teacher-forced greedy agreement of the bf16 engine with float32 transformers: for each
-    prompt, transformers generates ``steps`` greedy tokens and gives its logits at every
-    position in one forward; the engine is asked for the next token after every prefix of
-    that sequence (a request per prefix; the prefix cache makes each one a short step)."""
+    """Greedy agreement of the bf16 engine with float32 transformers on the same weights: the
+    engine generates ``steps`` tokens for 4 prompts together (its decode steps replayed from
+    CUDA graphs on a GPU); transformers, given each generated sequence in one forward, says
+    which token it would pick at every position. Teacher-forced on the engine's tokens, so
+    one flip does not cascade; where they differ, the reference's top-1 / top-2 margin (random
+    weights give flat logits)."""
     from hybridkv.runtime.engine import Engine, EngineConfig
     from hybridkv.runtime.model import build_model
 
     ref = build_model(cfg, seed=0).to(device)
+    model = build_model(cfg, seed=0).to(device=device, dtype=torch.bfloat16)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, cfg["vocab_size"], n) for n in (64, 150, 230, 320)]
-    seqs, ref_logits = [], []
-    with torch.no_grad():
-        for p in prompts:
-            out = ref.generate(torch.as_tensor(p[None], device=device), max_new_tokens=steps, do_sample=False,
-                               min_new_tokens=steps)
-            seqs.append(out[0].cpu().numpy())
-            ref_logits.append(ref(out).logits[0].float())
-    del ref
-    model = build_model(cfg, seed=0).to(device=device, dtype=torch.bfloat16)
     eng = Engine(model, EngineConfig(gpu_bytes=1 << 30, host_bytes=0, max_seq_len=1024, max_batch_size=8,
-                                     token_budget=2048, prefill_chunk_tokens=512, prefix_cache=True,
-                                     keep_logits=True, device=device))
+                                     token_budget=2048, prefill_chunk_tokens=512, device=device))
+    outputs = eng.generate(prompts, max_new_tokens=steps)
     same, total, margins = 0, 0, []
-    for p, full, r in zip(prompts, seqs, ref_logits, strict=True):
-        for k in range(p.size, full.size):
-            eng.add_request(full[:k], max_new_tokens=1)
-            (event,) = list(eng.stream())
-            total += 1
-            if int(event.logits.argmax()) == int(r[k - 1].argmax()):
-                same += 1
-            else:
-                top = torch.topk(r[k - 1], 2).values
-                margins.append(float(top[0] - top[1]))
-    return {"positions": total, "agree": same, "agree_share": same / total,
+    with torch.no_grad():
+        for p, out in zip(prompts, outputs, strict=True):
+            seq = torch.as_tensor(np.concatenate([p, out]), device=device)
+            logits = ref(seq[None]).logits[0, p.size - 1:-1].float()  # row k predicts output k
+            got = torch.as_tensor(out, device=device)
+            agree = logits.argmax(dim=-1) == got
+            same, total = same + int(agree.sum()), total + len(out)
+            top = torch.topk(logits[~agree], 2).values
+            margins += (top[:, 0] - top[:, 1]).tolist()
+    return {"positions": total, "agree": same, "agree_share": same / total, "graph_steps": eng.graph_steps,
             "ref_top2_margin_where_different_max": max(margins) if margins else 0.0,
             "ref_top2_margin_where_different_median": statistics.median(margins) if margins else 0.0}
+
+
+def timed_steps(torch: Any, eng: Any, steps: int, batch: int) -> dict[str, float]:
+    """``steps`` decode steps (CUDA synchronized after each): the median step, the median
+    share of the scheduler and manager (``schedule`` + ``complete``) and of the host packing."""
+    sched = eng.scheduler
+    spent = {"sched": 0.0, "pack": 0.0}
+
+    def timing(obj: Any, name: str, key: str) -> None:
+        orig = getattr(obj, name)
+
+        def timed(*a: Any) -> Any:
+            t = time.perf_counter()
+            r = orig(*a)
+            spent[key] += time.perf_counter() - t
+            return r
+        setattr(obj, name, timed)
+
+    timing(sched, "schedule", "sched")
+    timing(sched, "complete", "sched")
+    timing(eng, "_pack", "pack")
+    step_s, sched_share, pack_share, rows = [], [], [], []
+    graph_steps = eng.graph_steps
+    for _ in range(steps):
+        spent["sched"] = spent["pack"] = 0.0
+        sync(torch)
+        t = time.perf_counter()
+        rows.append(len(eng.step()))
+        sync(torch)
+        step_s.append(time.perf_counter() - t)
+        sched_share.append(spent["sched"] / step_s[-1])
+        pack_share.append(spent["pack"] / step_s[-1])
+    for obj, names in ((sched, ("schedule", "complete")), (eng, ("_pack",))):
+        for name in names:
+            delattr(obj, name)  # the instance attribute; the method shows through again
+    if min(rows) < batch:  # a timed step that did not decode every request measures something else
+        raise SystemExit(f"bench_engine: only {min(rows)} of {batch} requests decoded in a timed step")
+    return {"step_ms": statistics.median(step_s) * 1e3, "tok_s": batch / statistics.median(step_s),
+            "manager_scheduler_share": statistics.median(sched_share),
+            "pack_share": statistics.median(pack_share), "graph_steps": eng.graph_steps - graph_steps}
 
 
 def decode_throughput(torch: Any, cfg: dict[str, Any], device: str, batch: int, context: int,
@@ -112,7 +147,7 @@ def decode_throughput(torch: Any, cfg: dict[str, Any], device: str, batch: int, 
 
     model = build_model(cfg, seed=0).to(device=device, dtype=torch.bfloat16)
     layers, kv_bytes_token = cfg["num_hidden_layers"], 2 * cfg["num_key_value_heads"] * cfg["head_dim"] * 2
-    per_req = context + steps + 16
+    per_req = context + 2 * steps + 16
     window = cfg["sliding_window"]
     full_layers = sum(t == "full_attention" for t in cfg["layer_types"])
     # admission reserves each request's peak, its whole prompt in every layer while it is
@@ -120,51 +155,35 @@ def decode_throughput(torch: Any, cfg: dict[str, Any], device: str, batch: int, 
     need = batch * layers * (per_req + 16) * kv_bytes_token
     eng = Engine(model, EngineConfig(gpu_bytes=int(need * 1.1) + (64 << 20), host_bytes=0, max_seq_len=per_req,
                                      max_batch_size=batch, token_budget=max(8192, batch),
-                                     prefill_chunk_tokens=8192, prefix_cache=False, device=device))
+                                     prefill_chunk_tokens=8192, prefix_cache=False, device=device,
+                                     decode_graphs="capture" if device == "cuda" else "eager"))
     rng = np.random.default_rng(2)
     prompts = [rng.integers(0, cfg["vocab_size"], context) for _ in range(batch)]
     for p in prompts:
-        eng.add_request(p, max_new_tokens=steps + 1)
-    # prefill until every request decodes
-    while any(len(r.outputs) == 0 for r in eng.requests.values()):
+        eng.add_request(p, max_new_tokens=2 * steps + 4)
+    t0 = time.perf_counter()
+    while any(len(r.outputs) == 0 for r in eng.requests.values()):  # prefill until every request decodes
         eng.step()
     sync(torch)
-    sched_s, step_s = [], []
-    sched = eng.scheduler
-    orig_schedule, orig_complete = sched.schedule, sched.complete
-    spent = [0.0]
-
-    def timed_schedule() -> Any:
-        t = time.perf_counter()
-        r = orig_schedule()
-        spent[0] += time.perf_counter() - t
-        return r
-
-    def timed_complete(*a: Any) -> Any:
-        t = time.perf_counter()
-        r = orig_complete(*a)
-        spent[0] += time.perf_counter() - t
-        return r
-
-    sched.schedule, sched.complete = timed_schedule, timed_complete  # type: ignore[method-assign]
-    rows = []
-    for _ in range(steps):
-        spent[0] = 0.0
-        t = time.perf_counter()
-        rows.append(len(eng.step()))
-        sync(torch)
-        step_s.append(time.perf_counter() - t)
-        sched_s.append(spent[0])
-    if min(rows) < batch:  # a timed step that did not decode every request measures something else
-        raise SystemExit(f"bench_engine: only {min(rows)} of {batch} requests decoded in a timed step")
-    step = statistics.median(step_s)
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    eng.step()  # captures the graph of this batch size
+    sync(torch)
+    capture_s = time.perf_counter() - t0
+    graphs = timed_steps(torch, eng, steps, batch)
+    eng.graphs, saved = None, eng.graphs  # the same requests, one eager forward per step
+    eager = timed_steps(torch, eng, steps, batch)
+    eng.graphs = saved
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv_read = batch * (full_layers * (context + steps // 2) + (layers - full_layers) * min(window, context)) \
+    kv_read = batch * (full_layers * (context + steps) + (layers - full_layers) * min(window, context)) \
         * kv_bytes_token
-    hk = {"step_ms": step * 1e3, "tok_s": batch / step, "manager_scheduler_share": statistics.median(
-        s / w for s, w in zip(sched_s, step_s, strict=True)),
-        "bytes_per_step": weights + kv_read, "roofline_share": (weights + kv_read) / step / (bandwidth / 2)}
-    del eng
+    for r in (graphs, eager):
+        r["roofline_share"] = (weights + kv_read) / (r["step_ms"] / 1e3) / bandwidth
+    hk = {"graphs": graphs, "eager": eager, "bytes_per_step": weights + kv_read, "prefill_s": prefill_s,
+          "first_decode_step_with_capture_s": capture_s}
+    del eng, saved
+    if device == "cuda":
+        torch.cuda.empty_cache()
     model.set_attn_implementation("sdpa")  # the engine switched it to its own
     # transformers generate on the same prompts: (prefill + steps) minus prefill alone
     ids = torch.as_tensor(np.stack(prompts), device=device)
@@ -175,11 +194,14 @@ def decode_throughput(torch: Any, cfg: dict[str, Any], device: str, batch: int, 
             model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
             sync(torch)
             return time.perf_counter() - t
-        gen(2)  # warm up
-        t1, tn = gen(1), gen(steps + 1)
-    hf_step = (tn - t1) / steps
-    return {"batch": batch, "context": context, "hybridkv": hk,
-            "transformers": {"step_ms": hf_step * 1e3, "tok_s": batch / hf_step}}
+        try:
+            gen(2)  # warm up
+            t1, tn = gen(1), gen(steps + 1)
+            hf_step = (tn - t1) / steps
+            hf: dict[str, Any] = {"step_ms": hf_step * 1e3, "tok_s": batch / hf_step}
+        except torch.cuda.OutOfMemoryError as e:  # its prefill materializes B x context x context masks
+            hf = {"error": f"out of memory: {str(e).splitlines()[0]}"}
+    return {"batch": batch, "context": context, "hybridkv": hk, "transformers": hf}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,11 +231,18 @@ def main(argv: list[str] | None = None) -> int:
         for c in args.context:
             r = decode_throughput(torch, cfg, device, b, c, args.steps, out["copy_bytes_per_s"])
             out["decode"].append(r)
+            if device == "cuda":
+                torch.cuda.empty_cache()  # the model and its pages are gone; free them for the next row
             hk, hf = r["hybridkv"], r["transformers"]
-            print(f"B={b} ctx={c}: hybridkv {hk['step_ms']:.2f} ms/step ({hk['tok_s']:.0f} tok/s, "
-                  f"{hk['roofline_share']:.0%} of copy bandwidth, "
-                  f"manager+scheduler {hk['manager_scheduler_share']:.1%})"
-                  f"; transformers {hf['step_ms']:.2f} ms/step ({hf['tok_s']:.0f} tok/s)", flush=True)
+            g, e = hk["graphs"], hk["eager"]
+            base = f"{hf['step_ms']:.2f} ms/step ({hf['tok_s']:.0f} tok/s)" if "step_ms" in hf else hf["error"]
+            print(f"B={b} ctx={c}: graphs {g['step_ms']:.2f} ms/step ({g['tok_s']:.0f} tok/s, "
+                  f"{g['roofline_share']:.0%} of copy bandwidth, manager+scheduler {g['manager_scheduler_share']:.1%}, "
+                  f"packing {g['pack_share']:.1%}); eager {e['step_ms']:.2f} ms ({e['roofline_share']:.0%}); "
+                  f"transformers {base}; prefill {hk['prefill_s']:.1f} s", flush=True)
+            if args.json:  # after every row: a run cut short keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump(out, f, indent=1)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -156,7 +156,7 @@ def decode_throughput(torch: Any, cfg: dict[str, Any], device: str, batch: int, 
     eng = Engine(model, EngineConfig(gpu_bytes=int(need * 1.1) + (64 << 20), host_bytes=0, max_seq_len=per_req,
                                      max_batch_size=batch, token_budget=max(8192, batch),
                                      prefill_chunk_tokens=8192, prefix_cache=False, device=device,
-                                     decode_graphs="capture" if device == "cuda" else "eager"))
+                                     decode_graphs="auto" if device == "cuda" else "eager"))
     rng = np.random.default_rng(2)
     prompts = [rng.integers(0, cfg["vocab_size"], context) for _ in range(batch)]
     for p in prompts:
@@ -180,7 +180,7 @@ def decode_throughput(torch: Any, cfg: dict[str, Any], device: str, batch: int, 
     for r in (graphs, eager):
         r["roofline_share"] = (weights + kv_read) / (r["step_ms"] / 1e3) / bandwidth
     hk = {"graphs": graphs, "eager": eager, "bytes_per_step": weights + kv_read, "prefill_s": prefill_s,
-          "first_decode_step_with_capture_s": capture_s}
+          "first_decode_step_with_capture_s": capture_s, "capture_failed": saved.failed if saved else "no graphs"}
     del eng, saved
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -239,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"B={b} ctx={c}: graphs {g['step_ms']:.2f} ms/step ({g['tok_s']:.0f} tok/s, "
                   f"{g['roofline_share']:.0%} of copy bandwidth, manager+scheduler {g['manager_scheduler_share']:.1%}, "
                   f"packing {g['pack_share']:.1%}); eager {e['step_ms']:.2f} ms ({e['roofline_share']:.0%}); "
-                  f"transformers {base}; prefill {hk['prefill_s']:.1f} s", flush=True)
+                  f"transformers {base}; prefill {hk['prefill_s']:.1f} s; capture failed: {hk['capture_failed']}",
+                  flush=True)
             if args.json:  # after every row: a run cut short keeps what it measured
                 with open(args.json, "w") as f:
                     json.dump(out, f, indent=1)

@@ -126,6 +126,7 @@ class Engine:
     def _decode_graphs(self, device: Any, recurrent_layers: bool) -> DecodeGraphs | None:
         mode = self.config.decode_graphs
         can_capture = device.type == "cuda" and self.kernel is paged_attention_triton
+        strict = mode != "auto"
         if mode == "auto":
             mode = "capture" if can_capture and not recurrent_layers else "off"
         if mode == "off":
@@ -139,7 +140,8 @@ class Engine:
         families = self.manager.rows.families
         return DecodeGraphs(self.model, self.layers, [f.table for f in families], [f.members for f in families],
                             len(self.manager.grouped.layer_groups), self.config.max_batch_size, self.kernel,
-                            pick_write_kv(device, skip_holes=True), self.config.device, capture=mode == "capture")
+                            pick_write_kv(device, skip_holes=True), self.config.device, capture=mode == "capture",
+                            strict=strict)
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, prompt_ids: npt.ArrayLike, max_new_tokens: int, temperature: float = 0.0,

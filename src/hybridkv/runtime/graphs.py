@@ -18,6 +18,10 @@ splits depend on shapes only (``triton_attention.choose_tiles``), so the launch 
 recorded is the one the step needs. Graphs are captured lazily, the first time a size is
 needed, into one memory pool: a replay's logits are read before the next replay.
 
+A capture that fails (a module that reads the device on the host, say) raises when the
+engine asked for graphs (``decode_graphs="capture"``); under ``"auto"`` it is recorded in
+``failed`` and the static step runs eagerly from then on.
+
 ``capture=False`` runs the same padded static step eagerly: the CPU tests prove the buffers
 and padding with the torch kernels; the GPU proves the captured replay against it.
 """
@@ -67,11 +71,12 @@ class DecodeGraphs:
 
     def __init__(self, model: Any, layers: dict[int, LayerPages], family_tables: list[Any],
                  members: list[tuple[int, ...]], num_groups: int, max_rows: int, kernel: PagedAttention,
-                 write: WriteKV, device: str, capture: bool) -> None:
+                 write: WriteKV, device: str, capture: bool, strict: bool = True) -> None:
         import torch
 
         self.model, self.layers, self.kernel, self.write = model, layers, kernel, write
-        self.capture = capture
+        self.capture, self.strict = capture, strict
+        self.failed: str | None = None  # why capturing failed (not strict: the static step runs eagerly)
         self.sizes = graph_sizes(max_rows)
         self.max_rows = max_rows
         size = self.sizes[-1]
@@ -127,7 +132,12 @@ class DecodeGraphs:
         n = host.ids.size
         size = next(s for s in self.sizes if s >= n)
         if self.capture and size not in self.graphs:
-            self._capture(size)
+            try:
+                self._capture(size)
+            except Exception as e:  # a module that cannot be captured (a host sync, say)
+                if self.strict:
+                    raise
+                self.capture, self.failed = False, f"capturing batch {size} failed: {type(e).__name__}: {e}"
         rows = host.kv_len.size
         self.ids[:n].copy_(torch.from_numpy(host.ids))
         self.q_pos[:n].copy_(torch.from_numpy(host.q_pos))

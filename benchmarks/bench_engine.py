@@ -147,7 +147,7 @@ def decode_throughput(torch: Any, cfg: dict[str, Any], device: str, batch: int, 
 
     model = build_model(cfg, seed=0).to(device=device, dtype=torch.bfloat16)
     layers, kv_bytes_token = cfg["num_hidden_layers"], 2 * cfg["num_key_value_heads"] * cfg["head_dim"] * 2
-    per_req = context + 2 * steps + 16
+    per_req = context + 2 * steps + 16 + -(-batch * context // 8192)
     window = cfg["sliding_window"]
     full_layers = sum(t == "full_attention" for t in cfg["layer_types"])
     # admission reserves each request's peak, its whole prompt in every layer while it is
@@ -159,8 +159,11 @@ def decode_throughput(torch: Any, cfg: dict[str, Any], device: str, batch: int, 
                                      decode_graphs="auto" if device == "cuda" else "eager"))
     rng = np.random.default_rng(2)
     prompts = [rng.integers(0, cfg["vocab_size"], context) for _ in range(batch)]
+    # the first requests decode while the last are prefilled (8192 prompt tokens a step): room
+    # for those tokens too, so every request still decodes in every timed step
+    prefill_steps = -(-batch * context // 8192)
     for p in prompts:
-        eng.add_request(p, max_new_tokens=2 * steps + 4)
+        eng.add_request(p, max_new_tokens=2 * steps + prefill_steps + 8)
     t0 = time.perf_counter()
     while any(len(r.outputs) == 0 for r in eng.requests.values()):  # prefill until every request decodes
         eng.step()

@@ -1,11 +1,11 @@
 """``hybridkv generate``: one prompt through the reference engine, its tokens streamed as they come.
 
 MODEL is a transformers ``model_type`` (tiny sizes, seeded random weights: ``runtime.model.
-tiny_config``), a local Hugging Face directory (its weights, and its tokenizer when it has
-one), or a config.json path (seeded random weights at the config's own sizes). Without a
-tokenizer the prompt is token ids (``"1 2 3"`` or ``"1,2,3"``) or plain text read as its UTF-8
-bytes modulo the vocabulary, and each new token id is printed on its own line; with a
-tokenizer the prompt is text and the decoded text is printed as it grows.
+tiny_config``), a local Hugging Face directory or a ``.gguf`` file (its weights, and its
+tokenizer when it has one), or a config.json path (seeded random weights at the config's own
+sizes). Without a tokenizer the prompt is token ids (``"1 2 3"`` or ``"1,2,3"``) or plain text
+read as its UTF-8 bytes modulo the vocabulary, and each new token id is printed on its own
+line; with a tokenizer the prompt is text and the decoded text is printed as it grows.
 
 The model and engine helpers here (``add_engine_arguments``, ``load_engine_model``,
 ``make_engine``) are shared with ``serve-bench``.
@@ -14,6 +14,8 @@ The model and engine helpers here (``add_engine_arguments``, ``load_engine_model
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
@@ -60,7 +62,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """MODEL, --gpu-mem, --device, --pools and --seed: one definition for both commands."""
     p.add_argument("model", metavar="MODEL",
                    help="a transformers model_type such as gemma3_text (tiny sizes, seeded random weights), "
-                        "a local Hugging Face directory, or a config.json path (random weights at its sizes)")
+                        "a local Hugging Face directory or .gguf file (its weights and tokenizer), or a "
+                        "config.json path (random weights at its sizes)")
     p.add_argument("--gpu-mem", default=DEFAULT_GPU_MEM,
                    help=f"bytes for the KV pages on --device, e.g. 64MiB (default {DEFAULT_GPU_MEM})")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model and pages live")
@@ -85,6 +88,7 @@ def load_engine_model(arg: str, seed: int, device: str, threads: int = 0) -> Eng
     import torch
 
     from hybridkv.runtime import build_model
+    from hybridkv.runtime.gguf_file import is_gguf_path
 
     if threads:
         torch.set_num_threads(threads)
@@ -93,12 +97,14 @@ def load_engine_model(arg: str, seed: int, device: str, threads: int = 0) -> Eng
     tokenizer = None
     model: Any
     try:
-        if os.path.isdir(arg):
+        if os.path.isdir(arg) or is_gguf_path(arg):
             from transformers.utils import logging as hf_logging
 
-            # stderr is for errors (and serve-bench's own bar), not transformers' loading bar
+            # stderr is for errors (and serve-bench's own bar), not transformers' loading bars; its
+            # GGUF reader draws one of its own that the switch does not reach
             hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-            model = build_model(arg)
+            with contextlib.redirect_stderr(io.StringIO()):
+                model = build_model(arg)
             tokenizer = _tokenizer(arg)
         elif arg.endswith(".json") or os.path.isfile(arg):
             model = build_model(_config_file(arg), seed=seed)
@@ -148,12 +154,17 @@ def _config_file(path: str) -> dict[str, Any]:
     return data
 
 
-def _tokenizer(directory: str) -> Any:
-    if not any((Path(directory) / name).is_file() for name in _TOKENIZER_FILES):
+def _tokenizer(path: str) -> Any:
+    """The tokenizer a model directory or a GGUF file carries; None when it has none."""
+    from hybridkv.runtime.gguf_file import is_gguf_path, load_gguf_tokenizer
+
+    if is_gguf_path(path):
+        return load_gguf_tokenizer(path)
+    if not any((Path(path) / name).is_file() for name in _TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(directory)
+    return AutoTokenizer.from_pretrained(path)
 
 
 def make_engine(em: EngineModel, args: argparse.Namespace, max_seq_len: int, max_batch_size: int,
@@ -265,9 +276,9 @@ def add_generate_parser(subparsers: Any) -> None:
                               epilog="example: hybridkv generate gemma3_text --prompt '1 2 3' --max-new-tokens 8")
     add_engine_arguments(g)
     g.add_argument("--prompt", required=True,
-                   help="with a tokenizer (a model directory that has one): text. Without one (random weights): "
-                        "token ids such as '1 2 3' or '1,2,3', else plain text read as its UTF-8 bytes modulo "
-                        "the vocabulary")
+                   help="with a tokenizer (a model directory or .gguf file that has one): text. Without one "
+                        "(random weights): token ids such as '1 2 3' or '1,2,3', else plain text read as its UTF-8 "
+                        "bytes modulo the vocabulary")
     g.add_argument("--max-new-tokens", default="16",
                    help="tokens to generate (default 16); a tokenizer's end-of-sequence token stops earlier")
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default); else sampled, seeded")

@@ -1,6 +1,6 @@
-"""Models for the reference engine: seeded random weights from a transformers config (or a
-local Hugging Face directory), and the hybridkv layout of a loaded model, checked against the
-model's own ``layer_types``."""
+"""Models for the reference engine: seeded random weights from a transformers config, or the
+weights of a local Hugging Face directory or GGUF file (``gguf_file.py``), and the hybridkv
+layout of a loaded model, checked against the model's own ``layer_types``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from hybridkv.core.errors import ConfigError
 from hybridkv.layouts.hf_config import parse_hf_config
 from hybridkv.layouts.spec import ModelLayout
+from hybridkv.runtime.gguf_file import is_gguf_path, load_gguf_model
 
 if TYPE_CHECKING:
     import torch
@@ -70,12 +71,15 @@ def tiny_config(model_type: str, **overrides: Any) -> Any:
 
 
 def build_model(name_or_config: Any, seed: int = 0, **overrides: Any) -> torch.nn.Module:
-    """A causal LM in float32 on the CPU: a local HF directory (its weights), or seeded random
-    weights from a transformers config, a dict with ``model_type``, or a ``model_type`` name
-    (``tiny_config`` sizes; ``overrides`` change any field)."""
+    """A causal LM in float32 on the CPU: a local HF directory or a ``.gguf`` file (its weights,
+    dequantized), or seeded random weights from a transformers config, a dict with
+    ``model_type``, or a ``model_type`` name (``tiny_config`` sizes; ``overrides`` change any
+    field)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+    if isinstance(name_or_config, str) and is_gguf_path(name_or_config):
+        return load_gguf_model(name_or_config)
     if isinstance(name_or_config, str) and os.path.isdir(name_or_config):
         model = AutoModelForCausalLM.from_pretrained(name_or_config, dtype=torch.float32)
         return model.eval()
@@ -89,8 +93,8 @@ def build_model(name_or_config: Any, seed: int = 0, **overrides: Any) -> torch.n
     elif isinstance(name_or_config, str):
         config = tiny_config(name_or_config, **overrides)
     else:
-        raise ConfigError(f"build_model: give a model_type, a directory, a config dict or a PretrainedConfig, "
-                          f"not {type(name_or_config).__name__}")
+        raise ConfigError(f"build_model: give a model_type, a directory, a .gguf file, a config dict or a "
+                          f"PretrainedConfig, not {type(name_or_config).__name__}")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

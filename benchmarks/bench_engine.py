@@ -140,16 +140,19 @@ def timed_steps(torch: Any, eng: Any, steps: int, batch: int) -> dict[str, float
             "pack_share": statistics.median(pack_share), "graph_steps": eng.graph_steps - graph_steps}
 
 
-def decode_throughput(torch: Any, cfg: dict[str, Any], device: str, batch: int, context: int,
-                      steps: int, bandwidth: float) -> dict[str, Any]:
+def prefilled_engine(torch: Any, cfg: dict[str, Any], device: str, batch: int, context: int,
+                     steps: int) -> tuple[Any, Any, list[Any], float]:
+    """The bf16 model, an engine holding ``batch`` requests of ``context`` random tokens all
+    decoding (room for ``2 * steps`` more each), their prompts, and the prefill's seconds."""
     from hybridkv.runtime.engine import Engine, EngineConfig
     from hybridkv.runtime.model import build_model
 
     model = build_model(cfg, seed=0).to(device=device, dtype=torch.bfloat16)
     layers, kv_bytes_token = cfg["num_hidden_layers"], 2 * cfg["num_key_value_heads"] * cfg["head_dim"] * 2
-    per_req = context + 2 * steps + 16 + -(-batch * context // 8192)
-    window = cfg["sliding_window"]
-    full_layers = sum(t == "full_attention" for t in cfg["layer_types"])
+    # the first requests decode while the last are prefilled (8192 prompt tokens a step): room
+    # for those tokens too, so every request still decodes in every timed step
+    prefill_steps = -(-batch * context // 8192)
+    per_req = context + 2 * steps + 16 + prefill_steps
     # admission reserves each request's peak, its whole prompt in every layer while it is
     # prefilled in one chunk: pages for that, so all B requests run together
     need = batch * layers * (per_req + 16) * kv_bytes_token
@@ -159,16 +162,21 @@ def decode_throughput(torch: Any, cfg: dict[str, Any], device: str, batch: int, 
                                      decode_graphs="auto" if device == "cuda" else "eager"))
     rng = np.random.default_rng(2)
     prompts = [rng.integers(0, cfg["vocab_size"], context) for _ in range(batch)]
-    # the first requests decode while the last are prefilled (8192 prompt tokens a step): room
-    # for those tokens too, so every request still decodes in every timed step
-    prefill_steps = -(-batch * context // 8192)
     for p in prompts:
         eng.add_request(p, max_new_tokens=2 * steps + prefill_steps + 8)
     t0 = time.perf_counter()
-    while any(len(r.outputs) == 0 for r in eng.requests.values()):  # prefill until every request decodes
+    while any(len(r.outputs) == 0 for r in eng.requests.values()):
         eng.step()
     sync(torch)
-    prefill_s = time.perf_counter() - t0
+    return model, eng, prompts, time.perf_counter() - t0
+
+
+def decode_throughput(torch: Any, cfg: dict[str, Any], device: str, batch: int, context: int,
+                      steps: int, bandwidth: float) -> dict[str, Any]:
+    model, eng, prompts, prefill_s = prefilled_engine(torch, cfg, device, batch, context, steps)
+    layers, kv_bytes_token = cfg["num_hidden_layers"], 2 * cfg["num_key_value_heads"] * cfg["head_dim"] * 2
+    window = cfg["sliding_window"]
+    full_layers = sum(t == "full_attention" for t in cfg["layer_types"])
     t0 = time.perf_counter()
     eng.step()  # captures the graph of this batch size
     sync(torch)

@@ -12,9 +12,10 @@ bf16 on the GPU. Per batch size B:
    share of positions where transformers picks the engine's token, and the top-1 / top-2
    margin where they differ (random weights give flat logits).
 2. **Decode throughput.** B prompts of ``--context`` random tokens are prefilled, then
-   ``--steps`` decode steps are timed (CUDA synchronized per step): hybridkv's engine with
-   its decode steps replayed from a CUDA graph, then ``--steps`` more with one eager forward
-   per step (the same requests), then ``model.generate`` with transformers' default cache and
+   ``--steps`` decode steps are timed (CUDA synchronized per step): hybridkv's engine as it
+   runs by default on a GPU (decode steps replayed from a CUDA graph, RMSNorms fused), then
+   ``--steps`` more each on the same requests with transformers' own norm modules (graphs
+   recaptured) and with one eager forward per step; then ``model.generate`` with transformers' default cache and
    attention on the same B prompts ((prefill + steps) minus prefill alone).
 3. **Where a step goes.** The scheduler and manager (``schedule`` + ``complete``) and the
    host packing, as shares of the step; and the step's bytes (weights once, plus each row's
@@ -143,7 +144,7 @@ def timed_steps(torch: Any, eng: Any, steps: int, batch: int) -> dict[str, float
 def prefilled_engine(torch: Any, cfg: dict[str, Any], device: str, batch: int, context: int,
                      steps: int) -> tuple[Any, Any, list[Any], float]:
     """The bf16 model, an engine holding ``batch`` requests of ``context`` random tokens all
-    decoding (room for ``2 * steps`` more each), their prompts, and the prefill's seconds."""
+    decoding (room for ``3 * steps`` more each), their prompts, and the prefill's seconds."""
     from hybridkv.runtime.engine import Engine, EngineConfig
     from hybridkv.runtime.model import build_model
 
@@ -152,7 +153,7 @@ def prefilled_engine(torch: Any, cfg: dict[str, Any], device: str, batch: int, c
     # the first requests decode while the last are prefilled (8192 prompt tokens a step): room
     # for those tokens too, so every request still decodes in every timed step
     prefill_steps = -(-batch * context // 8192)
-    per_req = context + 2 * steps + 16 + prefill_steps
+    per_req = context + 3 * steps + 16 + prefill_steps
     # admission reserves each request's peak, its whole prompt in every layer while it is
     # prefilled in one chunk: pages for that, so all B requests run together
     need = batch * layers * (per_req + 16) * kv_bytes_token
@@ -163,7 +164,7 @@ def prefilled_engine(torch: Any, cfg: dict[str, Any], device: str, batch: int, c
     rng = np.random.default_rng(2)
     prompts = [rng.integers(0, cfg["vocab_size"], context) for _ in range(batch)]
     for p in prompts:
-        eng.add_request(p, max_new_tokens=2 * steps + prefill_steps + 8)
+        eng.add_request(p, max_new_tokens=3 * steps + prefill_steps + 8)
     t0 = time.perf_counter()
     while any(len(r.outputs) == 0 for r in eng.requests.values()):
         eng.step()
@@ -173,6 +174,8 @@ def prefilled_engine(torch: Any, cfg: dict[str, Any], device: str, batch: int, c
 
 def decode_throughput(torch: Any, cfg: dict[str, Any], device: str, batch: int, context: int,
                       steps: int, bandwidth: float) -> dict[str, Any]:
+    from hybridkv.runtime import norms
+
     model, eng, prompts, prefill_s = prefilled_engine(torch, cfg, device, batch, context, steps)
     layers, kv_bytes_token = cfg["num_hidden_layers"], 2 * cfg["num_key_value_heads"] * cfg["head_dim"] * 2
     window = cfg["sliding_window"]
@@ -182,15 +185,22 @@ def decode_throughput(torch: Any, cfg: dict[str, Any], device: str, batch: int, 
     sync(torch)
     capture_s = time.perf_counter() - t0
     graphs = timed_steps(torch, eng, steps, batch)
-    eng.graphs, saved = None, eng.graphs  # the same requests, one eager forward per step
+    # the same requests with transformers' own norm modules (recaptured), then one eager
+    # forward per step
+    norms.uninstall(model)
+    if eng.graphs is not None:
+        eng.graphs.graphs.clear()
+    eng.step()
+    own_norms = timed_steps(torch, eng, steps, batch)
+    eng.graphs, saved = None, eng.graphs
     eager = timed_steps(torch, eng, steps, batch)
-    eng.graphs = saved
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_read = batch * (full_layers * (context + steps) + (layers - full_layers) * min(window, context)) \
         * kv_bytes_token
-    for r in (graphs, eager):
+    for r in (graphs, own_norms, eager):
         r["roofline_share"] = (weights + kv_read) / (r["step_ms"] / 1e3) / bandwidth
-    hk = {"graphs": graphs, "eager": eager, "bytes_per_step": weights + kv_read, "prefill_s": prefill_s,
+    hk = {"graphs": graphs, "graphs_own_norms": own_norms, "eager": eager, "fused_norms": eng.norms,
+          "bytes_per_step": weights + kv_read, "prefill_s": prefill_s,
           "first_decode_step_with_capture_s": capture_s, "capture_failed": saved.failed if saved else "no graphs"}
     del eng, saved
     if device == "cuda":
@@ -249,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             base = f"{hf['step_ms']:.2f} ms/step ({hf['tok_s']:.0f} tok/s)" if "step_ms" in hf else hf["error"]
             print(f"B={b} ctx={c}: graphs {g['step_ms']:.2f} ms/step ({g['tok_s']:.0f} tok/s, "
                   f"{g['roofline_share']:.0%} of copy bandwidth, manager+scheduler {g['manager_scheduler_share']:.1%}, "
-                  f"packing {g['pack_share']:.1%}); eager {e['step_ms']:.2f} ms ({e['roofline_share']:.0%}); "
+                  f"packing {g['pack_share']:.1%}); own norms {hk['graphs_own_norms']['step_ms']:.2f} ms; "
+                  f"eager {e['step_ms']:.2f} ms ({e['roofline_share']:.0%}); "
                   f"transformers {base}; prefill {hk['prefill_s']:.1f} s; capture failed: {hk['capture_failed']}",
                   flush=True)
             if args.json:  # after every row: a run cut short keeps what it measured

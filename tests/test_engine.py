@@ -287,13 +287,20 @@ def test_a_model_the_engine_does_not_run_is_refused_by_name() -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize(("family", "pools"), GRAPH_FAMILIES)
-def test_decode_graphs_on_cuda(family: str, pools: str) -> None:
+@pytest.mark.parametrize(("family", "pools", "mode"), [
+    ("gemma3_text", "shared", "capture"), ("gemma2", "shared", "capture"), ("llama4_text", "shared", "capture"),
+    # transformers' grouped-GEMM experts copy routing counts to the host: not capturable, so
+    # "auto" falls back to the same static step run eagerly, and says why
+    ("gpt_oss", "per-lifecycle", "auto"), ("deepseek_v3", "shared", "auto")])
+def test_decode_graphs_on_cuda(family: str, pools: str, mode: str) -> None:
     """Decode steps replayed from captured CUDA graphs (the default on a GPU with Triton) give
     the logits transformers gives; a step of n rows replays the graph of the next size up."""
-    engine = Engine(build_model(family, seed=0).to("cuda"), config(pools, device="cuda", decode_graphs="capture"))
+    engine = Engine(build_model(family, seed=0).to("cuda"), config(pools, device="cuda", decode_graphs=mode))
     events, _ = run_scenario(engine)
-    assert engine.graph_steps > 0 and engine.graphs is not None and engine.graphs.graphs
+    assert engine.graph_steps > 0 and engine.graphs is not None
+    assert (engine.graphs.failed is None) == (mode == "capture")
+    assert bool(engine.graphs.graphs) == (mode == "capture")
+    assert engine.norms  # RMSNorms fused where the Triton kernels run (norms.py)
     events = [e._replace(logits=e.logits.cpu()) for e in events]
     assert check_against_transformers(family, engine, events) <= TOL
 

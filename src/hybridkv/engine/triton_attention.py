@@ -46,6 +46,12 @@ def triton_available() -> bool:
     return triton is not None
 
 
+def triton_runs_on(device: torch.device) -> bool:
+    """Can the Triton kernels run for tensors on ``device``: triton installed, and a CUDA
+    device or ``TRITON_INTERPRET=1`` (the interpreter, on the CPU)?"""
+    return triton_available() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
 @dataclass(frozen=True, slots=True)
 class KernelTiles:
     """How one launch is cut. A named object so a benchmark can sweep the cut that
@@ -358,7 +364,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 def pick_paged_attention(device: torch.device) -> Callable[..., torch.Tensor]:
     """The Triton kernel where it can run (triton installed, and a CUDA device or
     ``TRITON_INTERPRET=1``), else the torch reference: the same signature either way."""
-    if triton_available() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+    if triton_runs_on(device):
         return paged_attention_triton
     from hybridkv.engine.paged_attention import paged_attention
 

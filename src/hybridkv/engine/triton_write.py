@@ -10,13 +10,12 @@ batch up to its size (``runtime/graphs.py``). One program per token writes its
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from hybridkv.core.errors import UsageError
 from hybridkv.engine.paged_attention import write_kv
-from hybridkv.engine.triton_attention import triton_available
+from hybridkv.engine.triton_attention import triton_available, triton_runs_on
 
 if TYPE_CHECKING:
     import torch
@@ -90,6 +89,6 @@ def pick_write_kv(device: torch.device, *, skip_holes: bool = False) -> WriteKV:
     """The Triton write on a CUDA device with triton (or under ``TRITON_INTERPRET=1``), which
     skips holes and never syncs; else the torch ``write_kv``, which raises on a hole
     (``skip_holes``: the torch one that skips them)."""
-    if triton_available() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+    if triton_runs_on(device):
         return write_kv_triton
     return write_kv_skipping_holes if skip_holes else write_kv

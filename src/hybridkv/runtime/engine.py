@@ -25,12 +25,12 @@ import numpy.typing as npt
 
 from hybridkv.core.errors import ConfigError, InvariantError, UsageError
 from hybridkv.core.types import MIB, CacheHandle
-from hybridkv.engine.triton_attention import paged_attention_triton, pick_paged_attention
+from hybridkv.engine.triton_attention import paged_attention_triton, pick_paged_attention, triton_runs_on
 from hybridkv.engine.triton_write import pick_write_kv
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
 from hybridkv.manager.tiers import StorageConfig
 from hybridkv.planning.planner import PlanSpec, plan
-from hybridkv.runtime import attention, mla, recurrent
+from hybridkv.runtime import attention, mla, norms, recurrent
 from hybridkv.runtime.graphs import DecodeGraphs, HostStep
 from hybridkv.runtime.model import cache_layer_ids, kv_heads, mla_layers, model_layout, recurrent_layers
 from hybridkv.runtime.pages import layer_pages
@@ -62,6 +62,8 @@ class EngineConfig:
     # with the Triton kernels for a model without recurrent layers; "capture" insists; "eager"
     # runs the same padded static step without capturing (the CPU check); "off" never
     decode_graphs: str = "auto"
+    # RMSNorm modules through one Triton kernel each where the kernels run (runtime/norms.py)
+    fused_norms: bool = True
     storage: StorageConfig | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -117,6 +119,8 @@ class Engine:
         mla.install(model, mla_layers(model))  # latents in the pages, up-projections absorbed (mla.py)
         attention.register()
         model.set_attn_implementation(attention.ATTENTION_NAME)
+        # per norm class: the fused form installed, or why it kept its own forward
+        self.norms = norms.install(model) if cfg.fused_norms and triton_runs_on(device) else {}
         self._needs_runs = bool(states)  # recurrent layers walk the packed sequence request by request
         self.graphs = self._decode_graphs(device, bool(states))
         self.graph_steps = 0  # steps replayed from a graph (or, "eager", run over its static buffers)
@@ -203,7 +207,7 @@ class Engine:
             return []
         host = self._pack(step)
         if self.graphs is not None and self.graphs.fits(host):
-            logits = self.graphs.run(host).float()
+            logits = self.graphs.run(host)  # the model's dtype: greedy rows need no float32 copy
             self.graph_steps += 1
         else:
             ctx, ids = self._upload(host)
@@ -211,8 +215,8 @@ class Engine:
                 out = self.model(input_ids=ids[None], position_ids=ctx.q_pos[None], use_cache=False,
                                  logits_to_keep=torch.as_tensor(host.emit_at, device=ids.device),
                                  **{attention.STEP_KEYWORD: ctx})
-            logits = out.logits[0].float()
-        events = self._emit(step, host.rows.tolist(), logits)
+            logits = out.logits[0]
+        events = self._emit(host.emitting, logits)
         now = time.monotonic()
         ended = {t.spec.request_id for t in self.scheduler.complete(step, now)}
         for event in events:  # stopped before max_new_tokens
@@ -236,7 +240,8 @@ class Engine:
         families = tuple(step.tables.family_table(i) for i in range(len(self.manager.rows.families)))
         return HostStep(ids.astype(np.int64), np.repeat(live, counts),
                         np.arange(int(ends[-1])) - np.repeat(starts - lo, counts), step.capacity, families,
-                        (ends - 1)[emits], live[emits], runs)
+                        (ends - 1)[emits], live[emits], runs,
+                        tuple(r for r, e in zip(reqs, emits.tolist(), strict=True) if e))
 
     def _upload(self, host: HostStep) -> tuple[attention.StepContext, Any]:
         """The step on the device: one upload per family (a life cycle's layer groups in one
@@ -261,16 +266,19 @@ class Engine:
     def _request_at(self, step: StepPlan, i: int) -> GenRequest:
         return self.requests[self.scheduler.by_handle[int(step.handles[i])].spec.request_id]
 
-    def _emit(self, step: StepPlan, rows: list[int], logits: Any) -> list[TokenEvent]:
-        reqs = [self._request_at(step, i) for i in rows]
-        # greedy rows: one argmax over the batch and one transfer, not a device sync per row
-        greedy = logits.argmax(dim=-1).tolist() if rows else []
+    def _emit(self, reqs: tuple[GenRequest, ...], logits: Any) -> list[TokenEvent]:
+        """Sample each request's token from its row of ``logits`` (greedy rows: one argmax over
+        the batch and one transfer, not a device sync per row) and record it."""
+        import torch
+
+        greedy = logits.argmax(dim=-1).tolist() if reqs else []
+        keep = self.config.keep_logits
         events = []
         for j, req in enumerate(reqs):
-            token = int(greedy[j]) if req.generator is None else req.sample(logits[j])
+            token = greedy[j] if req.generator is None else req.sample(logits[j].float())
             position = req.known
             req.append(token)
-            kept = logits[j].clone() if self.config.keep_logits else None
+            kept = logits[j].to(torch.float32, copy=True) if keep else None  # (a graph's output is reused)
             events.append(TokenEvent(req.request_id, token, position, req.finished, kept))
             if self.on_token is not None:
                 self.on_token(events[-1])

@@ -35,6 +35,7 @@ import numpy.typing as npt
 
 from hybridkv.runtime.attention import STEP_KEYWORD, PagedAttention, StepContext
 from hybridkv.runtime.pages import LayerPages
+from hybridkv.runtime.requests import GenRequest
 
 if TYPE_CHECKING:
     import torch
@@ -53,6 +54,7 @@ class HostStep(NamedTuple):
     emit_at: npt.NDArray[np.int64]  # packed indices whose logits are sampled
     rows: npt.NDArray[np.int64]  # their batch rows
     runs: tuple[tuple[int, int, int], ...]  # (row, first, end) of each request's tokens
+    emitting: tuple[GenRequest, ...]  # the requests sampling a token, in emit_at's order
 
     @property
     def is_decode(self) -> bool:
@@ -80,13 +82,20 @@ class DecodeGraphs:
         self.sizes = graph_sizes(max_rows)
         self.max_rows = max_rows
         size = self.sizes[-1]
-        self.ids = torch.zeros(size, dtype=torch.long, device=device)
-        self.q_pos = torch.zeros(size, dtype=torch.long, device=device)
-        self.q_row = torch.full((size,), max_rows, dtype=torch.long, device=device)  # the padding row
+        # inputs [3, size]: ids, positions, rows (padding tokens in the padding row, max_rows)
+        self.inputs = torch.zeros(3, size, dtype=torch.long, device=device)
+        self.ids, self.q_pos, self.q_row = self.inputs
+        self.q_row.fill_(max_rows)
         self.kv_len = torch.zeros(max_rows + 1, dtype=torch.long, device=device)
         # per family [rows + 1, widest table, members], -1 everywhere (the padding row stays so)
         self.families = [torch.full((max_rows + 1, t.shape[1], t.shape[2]), -1, dtype=torch.int32, device=device)
                          for t in family_tables]
+        # the same on the host, page-locked on a GPU: a step fills them and uploads each in one
+        # asynchronous copy (whole rows of a family's table are contiguous)
+        pinned = torch.device(device).type == "cuda"
+        self.stage = [torch.empty_like(t, device="cpu", pin_memory=pinned) for t in (self.inputs, self.kv_len)]
+        self.stage_families = [torch.full(t.shape, -1, dtype=torch.int32, pin_memory=pinned) for t in self.families]
+        self.stage[1].zero_()
         per_group: list[Any] = [None] * num_groups
         for table, group_ids in zip(self.families, members, strict=True):
             for j, g in enumerate(group_ids):
@@ -139,14 +148,15 @@ class DecodeGraphs:
                     raise
                 self.capture, self.failed = False, f"capturing batch {size} failed: {type(e).__name__}: {e}"
         rows = host.kv_len.size
-        self.ids[:n].copy_(torch.from_numpy(host.ids))
-        self.q_pos[:n].copy_(torch.from_numpy(host.q_pos))
-        self.q_row[:n].copy_(torch.from_numpy(host.q_row))
-        self.q_row[n:size].fill_(self.max_rows)
-        self.q_pos[n:size].zero_()
-        self.kv_len[:rows].copy_(torch.from_numpy(host.kv_len.astype(np.int64, copy=False)))
-        for static, table in zip(self.families, host.families, strict=True):
-            static[:rows, :table.shape[1]].copy_(torch.from_numpy(table))
+        inputs, kv_len = (t.numpy() for t in self.stage)
+        inputs[0, :n], inputs[1, :n], inputs[2, :n] = host.ids, host.q_pos, host.q_row
+        inputs[0, n:size], inputs[1, n:size], inputs[2, n:size] = 0, 0, self.max_rows
+        kv_len[:rows] = host.kv_len  # (kv_len[max_rows], the padding row's, stays 0)
+        self.inputs.copy_(self.stage[0], non_blocking=True)
+        self.kv_len.copy_(self.stage[1], non_blocking=True)
+        for static, stage, table in zip(self.families, self.stage_families, host.families, strict=True):
+            stage.numpy()[:rows, :table.shape[1]] = table
+            static[:rows].copy_(stage[:rows], non_blocking=True)
         if not self.capture:
             with torch.no_grad():
                 return self._forward(size)[:n]

@@ -8,7 +8,9 @@ One step (``Engine.step``):
    token's position in its request as ``position_ids`` and its batch row in ``q_row``.
 3. The model runs once; its attention layers write their keys and values into the pages and
    read them back through the tables (``attention.py``); logits are computed only at the last
-   token of each request that finished its prompt (or decodes).
+   token of each request that finished its prompt (or decodes). A decode step (every row
+   computes one token and samples it) replays a CUDA graph instead where one was captured
+   (``graphs.py``; on a GPU, where the RMSNorms are fused too: ``norms.py``).
 4. Those requests sample a token, the scheduler records the step (publishes prefixes to the
    prefix cache, closes finished requests), and each new token is streamed.
 """

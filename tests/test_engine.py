@@ -285,6 +285,19 @@ def test_a_model_the_engine_does_not_run_is_refused_by_name() -> None:
         Engine(model, config())
 
 
+@pytest.mark.parametrize(("model_type", "extra"), [
+    ("lfm2", {"full_attn_idxs": [3]}),
+    ("lfm2_moe", {"layer_types": ["conv", "conv", "conv", "full_attention"], "num_experts": 2,
+                  "num_experts_per_tok": 1, "moe_intermediate_size": 16, "num_dense_layers": 1}),
+])
+def test_lfm2_short_convs_are_refused_by_name(model_type: str, extra: dict[str, Any]) -> None:
+    """LFM2's conv layers read their state from past_key_values, not the engine's recurrent
+    pages: hybridkv plans their memory, and the engine refuses them at construction."""
+    model = build_model(model_type, seed=0, **extra)
+    with pytest.raises(ConfigError, match=f"model_type '{model_type}': its 'conv' layers are gated short conv"):
+        Engine(model, config())
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(("family", "pools", "mode"), [

@@ -365,6 +365,13 @@ GRANITE_4_H: dict[str, Any] = {
     "mamba_n_heads": 48, "mamba_d_head": 64, "mamba_n_groups": 1, "mamba_d_state": 128, "mamba_d_conv": 4,
     "mamba_expand": 2, "max_position_embeddings": 131072,
 }
+LFM2_ATTENTION = [2, 5, 8, 10, 12, 14]
+LFM2: dict[str, Any] = {  # LFM2-1.2B's sizes: gated short convs, attention at full_attn_idxs
+    "model_type": "lfm2", "torch_dtype": "bfloat16", "num_hidden_layers": 16, "hidden_size": 2048,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "conv_L_cache": 3, "full_attn_idxs": LFM2_ATTENTION,
+    "layer_types": ["full_attention" if i in LFM2_ATTENTION else "conv" for i in range(16)],
+    "max_position_embeddings": 128000,
+}
 
 
 def kinds(layout: ModelLayout) -> list[str]:
@@ -447,6 +454,30 @@ def test_linear_attention_is_gated_delta_net_for_qwen3_5(tmp_path: Path) -> None
     assert load(tmp_path, qwen35).layers == load(tmp_path, QWEN3_NEXT).layers
 
 
+def test_lfm2_conv_layers_keep_one_short_conv_state(tmp_path: Path) -> None:
+    """A conv layer keeps hidden_size x (conv_L_cache - 1) past inputs and nothing else."""
+    layout = load(tmp_path, LFM2)
+    assert ids(layout, lambda lc: isinstance(lc, Full)) == LFM2_ATTENTION
+    conv = [la for la in layout.layers if isinstance(la.life_cycle, Ssm)]
+    assert len(conv) == 10
+    assert {la.buffers for la in conv} == {(BufferSpec("conv", state_bytes=2048 * (3 - 1) * 2),)}  # 8,192 B
+    assert conv[0].state_bytes == 8192
+    assert layout.kv_bytes_per_token() == 6 * 2 * 8 * 64 * 2 == 12_288  # head_dim 2048 / 32 = 64
+
+
+def test_lfm2_without_layer_types_reads_full_attn_idxs(tmp_path: Path) -> None:
+    assert load(tmp_path, _drop(LFM2, "layer_types")).layers == load(tmp_path, LFM2).layers
+    no_lists = _drop(_drop(LFM2, "layer_types"), "full_attn_idxs")  # transformers: attention everywhere
+    assert kinds(load(tmp_path, no_lists)) == ["full"] * 16
+
+
+def test_lfm2_moe_conv_layers_match_lfm2(tmp_path: Path) -> None:
+    moe = {**_drop(LFM2, "full_attn_idxs"), "model_type": "lfm2_moe", "conv_L_cache": 4}
+    conv = [la for la in load(tmp_path, moe).layers if isinstance(la.life_cycle, Ssm)]
+    assert {la.buffers for la in conv} == {(BufferSpec("conv", state_bytes=2048 * (4 - 1) * 2),)}  # 12,288 B
+    assert load(tmp_path, {**moe, "model_type": "lfm2"}).layers == load(tmp_path, moe).layers
+
+
 HYBRID_ERRORS: list[tuple[str, Any, list[str]]] = [
     ("minimax lightning", {**GPT_OSS_20B, "model_type": "minimax", "layer_types": ["linear_attention"] * 24},
      ["layer_types", "'linear_attention'", "'minimax'", "lightning"]),
@@ -466,6 +497,16 @@ HYBRID_ERRORS: list[tuple[str, Any, list[str]]] = [
     ("nemotron pattern char", {**NEMOTRON_H, "hybrid_override_pattern": "X" * 52}, ["hybrid_override_pattern"]),
     ("granite missing d_state", _drop(GRANITE_4_H, "mamba_d_state"), ["mamba_d_state"]),
     ("falcon missing heads", _drop(FALCON_H1, "mamba_n_heads"), ["mamba_n_heads"]),
+    ("conv in another family", {**GPT_OSS_20B, "layer_types": ["conv"] * 24},
+     ["layer_types", "'conv'", "lfm2", "'gpt_oss'"]),
+    ("conv in a Mamba-2 family", {**GRANITE_4_H, "layer_types": (["conv"] * 4 + ["attention"]) * 2},
+     ["layer_types", "'conv'", "'granitemoehybrid'"]),
+    ("lfm2 width-1 conv", {**LFM2, "conv_L_cache": 1}, ["conv_L_cache", ">= 2"]),
+    ("lfm2 missing hidden_size", _drop(LFM2, "hidden_size"), ["hidden_size"]),
+    ("lfm2 attention index past the layers", {**_drop(LFM2, "layer_types"), "full_attn_idxs": [16]},
+     ["full_attn_idxs", "[0, 16)"]),
+    ("lfm2_moe without layer_types", {**_drop(LFM2, "layer_types"), "model_type": "lfm2_moe"},
+     ["layer_types", "lfm2_moe"]),
 ]
 
 
@@ -503,13 +544,19 @@ def _tiny_transformers_configs(tf: Any) -> dict[str, Any]:
             **common, num_hidden_layers=3, intermediate_size=32, shared_intermediate_size=32, num_local_experts=2,
             num_experts_per_tok=1, layer_types=["mamba", "attention", "mamba"], mamba_n_heads=8,
             mamba_d_state=16, mamba_chunk_size=8),
+        "lfm2": tf.Lfm2Config(**common, num_hidden_layers=4, intermediate_size=64, full_attn_idxs=[1, 3],
+                              conv_L_cache=4),
+        "lfm2_moe": tf.Lfm2MoeConfig(**common, num_hidden_layers=4, intermediate_size=64, moe_intermediate_size=16,
+                                     num_experts=2, num_experts_per_tok=1, num_dense_layers=1,
+                                     layer_types=["conv", "full_attention", "conv", "conv"]),
     }
 
 
 def _transformers_cache_sizes(cache: Any) -> list[tuple[str, int, int]]:
     """("attn", K+V bytes per token, 0) and ("ssm", conv bytes, ssm bytes) per cache part, in
     layer order. Transformers keeps d_conv conv columns; a paged state keeps the d_conv - 1 past
-    inputs the next step needs (the newest input is the step's own), so one column is dropped."""
+    inputs the next step needs (the newest input is the step's own), so one column is dropped.
+    LFM2's conv layers keep conv columns (conv_L_cache of them) and no recurrent state: 0."""
     sizes: list[tuple[str, int, int]] = []
     for layer in cache.layers:
         keys = getattr(layer, "keys", None)
@@ -518,22 +565,25 @@ def _transformers_cache_sizes(cache: Any) -> list[tuple[str, int, int]]:
         conv = [s for s in getattr(layer, "conv_states", {}).values() if s is not None]
         ssm = [s for s in getattr(layer, "recurrent_states", {}).values() if s is not None]
         if conv:
-            c, s = conv[0], ssm[0]
-            sizes.append(("ssm", c.shape[1] * (c.shape[2] - 1) * c.element_size(), s.numel() * s.element_size()))
+            c = conv[0]
+            state_bytes = sum(s.numel() * s.element_size() for s in ssm[:1])
+            sizes.append(("ssm", c.shape[1] * (c.shape[2] - 1) * c.element_size(), state_bytes))
     return sizes
 
 
-@pytest.mark.parametrize("family", ["bamba", "falcon_h1", "zamba2", "nemotron_h", "granitemoehybrid"])
+@pytest.mark.parametrize("family", ["bamba", "falcon_h1", "zamba2", "nemotron_h", "granitemoehybrid", "lfm2",
+                                    "lfm2_moe"])
 def test_layout_matches_the_cache_transformers_allocates(family: str) -> None:
     torch = pytest.importorskip("torch")
     tf = pytest.importorskip("transformers")
+    torch.set_num_threads(1)
     config = _tiny_transformers_configs(tf)[family]
     saved = json.loads(config.to_json_string(use_diff=True))  # what save_pretrained writes
     layout = parse_hf_config(saved, "config.json")
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(config)
     cache = model(torch.arange(7)[None], use_cache=True).past_key_values
-    ours = [("ssm", la.buffers[0].state_bytes, la.buffers[1].state_bytes) if isinstance(la.life_cycle, Ssm)
-            else ("attn", la.kv_bytes_per_token, 0) for la in layout.layers]
+    ours = [("ssm", *(sum(b.state_bytes for b in la.buffers if b.name == n) for n in ("conv", "ssm")))
+            if isinstance(la.life_cycle, Ssm) else ("attn", la.kv_bytes_per_token, 0) for la in layout.layers]
     assert ours == _transformers_cache_sizes(cache)
     assert all(la.life_cycle in (Full(), Ssm()) for la in layout.layers)

@@ -5,9 +5,10 @@ pattern fields: ``hybrid_override_pattern`` (Nemotron-H), Falcon-H1 (attention a
 every layer), ``attn_layer_indices`` (Bamba), ``attn_layer_period/offset`` (Jamba),
 ``full_attention_interval`` (Qwen3-Next), ``no_rope_layers`` with ``attention_chunk_size``
 (Llama 4), ``sliding_window_pattern`` (Gemma 3, Cohere2), Gemma 2 alternation,
-``use_sliding_window`` / ``max_window_layers`` (Qwen2). A recurrent layer ("linear_attention",
-legacy "mamba") holds the state its ``model_type`` defines (gated delta net, Mamba-2, Mamba-1);
-any other is an error naming the field. MLA from ``kv_lora_rank``. A window at least
+``use_sliding_window`` / ``max_window_layers`` (Qwen2), ``full_attn_idxs`` (LFM2). A recurrent
+layer ("linear_attention", legacy "mamba"; "conv" for LFM2 only) holds the state its
+``model_type`` defines (gated delta net, Mamba-2, Mamba-1, short convolution); any other is an
+error naming the field. MLA from ``kv_lora_rank``. A window at least
 ``max_position_embeddings`` long never drops a token and is treated as full. Multimodal
 configs are read from ``text_config``."""
 
@@ -18,7 +19,7 @@ from typing import Any, NamedTuple
 from hybridkv.core.errors import ConfigError
 from hybridkv.core.limits import MAX_LAYERS, check_max
 from hybridkv.layouts.hf_fields import ConfigFields
-from hybridkv.layouts.hf_recurrent import RECURRENT, recurrent_state
+from hybridkv.layouts.hf_recurrent import RECURRENT, SHORT_CONV, recurrent_state
 from hybridkv.layouts.spec import (
     LayerSpec,
     ModelLayout,
@@ -41,8 +42,10 @@ _TYPE_ALIASES = {
     "full_attention": _FULL, "attention": _FULL, "global": _FULL,
     "sliding_attention": _SLIDING, "sliding": _SLIDING, "local": _SLIDING,
     "chunked_attention": _CHUNKED, "linear_attention": _RECURRENT, "mamba": _RECURRENT,
-    "hybrid": _HYBRID, "moe": _NONE, "mlp": _NONE,
+    "conv": _RECURRENT, "hybrid": _HYBRID, "moe": _NONE, "mlp": _NONE,
 }
+# Type names that mean a recurrent layer in some families only: LFM2's short convolution.
+_FAMILY_ONLY = {"conv": SHORT_CONV}
 _PATTERN_CHARS = {"M": _RECURRENT, "*": _FULL, "E": _NONE, "-": _NONE}  # Nemotron-H
 
 
@@ -96,6 +99,11 @@ def _named_types(cfg: ConfigFields, key: str, n: int) -> _Kinds:
     if unknown:
         raise ConfigError(f"{cfg.path}: field {key!r} has unknown type(s) {unknown}; "
                           f"known: {sorted(_TYPE_ALIASES)}")
+    mt = _model_type(cfg)
+    for name, families in _FAMILY_ONLY.items():
+        if name in names and mt not in families:
+            raise ConfigError(f"{cfg.path}: field {key!r} has type {name!r}, which hybridkv reads only for "
+                              f"model_type {' or '.join(families)}, not {mt!r:.40}")
     return _Kinds(key, [_TYPE_ALIASES[t] for t in names])
 
 
@@ -117,23 +125,34 @@ def _listed_types(cfg: ConfigFields, n: int) -> _Kinds | None:
     return _Kinds("hybrid_override_pattern", [_PATTERN_CHARS[c] for c in pattern])
 
 
+def _attention_at(cfg: ConfigFields, key: str, n: int, default: list[int]) -> _Kinds:
+    """Full attention at the layer indices listed in field ``key``, recurrent elsewhere."""
+    value = cfg.get(key, default)
+    if not isinstance(value, list) or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n
+                                          for i in value):
+        raise ConfigError(f"{cfg.path}: field {key!r} must list layer indices in "
+                          f"[0, {n}) (num_hidden_layers), got {value!r:.80}")
+    return _Kinds(key, [_FULL if i in value else _RECURRENT for i in range(n)])
+
+
 def _family_types(cfg: ConfigFields, n: int) -> _Kinds | None:
     """Families whose config lists no types: Falcon-H1 (attention and Mamba-2 in every layer),
-    Bamba (attention at ``attn_layer_indices``, Mamba-2 elsewhere, none given: all Mamba-2)
-    and GraniteMoeHybrid without ``layer_types`` (all Mamba-2), as transformers builds them."""
+    Bamba (attention at ``attn_layer_indices``, Mamba-2 elsewhere, none given: all Mamba-2),
+    GraniteMoeHybrid without ``layer_types`` (all Mamba-2) and LFM2 (attention at
+    ``full_attn_idxs``, short convs elsewhere, none given: all attention), as transformers
+    builds them. LFM2-MoE builds nothing without ``layer_types``: an error naming it."""
     mt = _model_type(cfg)
     if mt == "falcon_h1":
         return _Kinds("model_type", [_HYBRID] * n)
     if cfg.get("attn_layer_indices") is not None or mt == "bamba":
-        value = cfg.get("attn_layer_indices", [])
-        if not isinstance(value, list) or any(
-            isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n for i in value
-        ):
-            raise ConfigError(f"{cfg.path}: field 'attn_layer_indices' must list layer indices in "
-                              f"[0, {n}) (num_hidden_layers), got {value!r:.80}")
-        return _Kinds("attn_layer_indices", [_FULL if i in value else _RECURRENT for i in range(n)])
+        return _attention_at(cfg, "attn_layer_indices", n, [])
     if mt == "granitemoehybrid":
         return _Kinds("model_type", [_RECURRENT] * n)
+    if mt == "lfm2":
+        return _attention_at(cfg, "full_attn_idxs", n, list(range(n)))
+    if mt == "lfm2_moe":
+        raise ConfigError(f"{cfg.path}: missing field 'layer_types' (model_type 'lfm2_moe' lists which "
+                          "layers are 'conv' and which 'full_attention')")
     return None
 
 

@@ -1,7 +1,8 @@
-"""What a recurrent layer ("linear_attention", legacy "mamba") holds per request, by
-``model_type``: a gated-delta-net state (Qwen3-Next, Qwen3.5), a Mamba-2 state (Nemotron-H,
-Bamba, GraniteMoeHybrid, Falcon-H1, Zamba2: each family names the fields its own way) or a
-Mamba-1 state (Jamba). A model_type hybridkv does not know is an error naming the field."""
+"""What a recurrent layer ("linear_attention", legacy "mamba", LFM2's "conv") holds per
+request, by ``model_type``: a gated-delta-net state (Qwen3-Next, Qwen3.5), a Mamba-2 state
+(Nemotron-H, Bamba, GraniteMoeHybrid, Falcon-H1, Zamba2: each family names the fields its own
+way), a Mamba-1 state (Jamba) or a short-convolution state alone (LFM2, LFM2-MoE). A
+model_type hybridkv does not know is an error naming the field."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from hybridkv.core.errors import ConfigError
+from hybridkv.core.limits import MAX_BYTES, check_max
 from hybridkv.layouts.hf_fields import ConfigFields
-from hybridkv.layouts.spec import LayerSpec, dtype_bytes, ssm_layer
+from hybridkv.layouts.spec import BufferSpec, LayerSpec, dtype_bytes, ssm_layer
+from hybridkv.lifecycles import Ssm
 
 RECURRENT = "linear_attention"
 
@@ -85,10 +88,22 @@ _MAMBA2_FAMILIES: dict[str, Callable[[ConfigFields], _Mamba2]] = {
 }
 _GATED_DELTA_NET = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
 _MAMBA1 = ("jamba",)
-_NOT_REPRESENTED = {
-    "minimax": "lightning attention", "kimi_linear": "Kimi delta attention (KDA)",
-    "lfm2": "a short convolution", "lfm2_moe": "a short convolution",
-}
+SHORT_CONV = ("lfm2", "lfm2_moe")
+_NOT_REPRESENTED = {"minimax": "lightning attention", "kimi_linear": "Kimi delta attention (KDA)"}
+
+
+def _short_conv_state(cfg: ConfigFields, elem: int) -> LayerSpec:
+    """LFM2's gated short convolution: a depthwise causal conv of ``conv_L_cache`` taps over
+    ``hidden_size`` channels (B * x, in the model dtype), and no other state. Transformers keeps
+    ``conv_L_cache`` columns, but a decode step reads only the last ``conv_L_cache - 1`` of them
+    beside the step's own input (the oldest column falls off before use), so hybridkv keeps
+    those ``conv_L_cache - 1`` past inputs, as it does for Mamba-2's ``d_conv - 1``. A width-1
+    conv would keep nothing: no cache layer to page, so it is refused by name."""
+    hidden, taps = cfg.int("hidden_size"), cfg.int("conv_L_cache", 3, minimum=2)
+    conv = hidden * (taps - 1) * elem
+    check_max(f"{cfg.path}: short conv state bytes (hidden_size {hidden} x (conv_L_cache {taps} - 1) x "
+              f"{elem} B)", conv, MAX_BYTES, "check those fields")
+    return LayerSpec(Ssm(), (BufferSpec("conv", state_bytes=conv),))
 
 
 def recurrent_state(cfg: ConfigFields, field: str) -> LayerSpec:
@@ -111,7 +126,9 @@ def recurrent_state(cfg: ConfigFields, field: str) -> LayerSpec:
         inner = cfg.int("mamba_expand", 2) * cfg.int("hidden_size")
         return ssm_layer(inner * (cfg.int("mamba_d_conv", 4) - 1), inner * cfg.int("mamba_d_state", 16),
                          elem, ssm_elem)
-    known = sorted([*_GATED_DELTA_NET, *_MAMBA2_FAMILIES, *_MAMBA1])
+    if mt in SHORT_CONV:
+        return _short_conv_state(cfg, elem)
+    known = sorted([*_GATED_DELTA_NET, *_MAMBA2_FAMILIES, *_MAMBA1, *SHORT_CONV])
     why = (f"for model_type {mt!r} it is {_NOT_REPRESENTED[mt]}, which hybridkv cannot represent"
            if mt in _NOT_REPRESENTED else f"model_type {mt!r:.40} is not one hybridkv reads (known: {known})")
     raise ConfigError(f"{cfg.path}: field {field!r} gives recurrent layers ({RECURRENT!r}), whose state "

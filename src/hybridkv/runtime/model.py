@@ -135,8 +135,11 @@ def model_layout(model: Any) -> ModelLayout:
 
 
 _KNOWN_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
+_SHORT_CONV = ("its 'conv' layers are gated short convolutions whose state the module reads from "
+               "past_key_values, which the engine's recurrent pages (gated delta net, Mamba-2) do not serve")
 _NOT_RUN = {"zamba2": "its hybrid layers run one attention block shared by several layers over a doubled "
-                      "hidden state, which the engine's per-layer pages do not cover"}
+                      "hidden state, which the engine's per-layer pages do not cover",
+            "lfm2": _SHORT_CONV, "lfm2_moe": _SHORT_CONV}
 
 
 _CACHE_FREE = {"mlp", "moe"}  # Nemotron-H's layers with no attention and no state

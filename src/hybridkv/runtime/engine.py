@@ -32,7 +32,7 @@ from hybridkv.engine.triton_write import pick_write_kv
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
 from hybridkv.manager.tiers import StorageConfig
 from hybridkv.planning.planner import PlanSpec, plan
-from hybridkv.runtime import attention, mla, norms, recurrent
+from hybridkv.runtime import attention, mla, norms, recurrent, sampling
 from hybridkv.runtime.graphs import DecodeGraphs, HostStep
 from hybridkv.runtime.model import cache_layer_ids, kv_heads, mla_layers, model_layout, recurrent_layers
 from hybridkv.runtime.pages import layer_pages
@@ -269,15 +269,25 @@ class Engine:
         return self.requests[self.scheduler.by_handle[int(step.handles[i])].spec.request_id]
 
     def _emit(self, reqs: tuple[GenRequest, ...], logits: Any) -> list[TokenEvent]:
-        """Sample each request's token from its row of ``logits`` (greedy rows: one argmax over
-        the batch and one transfer, not a device sync per row) and record it."""
+        """Each request's token from its row of ``logits``: greedy rows by one argmax over the
+        batch, sampling rows by one batched draw; one transfer, not a device sync per row."""
         import torch
 
-        greedy = logits.argmax(dim=-1).tolist() if reqs else []
+        if not reqs:
+            return []
+        chosen = logits.argmax(dim=-1)
+        drawn = [j for j, r in enumerate(reqs) if r.temperature > 0.0]
+        if drawn:  # one batched draw for every sampling row (sampling.py), on the logits' device
+            rows = torch.as_tensor(drawn, device=logits.device)
+            temps = torch.tensor([reqs[j].temperature for j in drawn], dtype=torch.float32)
+            ints = torch.tensor([(reqs[j].seed, reqs[j].known) for j in drawn], dtype=torch.int64)
+            ints, temps = ints.to(logits.device), temps.to(logits.device)
+            chosen[rows] = sampling.sample(logits[rows], temps, ints[:, 0], ints[:, 1])
+        tokens = chosen.tolist()  # the one transfer of the step
         keep = self.config.keep_logits
         events = []
         for j, req in enumerate(reqs):
-            token = greedy[j] if req.generator is None else req.sample(logits[j].float())
+            token = tokens[j]
             position = req.known
             req.append(token)
             kept = logits[j].to(torch.float32, copy=True) if keep else None  # (a graph's output is reused)

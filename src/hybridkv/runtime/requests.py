@@ -35,8 +35,8 @@ class GenRequest:
     tokens: npt.NDArray[np.int32]
     prompt_tokens: int
     max_new_tokens: int
-    temperature: float
-    generator: torch.Generator | None
+    temperature: float  # 0: greedy
+    seed: int  # the draws' seed (runtime/sampling.py): a token depends on it, its position and its logits
     stop_token_ids: frozenset[int] = frozenset()
     known: int = 0
     finished: bool = False
@@ -45,8 +45,6 @@ class GenRequest:
     @classmethod
     def new(cls, request_id: int, prompt_ids: npt.ArrayLike, max_new_tokens: int, temperature: float,
             seed: int | None, vocab_size: int, stop_token_ids: frozenset[int] = frozenset()) -> GenRequest:
-        import torch
-
         prompt = np.asarray(prompt_ids, dtype=np.int64).ravel()
         if prompt.size < 1 or max_new_tokens < 1:
             raise ConfigError(f"request {request_id}: prompt_ids ({prompt.size} tokens) and max_new_tokens "
@@ -58,20 +56,10 @@ class GenRequest:
             raise ConfigError(f"request {request_id}: temperature must be >= 0 (0 is greedy), got {temperature}")
         tokens = np.zeros(prompt.size + max_new_tokens, np.int32)
         tokens[:prompt.size] = prompt
-        generator = None
-        if temperature > 0.0:
-            generator = torch.Generator().manual_seed(seed if seed is not None else request_id)
-        return cls(request_id, tokens, int(prompt.size), max_new_tokens, temperature, generator, stop_token_ids,
-                   int(prompt.size))
-
-    def sample(self, logits: torch.Tensor) -> int:
-        """Greedy at temperature 0, else one draw from softmax(logits / temperature)."""
-        import torch
-
-        if self.generator is None:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits.double().cpu() / self.temperature, dim=-1)  # the generator is on the CPU
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        if seed is not None and not 0 <= seed < 2**63:
+            raise ConfigError(f"request {request_id}: seed must be in 0..2**63-1, got {seed}")
+        return cls(request_id, tokens, int(prompt.size), max_new_tokens, temperature,
+                   seed if seed is not None else request_id, stop_token_ids, int(prompt.size))
 
     def append(self, token: int) -> None:
         """Record a sampled token; the request is finished at ``max_new_tokens`` or a stop token."""

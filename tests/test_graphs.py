@@ -1,0 +1,54 @@
+"""The decode-graph bookkeeping (``runtime/graphs.py``): which batch sizes are captured,
+which steps a graph may replay, and the padded static step against the plain one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+torch.set_num_threads(1)
+
+from hybridkv.runtime.engine import Engine, EngineConfig  # noqa: E402
+from hybridkv.runtime.graphs import HostStep, graph_sizes  # noqa: E402
+from hybridkv.runtime.model import build_model  # noqa: E402
+
+
+def test_graph_sizes() -> None:
+    assert graph_sizes(1) == (1,)
+    assert graph_sizes(8) == (1, 2, 4, 8)
+    assert graph_sizes(40) == (1, 2, 4, 8, 16, 32, 40)
+    sizes = graph_sizes(256)
+    assert len(sizes) == 4 + 16 and sizes[-2:] == (240, 256)
+
+
+def host(q_row: list[int], emit_at: list[int], rows: list[int]) -> HostStep:
+    n = len(q_row)
+    return HostStep(np.zeros(n, np.int64), np.array(q_row), np.arange(n), np.ones(4, np.int32), (),
+                    np.array(emit_at, np.int64), np.array(rows, np.int64), (), ())
+
+
+def test_only_a_step_that_decodes_every_row_is_a_decode_step() -> None:
+    assert host([0, 2, 3], [0, 1, 2], [0, 2, 3]).is_decode
+    assert not host([0, 0, 1], [1, 2], [0, 1]).is_decode  # row 0 prefills two tokens
+    assert not host([0, 1], [1], [1]).is_decode  # row 0's chunk does not end its prompt
+
+
+def test_padded_static_decode_steps_give_the_plain_steps_logits() -> None:
+    """The same requests through the padded static step ("eager") and the plain one: the
+    same tokens and logits to float32 rounding, each decode step of n rows padded to the
+    next captured size (3 -> 4, 5 -> 8)."""
+    def run(mode: str) -> tuple[list[list[int]], list[torch.Tensor], int]:
+        engine = Engine(build_model("gemma3_text", seed=2), EngineConfig(
+            gpu_bytes=1 << 20, host_bytes=0, max_seq_len=64, tokens_per_block=4, max_batch_size=8,
+            token_budget=64, prefill_chunk_tokens=8, keep_logits=True, decode_graphs=mode))
+        rng = np.random.default_rng(3)
+        ids = [engine.add_request(rng.integers(0, 256, n), 10) for n in (5, 11, 3, 17, 8)]
+        events = list(engine.stream())
+        return [engine.requests[i].outputs for i in ids], [e.logits for e in events], engine.graph_steps
+
+    plain, plain_logits, plain_graph_steps = run("off")
+    padded, padded_logits, graph_steps = run("eager")
+    assert padded == plain and plain_graph_steps == 0 and graph_steps > 0
+    assert max(float((a - b).abs().max()) for a, b in zip(padded_logits, plain_logits, strict=True)) < 1e-5

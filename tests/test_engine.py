@@ -103,7 +103,7 @@ FAMILIES = [("gemma3_text", "shared"), ("gemma3_text", "per-lifecycle"), ("gemma
             ("gpt_oss", "per-lifecycle"), ("cohere2", "shared"), ("llama4_text", "shared"),
             ("qwen3_next", "shared"), ("qwen3_next", "per-lifecycle"), ("bamba", "shared"),
             ("granitemoehybrid", "shared"), ("nemotron_h", "shared"), ("falcon_h1", "shared"),
-            ("deepseek_v3", "shared")]
+            ("zamba2", "shared"), ("deepseek_v3", "shared")]
 
 
 GRAPH_FAMILIES = [("gemma3_text", "shared"), ("gemma2", "shared"), ("gpt_oss", "per-lifecycle"),
@@ -124,7 +124,7 @@ def test_matches_transformers(family: str, pools: str, graphs: str) -> None:
     assert done["suspended"] == 2 and engine.scheduler.suspensions == 1  # offloaded, then resumed
     assert engine.scheduler.preemptions == 0
     # decoded past the window: released blocks were skipped (the state models and deepseek_v3: no window)
-    no_window = {"qwen3_next", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "deepseek_v3"}
+    no_window = {"qwen3_next", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "zamba2", "deepseek_v3"}
     assert (kernel.calls_with_holes > 0) == (family not in no_window)
     assert engine.manager.rows.n == 0 and not engine.manager.suspended
     # every step that decodes each of its rows (and only those) ran over the static buffers
@@ -276,13 +276,24 @@ def test_other_recurrent_layers_are_refused() -> None:
         install(model, {0: {}})
 
 
-def test_a_model_the_engine_does_not_run_is_refused_by_name() -> None:
-    """Zamba2's hybrid layers share one attention block over a doubled hidden state: the
-    engine refuses it at construction, naming the model_type, instead of failing mid-step."""
-    model = build_model("zamba2", seed=0, layers_block_type=["mamba", "hybrid", "mamba", "hybrid"], mamba_headdim=16,
-                        mamba_ngroups=1, mamba_d_state=16, n_mamba_heads=4, chunk_size=8)
-    with pytest.raises(ConfigError, match="model_type 'zamba2'"):
-        Engine(model, config())
+def test_zamba2_shared_blocks_find_each_layers_pages() -> None:
+    """Zamba2's hybrid layers run shared attention modules (``layer_idx`` -1): the engine wraps
+    each so the call's layer reaches the attention function; a second engine on the same model
+    wraps the original forward, not the first wrapper."""
+    from hybridkv.runtime.attention import install_shared
+
+    model = build_model("zamba2", seed=0)
+    Engine(model, config())
+    shared = [m for m in model.modules() if getattr(m, "layer_idx", None) == -1]
+    assert len(shared) == 3 and all(m.forward.args == (m.hybridkv_original_forward,) for m in shared)
+    assert install_shared(model) == 3 and all(m.forward.args == (m.hybridkv_original_forward,) for m in shared)
+
+
+def test_zamba2_with_a_head_dim_the_layout_does_not_size_is_refused() -> None:
+    """transformers keeps a saved ``attention_head_dim``; hybridkv's layout sizes Zamba2's heads
+    at 2 x hidden_size / heads, so another value is refused at construction, naming the field."""
+    with pytest.raises(ConfigError, match=r"zamba2: attention_head_dim \(head_dim\) is 16, .* = 32"):
+        Engine(build_model("zamba2", seed=0, head_dim=16), config())
 
 
 @pytest.mark.parametrize(("model_type", "extra"), [

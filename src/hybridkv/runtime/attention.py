@@ -13,10 +13,17 @@ The packed sequence is one batch row holding every request's tokens; ``position_
 each token its request's position, which is all RoPE needs. One family computes a factor
 from the token index instead (Llama 4's NoPE temperature tuning, from ``arange(T)``); the
 function corrects it to the token's real position.
+
+A shared attention block (Zamba2: one module, ``layer_idx`` -1, run by several hybrid layers)
+learns its layer only as a forward argument, which transformers does not hand to the
+attention function; ``install_shared`` wraps such a module's forward so the call's layer
+travels in the keyword ``hybridkv_layer_idx``, which the function prefers to the module's.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +39,7 @@ if TYPE_CHECKING:
 
 ATTENTION_NAME = "hybridkv"
 STEP_KEYWORD = "hybridkv_step"
+LAYER_KEYWORD = "hybridkv_layer_idx"  # a shared block's layer for this call (install_shared)
 PagedAttention = Callable[..., "torch.Tensor"]  # the signature of engine.paged_attention.paged_attention
 
 
@@ -85,7 +93,11 @@ def hybridkv_attention(module: Any, query: torch.Tensor, key: torch.Tensor, valu
                        attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract: ``[1, H, T, D]`` in, ``[1, T, Hq, Dv]`` out."""
     step = step_context(kwargs, f"attention {ATTENTION_NAME!r} reads hybridkv pages", query.shape[0])
-    layer = step.layers[module.layer_idx]
+    layer_idx = kwargs.get(LAYER_KEYWORD, module.layer_idx)
+    layer = step.layers.get(layer_idx)
+    if layer is None:
+        raise UsageError(f"attention {ATTENTION_NAME!r}: layer {layer_idx} ({type(module).__name__}) has no pages; "
+                         f"the engine pages layers {sorted(step.layers)}")
     table = step.tables[layer.layer_group]
     q = _temperature_fix(module, query[0].transpose(0, 1), step.q_pos)
     step.write(layer.k, layer.v, table, step.q_row, step.q_pos, key[0].transpose(0, 1), value[0].transpose(0, 1))
@@ -96,6 +108,29 @@ def hybridkv_attention(module: Any, query: torch.Tensor, key: torch.Tensor, valu
                       window=layer.window, sink_tokens=layer.sink_tokens, chunk=layer.chunk,
                       softcap=kwargs.get("softcap"), sinks=sinks)
     return out[None], None
+
+
+def _shared_forward(original: Callable[..., Any], hidden_states: Any, layer_idx: int, *args: Any,
+                    **kwargs: Any) -> Any:
+    return original(hidden_states, layer_idx, *args, **{LAYER_KEYWORD: layer_idx, **kwargs})
+
+
+def install_shared(model: Any) -> int:
+    """Wrap the forward of every shared attention block of ``model`` (its ``layer_idx`` not a
+    layer, its forward taking one) so that the call's layer reaches the attention function;
+    the number of blocks wrapped."""
+    wrapped = 0
+    for module in model.modules():
+        layer_idx = getattr(module, "layer_idx", None)
+        if not isinstance(layer_idx, int) or layer_idx >= 0:
+            continue
+        original = getattr(module, "hybridkv_original_forward", None) or module.forward
+        if "layer_idx" not in inspect.signature(original).parameters:
+            continue
+        module.hybridkv_original_forward = original  # a second engine on the same model wraps the original
+        module.forward = functools.partial(_shared_forward, original)
+        wrapped += 1
+    return wrapped
 
 
 def no_dense_mask(*args: Any, **kwargs: Any) -> None:

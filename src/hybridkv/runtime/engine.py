@@ -119,6 +119,7 @@ class Engine:
             raise ConfigError(f"recurrent layers {missing} have no state pages in the plan's layout")
         recurrent.install(model, {i: buffers[state_ids[i]] for i in states})
         mla.install(model, mla_layers(model))  # latents in the pages, up-projections absorbed (mla.py)
+        attention.install_shared(model)  # Zamba2's shared block: the call's layer reaches the pages
         attention.register()
         model.set_attn_implementation(attention.ATTENTION_NAME)
         # per norm class: the fused form installed, or why it kept its own forward

@@ -46,6 +46,13 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "nemotron_h": {"layers_block_type": ["mamba", "mlp", "mamba", "attention", "mlp", "attention"],
                    "num_hidden_layers": 6, "mamba_num_heads": 4, "mamba_head_dim": 16, "n_groups": 1,
                    "ssm_state_size": 16, "expand": 1, "chunk_size": 8},
+    # Mamba-2 layers and hybrid ones (the shared attention block over [hidden ; embeddings], then a
+    # Mamba-2 mixer): two blocks, cycled over three hybrid layers; per-layer adapters (transformers'
+    # k / v adapters need as many KV heads as heads) and RoPE
+    "zamba2": {"layers_block_type": ["mamba", "hybrid", "mamba", "hybrid", "mamba", "hybrid"],
+               "num_hidden_layers": 6, "num_key_value_heads": 4, "head_dim": 32, "n_mamba_heads": 4,
+               "mamba_ngroups": 1, "mamba_d_state": 16, "mamba_expand": 1, "chunk_size": 8, "num_mem_blocks": 2,
+               "use_shared_attention_adapter": True, "adapter_rank": 8, "use_mem_rope": True},
     "llama4_text": {"attention_chunk_size": 16, "num_local_experts": 2, "intermediate_size_mlp": 128,
                     "interleave_moe_layer_step": 1, "attn_temperature_tuning": True, "floor_scale": 8},
     # MLA: one latent of 32 + a RoPE key of 8 per token; a dense layer, then MoE; yarn scaling
@@ -108,6 +115,8 @@ def model_layout(model: Any) -> ModelLayout:
     if config.model_type in _NOT_RUN:
         raise ConfigError(f"model_type {config.model_type!r}: {_NOT_RUN[config.model_type]}; hybridkv plans its "
                           "memory (hybridkv plan), the reference engine does not run it yet")
+    if config.model_type == "zamba2":
+        _check_zamba2(config)
     fields = config.to_dict()
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     fields["torch_dtype"] = fields["dtype"] = dtype
@@ -137,9 +146,18 @@ def model_layout(model: Any) -> ModelLayout:
 _KNOWN_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
 _SHORT_CONV = ("its 'conv' layers are gated short convolutions whose state the module reads from "
                "past_key_values, which the engine's recurrent pages (gated delta net, Mamba-2) do not serve")
-_NOT_RUN = {"zamba2": "its hybrid layers run one attention block shared by several layers over a doubled "
-                      "hidden state, which the engine's per-layer pages do not cover",
-            "lfm2": _SHORT_CONV, "lfm2_moe": _SHORT_CONV}
+_NOT_RUN = {"lfm2": _SHORT_CONV, "lfm2_moe": _SHORT_CONV}
+
+
+def _check_zamba2(config: Any) -> None:
+    """hybridkv sizes Zamba2's attention heads at ``2 x hidden_size / num_attention_heads``
+    (transformers' derived value); a config that saves another ``attention_head_dim`` builds
+    a model whose keys the pages do not fit."""
+    derived = 2 * config.hidden_size // config.num_attention_heads
+    if config.attention_head_dim != derived:
+        raise ConfigError(f"zamba2: attention_head_dim (head_dim) is {config.attention_head_dim}, but hybridkv's "
+                          f"layout sizes the heads at 2 x hidden_size / num_attention_heads = {derived}; "
+                          "drop the saved value or set it to that")
 
 
 _CACHE_FREE = {"mlp", "moe"}  # Nemotron-H's layers with no attention and no state

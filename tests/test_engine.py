@@ -84,8 +84,8 @@ def reference_logits(ref: Any, tokens: np.ndarray, prompt: int) -> Any:
     return torch.stack(rows)
 
 
-def check_against_transformers(family: str, engine: Engine, events: list[TokenEvent]) -> float:
-    ref = build_model(family, seed=0)
+def check_against_transformers(family: str, engine: Engine, events: list[TokenEvent], **sizes: Any) -> float:
+    ref = build_model(family, seed=0, **sizes)
     worst = 0.0
     for rid, req in engine.requests.items():
         assert req.finished and len(req.outputs) == req.max_new_tokens
@@ -289,11 +289,21 @@ def test_zamba2_shared_blocks_find_each_layers_pages() -> None:
     assert install_shared(model) == 3 and all(m.forward.args == (m.hybridkv_original_forward,) for m in shared)
 
 
-def test_zamba2_with_a_head_dim_the_layout_does_not_size_is_refused() -> None:
-    """transformers keeps a saved ``attention_head_dim``; hybridkv's layout sizes Zamba2's heads
-    at 2 x hidden_size / heads, so another value is refused at construction, naming the field."""
-    with pytest.raises(ConfigError, match=r"zamba2: attention_head_dim \(head_dim\) is 16, .* = 32"):
-        Engine(build_model("zamba2", seed=0, head_dim=16), config())
+def test_zamba2_with_a_saved_head_dim_runs_on_pages_of_that_size() -> None:
+    """transformers keeps a saved ``attention_head_dim`` over its derived 2 x hidden_size /
+    heads (here 16 against 32; without the per-layer adapters, which transformers sizes at
+    the derived width); the layout reads it too, and the engine matches transformers."""
+    sizes = {"head_dim": 16, "use_shared_attention_adapter": False}
+    model = build_model("zamba2", seed=0, **sizes)
+    engine = Engine(model, config())
+    attention = [la for la in engine.plan.spec.layout.layers if la.kv_bytes_per_token]
+    assert model.config.attention_head_dim == 16
+    assert {la.kv_bytes_per_token for la in attention} == {2 * 4 * 16 * 4}  # K+V, 4 KV heads x 16, float32
+    rng = np.random.default_rng(1)
+    req = engine.add_request(rng.integers(0, 256, 12), 6)
+    events = list(engine.stream())
+    assert check_against_transformers("zamba2", engine, events, **sizes) <= TOL
+    assert len(engine.requests[req].outputs) == 6
 
 
 @pytest.mark.parametrize(("model_type", "extra"), [

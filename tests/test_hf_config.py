@@ -351,7 +351,7 @@ ZAMBA2: dict[str, Any] = {
     "model_type": "zamba2", "torch_dtype": "bfloat16", "num_hidden_layers": 12, "hidden_size": 2048,
     "num_attention_heads": 32, "num_key_value_heads": 32, "layers_block_type": (["mamba"] * 5 + ["hybrid"]) * 2,
     "n_mamba_heads": 64, "mamba_ngroups": 1, "mamba_d_state": 64, "mamba_d_conv": 4, "mamba_expand": 2,
-    "attention_head_dim": 128, "mamba_headdim": 64, "head_dim": 999,  # saved, derived again by transformers
+    "attention_head_dim": 128, "mamba_headdim": 64,  # (2 x 2048 / 32: the derived value, saved)
     "max_position_embeddings": 4096,
 }
 NEMOTRON_H_TF5: dict[str, Any] = {  # transformers 5 saves layers_block_type and no num_hidden_layers
@@ -423,9 +423,21 @@ def test_zamba2_hybrid_layers_keep_their_mamba2_state(tmp_path: Path) -> None:
     conv, ssm = (4096 + 2 * 1 * 64) * (4 - 1), 64 * 64 * 64  # 12,672 and 262,144 elements
     assert {la.buffers for la in layout.layers if isinstance(la.life_cycle, Ssm)} == {ssm_buffers(conv, ssm)}
     assert layout.layers[0].state_bytes == 549_632
-    assert layout.layers[5].kv_bytes_per_token == 2 * 32 * 128 * 2  # head_dim 2 x 2048 / 32, not 999
+    assert layout.layers[5].kv_bytes_per_token == 2 * 32 * 128 * 2  # head_dim 2 x 2048 / 32
     tf5 = {**ZAMBA2, "layers_block_type": (["linear_attention"] * 5 + ["hybrid"]) * 2}
     assert load(tmp_path, tf5).layers == layout.layers
+
+
+@pytest.mark.parametrize(("saved", "head_dim"), [
+    ({}, 128), ({"attention_head_dim": 96}, 96), ({"head_dim": 80}, 80),
+    ({"attention_head_dim": 96, "head_dim": 80}, 80), ({"head_dim": 80, "attention_head_dim": 96}, 96)])
+def test_zamba2_saved_head_dim_wins_as_in_transformers(tmp_path: Path, saved: dict[str, int], head_dim: int) -> None:
+    """transformers derives 2 x hidden_size / heads, then a saved attention_head_dim or its
+    alias head_dim overrides it (the one saved last, when both are): checked against it."""
+    data = {k: v for k, v in ZAMBA2.items() if k != "attention_head_dim"} | saved
+    assert load(tmp_path, data).layers[5].kv_bytes_per_token == 2 * 32 * head_dim * 2
+    tf = pytest.importorskip("transformers")
+    assert tf.Zamba2Config.from_dict(data).attention_head_dim == head_dim
 
 
 def test_nemotron_h_transformers5_layers_block_type(tmp_path: Path) -> None:

@@ -197,7 +197,10 @@ def _window_types(cfg: ConfigFields, n: int) -> list[str]:
 
 def _head_dim(cfg: ConfigFields, heads: int) -> int:
     if _model_type(cfg) == "zamba2":  # attention over [hidden, embedding]: 2 x hidden_size wide
-        hd = 2 * cfg.int("hidden_size") // heads  # transformers ignores a saved head_dim here
+        # transformers derives 2 x hidden_size / heads; a saved attention_head_dim or its alias
+        # head_dim overrides it, the one saved last winning when both are
+        saved = [f for f in cfg.data if f in ("attention_head_dim", "head_dim") and cfg.get(f) is not None]
+        hd = cfg.int(saved[-1]) if saved else 2 * cfg.int("hidden_size") // heads
     else:
         hd = cfg.int("head_dim") if cfg.get("head_dim") is not None else cfg.int("hidden_size") // heads
     if hd < 1:

@@ -115,8 +115,6 @@ def model_layout(model: Any) -> ModelLayout:
     if config.model_type in _NOT_RUN:
         raise ConfigError(f"model_type {config.model_type!r}: {_NOT_RUN[config.model_type]}; hybridkv plans its "
                           "memory (hybridkv plan), the reference engine does not run it yet")
-    if config.model_type == "zamba2":
-        _check_zamba2(config)
     fields = config.to_dict()
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     fields["torch_dtype"] = fields["dtype"] = dtype
@@ -147,17 +145,6 @@ _KNOWN_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
 _SHORT_CONV = ("its 'conv' layers are gated short convolutions whose state the module reads from "
                "past_key_values, which the engine's recurrent pages (gated delta net, Mamba-2) do not serve")
 _NOT_RUN = {"lfm2": _SHORT_CONV, "lfm2_moe": _SHORT_CONV}
-
-
-def _check_zamba2(config: Any) -> None:
-    """hybridkv sizes Zamba2's attention heads at ``2 x hidden_size / num_attention_heads``
-    (transformers' derived value); a config that saves another ``attention_head_dim`` builds
-    a model whose keys the pages do not fit."""
-    derived = 2 * config.hidden_size // config.num_attention_heads
-    if config.attention_head_dim != derived:
-        raise ConfigError(f"zamba2: attention_head_dim (head_dim) is {config.attention_head_dim}, but hybridkv's "
-                          f"layout sizes the heads at 2 x hidden_size / num_attention_heads = {derived}; "
-                          "drop the saved value or set it to that")
 
 
 _CACHE_FREE = {"mlp", "moe"}  # Nemotron-H's layers with no attention and no state

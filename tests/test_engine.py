@@ -103,7 +103,7 @@ FAMILIES = [("gemma3_text", "shared"), ("gemma3_text", "per-lifecycle"), ("gemma
             ("gpt_oss", "per-lifecycle"), ("cohere2", "shared"), ("llama4_text", "shared"),
             ("qwen3_next", "shared"), ("qwen3_next", "per-lifecycle"), ("bamba", "shared"),
             ("granitemoehybrid", "shared"), ("nemotron_h", "shared"), ("falcon_h1", "shared"),
-            ("zamba2", "shared"), ("deepseek_v3", "shared")]
+            ("zamba2", "shared"), ("jamba", "shared"), ("deepseek_v3", "shared")]
 
 
 GRAPH_FAMILIES = [("gemma3_text", "shared"), ("gemma2", "shared"), ("gpt_oss", "per-lifecycle"),
@@ -124,7 +124,7 @@ def test_matches_transformers(family: str, pools: str, graphs: str) -> None:
     assert done["suspended"] == 2 and engine.scheduler.suspensions == 1  # offloaded, then resumed
     assert engine.scheduler.preemptions == 0
     # decoded past the window: released blocks were skipped (the state models and deepseek_v3: no window)
-    no_window = {"qwen3_next", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "zamba2", "deepseek_v3"}
+    no_window = {"qwen3_next", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "zamba2", "jamba", "deepseek_v3"}
     assert (kernel.calls_with_holes > 0) == (family not in no_window)
     assert engine.manager.rows.n == 0 and not engine.manager.suspended
     # every step that decodes each of its rows (and only those) ran over the static buffers
@@ -272,7 +272,7 @@ def test_other_recurrent_layers_are_refused() -> None:
             self.layer_idx, self.conv1d = 0, torch.nn.Conv1d(4, 4, 3)
 
     model = torch.nn.Sequential(ShortConv())
-    with pytest.raises(ConfigError, match=r"layer 0 \(ShortConv\): the engine runs gated delta net and Mamba-2"):
+    with pytest.raises(ConfigError, match=r"layer 0 \(ShortConv\): the engine runs gated delta net, Mamba-2 and"):
         install(model, {0: {}})
 
 
@@ -304,6 +304,20 @@ def test_zamba2_with_a_saved_head_dim_runs_on_pages_of_that_size() -> None:
     events = list(engine.stream())
     assert check_against_transformers("zamba2", engine, events, **sizes) <= TOL
     assert len(engine.requests[req].outputs) == 6
+
+
+def test_jamba_mixers_get_the_step_through_their_layers() -> None:
+    """Jamba's decoder layer calls its Mamba-1 mixer with ``past_key_values`` alone: the engine
+    wraps the layer to pass the step there; a second engine on the same model wraps the
+    original forwards, not the first wrappers."""
+    model = build_model("jamba", seed=0)
+    Engine(model, config())
+    Engine(model, config())
+    mixers = [m for m in model.modules() if type(m).__name__ == "JambaMambaMixer"]
+    layers = [m for m in model.modules() if any(c in mixers for c in m.children())]
+    assert len(mixers) == 3 and len(layers) == 3
+    assert all(m.forward.args[0] is m.hybridkv_original_forward for m in mixers + layers)
+    assert {m.hybridkv_state_shape for m in mixers} == {(64, 16)}  # [inner size, d_state]
 
 
 @pytest.mark.parametrize(("model_type", "extra"), [

@@ -53,6 +53,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
                "num_hidden_layers": 6, "num_key_value_heads": 4, "head_dim": 32, "n_mamba_heads": 4,
                "mamba_ngroups": 1, "mamba_d_state": 16, "mamba_expand": 1, "chunk_size": 8, "num_mem_blocks": 2,
                "use_shared_attention_adapter": True, "adapter_rank": 8, "use_mem_rope": True},
+    # Mamba-1 layers and one attention layer (layer 3), MoE MLPs in every other layer
+    "jamba": {"attn_layer_period": 4, "attn_layer_offset": 3, "num_experts": 2, "num_experts_per_tok": 1,
+              "expert_layer_period": 2, "expert_layer_offset": 1, "mamba_d_state": 16, "mamba_expand": 1,
+              "use_mamba_kernels": False},
     "llama4_text": {"attention_chunk_size": 16, "num_local_experts": 2, "intermediate_size_mlp": 128,
                     "interleave_moe_layer_step": 1, "attn_temperature_tuning": True, "floor_scale": 8},
     # MLA: one latent of 32 + a RoPE key of 8 per token; a dense layer, then MoE; yarn scaling

@@ -1,5 +1,5 @@
-"""Recurrent layers over state pages: gated delta nets (Qwen3-Next, Qwen3.5) and Mamba-2
-mixers (Bamba and the families built like it).
+"""Recurrent layers over state pages: gated delta nets (Qwen3-Next, Qwen3.5), Mamba-2
+mixers (Bamba and the families built like it) and Mamba-1 mixers (Jamba).
 
 A recurrent layer mixes tokens in order, so the packed sequence is cut into its requests'
 runs and the model's own module runs once per run, handed a one-request cache object that
@@ -9,6 +9,14 @@ delta rule or the selective scan, the gated norm) is transformers' own, so only 
 talks to changes. Both kinds keep a convolution state ``[conv_dim, kernel - 1]`` and a
 recurrent state whose shape the module's sizes give (``recurrent_shape``).
 
+Jamba's Mamba-1 mixer differs twice. Its decoder layer calls it without the keywords of the
+layer's own call, passing only ``past_key_values`` on as ``cache_params``, so the engine wraps
+that layer to hand the step over there. And its full-sequence scan starts from a zero state
+whatever the cache holds (the kernels it mirrors take no initial state; transformers'
+``generate`` continues a state one token at a time), so a run that continues a state goes
+through the module one token at a time, the path that reads the state (through the whole
+scan, the scenario test's chunked prefills, prefix hit and fork are 4.1e-5 off).
+
 The convolution keeps the last ``kernel - 1`` inputs per channel in hybridkv's layout (what a
 next token needs); the module's cache convention is ``kernel`` columns whose first one is
 never read, so a zero column is put in front on the way in and dropped on the way out.
@@ -17,6 +25,7 @@ never read, so a zero column is put in front on the way in and dropped on the wa
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -29,12 +38,29 @@ if TYPE_CHECKING:
 
 def recurrent_shape(module: Any) -> tuple[int, ...] | None:
     """The recurrent state of one request: ``[heads, key dim, value dim]`` for a gated delta
-    net, ``[heads, head dim, state size]`` for Mamba-2; None for another module."""
+    net, ``[heads, head dim, state size]`` for Mamba-2, ``[inner size, state size]`` for
+    Mamba-1; None for another module."""
     if all(hasattr(module, a) for a in ("num_v_heads", "head_k_dim", "head_v_dim")):
         return (module.num_v_heads, module.head_k_dim, module.head_v_dim)
     if all(hasattr(module, a) for a in ("num_heads", "head_dim", "ssm_state_size")):
         return (module.num_heads, module.head_dim, module.ssm_state_size)
+    if _is_mamba1(module):
+        return (module.intermediate_size, module.ssm_state_size)
     return None
+
+
+def _is_mamba1(module: Any) -> bool:
+    """A Mamba-1 mixer (Jamba's): one SSM channel per inner channel, a low-rank time step."""
+    return all(hasattr(module, a) for a in ("intermediate_size", "ssm_state_size", "time_step_rank")) \
+        and not hasattr(module, "num_heads")
+
+
+def _conv_channels(module: Any) -> int | None:
+    """Channels of the causal convolution: ``conv_dim`` (x, B and C for Mamba-2), or the inner
+    size (x alone, Mamba-1)."""
+    if hasattr(module, "conv_dim"):
+        return int(module.conv_dim)
+    return int(module.intermediate_size) if _is_mamba1(module) else None
 
 
 class OneRequestCache:
@@ -74,7 +100,7 @@ def _load(module: Any, buffers: dict[str, StateBuffer], tables: tuple[Any, ...],
     import torch
 
     kernel = module.conv_kernel_size
-    conv = buffers["conv"].gather(tables, row).view(dtype).view(1, module.conv_dim, kernel - 1)
+    conv = buffers["conv"].gather(tables, row).view(dtype).view(1, module.hybridkv_conv_channels, kernel - 1)
     conv = torch.nn.functional.pad(conv, (1, 0))
     shape = (1, *module.hybridkv_state_shape)
     ssm = buffers["ssm"].gather(tables, row)
@@ -99,14 +125,16 @@ def _store(cache: OneRequestCache, buffers: dict[str, StateBuffer], tables: tupl
     ssm.scatter(tables, row, recurrent)
 
 
-def recurrent_forward(module: Any, original: Callable[..., Any], buffers: dict[str, StateBuffer],
+def recurrent_forward(original: Callable[..., Any], module: Any, buffers: dict[str, StateBuffer],
                       hidden_states: torch.Tensor, cache_params: Any = None, attention_mask: Any = None,
                       **kwargs: Any) -> torch.Tensor:
     """The module's forward, run per request of the packed step over its state pages."""
     import torch
 
-    from hybridkv.runtime.attention import step_context
+    from hybridkv.runtime.attention import STEP_KEYWORD, StepContext, step_context
 
+    if isinstance(cache_params, StepContext):  # handed over by the layer (Jamba: ``_pass_step``)
+        kwargs[STEP_KEYWORD] = cache_params
     step = step_context(kwargs, f"layer {module.layer_idx} keeps its state in hybridkv pages")
     outs = []
     # slots and positions from the host copies: no device read per request
@@ -115,30 +143,54 @@ def recurrent_forward(module: Any, original: Callable[..., Any], buffers: dict[s
     for row, lo, hi in step.runs:
         if int(first[lo]) == 0:  # a fresh request: the module starts from a zero state
             cache = OneRequestCache(module.layer_idx, module.conv_kernel_size, None, None)
+            outs.append(original(hidden_states[:, lo:hi], cache_params=cache))
         else:
             cache = _load(module, buffers, tables, row, hidden_states.dtype)
-        outs.append(original(hidden_states[:, lo:hi], cache_params=cache))
+            # Mamba-1's scan would start from zero: continue the state one token at a time
+            cuts = range(lo, hi + 1) if module.hybridkv_token_by_token else (lo, hi)
+            outs += [original(hidden_states[:, a:b], cache_params=cache) for a, b in itertools.pairwise(cuts)]
         _store(cache, buffers, tables, row)
     return torch.cat(outs, dim=1)
 
 
+def _pass_step(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """A decoder layer's forward that passes the step on as its ``past_key_values``, which it
+    hands to its mixer as ``cache_params`` (Jamba drops the call's other keywords)."""
+    from hybridkv.runtime.attention import STEP_KEYWORD
+
+    if STEP_KEYWORD in kwargs:
+        kwargs["past_key_values"] = kwargs[STEP_KEYWORD]
+    return original(*args, **kwargs)
+
+
+def _wrap(module: Any, forward: Callable[..., Any], *args: Any) -> None:
+    original = getattr(module, "hybridkv_original_forward", None) or module.forward
+    module.hybridkv_original_forward = original  # a second engine on the same model wraps the original
+    module.forward = functools.partial(forward, original, *args)
+
+
 def install(model: Any, states: dict[int, dict[str, StateBuffer]]) -> None:
     """Route every recurrent layer of ``model`` in ``states`` through its state pages."""
+    mamba1 = []
     for module in model.modules():
         layer_idx = getattr(module, "layer_idx", None)
         if layer_idx not in states or not hasattr(module, "conv1d"):
             continue
-        shape = recurrent_shape(module)
-        if shape is None or not hasattr(module, "conv_dim") or not hasattr(module, "conv_kernel_size"):
-            raise ConfigError(f"layer {layer_idx} ({type(module).__name__}): the engine runs gated delta net "
-                              "and Mamba-2 recurrent layers only")
-        module.hybridkv_state_shape = shape
+        shape, channels = recurrent_shape(module), _conv_channels(module)
+        if shape is None or channels is None or not hasattr(module, "conv_kernel_size"):
+            raise ConfigError(f"layer {layer_idx} ({type(module).__name__}): the engine runs gated delta net, "
+                              "Mamba-2 and Mamba-1 recurrent layers only")
+        module.hybridkv_state_shape, module.hybridkv_conv_channels = shape, channels
+        module.hybridkv_token_by_token = _is_mamba1(module)
         if "conv" not in states[layer_idx] or "ssm" not in states[layer_idx]:
             raise ConfigError(f"layer {layer_idx}: expected 'conv' and 'ssm' state buffers, "
                               f"got {sorted(states[layer_idx])}")
-        original = getattr(module, "hybridkv_original_forward", None) or module.forward
-        module.hybridkv_original_forward = original  # a second engine on the same model wraps the original
-        module.forward = functools.partial(recurrent_forward, module, original, states[layer_idx])
+        _wrap(module, recurrent_forward, module, states[layer_idx])
+        if _is_mamba1(module):
+            mamba1.append(module)
         states = {k: v for k, v in states.items() if k != layer_idx}
     if states:
         raise ConfigError(f"recurrent layers {sorted(states)} have pages but no recurrent module in the model")
+    for layer in model.modules():
+        if any(any(child is m for m in mamba1) for child in layer.children()):
+            _wrap(layer, _pass_step)

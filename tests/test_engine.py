@@ -103,7 +103,8 @@ FAMILIES = [("gemma3_text", "shared"), ("gemma3_text", "per-lifecycle"), ("gemma
             ("gpt_oss", "per-lifecycle"), ("cohere2", "shared"), ("llama4_text", "shared"),
             ("qwen3_next", "shared"), ("qwen3_next", "per-lifecycle"), ("bamba", "shared"),
             ("granitemoehybrid", "shared"), ("nemotron_h", "shared"), ("falcon_h1", "shared"),
-            ("zamba2", "shared"), ("jamba", "shared"), ("deepseek_v3", "shared")]
+            ("zamba2", "shared"), ("jamba", "shared"), ("lfm2", "shared"),
+            ("lfm2_moe", "shared"), ("deepseek_v3", "shared")]
 
 
 GRAPH_FAMILIES = [("gemma3_text", "shared"), ("gemma2", "shared"), ("gpt_oss", "per-lifecycle"),
@@ -124,7 +125,8 @@ def test_matches_transformers(family: str, pools: str, graphs: str) -> None:
     assert done["suspended"] == 2 and engine.scheduler.suspensions == 1  # offloaded, then resumed
     assert engine.scheduler.preemptions == 0
     # decoded past the window: released blocks were skipped (the state models and deepseek_v3: no window)
-    no_window = {"qwen3_next", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "zamba2", "jamba", "deepseek_v3"}
+    no_window = {"qwen3_next", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "zamba2", "jamba", "lfm2",
+                 "lfm2_moe", "deepseek_v3"}
     assert (kernel.calls_with_holes > 0) == (family not in no_window)
     assert engine.manager.rows.n == 0 and not engine.manager.suspended
     # every step that decodes each of its rows (and only those) ran over the static buffers
@@ -272,7 +274,7 @@ def test_other_recurrent_layers_are_refused() -> None:
             self.layer_idx, self.conv1d = 0, torch.nn.Conv1d(4, 4, 3)
 
     model = torch.nn.Sequential(ShortConv())
-    with pytest.raises(ConfigError, match=r"layer 0 \(ShortConv\): the engine runs gated delta net, Mamba-2 and"):
+    with pytest.raises(ConfigError, match=r"layer 0 \(ShortConv\): the engine runs gated delta net, Mamba-2, Mamba"):
         install(model, {0: {}})
 
 
@@ -320,17 +322,22 @@ def test_jamba_mixers_get_the_step_through_their_layers() -> None:
     assert {m.hybridkv_state_shape for m in mixers} == {(64, 16)}  # [inner size, d_state]
 
 
-@pytest.mark.parametrize(("model_type", "extra"), [
-    ("lfm2", {"full_attn_idxs": [3]}),
-    ("lfm2_moe", {"layer_types": ["conv", "conv", "conv", "full_attention"], "num_experts": 2,
-                  "num_experts_per_tok": 1, "moe_intermediate_size": 16, "num_dense_layers": 1}),
-])
-def test_lfm2_short_convs_are_refused_by_name(model_type: str, extra: dict[str, Any]) -> None:
-    """LFM2's conv layers read their state from past_key_values, not the engine's recurrent
-    pages: hybridkv plans their memory, and the engine refuses them at construction."""
-    model = build_model(model_type, seed=0, **extra)
-    with pytest.raises(ConfigError, match=f"model_type '{model_type}': its 'conv' layers are gated short conv"):
-        Engine(model, config())
+@pytest.mark.parametrize("model_type", ["lfm2", "lfm2_moe"])
+def test_lfm2_short_convs_keep_their_inputs_in_pages(model_type: str) -> None:
+    """LFM2's conv layers keep the last ``conv_L_cache - 1`` inputs of B * x in their pages
+    (64 channels x 2, float32) and no other state; their decoder layers hand the step over as
+    ``past_key_values``, the only cache keyword the convolution gets."""
+    from hybridkv.runtime.states import state_buffers
+
+    model = build_model(model_type, seed=0)
+    engine = Engine(model, config())
+    states = state_buffers(engine.manager, {0, 1, 2})
+    assert {i: {name: b.nbytes for name, b in bufs.items()} for i, bufs in states.items()} \
+        == {i: {"conv": 64 * 2 * 4} for i in range(3)}
+    convs = [m for m in model.modules() if type(m).__name__.endswith("ShortConv")]
+    assert len(convs) == 3 and all(m.hybridkv_state_shape is None for m in convs)
+    layers = [m for m in model.modules() if any(c in convs for c in m.children())]
+    assert len(layers) == 3 and all(m.forward.args[0] is m.hybridkv_original_forward for m in layers)
 
 
 @pytest.mark.cuda

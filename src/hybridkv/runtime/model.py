@@ -57,6 +57,11 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "jamba": {"attn_layer_period": 4, "attn_layer_offset": 3, "num_experts": 2, "num_experts_per_tok": 1,
               "expert_layer_period": 2, "expert_layer_offset": 1, "mamba_d_state": 16, "mamba_expand": 1,
               "use_mamba_kernels": False},
+    # gated short convolutions (conv_L_cache 3: 2 past inputs kept) and one attention layer
+    "lfm2": {"full_attn_idxs": [3]},
+    # the same with MoE MLPs after a dense first layer
+    "lfm2_moe": {"layer_types": ["conv", "conv", "conv", "full_attention"], "num_experts": 2,
+                 "num_experts_per_tok": 1, "moe_intermediate_size": 16, "num_dense_layers": 1},
     "llama4_text": {"attention_chunk_size": 16, "num_local_experts": 2, "intermediate_size_mlp": 128,
                     "interleave_moe_layer_step": 1, "attn_temperature_tuning": True, "floor_scale": 8},
     # MLA: one latent of 32 + a RoPE key of 8 per token; a dense layer, then MoE; yarn scaling
@@ -116,9 +121,6 @@ def model_layout(model: Any) -> ModelLayout:
     """hybridkv's layout of ``model``'s text config in the model's dtype, checked layer by
     layer against the config's own ``layer_types``: a life cycle that disagrees is an error."""
     config = getattr(model.config, "text_config", None) or model.config
-    if config.model_type in _NOT_RUN:
-        raise ConfigError(f"model_type {config.model_type!r}: {_NOT_RUN[config.model_type]}; hybridkv plans its "
-                          "memory (hybridkv plan), the reference engine does not run it yet")
     fields = config.to_dict()
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     fields["torch_dtype"] = fields["dtype"] = dtype
@@ -137,8 +139,8 @@ def model_layout(model: Any) -> ModelLayout:
             kind = "full_attention"  # a window no position outgrows: hybridkv treats it as full
         want = {"sliding_attention": (window, None),
                 "chunked_attention": (None, fields.get("attention_chunk_size"))}.get(kind, (None, None))
-        if kind == "linear_attention" and not lc.per_token:
-            continue  # a recurrent state (gated delta net)
+        if kind in _STATE_ONLY and not lc.per_token:
+            continue  # a recurrent state (gated delta net, Mamba, short convolution)
         if (lc.window_tokens, lc.chunk_tokens) != want or kind not in _KNOWN_TYPES or not lc.per_token:
             raise ConfigError(f"{config.model_type} layer {i}: layer_types says {kind!r} (window, chunk = {want}) "
                               f"but the hybridkv layout has {lc.describe()}")
@@ -146,13 +148,9 @@ def model_layout(model: Any) -> ModelLayout:
 
 
 _KNOWN_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
-_SHORT_CONV = ("its 'conv' layers are gated short convolutions whose state the module reads from "
-               "past_key_values, which the engine's recurrent pages (gated delta net, Mamba-2) do not serve")
-_NOT_RUN = {"lfm2": _SHORT_CONV, "lfm2_moe": _SHORT_CONV}
-
-
 _CACHE_FREE = {"mlp", "moe"}  # Nemotron-H's layers with no attention and no state
-_RECURRENT = {"linear_attention", "hybrid"}  # a recurrent state (a hybrid layer: beside attention)
+_STATE_ONLY = {"linear_attention", "conv"}  # a recurrent state and no attention (LFM2: "conv")
+_RECURRENT = _STATE_ONLY | {"hybrid"}  # a recurrent state (a hybrid layer: beside attention)
 
 
 def _layer_types(model: Any) -> list[str]:
@@ -170,7 +168,7 @@ def cache_layer_ids(model: Any) -> tuple[dict[int, int], dict[int, int]]:
     for i, kind in enumerate(_layer_types(model)):
         if kind in _CACHE_FREE:
             continue
-        if kind != "linear_attention":
+        if kind not in _STATE_ONLY:
             attention[i] = len(attention) + len(state)
         if kind in _RECURRENT:
             state[i] = len(attention) + len(state)
@@ -183,7 +181,7 @@ def kv_heads(model: Any) -> dict[int, int]:
     config = getattr(model.config, "text_config", None) or model.config
     heads = 1 if mla_layers(model) else config.num_key_value_heads or config.num_attention_heads
     return {i: int(heads) for i, kind in enumerate(_layer_types(model))
-            if kind != "linear_attention" and kind not in _CACHE_FREE}
+            if kind not in _STATE_ONLY and kind not in _CACHE_FREE}
 
 
 def recurrent_layers(model: Any) -> set[int]:

@@ -1,17 +1,20 @@
 """Recurrent layers over state pages: gated delta nets (Qwen3-Next, Qwen3.5), Mamba-2
-mixers (Bamba and the families built like it) and Mamba-1 mixers (Jamba).
+mixers (Bamba and the families built like it), Mamba-1 mixers (Jamba) and gated short
+convolutions (LFM2, LFM2-MoE).
 
 A recurrent layer mixes tokens in order, so the packed sequence is cut into its requests'
 runs and the model's own module runs once per run, handed a one-request cache object that
 holds the request's state gathered from its pages (``states.py``); afterwards the state goes
 back to the pages. The module's forward (projections, the causal convolution, the gated
 delta rule or the selective scan, the gated norm) is transformers' own, so only the cache it
-talks to changes. Both kinds keep a convolution state ``[conv_dim, kernel - 1]`` and a
-recurrent state whose shape the module's sizes give (``recurrent_shape``).
+talks to changes. The first three keep a convolution state ``[conv_dim, kernel - 1]`` and a
+recurrent state whose shape the module's sizes give (``recurrent_shape``); a short
+convolution keeps its convolution state alone (``[hidden_size, conv_L_cache - 1]``).
 
 Jamba's Mamba-1 mixer differs twice. Its decoder layer calls it without the keywords of the
 layer's own call, passing only ``past_key_values`` on as ``cache_params``, so the engine wraps
-that layer to hand the step over there. And its full-sequence scan starts from a zero state
+that layer to hand the step over there (LFM2's decoder layer calls its short convolution the
+same way). And its full-sequence scan starts from a zero state
 whatever the cache holds (the kernels it mirrors take no initial state; transformers'
 ``generate`` continues a state one token at a time), so a run that continues a state goes
 through the module one token at a time, the path that reads the state (through the whole
@@ -55,11 +58,19 @@ def _is_mamba1(module: Any) -> bool:
         and not hasattr(module, "num_heads")
 
 
+def _is_short_conv(module: Any) -> bool:
+    """LFM2's gated short convolution (``Lfm2ShortConv``): a depthwise ``conv`` over B * x,
+    and no state besides the convolution's."""
+    return all(hasattr(module, a) for a in ("conv", "in_proj", "conv_kernel_size")) and not hasattr(module, "conv1d")
+
+
 def _conv_channels(module: Any) -> int | None:
-    """Channels of the causal convolution: ``conv_dim`` (x, B and C for Mamba-2), or the inner
-    size (x alone, Mamba-1)."""
+    """Channels of the causal convolution: ``conv_dim`` (x, B and C for Mamba-2), the inner
+    size (x alone, Mamba-1) or the hidden size (B * x, a short convolution)."""
     if hasattr(module, "conv_dim"):
         return int(module.conv_dim)
+    if _is_short_conv(module):
+        return int(module.conv.in_channels)
     return int(module.intermediate_size) if _is_mamba1(module) else None
 
 
@@ -102,6 +113,8 @@ def _load(module: Any, buffers: dict[str, StateBuffer], tables: tuple[Any, ...],
     kernel = module.conv_kernel_size
     conv = buffers["conv"].gather(tables, row).view(dtype).view(1, module.hybridkv_conv_channels, kernel - 1)
     conv = torch.nn.functional.pad(conv, (1, 0))
+    if module.hybridkv_state_shape is None:  # a short convolution: no recurrent state
+        return OneRequestCache(module.layer_idx, kernel, conv, None)
     shape = (1, *module.hybridkv_state_shape)
     ssm = buffers["ssm"].gather(tables, row)
     # the layout sizes the recurrent state in float32 or in the model's dtype, as the family keeps it
@@ -115,8 +128,11 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _store(cache: OneRequestCache, buffers: dict[str, StateBuffer], tables: tuple[Any, ...], row: int) -> None:
     conv, recurrent = cache.conv_states[0], cache.recurrent_states[0]
-    assert conv is not None and recurrent is not None
+    assert conv is not None
     buffers["conv"].scatter(tables, row, conv[..., 1:])
+    if "ssm" not in buffers:  # a short convolution
+        return
+    assert recurrent is not None
     ssm = buffers["ssm"]
     if recurrent.numel() * recurrent.element_size() != ssm.nbytes:
         import torch
@@ -127,14 +143,16 @@ def _store(cache: OneRequestCache, buffers: dict[str, StateBuffer], tables: tupl
 
 def recurrent_forward(original: Callable[..., Any], module: Any, buffers: dict[str, StateBuffer],
                       hidden_states: torch.Tensor, cache_params: Any = None, attention_mask: Any = None,
-                      **kwargs: Any) -> torch.Tensor:
+                      past_key_values: Any = None, **kwargs: Any) -> torch.Tensor:
     """The module's forward, run per request of the packed step over its state pages."""
     import torch
 
     from hybridkv.runtime.attention import STEP_KEYWORD, StepContext, step_context
 
-    if isinstance(cache_params, StepContext):  # handed over by the layer (Jamba: ``_pass_step``)
-        kwargs[STEP_KEYWORD] = cache_params
+    for handed in (cache_params, past_key_values):
+        if isinstance(handed, StepContext):  # handed over by the layer (Jamba, LFM2: ``_pass_step``)
+            kwargs[STEP_KEYWORD] = handed
+    key = module.hybridkv_cache_keyword
     step = step_context(kwargs, f"layer {module.layer_idx} keeps its state in hybridkv pages")
     outs = []
     # slots and positions from the host copies: no device read per request
@@ -143,19 +161,19 @@ def recurrent_forward(original: Callable[..., Any], module: Any, buffers: dict[s
     for row, lo, hi in step.runs:
         if int(first[lo]) == 0:  # a fresh request: the module starts from a zero state
             cache = OneRequestCache(module.layer_idx, module.conv_kernel_size, None, None)
-            outs.append(original(hidden_states[:, lo:hi], cache_params=cache))
+            outs.append(original(hidden_states[:, lo:hi], **{key: cache}))
         else:
             cache = _load(module, buffers, tables, row, hidden_states.dtype)
             # Mamba-1's scan would start from zero: continue the state one token at a time
             cuts = range(lo, hi + 1) if module.hybridkv_token_by_token else (lo, hi)
-            outs += [original(hidden_states[:, a:b], cache_params=cache) for a, b in itertools.pairwise(cuts)]
+            outs += [original(hidden_states[:, a:b], **{key: cache}) for a, b in itertools.pairwise(cuts)]
         _store(cache, buffers, tables, row)
     return torch.cat(outs, dim=1)
 
 
 def _pass_step(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """A decoder layer's forward that passes the step on as its ``past_key_values``, which it
-    hands to its mixer as ``cache_params`` (Jamba drops the call's other keywords)."""
+    hands to its mixer (Jamba, LFM2: of the call's keywords, the mixer gets that one alone)."""
     from hybridkv.runtime.attention import STEP_KEYWORD
 
     if STEP_KEYWORD in kwargs:
@@ -169,28 +187,35 @@ def _wrap(module: Any, forward: Callable[..., Any], *args: Any) -> None:
     module.forward = functools.partial(forward, original, *args)
 
 
+def _prepare(module: Any, layer_idx: int, buffers: dict[str, StateBuffer]) -> None:
+    """Check a recurrent module and its state buffers; note its sizes and how it is called."""
+    shape, channels, short = recurrent_shape(module), _conv_channels(module), _is_short_conv(module)
+    if (shape is None and not short) or channels is None or not hasattr(module, "conv_kernel_size"):
+        raise ConfigError(f"layer {layer_idx} ({type(module).__name__}): the engine runs gated delta net, "
+                          "Mamba-2, Mamba-1 and short-convolution recurrent layers only")
+    want = ["conv"] if short else ["conv", "ssm"]
+    if sorted(buffers) != want:
+        raise ConfigError(f"layer {layer_idx} ({type(module).__name__}): expected state buffers {want}, "
+                          f"got {sorted(buffers)}")
+    module.hybridkv_state_shape, module.hybridkv_conv_channels = shape, channels
+    module.hybridkv_token_by_token = _is_mamba1(module)
+    module.hybridkv_cache_keyword = "past_key_values" if short else "cache_params"
+
+
 def install(model: Any, states: dict[int, dict[str, StateBuffer]]) -> None:
     """Route every recurrent layer of ``model`` in ``states`` through its state pages."""
-    mamba1 = []
+    from_layer = []  # mixers that get the step through their decoder layer's past_key_values
     for module in model.modules():
         layer_idx = getattr(module, "layer_idx", None)
-        if layer_idx not in states or not hasattr(module, "conv1d"):
+        if layer_idx not in states or not (hasattr(module, "conv1d") or _is_short_conv(module)):
             continue
-        shape, channels = recurrent_shape(module), _conv_channels(module)
-        if shape is None or channels is None or not hasattr(module, "conv_kernel_size"):
-            raise ConfigError(f"layer {layer_idx} ({type(module).__name__}): the engine runs gated delta net, "
-                              "Mamba-2 and Mamba-1 recurrent layers only")
-        module.hybridkv_state_shape, module.hybridkv_conv_channels = shape, channels
-        module.hybridkv_token_by_token = _is_mamba1(module)
-        if "conv" not in states[layer_idx] or "ssm" not in states[layer_idx]:
-            raise ConfigError(f"layer {layer_idx}: expected 'conv' and 'ssm' state buffers, "
-                              f"got {sorted(states[layer_idx])}")
+        _prepare(module, layer_idx, states[layer_idx])
         _wrap(module, recurrent_forward, module, states[layer_idx])
-        if _is_mamba1(module):
-            mamba1.append(module)
+        if _is_mamba1(module) or _is_short_conv(module):
+            from_layer.append(module)
         states = {k: v for k, v in states.items() if k != layer_idx}
     if states:
         raise ConfigError(f"recurrent layers {sorted(states)} have pages but no recurrent module in the model")
     for layer in model.modules():
-        if any(any(child is m for m in mamba1) for child in layer.children()):
+        if any(any(child is m for m in from_layer) for child in layer.children()):
             _wrap(layer, _pass_step)

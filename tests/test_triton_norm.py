@@ -4,6 +4,8 @@ model's logits with every norm fused, against the model's own."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -80,3 +82,17 @@ def test_misuse_is_a_usage_error() -> None:
         rms_norm_triton(x, w, 1e-6, "scale", 1.0)
     with pytest.raises(UsageError, match="as long as x's last dim"):
         rms_norm_triton(x, torch.ones(4), 1e-6, "offset", 1.0)
+
+
+@needs_triton
+def test_an_engine_without_fused_norms_gives_the_model_its_own_back() -> None:
+    from hybridkv.runtime.engine import Engine, EngineConfig
+
+    model = build_model("gemma3_text", seed=0).to(DEVICE)
+    settings = {"gpu_bytes": 1 << 20, "host_bytes": 0, "max_seq_len": 64, "tokens_per_block": 4, "device": DEVICE}
+    assert Engine(model, EngineConfig(**settings)).norms == {"Gemma3RMSNorm": "offset 1"}
+    norm_modules = [m for m in model.modules() if type(m).__name__ == "Gemma3RMSNorm"]
+    assert len(norm_modules) == 4 * 6 + 1  # 4 layers x (4 around the blocks, q and k), the final norm
+    assert all(isinstance(m.forward, functools.partial) for m in norm_modules)
+    assert Engine(model, EngineConfig(**settings, fused_norms=False)).norms == {}
+    assert not any(isinstance(m.forward, functools.partial) for m in norm_modules)

@@ -123,7 +123,11 @@ class Engine:
         attention.register()
         model.set_attn_implementation(attention.ATTENTION_NAME)
         # per norm class: the fused form installed, or why it kept its own forward
-        self.norms = norms.install(model) if cfg.fused_norms and triton_runs_on(device) else {}
+        self.norms: dict[str, str] = {}
+        if cfg.fused_norms and triton_runs_on(device):
+            self.norms = norms.install(model)
+        else:
+            norms.uninstall(model)  # (an earlier engine on this model may have fused them)
         self._needs_runs = bool(states)  # recurrent layers walk the packed sequence request by request
         self.graphs = self._decode_graphs(device, bool(states))
         self.graph_steps = 0  # steps replayed from a graph (or, "eager", run over its static buffers)

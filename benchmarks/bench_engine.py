@@ -53,6 +53,13 @@ def sync(torch: Any) -> None:
         torch.cuda.synchronize()
 
 
+def save_json(path: str | None, out: dict[str, Any]) -> None:
+    """Write ``out`` to ``path`` (nothing without one)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+
+
 def copy_bandwidth(torch: Any, device: str) -> float:
     """Bytes per second of a 1 GiB device-to-device copy (read + write), median of 10."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
@@ -263,12 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"eager {e['step_ms']:.2f} ms ({e['roofline_share']:.0%}); "
                   f"transformers {base}; prefill {hk['prefill_s']:.1f} s; capture failed: {hk['capture_failed']}",
                   flush=True)
-            if args.json:  # after every row: a run cut short keeps what it measured
-                with open(args.json, "w") as f:
-                    json.dump(out, f, indent=1)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+            save_json(args.json, out)  # after every row: a run cut short keeps what it measured
     return 0
 
 

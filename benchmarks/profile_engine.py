@@ -15,13 +15,12 @@ decoding). Per batch size, over ``--steps`` decode steps replayed from CUDA grap
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from typing import Any
 
-from bench_engine import GEMMA3_1B, copy_bandwidth, prefilled_engine, sync
+from bench_engine import GEMMA3_1B, copy_bandwidth, prefilled_engine, save_json, sync
 
 
 def phases(torch: Any, eng: Any, steps: int) -> dict[str, float]:
@@ -119,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    {us:9.1f} µs  x{count:<4d} {name}", flush=True)
         del eng
         torch.cuda.empty_cache()
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=1)
+        save_json(args.json, out)
     return 0
 
 

@@ -23,13 +23,10 @@ from hybridkv.engine.triton_attention import triton_available
 if TYPE_CHECKING:
     import torch
 
-try:
+if triton_available():  # optional, as for the attention kernel
     import triton
     import triton.language as tl
-except ImportError:  # optional, as for the attention kernel
-    triton = None
 
-if triton is not None:
     @triton.jit  # type: ignore[untyped-decorator]
     def _rms_norm(x, w, out, n, sx, so, eps, offset,  # type: ignore[no-untyped-def]
                   BLOCK: tl.constexpr, CAST_FIRST: tl.constexpr):

@@ -20,13 +20,9 @@ from hybridkv.engine.triton_attention import triton_available, triton_runs_on
 if TYPE_CHECKING:
     import torch
 
-try:
+if triton_available():  # optional, as for the attention kernel
     import triton
     import triton.language as tl
-except ImportError:  # optional, as for the attention kernel
-    triton = None
-
-if triton is not None:
 
     @triton.jit  # type: ignore[untyped-decorator]
     def _write(cache, new, block_table, q_row, q_pos, tpb, heads, dim,  # type: ignore[no-untyped-def]

@@ -11,14 +11,16 @@ bf16 on the GPU. Per batch size B:
    the same weights, teacher-forced on the engine's tokens so one flip does not cascade: the
    share of positions where transformers picks the engine's token, and the top-1 / top-2
    margin where they differ (random weights give flat logits).
-2. **Decode throughput.** B prompts of ``--context`` random tokens are prefilled, then
-   ``--steps`` decode steps are timed (CUDA synchronized per step): hybridkv's engine as it
-   runs by default on a GPU (decode steps replayed from a CUDA graph, RMSNorms fused), then
-   ``--steps`` more each on the same requests with transformers' own norm modules (graphs
-   recaptured) and with one eager forward per step; then ``model.generate`` with transformers' default cache and
-   attention on the same B prompts ((prefill + steps) minus prefill alone).
+2. **Decode throughput.** B prompts of ``--context`` random tokens are prefilled, then three
+   runs of ``--steps`` decode steps are timed (CUDA synchronized around each run, the median
+   run): hybridkv's engine as it runs by default on a GPU (decode steps replayed from a CUDA
+   graph, RMSNorms fused, the next step scheduled while the GPU runs this one), then the same
+   requests without overlap, with transformers' own norm modules (graphs recaptured) and
+   with one eager forward per step; then ``model.generate`` with transformers' default cache
+   and attention on the same B prompts ((prefill + steps) minus prefill alone).
 3. **Where a step goes.** The scheduler and manager (``schedule`` + ``complete``) and the
-   host packing, as shares of the step; and the step's bytes (weights once, plus each row's
+   host packing, as shares of the step; the share of the step the GPU waits for the host (one
+   replay's GPU time against the step); and the step's bytes (weights once, plus each row's
    visible K/V per layer) per second against a device-to-device copy measured in the same run
    (bytes read and written: the card's usable HBM bandwidth).
 
@@ -108,39 +110,44 @@ def agreement(torch: Any, cfg: dict[str, Any], device: str, steps: int) -> dict[
             "ref_top2_margin_where_different_median": statistics.median(margins) if margins else 0.0}
 
 
-def timed_steps(torch: Any, eng: Any, steps: int, batch: int) -> dict[str, float]:
-    """``steps`` decode steps (CUDA synchronized after each): the median step, the median
-    share of the scheduler and manager (``schedule`` + ``complete``) and of the host packing."""
+def timed_steps(torch: Any, eng: Any, steps: int, batch: int, runs: int = 3) -> dict[str, float]:
+    """``runs`` runs of ``steps`` decode steps, the device synchronized only around each run (an
+    engine with overlap keeps the device busy across steps, as it does serving): the median
+    over runs of the time per step and of the shares of the scheduler and manager
+    (``schedule`` + ``complete``) and of the host packing in it."""
+    from hybridkv.runtime import engine as engine_module
+
     sched = eng.scheduler
     spent = {"sched": 0.0, "pack": 0.0}
+    saved = {"pack": engine_module.pack}
 
-    def timing(obj: Any, name: str, key: str) -> None:
-        orig = getattr(obj, name)
-
-        def timed(*a: Any) -> Any:
+    def timed(orig: Any, key: str) -> Any:
+        def run(*a: Any) -> Any:
             t = time.perf_counter()
             r = orig(*a)
             spent[key] += time.perf_counter() - t
             return r
-        setattr(obj, name, timed)
+        return run
 
-    timing(sched, "schedule", "sched")
-    timing(sched, "complete", "sched")
-    timing(eng, "_pack", "pack")
+    sched.schedule, sched.complete = timed(sched.schedule, "sched"), timed(sched.complete, "sched")
+    engine_module.pack = timed(saved["pack"], "pack")
     step_s, sched_share, pack_share, rows = [], [], [], []
     graph_steps = eng.graph_steps
-    for _ in range(steps):
-        spent["sched"] = spent["pack"] = 0.0
-        sync(torch)
-        t = time.perf_counter()
-        rows.append(len(eng.step()))
-        sync(torch)
-        step_s.append(time.perf_counter() - t)
-        sched_share.append(spent["sched"] / step_s[-1])
-        pack_share.append(spent["pack"] / step_s[-1])
-    for obj, names in ((sched, ("schedule", "complete")), (eng, ("_pack",))):
-        for name in names:
-            delattr(obj, name)  # the instance attribute; the method shows through again
+    try:
+        for _ in range(runs):
+            spent["sched"] = spent["pack"] = 0.0
+            sync(torch)
+            t = time.perf_counter()
+            for _ in range(steps):
+                rows.append(len(eng.step()))
+            sync(torch)
+            total = time.perf_counter() - t
+            step_s.append(total / steps)
+            sched_share.append(spent["sched"] / total)
+            pack_share.append(spent["pack"] / total)
+    finally:
+        del sched.schedule, sched.complete  # the instance attributes; the methods show through again
+        engine_module.pack = saved["pack"]
     if min(rows) < batch:  # a timed step that did not decode every request measures something else
         raise SystemExit(f"bench_engine: only {min(rows)} of {batch} requests decoded in a timed step")
     return {"step_ms": statistics.median(step_s) * 1e3, "tok_s": batch / statistics.median(step_s),
@@ -148,10 +155,31 @@ def timed_steps(torch: Any, eng: Any, steps: int, batch: int) -> dict[str, float
             "pack_share": statistics.median(pack_share), "graph_steps": eng.graph_steps - graph_steps}
 
 
+def replay_gpu_ms(torch: Any, eng: Any, batch: int, repeats: int = 20) -> float:
+    """Median GPU time of one replay of the graph a step of ``batch`` rows uses (the last
+    step's inputs again: its K/V rewritten with the same values), between CUDA events."""
+    graph, _ = eng.graphs.graphs[min(s for s in eng.graphs.graphs if s >= batch)]
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        sync(torch)
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def set_overlap(eng: Any, on: bool) -> None:
+    """Switch overlapped steps between runs (the step in flight read first)."""
+    eng.drain()
+    eng.overlap = on
+
+
 def prefilled_engine(torch: Any, cfg: dict[str, Any], device: str, batch: int, context: int,
                      steps: int) -> tuple[Any, Any, list[Any], float]:
     """The bf16 model, an engine holding ``batch`` requests of ``context`` random tokens all
-    decoding (room for ``3 * steps`` more each), their prompts, and the prefill's seconds."""
+    decoding (room for ``13 * steps`` more each), their prompts, and the prefill's seconds."""
     from hybridkv.runtime.engine import Engine, EngineConfig
     from hybridkv.runtime.model import build_model
 
@@ -160,7 +188,7 @@ def prefilled_engine(torch: Any, cfg: dict[str, Any], device: str, batch: int, c
     # the first requests decode while the last are prefilled (8192 prompt tokens a step): room
     # for those tokens too, so every request still decodes in every timed step
     prefill_steps = -(-batch * context // 8192)
-    per_req = context + 3 * steps + 16 + prefill_steps
+    per_req = context + 13 * steps + 16 + prefill_steps
     # admission reserves each request's peak, its whole prompt in every layer while it is
     # prefilled in one chunk: pages for that, so all B requests run together
     need = batch * layers * (per_req + 16) * kv_bytes_token
@@ -171,7 +199,7 @@ def prefilled_engine(torch: Any, cfg: dict[str, Any], device: str, batch: int, c
     rng = np.random.default_rng(2)
     prompts = [rng.integers(0, cfg["vocab_size"], context) for _ in range(batch)]
     for p in prompts:
-        eng.add_request(p, max_new_tokens=3 * steps + prefill_steps + 8)
+        eng.add_request(p, max_new_tokens=13 * steps + prefill_steps + 8)
     t0 = time.perf_counter()
     while any(len(r.outputs) == 0 for r in eng.requests.values()):
         eng.step()
@@ -192,22 +220,32 @@ def decode_throughput(torch: Any, cfg: dict[str, Any], device: str, batch: int, 
     sync(torch)
     capture_s = time.perf_counter() - t0
     graphs = timed_steps(torch, eng, steps, batch)
-    # the same requests with transformers' own norm modules (recaptured), then one eager
-    # forward per step
+    replay_ms = replay_gpu_ms(torch, eng, batch) if eng.graphs is not None and eng.graphs.graphs else None
+    # the same requests stepping one after another (the host reads each step's tokens before
+    # scheduling the next), then with transformers' own norm modules (recaptured), then one
+    # eager forward per step
+    set_overlap(eng, False)
+    sequential = timed_steps(torch, eng, steps, batch)
+    set_overlap(eng, device == "cuda")
     norms.uninstall(model)
     if eng.graphs is not None:
         eng.graphs.graphs.clear()
     eng.step()
     own_norms = timed_steps(torch, eng, steps, batch)
+    eng.drain()
     eng.graphs, saved = None, eng.graphs
     eager = timed_steps(torch, eng, steps, batch)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_read = batch * (full_layers * (context + steps) + (layers - full_layers) * min(window, context)) \
         * kv_bytes_token
-    for r in (graphs, own_norms, eager):
+    for r in (graphs, sequential, own_norms, eager):
         r["roofline_share"] = (weights + kv_read) / (r["step_ms"] / 1e3) / bandwidth
-    hk = {"graphs": graphs, "graphs_own_norms": own_norms, "eager": eager, "fused_norms": eng.norms,
-          "bytes_per_step": weights + kv_read, "prefill_s": prefill_s,
+    if replay_ms is not None:  # the share of a step the GPU waits for the host
+        graphs["replay_gpu_ms"] = replay_ms
+        graphs["host_exposed_share"] = max(0.0, 1.0 - replay_ms / graphs["step_ms"])
+        sequential["host_exposed_share"] = max(0.0, 1.0 - replay_ms / sequential["step_ms"])
+    hk = {"graphs": graphs, "sequential": sequential, "graphs_own_norms": own_norms, "eager": eager,
+          "fused_norms": eng.norms, "bytes_per_step": weights + kv_read, "prefill_s": prefill_s,
           "first_decode_step_with_capture_s": capture_s, "capture_failed": saved.failed if saved else "no graphs"}
     del eng, saved
     if device == "cuda":
@@ -262,12 +300,13 @@ def main(argv: list[str] | None = None) -> int:
             if device == "cuda":
                 torch.cuda.empty_cache()  # the model and its pages are gone; free them for the next row
             hk, hf = r["hybridkv"], r["transformers"]
-            g, e = hk["graphs"], hk["eager"]
+            g, q, e = hk["graphs"], hk["sequential"], hk["eager"]
             base = f"{hf['step_ms']:.2f} ms/step ({hf['tok_s']:.0f} tok/s)" if "step_ms" in hf else hf["error"]
-            print(f"B={b} ctx={c}: graphs {g['step_ms']:.2f} ms/step ({g['tok_s']:.0f} tok/s, "
+            exposed = f", GPU waits for the host {g['host_exposed_share']:.1%}" if "host_exposed_share" in g else ""
+            print(f"B={b} ctx={c}: default {g['step_ms']:.2f} ms/step ({g['tok_s']:.0f} tok/s, "
                   f"{g['roofline_share']:.0%} of copy bandwidth, manager+scheduler {g['manager_scheduler_share']:.1%}, "
-                  f"packing {g['pack_share']:.1%}); own norms {hk['graphs_own_norms']['step_ms']:.2f} ms; "
-                  f"eager {e['step_ms']:.2f} ms ({e['roofline_share']:.0%}); "
+                  f"packing {g['pack_share']:.1%}{exposed}); without overlap {q['step_ms']:.2f} ms; "
+                  f"own norms {hk['graphs_own_norms']['step_ms']:.2f} ms; eager {e['step_ms']:.2f} ms; "
                   f"transformers {base}; prefill {hk['prefill_s']:.1f} s; capture failed: {hk['capture_failed']}",
                   flush=True)
             save_json(args.json, out)  # after every row: a run cut short keeps what it measured

@@ -5,10 +5,10 @@
 The model and requests are ``bench_engine.py``'s (Gemma-3-1B-sized, bf16, all requests
 decoding). Per batch size, over ``--steps`` decode steps replayed from CUDA graphs:
 
-- **host phases** (median µs): ``schedule``, ``_pack``, the graph run up to the replay's
-  enqueue, the wait for the GPU, ``_emit`` (sampling and token events), ``complete``;
-- **GPU time of one replay** between CUDA events, beside the step's bytes over the copy
-  bandwidth measured in the same run;
+- **host phases** (median µs), the steps run one after another (no overlap) so each phase is
+  timed alone: ``schedule``, ``pack``, the graph run up to the replay's enqueue, the wait for
+  the GPU, ``sample`` (enqueued), ``deliver`` (the tokens read, token events), ``complete``;
+- **GPU time of one replay** between CUDA events, and a step with overlap on (the default);
 - **kernels**: torch.profiler's per-kernel CUDA time over a few replayed steps, the top 15.
 """
 
@@ -20,62 +20,64 @@ import sys
 import time
 from typing import Any
 
-from bench_engine import GEMMA3_1B, copy_bandwidth, prefilled_engine, save_json, sync
+from bench_engine import (
+    GEMMA3_1B,
+    copy_bandwidth,
+    prefilled_engine,
+    replay_gpu_ms,
+    save_json,
+    set_overlap,
+    sync,
+    timed_steps,
+)
 
 
 def phases(torch: Any, eng: Any, steps: int) -> dict[str, float]:
-    """Median µs per phase of ``steps`` engine steps."""
+    """Median µs per phase of ``steps`` engine steps, run one after another; then the step
+    with overlap (the default)."""
+    from hybridkv.runtime import engine as engine_module
+
     spent: dict[str, list[float]] = {}
-    marks: dict[str, float] = {}
 
-    def wrap(obj: Any, name: str, key: str, wait: bool = False) -> None:
-        orig = getattr(obj, name)
-
+    def wrap(orig: Any, key: str, wait: bool = False) -> Any:
         def timed(*a: Any) -> Any:
             t = time.perf_counter()
             r = orig(*a)
             if wait:  # the enqueue, then the wait for the GPU, apart
-                marks["enqueued"] = time.perf_counter()
+                enqueued = time.perf_counter()
                 sync(torch)
-                spent.setdefault("gpu wait", []).append(time.perf_counter() - marks["enqueued"])
-                spent.setdefault(key, []).append(marks["enqueued"] - t)
+                spent.setdefault("gpu wait", []).append(time.perf_counter() - enqueued)
+                spent.setdefault(key, []).append(enqueued - t)
             else:
                 spent.setdefault(key, []).append(time.perf_counter() - t)
             return r
-        setattr(obj, name, timed)
+        return timed
 
-    wrap(eng.scheduler, "schedule", "schedule")
-    wrap(eng.scheduler, "complete", "complete")
-    wrap(eng, "_pack", "pack")
-    wrap(eng, "_emit", "emit")
-    wrap(eng.graphs, "run", "graph run (enqueue)", wait=True)
+    set_overlap(eng, False)
+    saved_pack, sampler = engine_module.pack, eng.sampler
+    eng.scheduler.schedule = wrap(eng.scheduler.schedule, "schedule")
+    eng.scheduler.complete = wrap(eng.scheduler.complete, "complete")
+    engine_module.pack = wrap(saved_pack, "pack")
+    eng.sampler = wrap(sampler, "sample")
+    eng._deliver = wrap(eng._deliver, "deliver")
+    eng.graphs.run = wrap(eng.graphs.run, "graph run (enqueue)", wait=True)
     whole = []
-    for _ in range(steps):
-        sync(torch)
-        t = time.perf_counter()
-        eng.step()
-        sync(torch)
-        whole.append(time.perf_counter() - t)
-    for obj, names in ((eng.scheduler, ("schedule", "complete")), (eng, ("_pack", "_emit")), (eng.graphs, ("run",))):
-        for name in names:
-            delattr(obj, name)
+    try:
+        for _ in range(steps):
+            sync(torch)
+            t = time.perf_counter()
+            eng.step()
+            sync(torch)
+            whole.append(time.perf_counter() - t)
+    finally:
+        del eng.scheduler.schedule, eng.scheduler.complete, eng._deliver, eng.graphs.run
+        engine_module.pack, eng.sampler = saved_pack, sampler
     out = {k: statistics.median(v) * 1e6 for k, v in spent.items()}
     out["whole step"] = statistics.median(whole) * 1e6
     out["other host"] = out["whole step"] - sum(v for k, v in out.items() if k != "whole step")
+    set_overlap(eng, True)
+    out["step with overlap"] = timed_steps(torch, eng, steps, 0, runs=1)["step_ms"] * 1e3
     return out
-
-
-def replay_gpu_us(torch: Any, eng: Any, batch: int, repeats: int = 20) -> float:
-    graph, _ = eng.graphs.graphs[min(s for s in eng.graphs.graphs if s >= batch)]
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()  # the last step's inputs again: its K/V rewritten with the same values
-        b.record()
-        sync(torch)
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
 
 
 def kernels(torch: Any, eng: Any, steps: int = 3) -> list[tuple[str, float, int]]:
@@ -107,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": copy_bandwidth(torch, "cuda")}
     for b in args.batch:
-        _, eng, _, _ = prefilled_engine(torch, GEMMA3_1B, "cuda", b, args.context, 2 * args.steps + 4)
+        _, eng, _, _ = prefilled_engine(torch, GEMMA3_1B, "cuda", b, args.context, args.steps)
         eng.step()  # captures
         row = {"batch": b, "context": args.context, "phases_us": phases(torch, eng, args.steps),
-               "replay_gpu_us": replay_gpu_us(torch, eng, b), "kernels": kernels(torch, eng)}
+               "replay_gpu_us": replay_gpu_ms(torch, eng, b) * 1e3, "kernels": kernels(torch, eng)}
         out.setdefault("rows", []).append(row)
         print(f"B={b} ctx={args.context}: replay {row['replay_gpu_us']:.0f} µs on the GPU; host phases (µs): "
               + ", ".join(f"{k} {v:.0f}" for k, v in row["phases_us"].items()), flush=True)

@@ -20,6 +20,7 @@ from hybridkv.engine.paged_attention import paged_attention  # noqa: E402
 from hybridkv.runtime.engine import Engine, EngineConfig  # noqa: E402
 from hybridkv.runtime.model import build_model, model_layout  # noqa: E402
 from hybridkv.runtime.requests import TokenEvent  # noqa: E402
+from hybridkv.scheduler import max_utilization  # noqa: E402
 
 TOL = 1e-4  # max |logit difference| per token, float32 (observed: below 1e-6)
 WINDOW = 16  # the families' window / chunk (runtime.model.FAMILIES)
@@ -111,12 +112,19 @@ GRAPH_FAMILIES = [("gemma3_text", "shared"), ("gemma2", "shared"), ("gpt_oss", "
                   ("llama4_text", "shared"), ("deepseek_v3", "shared")]
 
 
-@pytest.mark.parametrize(("family", "pools", "graphs"), [(f, p, "off") for f, p in FAMILIES]
-                         + [(f, p, "eager") for f, p in GRAPH_FAMILIES])
-def test_matches_transformers(family: str, pools: str, graphs: str) -> None:
+# overlapped steps: the host packs step k + 1 before reading step k's tokens (a plain step, a
+# padded static one, a recurrent model's per-request runs, MLA)
+OVERLAP_CASES = [("gemma3_text", "shared", "off"), ("gemma3_text", "shared", "eager"), ("qwen3_next", "shared", "off"),
+                 ("deepseek_v3", "shared", "eager")]
+
+
+@pytest.mark.parametrize(("family", "pools", "graphs", "overlap"), [(f, p, "off", False) for f, p in FAMILIES]
+                         + [(f, p, "eager", False) for f, p in GRAPH_FAMILIES]
+                         + [(f, p, g, True) for f, p, g in OVERLAP_CASES])
+def test_matches_transformers(family: str, pools: str, graphs: str, overlap: bool) -> None:
     """``graphs="eager"``: decode steps run padded over the static buffers a CUDA graph replays."""
     kernel = HoleCounter()
-    engine = Engine(build_model(family, seed=0), config(pools, decode_graphs=graphs), kernel=kernel)
+    engine = Engine(build_model(family, seed=0), config(pools, decode_graphs=graphs, overlap=overlap), kernel=kernel)
     events, done = run_scenario(engine)
     worst = check_against_transformers(family, engine, events)
     assert worst <= TOL, f"{family} ({pools}): max |dlogit| {worst:.3g}"
@@ -220,6 +228,82 @@ def test_a_stop_token_ends_a_request_early() -> None:
         assert mine == whole[:end]
     assert len(outs[1]) == full[1].index(stop) + 1 < 8 and engine.manager.rows.n == 0
     engine.manager.check_invariants()
+
+
+def test_overlapped_steps_stream_the_same_tokens_through_stops_and_preemptions(monkeypatch: Any) -> None:
+    """With overlap the host reads step k's tokens after launching step k + 1, so a stop token
+    is read one step late: the request computed one more token, which is dropped, and the
+    scheduler ends it wherever that step left it. Memory is tight and admission reserves two
+    output tokens only, so decodes preempt each other and recompute, their last token maybe
+    still on the device. The tokens, their positions and logits are the plain engine's."""
+    monkeypatch.setattr(max_utilization, "DECODE_LOOKAHEAD", 2)
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, 256, n) for n in (30, 7, 19, 44, 12, 25)]
+
+    def run(overlap: bool, stops: list[int]) -> tuple[Engine, list[TokenEvent]]:
+        engine = Engine(build_model("gemma3_text", seed=3), config(gpu_bytes=50_000, host_bytes=0, overlap=overlap))
+        for k, p in enumerate(prompts):
+            engine.add_request(p, 30, temperature=0.9 if k % 3 == 2 else 0.0, seed=k, stop_token_ids=stops)
+        events = []
+        while engine.has_work:
+            events += engine.step()
+            engine.manager.check_invariants()
+            assert all(r.pending <= (2 if overlap else 0) for r in engine.requests.values())
+        return engine, events
+
+    _, whole = run(False, [])
+    by_request = [[e.token for e in whole if e.request_id == k] for k in range(len(prompts))]
+    stops = [by_request[1][20], by_request[4][25]]
+    plain, plain_events = run(False, stops)
+    engine, events = run(True, stops)
+    assert [r.outputs for r in engine.requests.values()] == [r.outputs for r in plain.requests.values()]
+    assert sorted((e.request_id, e.position, e.token, e.finished) for e in events) == sorted(
+        (e.request_id, e.position, e.token, e.finished) for e in plain_events)
+    mine = {(e.request_id, e.position): e.logits for e in events}
+    assert max(float((mine[e.request_id, e.position] - e.logits).abs().max()) for e in plain_events) < 1e-5
+    stopped = [r for r in engine.requests.values() if len(r.outputs) < 30]
+    assert len(stopped) >= 2 and all(r.outputs[-1] in stops for r in stopped)
+    for r in engine.requests.values():  # nothing past a stop token, no placeholder left
+        assert r.pending == 0 and r.known == r.prompt_tokens + len(r.outputs)
+        assert np.array_equal(r.tokens[r.prompt_tokens:r.known], r.outputs) and not r.tokens[r.known:].any()
+    assert engine.scheduler.preemptions > 0 and engine.manager.rows.n == 0
+    assert all(t.status.value == "finished" for t in engine.scheduler.requests.values())
+
+
+@pytest.mark.parametrize("host_bytes", [0, 1 << 20])
+def test_a_stop_read_late_ends_a_request_the_scheduler_moved(host_bytes: int) -> None:
+    """The step that samples request 1's stop token is in flight when the scheduler takes the
+    request off the GPU (as the next ``schedule`` may): without host room its KV is dropped
+    and it is re-admitted to recompute, its last token (the stop) still pending on the device
+    and filled into its prefill; with room it waits suspended. Either way reading the stop
+    ends it there, with the plain engine's tokens."""
+    prompts = [[5, 6, 7, 8, 9], list(range(30, 52))]
+
+    def engine(overlap: bool, stops: list[int]) -> Engine:
+        eng = Engine(build_model("gemma3_text", seed=3), config(host_bytes=host_bytes, overlap=overlap))
+        for p in prompts:
+            eng.add_request(p, 12, stop_token_ids=stops)
+        return eng
+
+    plain = engine(False, [])
+    list(plain.stream())
+    stop = plain.requests[1].outputs[4]
+    want = plain.requests[1].outputs[:plain.requests[1].outputs.index(stop) + 1]
+    eng = engine(True, [stop])
+    moved = False
+    while eng.has_work:
+        eng.step()
+        eng.manager.check_invariants()
+        req = eng.requests[1]
+        if not moved and len(req.outputs) + req.pending == len(want) and req.pending:
+            moved = True  # the stop token is sampled, not read
+            assert eng.scheduler.suspend(1) == bool(host_bytes)
+    assert moved
+    assert eng.requests[1].outputs == want and eng.requests[0].outputs == plain.requests[0].outputs[:len(
+        eng.requests[0].outputs)]
+    assert (eng.scheduler.suspensions, eng.scheduler.preemptions) == ((1, 0) if host_bytes else (0, 1))
+    assert eng.scheduler.requests[1].status.value == "finished" and eng.manager.rows.n == 0
+    assert not eng.manager.suspended
 
 
 def test_bad_input_names_the_field() -> None:

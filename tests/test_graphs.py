@@ -11,8 +11,9 @@ pytest.importorskip("transformers")
 torch.set_num_threads(1)
 
 from hybridkv.runtime.engine import Engine, EngineConfig  # noqa: E402
-from hybridkv.runtime.graphs import HostStep, graph_sizes  # noqa: E402
+from hybridkv.runtime.graphs import graph_sizes  # noqa: E402
 from hybridkv.runtime.model import build_model  # noqa: E402
+from hybridkv.runtime.packing import HostStep  # noqa: E402
 
 
 def test_graph_sizes() -> None:

@@ -109,6 +109,29 @@ def test_finish_ends_a_request_early_and_frees_its_pages() -> None:
     m.check_invariants()
 
 
+def test_finish_ends_a_suspended_or_waiting_request_too() -> None:
+    """An engine that overlaps steps reads a stop token after the next ``schedule``, which may
+    have suspended the request or left it waiting: ``finish`` ends it wherever it is."""
+    m, s = _two_requests()
+    assert s.suspend(1) and m.suspended
+    s.submit(SeqRequest(2, 4, 3, tokens=np.arange(200, 206)))
+    assert s.num_waiting == 2  # the suspended one, then the new one
+    s.finish(1, 6.0)
+    assert s.requests[1].status is Status.FINISHED and not m.suspended and s.num_waiting == 1
+    assert m.tiers.free_slots(GPU)[0] == 24 - 2 and s.requests[1].handle is None
+    s.finish(2, 7.0)
+    assert s.requests[2].status is Status.FINISHED and s.num_waiting == 0 and s.requests[2].finish_s == 7.0
+    m.check_invariants()
+    with pytest.raises(UsageError, match=r"finish\(2\): the request must be running, suspended or waiting "
+                                         r"\(it is finished\)"):
+        s.finish(2, 8.0)
+    with pytest.raises(UsageError, match=r"it is unknown"):
+        s.finish(9, 8.0)
+    step = s.schedule()  # only request 0 is left
+    assert step.handles.tolist() == m.active_handles() and m.rows.n == 1
+    m.check_invariants()
+
+
 def test_a_state_model_resends_an_exchange_from_its_last_block_boundary() -> None:
     """A state snapshot exists only where a request stood after a step. An exchange of 10 prompt
     + 9 output tokens (tpb 4) computes 18 tokens and stops off a boundary, so the scheduler also

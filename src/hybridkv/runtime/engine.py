@@ -11,8 +11,17 @@ One step (``Engine.step``):
    token of each request that finished its prompt (or decodes). A decode step (every row
    computes one token and samples it) replays a CUDA graph instead where one was captured
    (``graphs.py``; on a GPU, where the RMSNorms are fused too: ``norms.py``).
-4. Those requests sample a token, the scheduler records the step (publishes prefixes to the
-   prefix cache, closes finished requests), and each new token is streamed.
+4. Those requests sample a token on the device (``sampling.StepSampler``), the scheduler
+   records the step (publishes prefixes to the prefix cache, closes finished requests), and
+   each new token is streamed once the host has read it.
+
+Overlapped steps (``EngineConfig.overlap``, on by default on a GPU): the host reads a step's
+tokens only after launching the next step, so the scheduler, the manager and the packing of
+step ``k + 1`` run while the device computes step ``k``. Scheduling needs token counts, not
+token values; the one input the next step takes from the step before, each decoding
+request's new token, is filled in on the device (``packing.py``). ``step()`` then returns the
+tokens of the step before. A stop token is read one step late: the request ran one more token,
+which is dropped, and the scheduler ends it wherever that step left it.
 """
 
 from __future__ import annotations
@@ -32,11 +41,13 @@ from hybridkv.engine.triton_write import pick_write_kv
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
 from hybridkv.manager.tiers import StorageConfig
 from hybridkv.planning.planner import PlanSpec, plan
-from hybridkv.runtime import attention, mla, norms, recurrent, sampling
-from hybridkv.runtime.graphs import DecodeGraphs, HostStep
+from hybridkv.runtime import attention, mla, norms, recurrent
+from hybridkv.runtime.graphs import DecodeGraphs
 from hybridkv.runtime.model import cache_layer_ids, kv_heads, mla_layers, model_layout, recurrent_layers
+from hybridkv.runtime.packing import pack, upload
 from hybridkv.runtime.pages import layer_pages
 from hybridkv.runtime.requests import GenRequest, TokenEvent
+from hybridkv.runtime.sampling import SampledStep, StepSampler
 from hybridkv.runtime.states import state_buffers
 from hybridkv.scheduler.request import SeqRequest, Status
 from hybridkv.scheduler.scheduler import Scheduler, SchedulerConfig, StepPlan
@@ -66,6 +77,9 @@ class EngineConfig:
     decode_graphs: str = "auto"
     # RMSNorm modules through one Triton kernel each where the kernels run (runtime/norms.py)
     fused_norms: bool = True
+    # schedule and pack the next step while the device runs this one (step() returns the
+    # step before's tokens); None: on a CUDA device
+    overlap: bool | None = None
     storage: StorageConfig | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -129,6 +143,10 @@ class Engine:
         else:
             norms.uninstall(model)  # (an earlier engine on this model may have fused them)
         self._needs_runs = bool(states)  # recurrent layers walk the packed sequence request by request
+        self.sampler = StepSampler(cfg.max_batch_size, cfg.device, cfg.keep_logits)
+        self.overlap = device.type == "cuda" if cfg.overlap is None else cfg.overlap
+        self._in_flight: SampledStep | None = None  # the step whose tokens the host has not read
+        self._ready: list[TokenEvent] = []  # tokens read early (drain), returned by the next step()
         self.graphs = self._decode_graphs(device, bool(states))
         self.graph_steps = 0  # steps replayed from a graph (or, "eager", run over its static buffers)
         self.requests: dict[int, GenRequest] = {}
@@ -151,8 +169,8 @@ class Engine:
         families = self.manager.rows.families
         return DecodeGraphs(self.model, self.layers, [f.table for f in families], [f.members for f in families],
                             len(self.manager.grouped.layer_groups), self.config.max_batch_size, self.kernel,
-                            pick_write_kv(device, skip_holes=True), self.config.device, capture=mode == "capture",
-                            strict=strict)
+                            pick_write_kv(device, skip_holes=True), self.config.device, self.sampler.last,
+                            capture=mode == "capture", strict=strict)
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, prompt_ids: npt.ArrayLike, max_new_tokens: int, temperature: float = 0.0,
@@ -175,6 +193,7 @@ class Engine:
     def suspend(self, request_id: int) -> bool:
         """Move a running request's pages to the host tier now (True); the scheduler resumes it
         before newer requests. False: no room below, its KV was dropped and it recomputes."""
+        self.drain()
         return self.scheduler.suspend(request_id)
 
     def fork(self, request_id: int, extra_ids: Sequence[int] = (), max_new_tokens: int = 1,
@@ -185,6 +204,7 @@ class Engine:
         parent = self.requests.get(request_id)
         if parent is None:
             raise UsageError(f"fork({request_id}): no such request (ids 0..{self._next_id - 1})")
+        self.drain()  # the parent's tokens, all read
         prompt = np.concatenate([parent.tokens[:parent.known], np.asarray(extra_ids, np.int64)])
         req = GenRequest.new(self._next_id, prompt, max_new_tokens, temperature, seed, self.vocab_size)
         handle = self.scheduler.requests[request_id].handle
@@ -200,106 +220,88 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.scheduler.num_waiting or self.scheduler.num_running)
+        return bool(self.scheduler.num_waiting or self.scheduler.num_running or self._in_flight or self._ready)
 
     # ---- one step -----------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
-        """Run one scheduler step through the model; the new tokens, in batch order."""
+        """Run one scheduler step through the model; the new tokens, in batch order (with
+        ``overlap``: those of the step before, this one's still on the device)."""
+        events, self._ready = self._ready, []
+        plan = None
+        if self.scheduler.num_waiting or self.scheduler.num_running:
+            plan = self.scheduler.schedule()
+            if plan.deadlocked:
+                raise InvariantError("the scheduler cannot advance any request: the plan's floors are broken")
+            if plan.tables is None or not plan.advanced:
+                plan = None
+        launched = self._launch(plan) if plan is not None else None
+        earlier = launched
+        if self.overlap:
+            earlier, self._in_flight = self._in_flight, launched
+        if earlier is not None:
+            events += self._deliver(earlier)
+        now = time.monotonic()
+        if plan is not None:
+            self.scheduler.complete(plan, now)
+        self._end_stopped(events, now)
+        return events
+
+    def drain(self) -> None:
+        """Read the step in flight now (its tokens come with the next ``step()``): an
+        operation that needs every token's value (fork) or the requests at rest (suspend)."""
+        if self._in_flight is not None:
+            earlier, self._in_flight = self._in_flight, None
+            events = self._deliver(earlier)
+            self._end_stopped(events, time.monotonic())
+            self._ready += events
+
+    def _launch(self, plan: StepPlan) -> SampledStep | None:
+        """Pack the step, run the model (a graph replay for a decode step) and sample on the
+        device; nothing here waits for the device."""
         import torch
 
-        step = self.scheduler.schedule()
-        if step.deadlocked:
-            raise InvariantError("the scheduler cannot advance any request: the plan's floors are broken")
-        if step.tables is None or not step.advanced:
-            return []
-        host = self._pack(step)
+        families = self.manager.rows.families
+        index = self._in_flight.index if self._in_flight is not None else {}
+        host = pack(plan, lambda i: self._request_at(plan, i), len(families), self._needs_runs, index)
         if self.graphs is not None and self.graphs.fits(host):
             logits = self.graphs.run(host)  # the model's dtype: greedy rows need no float32 copy
             self.graph_steps += 1
         else:
-            ctx, ids = self._upload(host)
+            dev = upload(host, [f.members for f in families], len(self.manager.grouped.layer_groups),
+                         self.config.device, self.sampler.last)
+            ctx = attention.StepContext(dev.q_row, dev.q_pos, dev.kv_len, dev.tables, self.layers, host.runs,
+                                        self.kernel, self.write, dev.host_tables, host.q_pos)
             with torch.no_grad():
-                out = self.model(input_ids=ids[None], position_ids=ctx.q_pos[None], use_cache=False,
-                                 logits_to_keep=torch.as_tensor(host.emit_at, device=ids.device),
-                                 **{attention.STEP_KEYWORD: ctx})
+                out = self.model(input_ids=dev.ids[None], position_ids=dev.q_pos[None], use_cache=False,
+                                 logits_to_keep=dev.emit_at, **{attention.STEP_KEYWORD: ctx})
             logits = out.logits[0]
-        events = self._emit(host.emitting, logits)
-        now = time.monotonic()
-        ended = {t.spec.request_id for t in self.scheduler.complete(step, now)}
-        for event in events:  # stopped before max_new_tokens
-            if event.finished and event.request_id not in ended:
-                self.scheduler.finish(event.request_id, now)
-        return events
-
-    def _pack(self, step: StepPlan) -> HostStep:
-        """The packed tokens, their rows and positions, and where logits are needed (host)."""
-        assert step.tables is not None
-        live = np.flatnonzero(step.num_tokens > 0)
-        lo, hi = step.history[live].astype(np.int64), step.capacity[live].astype(np.int64)
-        counts = hi - lo
-        ends = np.cumsum(counts)
-        starts = ends - counts
-        reqs = [self._request_at(step, i) for i in live.tolist()]
-        ids = np.concatenate([r.tokens[a:b] for r, a, b in zip(reqs, lo.tolist(), hi.tolist(), strict=True)])
-        # a request whose step computes its last known token samples the next one
-        emits = hi == np.fromiter((r.known for r in reqs), np.int64, len(reqs))
-        runs = tuple(zip(live.tolist(), starts.tolist(), ends.tolist(), strict=True)) if self._needs_runs else ()
-        families = tuple(step.tables.family_table(i) for i in range(len(self.manager.rows.families)))
-        return HostStep(ids.astype(np.int64), np.repeat(live, counts),
-                        np.arange(int(ends[-1])) - np.repeat(starts - lo, counts), step.capacity, families,
-                        (ends - 1)[emits], live[emits], runs,
-                        tuple(r for r, e in zip(reqs, emits.tolist(), strict=True) if e))
-
-    def _upload(self, host: HostStep) -> tuple[attention.StepContext, Any]:
-        """The step on the device: one upload per family (a life cycle's layer groups in one
-        pool: an arena's page-sized groups, a state's slices); each layer group's table is a
-        view of its family's."""
-        import torch
-
-        device = self.config.device
-        per_group: list[Any] = [None] * len(self.manager.grouped.layer_groups)
-        per_group_host: list[Any] = [None] * len(per_group)
-        for family, host_table in zip(self.manager.rows.families, host.families, strict=True):
-            table = np.ascontiguousarray(host_table)
-            both = torch.from_numpy(table).to(device)
-            for j, g in enumerate(family.members):
-                per_group[g], per_group_host[g] = both[:, :, j], table[:, :, j]
-        ctx = attention.StepContext(torch.as_tensor(host.q_row, device=device),
-                                    torch.as_tensor(host.q_pos, device=device),
-                                    torch.as_tensor(host.kv_len, device=device), tuple(per_group), self.layers,
-                                    host.runs, self.kernel, self.write, tuple(per_group_host), host.q_pos)
-        return ctx, torch.as_tensor(host.ids, device=device)
+        return self.sampler(host, logits) if host.emitting else None
 
     def _request_at(self, step: StepPlan, i: int) -> GenRequest:
         return self.requests[self.scheduler.by_handle[int(step.handles[i])].spec.request_id]
 
-    def _emit(self, reqs: tuple[GenRequest, ...], logits: Any) -> list[TokenEvent]:
-        """Each request's token from its row of ``logits``: greedy rows by one argmax over the
-        batch, sampling rows by one batched draw; one transfer, not a device sync per row."""
-        import torch
-
-        if not reqs:
-            return []
-        chosen = logits.argmax(dim=-1)
-        drawn = [j for j, r in enumerate(reqs) if r.temperature > 0.0]
-        if drawn:  # one batched draw for every sampling row (sampling.py), on the logits' device
-            rows = torch.as_tensor(drawn, device=logits.device)
-            temps = torch.tensor([reqs[j].temperature for j in drawn], dtype=torch.float32)
-            ints = torch.tensor([(reqs[j].seed, reqs[j].known) for j in drawn], dtype=torch.int64)
-            ints, temps = ints.to(logits.device), temps.to(logits.device)
-            chosen[rows] = sampling.sample(logits[rows], temps, ints[:, 0], ints[:, 1])
-        tokens = chosen.tolist()  # the one transfer of the step
-        keep = self.config.keep_logits
+    def _deliver(self, sampled: SampledStep) -> list[TokenEvent]:
+        """A launched step's tokens, read from the device (one transfer), as events."""
+        tokens = sampled.read()
         events = []
-        for j, req in enumerate(reqs):
-            token = tokens[j]
-            position = req.known
-            req.append(token)
-            kept = logits[j].to(torch.float32, copy=True) if keep else None  # (a graph's output is reused)
-            events.append(TokenEvent(req.request_id, token, position, req.finished, kept))
+        for j, req in enumerate(sampled.requests):
+            position = req.known - req.pending
+            if not req.resolve(tokens[j]):
+                continue  # sampled after the request's stop token
+            kept = sampled.logits[j] if sampled.logits is not None else None
+            events.append(TokenEvent(req.request_id, tokens[j], position, req.finished, kept))
             if self.on_token is not None:
                 self.on_token(events[-1])
         return events
+
+    def _end_stopped(self, events: list[TokenEvent], now: float) -> None:
+        """End the requests that stopped before max_new_tokens (a stop token): the scheduler
+        has not ended them; with overlap, the step after may have suspended or preempted them."""
+        for event in events:
+            if event.finished:
+                t = self.scheduler.requests[event.request_id]
+                if t.status in (Status.RUNNING, Status.SUSPENDED, Status.WAITING):
+                    self.scheduler.finish(event.request_id, now)
 
     # ---- running to the end -------------------------------------------------------------
     def stream(self) -> Iterator[TokenEvent]:

@@ -6,7 +6,8 @@ layer. A graph captured once per batch size replays the whole forward in one lau
 
 A graph runs on fixed addresses, so a step's inputs are copied into static buffers::
 
-    ids, positions, rows   [size]           the step's n tokens, then padding tokens
+    ids, positions, rows,  [size]           the step's n tokens, then padding tokens
+    pending sources
     kv_len                 [rows + 1]       each row's tokens; the last row (the padding row) 0
     family tables          [rows + 1, W, m] the step's tables in the first rows; the padding
                                             row all -1, W the family's widest table
@@ -18,6 +19,12 @@ splits depend on shapes only (``triton_attention.choose_tiles``), so the launch 
 recorded is the one the step needs. Graphs are captured lazily, the first time a size is
 needed, into one memory pool: a replay's logits are read before the next replay.
 
+A token sampled by the step before, which the host has not read yet (overlapped steps), is
+filled in by the graph itself from the sampler's fixed ``sampled`` buffer
+(``packing.fill_pending``). The host fills page-locked staging copies of the buffers and
+uploads each in one asynchronous copy; there are two sets of them, taken in turn, so the host
+fills one while the copy from the other may still wait behind the step in flight.
+
 A capture that fails (a module that reads the device on the host, say) raises when the
 engine asked for graphs (``decode_graphs="capture"``); under ``"auto"`` it is recorded in
 ``failed`` and the static step runs eagerly from then on.
@@ -28,38 +35,16 @@ and padding with the torch kernels; the GPU proves the captured replay against i
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Any
 
 from hybridkv.runtime.attention import STEP_KEYWORD, PagedAttention, StepContext
+from hybridkv.runtime.packing import HostStep, fill_pending
 from hybridkv.runtime.pages import LayerPages
-from hybridkv.runtime.requests import GenRequest
 
 if TYPE_CHECKING:
     import torch
 
     from hybridkv.engine.triton_write import WriteKV
-
-
-class HostStep(NamedTuple):
-    """One step's packed tokens on the host (``Engine._pack``)."""
-
-    ids: npt.NDArray[np.int64]  # [T] token ids
-    q_row: npt.NDArray[np.int64]  # [T] batch row of each token
-    q_pos: npt.NDArray[np.int64]  # [T] its position in its request
-    kv_len: npt.NDArray[Any]  # [R] tokens each row sees after the step
-    families: tuple[npt.NDArray[np.int32], ...]  # per family [R, width, members]
-    emit_at: npt.NDArray[np.int64]  # packed indices whose logits are sampled
-    rows: npt.NDArray[np.int64]  # their batch rows
-    runs: tuple[tuple[int, int, int], ...]  # (row, first, end) of each request's tokens
-    emitting: tuple[GenRequest, ...]  # the requests sampling a token, in emit_at's order
-
-    @property
-    def is_decode(self) -> bool:
-        """One token per row, each sampled: the step a graph replays."""
-        return self.emit_at.size == self.ids.size and bool(np.array_equal(self.rows, self.q_row))
 
 
 def graph_sizes(max_batch_size: int) -> tuple[int, ...]:
@@ -73,29 +58,32 @@ class DecodeGraphs:
 
     def __init__(self, model: Any, layers: dict[int, LayerPages], family_tables: list[Any],
                  members: list[tuple[int, ...]], num_groups: int, max_rows: int, kernel: PagedAttention,
-                 write: WriteKV, device: str, capture: bool, strict: bool = True) -> None:
+                 write: WriteKV, device: str, sampled: torch.Tensor, capture: bool, strict: bool = True) -> None:
         import torch
 
         self.model, self.layers, self.kernel, self.write = model, layers, kernel, write
-        self.capture, self.strict = capture, strict
+        self.capture, self.strict, self.sampled = capture, strict, sampled
         self.failed: str | None = None  # why capturing failed (not strict: the static step runs eagerly)
         self.sizes = graph_sizes(max_rows)
         self.max_rows = max_rows
         size = self.sizes[-1]
-        # inputs [3, size]: ids, positions, rows (padding tokens in the padding row, max_rows)
-        self.inputs = torch.zeros(3, size, dtype=torch.long, device=device)
-        self.ids, self.q_pos, self.q_row = self.inputs
+        # inputs [4, size]: ids, positions, rows, pending sources (padding tokens in the
+        # padding row, max_rows, with no pending source)
+        self.inputs = torch.zeros(4, size, dtype=torch.long, device=device)
+        self.ids, self.q_pos, self.q_row, self.src = self.inputs
         self.q_row.fill_(max_rows)
+        self.src.fill_(-1)
         self.kv_len = torch.zeros(max_rows + 1, dtype=torch.long, device=device)
         # per family [rows + 1, widest table, members], -1 everywhere (the padding row stays so)
         self.families = [torch.full((max_rows + 1, t.shape[1], t.shape[2]), -1, dtype=torch.int32, device=device)
                          for t in family_tables]
-        # the same on the host, page-locked on a GPU: a step fills them and uploads each in one
-        # asynchronous copy (whole rows of a family's table are contiguous)
+        # the same on the host, page-locked on a GPU, two sets (whole rows of a family's table
+        # are contiguous: one copy per family)
         pinned = torch.device(device).type == "cuda"
-        self.stage = [torch.empty_like(t, device="cpu", pin_memory=pinned) for t in (self.inputs, self.kv_len)]
-        self.stage_families = [torch.full(t.shape, -1, dtype=torch.int32, pin_memory=pinned) for t in self.families]
-        self.stage[1].zero_()
+        self.stages = [[torch.zeros(t.shape, dtype=t.dtype, pin_memory=pinned) for t in (self.inputs, self.kv_len)]
+                       + [torch.full(t.shape, -1, dtype=torch.int32, pin_memory=pinned) for t in self.families]
+                       for _ in range(2)]
+        self.turn = 0
         per_group: list[Any] = [None] * num_groups
         for table, group_ids in zip(self.families, members, strict=True):
             for j, g in enumerate(group_ids):
@@ -112,7 +100,8 @@ class DecodeGraphs:
     def _forward(self, size: int) -> torch.Tensor:
         ctx = StepContext(self.q_row[:size], self.q_pos[:size], self.kv_len, self.tables, self.layers, (),
                           self.kernel, self.write)
-        out = self.model(input_ids=self.ids[None, :size], position_ids=self.q_pos[None, :size], use_cache=False,
+        ids = fill_pending(self.ids[:size], self.src[:size], self.sampled)
+        out = self.model(input_ids=ids[None], position_ids=self.q_pos[None, :size], use_cache=False,
                          logits_to_keep=0, **{STEP_KEYWORD: ctx})
         logits: torch.Tensor = out.logits[0]
         return logits
@@ -123,6 +112,8 @@ class DecodeGraphs:
         import torch
 
         self.q_row[:size].fill_(self.max_rows)
+        self.ids[:size].zero_()
+        self.src[:size].fill_(-1)
         with torch.no_grad():
             self._forward(size)
             torch.cuda.synchronize()
@@ -148,15 +139,18 @@ class DecodeGraphs:
                     raise
                 self.capture, self.failed = False, f"capturing batch {size} failed: {type(e).__name__}: {e}"
         rows = host.kv_len.size
-        inputs, kv_len = (t.numpy() for t in self.stage)
+        stage = self.stages[self.turn]
+        self.turn = 1 - self.turn
+        inputs, kv_len = stage[0].numpy(), stage[1].numpy()
         inputs[0, :n], inputs[1, :n], inputs[2, :n] = host.ids, host.q_pos, host.q_row
-        inputs[0, n:size], inputs[1, n:size], inputs[2, n:size] = 0, 0, self.max_rows
+        inputs[3, :n] = -1 if host.src is None else host.src
+        inputs[0, n:size], inputs[1, n:size], inputs[2, n:size], inputs[3, n:size] = 0, 0, self.max_rows, -1
         kv_len[:rows] = host.kv_len  # (kv_len[max_rows], the padding row's, stays 0)
-        self.inputs.copy_(self.stage[0], non_blocking=True)
-        self.kv_len.copy_(self.stage[1], non_blocking=True)
-        for static, stage, table in zip(self.families, self.stage_families, host.families, strict=True):
-            stage.numpy()[:rows, :table.shape[1]] = table
-            static[:rows].copy_(stage[:rows], non_blocking=True)
+        self.inputs.copy_(stage[0], non_blocking=True)
+        self.kv_len.copy_(stage[1], non_blocking=True)
+        for static, staged, table in zip(self.families, stage[2:], host.families, strict=True):
+            staged.numpy()[:rows, :table.shape[1]] = table
+            static[:rows].copy_(staged[:rows], non_blocking=True)
         if not self.capture:
             with torch.no_grad():
                 return self._forward(size)[:n]

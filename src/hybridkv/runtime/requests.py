@@ -26,10 +26,18 @@ class TokenEvent(NamedTuple):
     logits: torch.Tensor | None = None
 
 
+PENDING = -1  # a token sampled on the device whose value the host has not read yet
+
+
 @dataclass(slots=True)
 class GenRequest:
     """A request's tokens: ``tokens[:known]`` are the prompt and the outputs so far; the array
-    has room for every output, so the scheduler's prefix cache reads the same array as it grows."""
+    has room for every output, so the scheduler's prefix cache reads the same array as it grows.
+
+    A sampled token is first reserved (``PENDING`` at ``known``; the next step's input reads
+    it on the device) and then resolved, when the host reads its value. An engine that
+    overlaps steps resolves a step's tokens after launching the next one, so the last
+    ``pending`` (at most two) of ``tokens[:known]`` may still be placeholders."""
 
     request_id: int
     tokens: npt.NDArray[np.int32]
@@ -39,6 +47,7 @@ class GenRequest:
     seed: int  # the draws' seed (runtime/sampling.py): a token depends on it, its position and its logits
     stop_token_ids: frozenset[int] = frozenset()
     known: int = 0
+    pending: int = 0
     finished: bool = False
     outputs: list[int] = field(default_factory=list)
 
@@ -61,9 +70,23 @@ class GenRequest:
         return cls(request_id, tokens, int(prompt.size), max_new_tokens, temperature,
                    seed if seed is not None else request_id, stop_token_ids, int(prompt.size))
 
-    def append(self, token: int) -> None:
-        """Record a sampled token; the request is finished at ``max_new_tokens`` or a stop token."""
-        self.tokens[self.known] = token
+    def reserve(self) -> None:
+        """A step sampled this request's next token on the device: hold its place."""
+        self.tokens[self.known] = PENDING
         self.known += 1
+        self.pending += 1
+
+    def resolve(self, token: int) -> bool:
+        """The value of the oldest reserved token. The request is finished at
+        ``max_new_tokens`` or a stop token; a token sampled after it finished (the step after
+        a stop token was launched before the stop was read) is dropped: False."""
+        first = self.known - self.pending
+        self.pending -= 1
+        if self.finished:
+            self.known -= 1  # (the dropped one is the last placeholder)
+            self.tokens[self.known] = 0
+            return False
+        self.tokens[first] = token
         self.outputs.append(token)
         self.finished = len(self.outputs) == self.max_new_tokens or token in self.stop_token_ids
+        return True

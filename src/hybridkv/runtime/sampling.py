@@ -14,14 +14,22 @@ preempted and recomputed (on another device, only where rounding moves a CDF bou
 The hash is Wellons' 32-bit ``lowbias32`` mixer, computed in int64 with each 32 x 32-bit
 product split into 16-bit halves so nothing overflows (identical on every device); two of
 its outputs give ``u`` 53 bits.
+
+``StepSampler`` picks a whole step's tokens (greedy and sampled rows) and starts their way to
+the host (``SampledStep``) without waiting for the device.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 if TYPE_CHECKING:
     import torch
+
+    from hybridkv.runtime.packing import HostStep
+    from hybridkv.runtime.requests import GenRequest
 
 _M32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
@@ -63,3 +71,66 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor
     u = uniforms(seeds, positions) * cdf[:, -1]
     token = torch.searchsorted(cdf, u[:, None]).squeeze(1)
     return token.clamp(max=logits.shape[-1] - 1)
+
+
+class SampledStep:
+    """One step's sampled tokens (``[E]`` on the device) on their way to the host: a copy into
+    page-locked memory and an event on a GPU, so ``read`` waits for this step only, not for a
+    step launched after it."""
+
+    def __init__(self, requests: tuple[GenRequest, ...], tokens: torch.Tensor, logits: torch.Tensor | None,
+                 host: torch.Tensor | None, done: Any) -> None:
+        self.requests, self.tokens, self.logits, self.host, self.done = requests, tokens, logits, host, done
+        self.index = {r.request_id: j for j, r in enumerate(requests)}  # where each request's token is
+
+    def read(self) -> list[int]:
+        if self.done is None:
+            return list(self.tokens.tolist())
+        self.done.synchronize()
+        assert self.host is not None
+        return list(self.host[:len(self.requests)].tolist())
+
+
+class StepSampler:
+    """Picks a step's tokens on the logits' device: greedy rows by one argmax over the batch,
+    sampling rows by one batched draw (``sample``). The tokens also go to ``last``, a fixed
+    buffer the next step reads its pending inputs from (a replayed graph reads fixed
+    addresses), and to one of two page-locked host buffers, taken in turn: a step's copy
+    lands while the host still reads the step before."""
+
+    def __init__(self, max_rows: int, device: str, keep_logits: bool) -> None:
+        import torch
+
+        self.device, self.keep_logits = torch.device(device), keep_logits
+        self.last = torch.zeros(max_rows, dtype=torch.long, device=device)
+        self.cuda = self.device.type == "cuda"
+        self.host = [torch.zeros(max_rows, dtype=torch.long, pin_memory=True) for _ in range(2)] if self.cuda else []
+        self.turn = 0
+
+    def __call__(self, host: HostStep, logits: torch.Tensor) -> SampledStep:
+        """Sample ``host.emitting``'s tokens from ``logits`` ``[E, vocab]`` (read it before the
+        next step: a graph's output is reused) and reserve their places."""
+        import torch
+
+        from hybridkv.runtime.packing import to_device
+
+        reqs = host.emitting
+        chosen = logits.argmax(dim=-1)
+        drawn = [j for j, r in enumerate(reqs) if r.temperature > 0.0]
+        if drawn:  # one batched draw for every sampling row, on the logits' device
+            ints = np.array([drawn, [reqs[j].seed for j in drawn], host.emit_positions[drawn].tolist()], np.int64)
+            ints_dev = to_device(ints, logits.device)
+            temps = to_device(np.array([reqs[j].temperature for j in drawn], np.float32), logits.device)
+            chosen[ints_dev[0]] = sample(logits[ints_dev[0]], temps, ints_dev[1], ints_dev[2])
+        n = len(reqs)
+        self.last[:n].copy_(chosen)
+        kept = logits.to(torch.float32, copy=True) if self.keep_logits else None
+        out, done = None, None
+        if self.cuda:
+            out, self.turn = self.host[self.turn], 1 - self.turn
+            out[:n].copy_(chosen, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        for r in reqs:
+            r.reserve()
+        return SampledStep(reqs, chosen, kept, out, done)

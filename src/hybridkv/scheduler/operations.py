@@ -13,15 +13,23 @@ class EngineOperations(SchedulerState):
     """``finish``, ``suspend`` and ``fork`` on a running request."""
 
     def finish(self, request_id: int, now_s: float) -> None:
-        """End a running request before ``max_new_tokens`` (it sampled a stop token): its
-        computed tokens are published to the prefix cache, as ``complete`` does at the end,
-        and its pages freed."""
-        t = self._running(request_id, "finish")
-        assert t.handle is not None
-        h = CacheHandle(t.handle)
-        if self.manager.prefix is not None and t.spec.tokens is not None:
-            self.manager.prefix.publish(h, t.spec.tokens, self.manager.lengths(h).capacity)
-        self._release(t)
+        """End a request before ``max_new_tokens`` (it sampled a stop token, or its client
+        left). A running one publishes its computed tokens to the prefix cache, as
+        ``complete`` does at the end; a suspended one is closed on its tier; a waiting one
+        leaves the queue. An engine that overlaps steps reads a stop token one step late,
+        after the next ``schedule`` may have suspended or preempted the request."""
+        t = self.requests.get(request_id)
+        if t is None or t.status not in (Status.RUNNING, Status.SUSPENDED, Status.WAITING):
+            state = "unknown" if t is None else t.status.value
+            raise UsageError(f"finish({request_id}): the request must be running, suspended or waiting (it is "
+                             f"{state})")
+        if t.status is not Status.RUNNING:
+            self._dequeue(t)
+        if t.handle is not None:
+            h = CacheHandle(t.handle)
+            if t.status is Status.RUNNING and self.manager.prefix is not None and t.spec.tokens is not None:
+                self.manager.prefix.publish(h, t.spec.tokens, self.manager.lengths(h).capacity)
+            self._release(t)
         t.status, t.finish_s = Status.FINISHED, now_s
 
     def suspend(self, request_id: int) -> bool:

@@ -124,6 +124,12 @@ class SchedulerState:
             self.preemptions += 1
         heapq.heappush(self._waiting, (t.seq, t.spec.request_id))
 
+    def _dequeue(self, t: Tracked) -> None:
+        """Take a waiting or suspended request out of the queue."""
+        self._waiting.remove((t.seq, t.spec.request_id))
+        heapq.heapify(self._waiting)
+        self._keys.pop(t.spec.request_id, None)
+
     def _release(self, t: Tracked) -> None:
         assert t.handle is not None
         self.manager.close(CacheHandle(t.handle))

@@ -229,7 +229,7 @@ def decode_throughput(torch: Any, cfg: dict[str, Any], device: str, batch: int, 
     set_overlap(eng, device == "cuda")
     norms.uninstall(model)
     if eng.graphs is not None:
-        eng.graphs.graphs.clear()
+        eng.graphs.reset()
     eng.step()
     own_norms = timed_steps(torch, eng, steps, batch)
     eng.drain()

@@ -444,6 +444,23 @@ def test_decode_graphs_on_cuda(family: str, pools: str, mode: str) -> None:
     assert check_against_transformers(family, engine, events) <= TOL
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decode_graphs_recapture_after_a_reset() -> None:
+    """``DecodeGraphs.reset`` drops the graphs and their pool (torch frees a pool with its last
+    graph, so capturing into the old one fails): the next decode steps capture again and give
+    the same tokens, with and without overlapped steps."""
+    engine = Engine(build_model("gemma3_text", seed=0).to("cuda"), config(device="cuda", decode_graphs="capture"))
+    prompts = [[1, 2, 3], list(range(40, 60))]
+    first = engine.generate(prompts, max_new_tokens=6)
+    assert engine.graphs is not None and engine.graphs.graphs
+    for overlap in (True, False):
+        engine.graphs.reset()
+        engine.overlap = overlap
+        assert not engine.graphs.graphs and engine.generate(prompts, max_new_tokens=6) == first
+        assert engine.graphs.graphs and engine.graphs.failed is None
+
+
 def test_decode_graph_modes_are_checked() -> None:
     with pytest.raises(ConfigError, match="decode_graphs must be one of auto, capture, eager, off"):
         config(decode_graphs="always")

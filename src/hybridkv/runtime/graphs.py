@@ -92,6 +92,14 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool: Any = None
 
+    def reset(self) -> None:
+        """Drop every captured graph and their memory pool (the next step of each size
+        captures again: after the model's modules changed, say). Call it between steps, with no
+        replay in flight; torch frees a pool with its last graph, so a new one is taken."""
+        self.graphs.clear()
+        self.pool = None
+        self.capture, self.failed = self.capture or self.failed is not None, None
+
     def fits(self, host: HostStep) -> bool:
         """Can this step replay a graph: a decode step within the captured sizes and widths?"""
         return (host.is_decode and host.ids.size <= self.sizes[-1] and host.kv_len.size <= self.max_rows

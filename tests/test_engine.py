@@ -440,6 +440,7 @@ def test_decode_graphs_on_cuda(family: str, pools: str, mode: str) -> None:
     assert (engine.graphs.failed is None) == (mode == "capture")
     assert bool(engine.graphs.graphs) == (mode == "capture")
     assert engine.norms  # RMSNorms fused where the Triton kernels run (norms.py)
+    assert bool(engine.rotary) == (family != "llama4_text")  # its modeling module has no apply_rotary_pos_emb
     events = [e._replace(logits=e.logits.cpu()) for e in events]
     assert check_against_transformers(family, engine, events) <= TOL
 

@@ -10,7 +10,8 @@ One step (``Engine.step``):
    read them back through the tables (``attention.py``); logits are computed only at the last
    token of each request that finished its prompt (or decodes). A decode step (every row
    computes one token and samples it) replays a CUDA graph instead where one was captured
-   (``graphs.py``; on a GPU, where the RMSNorms are fused too: ``norms.py``).
+   (``graphs.py``; on a GPU, where the RMSNorms are fused too, ``norms.py``, and the rotary
+   function compiled, ``rotary.py``).
 4. Those requests sample a token on the device (``sampling.StepSampler``), the scheduler
    records the step (publishes prefixes to the prefix cache, closes finished requests), and
    each new token is streamed once the host has read it.
@@ -41,7 +42,7 @@ from hybridkv.engine.triton_write import pick_write_kv
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
 from hybridkv.manager.tiers import StorageConfig
 from hybridkv.planning.planner import PlanSpec, plan
-from hybridkv.runtime import attention, mla, norms, recurrent
+from hybridkv.runtime import attention, mla, norms, recurrent, rotary
 from hybridkv.runtime.graphs import DecodeGraphs
 from hybridkv.runtime.model import cache_layer_ids, kv_heads, mla_layers, model_layout, recurrent_layers
 from hybridkv.runtime.packing import pack, upload
@@ -77,6 +78,8 @@ class EngineConfig:
     decode_graphs: str = "auto"
     # RMSNorm modules through one Triton kernel each where the kernels run (runtime/norms.py)
     fused_norms: bool = True
+    # the model's rotary function through torch.compile on a CUDA device (runtime/rotary.py)
+    compiled_rotary: bool = True
     # schedule and pack the next step while the device runs this one (step() returns the
     # step before's tokens); None: on a CUDA device
     overlap: bool | None = None
@@ -142,6 +145,12 @@ class Engine:
             self.norms = norms.install(model)
         else:
             norms.uninstall(model)  # (an earlier engine on this model may have fused them)
+        # the modeling modules whose rotary function runs compiled
+        self.rotary: list[str] = []
+        if cfg.compiled_rotary and device.type == "cuda" and triton_runs_on(device):
+            self.rotary = rotary.install(model)
+        else:
+            rotary.uninstall(model)
         self._needs_runs = bool(states)  # recurrent layers walk the packed sequence request by request
         self.sampler = StepSampler(cfg.max_batch_size, cfg.device, cfg.keep_logits)
         self.overlap = device.type == "cuda" if cfg.overlap is None else cfg.overlap

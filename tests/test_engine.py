@@ -440,7 +440,29 @@ def test_decode_graphs_on_cuda(family: str, pools: str, mode: str) -> None:
     assert (engine.graphs.failed is None) == (mode == "capture")
     assert bool(engine.graphs.graphs) == (mode == "capture")
     assert engine.norms  # RMSNorms fused where the Triton kernels run (norms.py)
-    assert bool(engine.rotary) == (family != "llama4_text")  # its modeling module has no apply_rotary_pos_emb
+    assert engine.rotary == []  # (compiled_rotary is off by default)
+    events = [e._replace(logits=e.logits.cpu()) for e in events]
+    assert check_against_transformers(family, engine, events) <= TOL
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("family", "pools"), [("gemma3_text", "shared"), ("gpt_oss", "per-lifecycle"),
+                                               ("qwen3_next", "shared")])
+def test_compiled_rotary_on_cuda(family: str, pools: str) -> None:
+    """``compiled_rotary``: prefill chunks and decode steps (graphs captured over the compiled
+    kernels) through torch.compile of the family's own rotary function give transformers'
+    logits; the original comes back with ``rotary.uninstall``."""
+    from hybridkv.runtime import rotary
+
+    model = build_model(family, seed=0).to("cuda")
+    engine = Engine(model, config(pools, device="cuda", compiled_rotary=True))
+    try:
+        assert engine.rotary == [f"transformers.models.{family}.modeling_{family}"]
+        events, _ = run_scenario(engine)
+        assert engine.graph_steps > 0 or family == "qwen3_next"
+    finally:
+        assert rotary.uninstall(model) == 1  # (the reference runs the module's own function)
     events = [e._replace(logits=e.logits.cpu()) for e in events]
     assert check_against_transformers(family, engine, events) <= TOL
 

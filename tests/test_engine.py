@@ -17,6 +17,7 @@ torch.set_num_threads(1)
 
 from hybridkv.core.errors import ConfigError, UsageError  # noqa: E402
 from hybridkv.engine.paged_attention import paged_attention  # noqa: E402
+from hybridkv.runtime import recurrent  # noqa: E402
 from hybridkv.runtime.engine import Engine, EngineConfig  # noqa: E402
 from hybridkv.runtime.model import build_model, model_layout  # noqa: E402
 from hybridkv.runtime.requests import TokenEvent  # noqa: E402
@@ -108,6 +109,8 @@ FAMILIES = [("gemma3_text", "shared"), ("gemma3_text", "per-lifecycle"), ("gemma
             ("lfm2_moe", "shared"), ("deepseek_v3", "shared")]
 
 
+RECURRENT = {"qwen3_next", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "zamba2", "jamba", "lfm2",
+             "lfm2_moe"}
 GRAPH_FAMILIES = [("gemma3_text", "shared"), ("gemma2", "shared"), ("gpt_oss", "per-lifecycle"),
                   ("llama4_text", "shared"), ("deepseek_v3", "shared")]
 
@@ -121,8 +124,13 @@ OVERLAP_CASES = [("gemma3_text", "shared", "off"), ("gemma3_text", "shared", "ea
 @pytest.mark.parametrize(("family", "pools", "graphs", "overlap"), [(f, p, "off", False) for f, p in FAMILIES]
                          + [(f, p, "eager", False) for f, p in GRAPH_FAMILIES]
                          + [(f, p, g, True) for f, p, g in OVERLAP_CASES])
-def test_matches_transformers(family: str, pools: str, graphs: str, overlap: bool) -> None:
-    """``graphs="eager"``: decode steps run padded over the static buffers a CUDA graph replays."""
+def test_matches_transformers(family: str, pools: str, graphs: str, overlap: bool, monkeypatch: Any) -> None:
+    """``graphs="eager"``: decode steps run padded over the static buffers a CUDA graph replays.
+    A recurrent layer runs once for a decode step's whole batch (``recurrent._one_token_each``),
+    else per request."""
+    batched = []
+    one_token_each = recurrent._one_token_each
+    monkeypatch.setattr(recurrent, "_one_token_each", lambda *a: batched.append(one_token_each(*a)) or batched[-1])
     kernel = HoleCounter()
     engine = Engine(build_model(family, seed=0), config(pools, decode_graphs=graphs, overlap=overlap), kernel=kernel)
     events, done = run_scenario(engine)
@@ -133,12 +141,13 @@ def test_matches_transformers(family: str, pools: str, graphs: str, overlap: boo
     assert done["suspended"] == 2 and engine.scheduler.suspensions == 1  # offloaded, then resumed
     assert engine.scheduler.preemptions == 0
     # decoded past the window: released blocks were skipped (the state models and deepseek_v3: no window)
-    no_window = {"qwen3_next", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "zamba2", "jamba", "lfm2",
-                 "lfm2_moe", "deepseek_v3"}
+    no_window = RECURRENT | {"deepseek_v3"}
     assert (kernel.calls_with_holes > 0) == (family not in no_window)
     assert engine.manager.rows.n == 0 and not engine.manager.suspended
     # every step that decodes each of its rows (and only those) ran over the static buffers
     assert (engine.graph_steps > 0) == (graphs == "eager")
+    assert any(batched) == (family in RECURRENT)  # (prefill chunks run per request: not all)
+    assert not batched or not all(batched)
 
 
 @pytest.mark.cuda

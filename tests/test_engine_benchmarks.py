@@ -1,6 +1,6 @@
 """The engine's benchmark scripts run end to end on the CPU at tiny sizes, so they do not rot
 between GPU sessions: ``bench_engine.py --tiny`` (every timed variant, the agreement check, the
-transformers baseline) and ``bench_sampling.py``. They assert what the scripts compute
+transformers baseline), ``bench_sampling.py`` and ``bench_recurrent_decode.py``. They assert what the scripts compute
 exactly (positions, rows, tokens), never a timing."""
 
 from __future__ import annotations
@@ -50,3 +50,10 @@ def test_bench_engine_tiny_runs_every_variant(tmp_path: Path) -> None:
 def test_bench_sampling_runs(tmp_path: Path) -> None:
     (row,) = json.loads(_run("bench_sampling.py", "--rows", "3", "--vocab", "1000", "--repeats", "1", "--json"))
     assert (row["rows"], row["vocab"]) == (3, 1000) and row["per_request_ms"] > 0 and row["batched_ms"] > 0
+
+
+def test_bench_recurrent_decode_runs() -> None:
+    (row,) = json.loads(_run("bench_recurrent_decode.py", "--family", "bamba", "--batch", "3", "--steps", "2",
+                             "--json"))
+    assert (row["family"], row["batch"]) == ("bamba", 3) and row["same_tokens"] is True
+    assert row["batched_ms"] > 0 and row["per_request_ms"] > 0

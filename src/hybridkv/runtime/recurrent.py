@@ -5,7 +5,11 @@ convolutions (LFM2, LFM2-MoE).
 A recurrent layer mixes tokens in order, so the packed sequence is cut into its requests'
 runs and the model's own module runs once per run, handed a one-request cache object that
 holds the request's state gathered from its pages (``states.py``); afterwards the state goes
-back to the pages. The module's forward (projections, the causal convolution, the gated
+back to the pages. A decode step (every request one token, each with a state) runs the module
+once for the whole batch instead: the packed tokens become a batch of one-token sequences, and
+the states of all rows are gathered and scattered by slots looked up on the device.
+
+The module's forward (projections, the causal convolution, the gated
 delta rule or the selective scan, the gated norm) is transformers' own, so only the cache it
 talks to changes. The first three keep a convolution state ``[conv_dim, kernel - 1]`` and a
 recurrent state whose shape the module's sizes give (``recurrent_shape``); a short
@@ -106,17 +110,22 @@ class OneRequestCache:
         return state
 
 
-def _load(module: Any, buffers: dict[str, StateBuffer], tables: tuple[Any, ...], row: int,
-          dtype: Any) -> OneRequestCache:
+Fetch = Callable[[str], "torch.Tensor"]  # a state buffer's bytes for the rows, [rows, nbytes] uint8
+Put = Callable[[str, "torch.Tensor"], None]  # write them back
+
+
+def _load(module: Any, buffers: dict[str, StateBuffer], fetch: Fetch, dtype: Any) -> OneRequestCache:
+    """The cache of the rows ``fetch`` reads (a batch of one request, or of a decode step's)."""
     import torch
 
     kernel = module.conv_kernel_size
-    conv = buffers["conv"].gather(tables, row).view(dtype).view(1, module.hybridkv_conv_channels, kernel - 1)
+    raw = fetch("conv")
+    conv = raw.view(dtype).view(raw.shape[0], module.hybridkv_conv_channels, kernel - 1)
     conv = torch.nn.functional.pad(conv, (1, 0))
     if module.hybridkv_state_shape is None:  # a short convolution: no recurrent state
         return OneRequestCache(module.layer_idx, kernel, conv, None)
-    shape = (1, *module.hybridkv_state_shape)
-    ssm = buffers["ssm"].gather(tables, row)
+    shape = (raw.shape[0], *module.hybridkv_state_shape)
+    ssm = fetch("ssm")
     # the layout sizes the recurrent state in float32 or in the model's dtype, as the family keeps it
     recurrent = ssm.view(torch.float32 if ssm.numel() == 4 * _numel(shape) else dtype).view(shape)
     return OneRequestCache(module.layer_idx, kernel, conv, recurrent)
@@ -126,25 +135,42 @@ def _numel(shape: tuple[int, ...]) -> int:
     return functools.reduce(lambda a, b: a * b, shape, 1)
 
 
-def _store(cache: OneRequestCache, buffers: dict[str, StateBuffer], tables: tuple[Any, ...], row: int) -> None:
+def _store(cache: OneRequestCache, buffers: dict[str, StateBuffer], put: Put) -> None:
     conv, recurrent = cache.conv_states[0], cache.recurrent_states[0]
     assert conv is not None
-    buffers["conv"].scatter(tables, row, conv[..., 1:])
+    put("conv", conv[..., 1:])
     if "ssm" not in buffers:  # a short convolution
         return
     assert recurrent is not None
-    ssm = buffers["ssm"]
-    if recurrent.numel() * recurrent.element_size() != ssm.nbytes:
+    per_row = buffers["ssm"].nbytes
+    if recurrent.numel() * recurrent.element_size() != per_row * recurrent.shape[0]:
         import torch
 
-        recurrent = recurrent.to(torch.float32 if ssm.nbytes == 4 * recurrent.numel() else conv.dtype)
-    ssm.scatter(tables, row, recurrent)
+        recurrent = recurrent.to(torch.float32 if per_row * recurrent.shape[0] == 4 * recurrent.numel()
+                                 else conv.dtype)
+    put("ssm", recurrent)
+
+
+def _fetch_row(buffers: dict[str, StateBuffer], tables: tuple[Any, ...], row: int, name: str) -> torch.Tensor:
+    return buffers[name].gather(tables, row)[None]
+
+
+def _put_row(buffers: dict[str, StateBuffer], tables: tuple[Any, ...], row: int, name: str,
+             data: torch.Tensor) -> None:
+    buffers[name].scatter(tables, row, data[0])
+
+
+def _one_token_each(step: Any, first: Any) -> bool:
+    """A decode step for this layer: two or more requests, one token each, every one with a
+    state already (none at position 0)."""
+    return len(step.runs) > 1 and all(hi - lo == 1 and int(first[lo]) > 0 for _, lo, hi in step.runs)
 
 
 def recurrent_forward(original: Callable[..., Any], module: Any, buffers: dict[str, StateBuffer],
                       hidden_states: torch.Tensor, cache_params: Any = None, attention_mask: Any = None,
                       past_key_values: Any = None, **kwargs: Any) -> torch.Tensor:
-    """The module's forward, run per request of the packed step over its state pages."""
+    """The module's forward over its state pages: once for a decode step's whole batch, else
+    per request of the packed step."""
     import torch
 
     from hybridkv.runtime.attention import STEP_KEYWORD, StepContext, step_context
@@ -154,20 +180,30 @@ def recurrent_forward(original: Callable[..., Any], module: Any, buffers: dict[s
             kwargs[STEP_KEYWORD] = handed
     key = module.hybridkv_cache_keyword
     step = step_context(kwargs, f"layer {module.layer_idx} keeps its state in hybridkv pages")
-    outs = []
     # slots and positions from the host copies: no device read per request
     tables = step.host_tables or step.tables
     first = step.host_q_pos if step.host_q_pos is not None else step.q_pos
+    if _one_token_each(step, first):
+        # the batch as batch (one token each, in packed order): slots looked up on the device
+        rows = [row for row, _, _ in step.runs]
+        for buffer in buffers.values():
+            buffer.check_rows(tables, rows)
+        cache = _load(module, buffers, lambda n: buffers[n].gather_rows(step.tables, step.q_row),
+                      hidden_states.dtype)
+        out = original(hidden_states.transpose(0, 1), **{key: cache})
+        _store(cache, buffers, lambda n, data: buffers[n].scatter_rows(step.tables, step.q_row, data))
+        return out.transpose(0, 1)
+    outs = []
     for row, lo, hi in step.runs:
         if int(first[lo]) == 0:  # a fresh request: the module starts from a zero state
             cache = OneRequestCache(module.layer_idx, module.conv_kernel_size, None, None)
             outs.append(original(hidden_states[:, lo:hi], **{key: cache}))
         else:
-            cache = _load(module, buffers, tables, row, hidden_states.dtype)
+            cache = _load(module, buffers, functools.partial(_fetch_row, buffers, tables, row), hidden_states.dtype)
             # Mamba-1's scan would start from zero: continue the state one token at a time
             cuts = range(lo, hi + 1) if module.hybridkv_token_by_token else (lo, hi)
             outs += [original(hidden_states[:, a:b], **{key: cache}) for a, b in itertools.pairwise(cuts)]
-        _store(cache, buffers, tables, row)
+        _store(cache, buffers, functools.partial(_put_row, buffers, tables, row))
     return torch.cat(outs, dim=1)
 
 

@@ -13,6 +13,8 @@ straddle two slices (``PageSpec.start`` is the part's first byte within the buff
 ``gather`` copies the parts of a request's state into one contiguous tensor, ``scatter``
 writes it back; both go through the step's tables (``table[row, 0]`` is a state group's slot;
 the engine passes its host copies, so reading a slot never waits on the device).
+``gather_rows`` / ``scatter_rows`` do the same for many rows at once, reading the slots from
+the device tables on the device (a decode step's batched recurrent update).
 """
 
 from __future__ import annotations
@@ -60,6 +62,28 @@ class StateBuffer:
             raise InvariantError(f"a state of {flat.numel()} B written into a buffer of {self.nbytes} B")
         for part in self.parts:
             part.pages[self._slot(tables, part, row)] = flat[part.start:part.start + part.nbytes]
+
+    def gather_rows(self, tables: tuple[torch.Tensor, ...], rows: torch.Tensor) -> torch.Tensor:
+        """Many rows' states at once, ``[len(rows), nbytes]`` uint8, the slots read from the
+        device ``tables`` by the device ``rows`` (no host read; the caller checked the slots)."""
+        import torch
+
+        return torch.cat([part.pages[tables[part.layer_group][rows, 0].long()] for part in self.parts], dim=1)
+
+    def scatter_rows(self, tables: tuple[torch.Tensor, ...], rows: torch.Tensor, data: torch.Tensor) -> None:
+        """Write ``data`` (``[len(rows), ...]``, ``nbytes`` per row) into the rows' state pages
+        (distinct rows hold distinct state slots)."""
+        flat = data.contiguous().view(data.shape[0], -1).view(dtype=_uint8())
+        if flat.shape[1] != self.nbytes:
+            raise InvariantError(f"a state of {flat.shape[1]} B written into a buffer of {self.nbytes} B")
+        for part in self.parts:
+            part.pages[tables[part.layer_group][rows, 0].long()] = flat[:, part.start:part.start + part.nbytes]
+
+    def check_rows(self, host_tables: tuple[Any, ...], rows: Any) -> None:
+        """Every row of ``rows`` (host indices) holds a page of every part."""
+        for part in self.parts:
+            if (host_tables[part.layer_group][rows, 0] < 0).any():
+                raise InvariantError(f"layer group {part.layer_group}: a row of {list(rows)} holds no state page")
 
     @staticmethod
     def _slot(tables: tuple[Any, ...], part: StatePart, row: int) -> int:

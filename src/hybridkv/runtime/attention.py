@@ -60,6 +60,9 @@ class StepContext:
     # one number at a time (state slots, a run's first position)
     host_tables: tuple[Any, ...] = ()
     host_q_pos: Any = None
+    # a decode graph's static step: every token its row's only one, every row with a state
+    # (recurrent layers take the batch at once); rows whose kv_len is 0 are padding
+    decode: bool = False
 
 
 def _temperature_fix(module: Any, q: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:

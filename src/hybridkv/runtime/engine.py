@@ -73,8 +73,9 @@ class EngineConfig:
     keep_logits: bool = False
     device: str = "cpu"
     # decode steps from CUDA graphs (runtime/graphs.py): "auto" captures them on a CUDA device
-    # with the Triton kernels for a model without recurrent layers; "capture" insists; "eager"
-    # runs the same padded static step without capturing (the CPU check); "off" never
+    # with the Triton kernels for a model without recurrent layers (with them, ask for
+    # "capture"); "capture" insists; "eager" runs the same padded static step without
+    # capturing (the CPU check); "off" never
     decode_graphs: str = "auto"
     # RMSNorm modules through one Triton kernel each where the kernels run (runtime/norms.py)
     fused_norms: bool = True
@@ -166,13 +167,10 @@ class Engine:
         mode = self.config.decode_graphs
         can_capture = device.type == "cuda" and self.kernel is paged_attention_triton
         strict = mode != "auto"
-        if mode == "auto":
+        if mode == "auto":  # (recurrent layers: not until their graphs have been checked on a GPU)
             mode = "capture" if can_capture and not recurrent_layers else "off"
         if mode == "off":
             return None
-        if recurrent_layers:
-            raise ConfigError(f"decode_graphs={mode!r}: this model has recurrent layers, which run request by "
-                              "request on the host; use decode_graphs='off' (or 'auto')")
         if mode == "capture" and not can_capture:
             raise ConfigError("decode_graphs='capture' needs a CUDA device and the Triton kernels (pip install "
                               "'hybridkv[triton]'); use 'auto' to capture only where possible")
@@ -180,7 +178,8 @@ class Engine:
         return DecodeGraphs(self.model, self.layers, [f.table for f in families], [f.members for f in families],
                             len(self.manager.grouped.layer_groups), self.config.max_batch_size, self.kernel,
                             pick_write_kv(device, skip_holes=True), self.config.device, self.sampler.last,
-                            capture=mode == "capture", strict=strict)
+                            capture=mode == "capture", strict=strict,
+                            state_families=tuple(i for i, f in enumerate(families) if not f.life_cycle.per_token))
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, prompt_ids: npt.ArrayLike, max_new_tokens: int, temperature: float = 0.0,

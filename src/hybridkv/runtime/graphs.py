@@ -29,6 +29,13 @@ A capture that fails (a module that reads the device on the host, say) raises wh
 engine asked for graphs (``decode_graphs="capture"``); under ``"auto"`` it is recorded in
 ``failed`` and the static step runs eagerly from then on.
 
+With recurrent layers (``state_families``) the static step runs each one once for the batch
+(``recurrent.py``), the states gathered and scattered by slot on the device. A padding row
+cannot write into the padding row's "no page": its table row in a state family points at a
+spare slot, one that none of the step's rows holds, chosen on the host each step, and it
+writes back what that slot holds. A step with a request at position 0 (no state yet) runs
+without the graph.
+
 ``capture=False`` runs the same padded static step eagerly: the CPU tests prove the buffers
 and padding with the torch kernels; the GPU proves the captured replay against it.
 """
@@ -36,6 +43,8 @@ and padding with the torch kernels; the GPU proves the captured replay against i
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from hybridkv.runtime.attention import STEP_KEYWORD, PagedAttention, StepContext
 from hybridkv.runtime.packing import HostStep, fill_pending
@@ -58,11 +67,14 @@ class DecodeGraphs:
 
     def __init__(self, model: Any, layers: dict[int, LayerPages], family_tables: list[Any],
                  members: list[tuple[int, ...]], num_groups: int, max_rows: int, kernel: PagedAttention,
-                 write: WriteKV, device: str, sampled: torch.Tensor, capture: bool, strict: bool = True) -> None:
+                 write: WriteKV, device: str, sampled: torch.Tensor, capture: bool, strict: bool = True,
+                 state_families: tuple[int, ...] = ()) -> None:
         import torch
 
         self.model, self.layers, self.kernel, self.write = model, layers, kernel, write
         self.capture, self.strict, self.sampled = capture, strict, sampled
+        # families of recurrent states: their padding row points at a spare slot each step
+        self.state_families = state_families
         self.failed: str | None = None  # why capturing failed (not strict: the static step runs eagerly)
         self.sizes = graph_sizes(max_rows)
         self.max_rows = max_rows
@@ -103,11 +115,12 @@ class DecodeGraphs:
     def fits(self, host: HostStep) -> bool:
         """Can this step replay a graph: a decode step within the captured sizes and widths?"""
         return (host.is_decode and host.ids.size <= self.sizes[-1] and host.kv_len.size <= self.max_rows
-                and all(h.shape[1] <= s.shape[1] for h, s in zip(host.families, self.families, strict=True)))
+                and all(h.shape[1] <= s.shape[1] for h, s in zip(host.families, self.families, strict=True))
+                and (not self.state_families or bool((host.q_pos > 0).all())))  # states exist
 
     def _forward(self, size: int) -> torch.Tensor:
         ctx = StepContext(self.q_row[:size], self.q_pos[:size], self.kv_len, self.tables, self.layers, (),
-                          self.kernel, self.write)
+                          self.kernel, self.write, decode=bool(self.state_families))
         ids = fill_pending(self.ids[:size], self.src[:size], self.sampled)
         out = self.model(input_ids=ids[None], position_ids=self.q_pos[None, :size], use_cache=False,
                          logits_to_keep=0, **{STEP_KEYWORD: ctx})
@@ -159,6 +172,14 @@ class DecodeGraphs:
         for static, staged, table in zip(self.families, stage[2:], host.families, strict=True):
             staged.numpy()[:rows, :table.shape[1]] = table
             static[:rows].copy_(staged[:rows], non_blocking=True)
+        for f in self.state_families:
+            # padding rows gather a state slot that no row of the step writes, and write back
+            # what it holds (recurrent.py): any slot id the step's rows do not hold
+            used = host.families[f][host.families[f] >= 0]
+            pad_row = stage[2 + f].numpy()[self.max_rows]
+            pad_row[:] = -1
+            pad_row[0] = int(np.setdiff1d(np.arange(used.size + 1), used)[0])
+            self.families[f][self.max_rows].copy_(stage[2 + f][self.max_rows], non_blocking=True)
         if not self.capture:
             with torch.no_grad():
                 return self._forward(size)[:n]

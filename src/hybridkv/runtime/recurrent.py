@@ -183,15 +183,18 @@ def recurrent_forward(original: Callable[..., Any], module: Any, buffers: dict[s
     # slots and positions from the host copies: no device read per request
     tables = step.host_tables or step.tables
     first = step.host_q_pos if step.host_q_pos is not None else step.q_pos
-    if _one_token_each(step, first):
+    if step.decode or _one_token_each(step, first):
         # the batch as batch (one token each, in packed order): slots looked up on the device
-        rows = [row for row, _, _ in step.runs]
-        for buffer in buffers.values():
-            buffer.check_rows(tables, rows)
+        # (a graph's padding rows, kv_len 0, read a spare slot and write back what it holds)
+        keep = step.kv_len[step.q_row] == 0 if step.decode else None
+        if not step.decode:
+            rows = [row for row, _, _ in step.runs]
+            for buffer in buffers.values():
+                buffer.check_rows(tables, rows)
         cache = _load(module, buffers, lambda n: buffers[n].gather_rows(step.tables, step.q_row),
                       hidden_states.dtype)
         out = original(hidden_states.transpose(0, 1), **{key: cache})
-        _store(cache, buffers, lambda n, data: buffers[n].scatter_rows(step.tables, step.q_row, data))
+        _store(cache, buffers, lambda n, data: buffers[n].scatter_rows(step.tables, step.q_row, data, keep))
         return out.transpose(0, 1)
     outs = []
     for row, lo, hi in step.runs:

@@ -70,14 +70,22 @@ class StateBuffer:
 
         return torch.cat([part.pages[tables[part.layer_group][rows, 0].long()] for part in self.parts], dim=1)
 
-    def scatter_rows(self, tables: tuple[torch.Tensor, ...], rows: torch.Tensor, data: torch.Tensor) -> None:
+    def scatter_rows(self, tables: tuple[torch.Tensor, ...], rows: torch.Tensor, data: torch.Tensor,
+                     keep: torch.Tensor | None = None) -> None:
         """Write ``data`` (``[len(rows), ...]``, ``nbytes`` per row) into the rows' state pages
-        (distinct rows hold distinct state slots)."""
+        (distinct rows hold distinct state slots). ``keep``: rows (True) that write back what
+        their slot holds instead, so padding rows may share a spare slot no other row writes."""
+        import torch
+
         flat = data.contiguous().view(data.shape[0], -1).view(dtype=_uint8())
         if flat.shape[1] != self.nbytes:
             raise InvariantError(f"a state of {flat.shape[1]} B written into a buffer of {self.nbytes} B")
         for part in self.parts:
-            part.pages[tables[part.layer_group][rows, 0].long()] = flat[:, part.start:part.start + part.nbytes]
+            slots = tables[part.layer_group][rows, 0].long()
+            new = flat[:, part.start:part.start + part.nbytes]
+            if keep is not None:
+                new = torch.where(keep[:, None], part.pages[slots], new)
+            part.pages[slots] = new
 
     def check_rows(self, host_tables: tuple[Any, ...], rows: Any) -> None:
         """Every row of ``rows`` (host indices) holds a page of every part."""

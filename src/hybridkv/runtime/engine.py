@@ -37,19 +37,18 @@ import numpy.typing as npt
 
 from hybridkv.core.errors import ConfigError, InvariantError, UsageError
 from hybridkv.core.types import MIB, CacheHandle
-from hybridkv.engine.triton_attention import paged_attention_triton, pick_paged_attention, triton_runs_on
+from hybridkv.engine.triton_attention import paged_attention_triton, pick_paged_attention
 from hybridkv.engine.triton_write import pick_write_kv
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
 from hybridkv.manager.tiers import StorageConfig
 from hybridkv.planning.planner import PlanSpec, plan
-from hybridkv.runtime import attention, mla, norms, recurrent, rotary
+from hybridkv.runtime import attention
+from hybridkv.runtime.adapt import onto_pages
 from hybridkv.runtime.graphs import DecodeGraphs
-from hybridkv.runtime.model import cache_layer_ids, kv_heads, mla_layers, model_layout, recurrent_layers
+from hybridkv.runtime.model import model_layout
 from hybridkv.runtime.packing import pack, upload
-from hybridkv.runtime.pages import layer_pages
 from hybridkv.runtime.requests import GenRequest, TokenEvent
 from hybridkv.runtime.sampling import SampledStep, StepSampler
-from hybridkv.runtime.states import state_buffers
 from hybridkv.scheduler.request import SeqRequest, Status
 from hybridkv.scheduler.scheduler import Scheduler, SchedulerConfig, StepPlan
 
@@ -127,38 +126,14 @@ class Engine:
             self.manager.enable_prefix_cache()
         self.scheduler = Scheduler(self.manager, SchedulerConfig(token_budget=cfg.token_budget,
                                                                  prefill_chunk_tokens=cfg.prefill_chunk_tokens))
-        dtype = next(model.parameters()).dtype
-        # pages and states are the layout's layers; the model's modules know their layer_idx
-        attention_ids, state_ids = cache_layer_ids(model)
-        heads, states = kv_heads(model), recurrent_layers(model)
-        pages = layer_pages(self.manager, {attention_ids[i]: h for i, h in heads.items()}, dtype)
-        self.layers = {i: pages[attention_ids[i]] for i in heads}
-        buffers = state_buffers(self.manager, {state_ids[i] for i in states})
-        if missing := sorted(i for i in states if state_ids[i] not in buffers):
-            raise ConfigError(f"recurrent layers {missing} have no state pages in the plan's layout")
-        recurrent.install(model, {i: buffers[state_ids[i]] for i in states})
-        mla.install(model, mla_layers(model))  # latents in the pages, up-projections absorbed (mla.py)
-        attention.install_shared(model)  # Zamba2's shared block: the call's layer reaches the pages
-        attention.register()
-        model.set_attn_implementation(attention.ATTENTION_NAME)
-        # per norm class: the fused form installed, or why it kept its own forward
-        self.norms: dict[str, str] = {}
-        if cfg.fused_norms and triton_runs_on(device):
-            self.norms = norms.install(model)
-        else:
-            norms.uninstall(model)  # (an earlier engine on this model may have fused them)
-        # the modeling modules whose rotary function runs compiled
-        self.rotary: list[str] = []
-        if cfg.compiled_rotary and device.type == "cuda" and triton_runs_on(device):
-            self.rotary = rotary.install(model)
-        else:
-            rotary.uninstall(model)
-        self._needs_runs = bool(states)  # recurrent layers walk the packed sequence request by request
+        on_pages = onto_pages(model, self.manager, device, cfg.fused_norms, cfg.compiled_rotary)
+        self.layers, self.norms, self.rotary = on_pages.layers, on_pages.norms, on_pages.rotary
+        self._needs_runs = on_pages.recurrent  # recurrent layers walk the packed sequence request by request
         self.sampler = StepSampler(cfg.max_batch_size, cfg.device, cfg.keep_logits)
         self.overlap = device.type == "cuda" if cfg.overlap is None else cfg.overlap
         self._in_flight: SampledStep | None = None  # the step whose tokens the host has not read
         self._ready: list[TokenEvent] = []  # tokens read early (drain), returned by the next step()
-        self.graphs = self._decode_graphs(device, bool(states))
+        self.graphs = self._decode_graphs(device, on_pages.recurrent)
         self.graph_steps = 0  # steps replayed from a graph (or, "eager", run over its static buffers)
         self.requests: dict[int, GenRequest] = {}
         self._next_id = 0

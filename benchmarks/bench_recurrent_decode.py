@@ -1,7 +1,7 @@
 """A decode step of a hybrid model whose recurrent layers run once for the whole batch
 (``runtime/recurrent.py``) against once per request (the engine before), in the same run.
 
-    python benchmarks/bench_recurrent_decode.py [--family qwen3_next bamba jamba lfm2] [--batch 4 16 32]
+    python benchmarks/bench_recurrent_decode.py [--family qwen3_next bamba jamba lfm2 minimax] [--batch 4 16 32]
                                                 [--steps 8] [--json]
 
 Each family at the engine's tiny test sizes (``runtime.model.tiny_config``: 4 layers, hidden
@@ -24,7 +24,7 @@ import numpy as np
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--family", nargs="+", default=["qwen3_next", "bamba", "jamba", "lfm2"])
+    ap.add_argument("--family", nargs="+", default=["qwen3_next", "bamba", "jamba", "lfm2", "minimax"])
     ap.add_argument("--batch", type=int, nargs="+", default=[4, 16, 32])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--json", action="store_true")

@@ -106,16 +106,17 @@ FAMILIES = [("gemma3_text", "shared"), ("gemma3_text", "per-lifecycle"), ("gemma
             ("qwen3_next", "shared"), ("qwen3_next", "per-lifecycle"), ("bamba", "shared"),
             ("granitemoehybrid", "shared"), ("nemotron_h", "shared"), ("falcon_h1", "shared"),
             ("zamba2", "shared"), ("jamba", "shared"), ("lfm2", "shared"),
-            ("lfm2_moe", "shared"), ("deepseek_v3", "shared")]
+            ("lfm2_moe", "shared"), ("minimax", "shared"), ("minimax", "per-lifecycle"), ("deepseek_v3", "shared")]
 
 
 RECURRENT = {"qwen3_next", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "zamba2", "jamba", "lfm2",
-             "lfm2_moe"}
+             "lfm2_moe", "minimax"}
 GRAPH_FAMILIES = [("gemma3_text", "shared"), ("gemma2", "shared"), ("gpt_oss", "per-lifecycle"),
                   ("llama4_text", "shared"), ("deepseek_v3", "shared"),
                   # recurrent layers once for the batch; padding rows on a spare state slot
                   ("qwen3_next", "shared"), ("qwen3_next", "per-lifecycle"), ("bamba", "shared"),
-                  ("falcon_h1", "shared"), ("zamba2", "shared"), ("jamba", "shared"), ("lfm2", "shared")]
+                  ("falcon_h1", "shared"), ("zamba2", "shared"), ("jamba", "shared"), ("lfm2", "shared"),
+                  ("minimax", "shared")]
 
 
 # overlapped steps: the host packs step k + 1 before reading step k's tokens (a plain step, a

@@ -491,8 +491,6 @@ def test_lfm2_moe_conv_layers_match_lfm2(tmp_path: Path) -> None:
 
 
 HYBRID_ERRORS: list[tuple[str, Any, list[str]]] = [
-    ("minimax lightning", {**GPT_OSS_20B, "model_type": "minimax", "layer_types": ["linear_attention"] * 24},
-     ["layer_types", "'linear_attention'", "'minimax'", "lightning"]),
     ("kimi KDA", {**GPT_OSS_20B, "model_type": "kimi_linear", "layer_types": ["linear_attention"] * 24},
      ["layer_types", "'linear_attention'", "KDA"]),
     ("unknown model_type", {**QWEN3_NEXT, "model_type": "my_hybrid"},
@@ -581,6 +579,30 @@ def _transformers_cache_sizes(cache: Any) -> list[tuple[str, int, int]]:
             state_bytes = sum(s.numel() * s.element_size() for s in ssm[:1])
             sizes.append(("ssm", c.shape[1] * (c.shape[2] - 1) * c.element_size(), state_bytes))
     return sizes
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_minimax_lightning_layers_match_the_state_transformers_keeps(dtype: str) -> None:
+    """MiniMax's "linear_attention" layers (lightning attention) keep one state per request,
+    ``[heads, head_dim, head_dim]`` in the model dtype (head_dim derived when unset), which
+    transformers keeps in ``MiniMaxCache.linear_cache``; its full layers keep K and V."""
+    torch = pytest.importorskip("torch")
+    tf = pytest.importorskip("transformers")
+    torch.set_num_threads(1)
+    config = tf.MiniMaxConfig(vocab_size=64, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                              num_hidden_layers=4, intermediate_size=64, num_local_experts=2,
+                              num_experts_per_tok=1, block_size=4, dtype=dtype)
+    layout = parse_hf_config(json.loads(config.to_json_string(use_diff=True)), "config.json")
+    assert [type(la.life_cycle).__name__ for la in layout.layers] == ["Full", "Ssm", "Full", "Ssm"]
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
+    cache = model(torch.arange(7)[None], use_cache=True).past_key_values
+    states = [s for s in cache.linear_cache if isinstance(s, torch.Tensor)]
+    keys = [layer.keys for layer in cache.layers if getattr(layer, "keys", None) is not None]
+    assert [la.buffers[0].state_bytes for la in layout.layers if isinstance(la.life_cycle, Ssm)] == [
+        s[0].numel() * s.element_size() for s in states] == [4 * 16 * 16 * (4 if dtype == "float32" else 2)] * 2
+    assert [la.kv_bytes_per_token for la in layout.layers if isinstance(la.life_cycle, Full)] == [
+        2 * k.shape[1] * k.shape[3] * k.element_size() for k in keys]
 
 
 @pytest.mark.parametrize("family", ["bamba", "falcon_h1", "zamba2", "nemotron_h", "granitemoehybrid", "lfm2",

@@ -1,8 +1,9 @@
 """What a recurrent layer ("linear_attention", legacy "mamba", LFM2's "conv") holds per
 request, by ``model_type``: a gated-delta-net state (Qwen3-Next, Qwen3.5), a Mamba-2 state
 (Nemotron-H, Bamba, GraniteMoeHybrid, Falcon-H1, Zamba2: each family names the fields its own
-way), a Mamba-1 state (Jamba) or a short-convolution state alone (LFM2, LFM2-MoE). A
-model_type hybridkv does not know is an error naming the field."""
+way), a Mamba-1 state (Jamba), a short-convolution state alone (LFM2, LFM2-MoE) or a
+lightning-attention state alone (MiniMax). A model_type hybridkv does not know is an error
+naming the field."""
 
 from __future__ import annotations
 
@@ -89,7 +90,21 @@ _MAMBA2_FAMILIES: dict[str, Callable[[ConfigFields], _Mamba2]] = {
 _GATED_DELTA_NET = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
 _MAMBA1 = ("jamba",)
 SHORT_CONV = ("lfm2", "lfm2_moe")
-_NOT_REPRESENTED = {"minimax": "lightning attention", "kimi_linear": "Kimi delta attention (KDA)"}
+LIGHTNING = ("minimax",)
+_NOT_REPRESENTED = {"kimi_linear": "Kimi delta attention (KDA)"}
+
+
+def _lightning_state(cfg: ConfigFields, elem: int) -> LayerSpec:
+    """MiniMax's lightning attention: a linear attention whose state is the decayed sum of
+    ``k^T v`` per head, ``[heads, head_dim, head_dim]`` in the model dtype, and nothing else
+    (no convolution). ``head_dim`` absent (or null / 0): hidden_size / num_attention_heads, as
+    transformers derives it."""
+    heads = cfg.int("num_attention_heads")
+    head_dim = cfg.get("head_dim") or cfg.int("hidden_size") // heads
+    state = heads * int(head_dim) * int(head_dim) * elem
+    check_max(f"{cfg.path}: lightning attention state bytes (num_attention_heads {heads} x head_dim {head_dim}^2 "
+              f"x {elem} B)", state, MAX_BYTES, "check those fields")
+    return LayerSpec(Ssm(), (BufferSpec("ssm", state_bytes=state),))
 
 
 def _short_conv_state(cfg: ConfigFields, elem: int) -> LayerSpec:
@@ -128,7 +143,9 @@ def recurrent_state(cfg: ConfigFields, field: str) -> LayerSpec:
                          elem, ssm_elem)
     if mt in SHORT_CONV:
         return _short_conv_state(cfg, elem)
-    known = sorted([*_GATED_DELTA_NET, *_MAMBA2_FAMILIES, *_MAMBA1, *SHORT_CONV])
+    if mt in LIGHTNING:
+        return _lightning_state(cfg, elem)
+    known = sorted([*_GATED_DELTA_NET, *_MAMBA2_FAMILIES, *_MAMBA1, *SHORT_CONV, *LIGHTNING])
     why = (f"for model_type {mt!r} it is {_NOT_REPRESENTED[mt]}, which hybridkv cannot represent"
            if mt in _NOT_REPRESENTED else f"model_type {mt!r:.40} is not one hybridkv reads (known: {known})")
     raise ConfigError(f"{cfg.path}: field {field!r} gives recurrent layers ({RECURRENT!r}), whose state "

@@ -62,6 +62,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
     # the same with MoE MLPs after a dense first layer
     "lfm2_moe": {"layer_types": ["conv", "conv", "conv", "full_attention"], "num_experts": 2,
                  "num_experts_per_tok": 1, "moe_intermediate_size": 16, "num_dense_layers": 1},
+    # lightning attention (a k^T v state per head) and full attention alternating, MoE MLPs;
+    # blocks of 4 split a prefill chunk's own computation
+    "minimax": {"layer_types": ["linear_attention", "full_attention"] * 2, "num_local_experts": 2,
+                "num_experts_per_tok": 1, "block_size": 4},
     "llama4_text": {"attention_chunk_size": 16, "num_local_experts": 2, "intermediate_size_mlp": 128,
                     "interleave_moe_layer_step": 1, "attn_temperature_tuning": True, "floor_scale": 8},
     # MLA: one latent of 32 + a RoPE key of 8 per token; a dense layer, then MoE; yarn scaling

@@ -1,6 +1,8 @@
 """Recurrent layers over state pages: gated delta nets (Qwen3-Next, Qwen3.5), Mamba-2
-mixers (Bamba and the families built like it), Mamba-1 mixers (Jamba) and gated short
-convolutions (LFM2, LFM2-MoE).
+mixers (Bamba and the families built like it), Mamba-1 mixers (Jamba), gated short
+convolutions (LFM2, LFM2-MoE) and lightning attention (MiniMax: a linear attention whose
+state is one decayed ``k^T v`` per head, no convolution; its module reads and sets that state
+through ``get_linear_cache`` / ``set_linear_cache`` and continues any state token by token).
 
 A recurrent layer mixes tokens in order, so the packed sequence is cut into its requests'
 runs and the model's own module runs once per run, handed a one-request cache object that
@@ -46,7 +48,9 @@ if TYPE_CHECKING:
 def recurrent_shape(module: Any) -> tuple[int, ...] | None:
     """The recurrent state of one request: ``[heads, key dim, value dim]`` for a gated delta
     net, ``[heads, head dim, state size]`` for Mamba-2, ``[inner size, state size]`` for
-    Mamba-1; None for another module."""
+    Mamba-1, ``[heads, head dim, head dim]`` for lightning attention; None for another module."""
+    if _is_lightning(module):
+        return (module.num_attention_heads, module.head_dim, module.head_dim)
     if all(hasattr(module, a) for a in ("num_v_heads", "head_k_dim", "head_v_dim")):
         return (module.num_v_heads, module.head_k_dim, module.head_v_dim)
     if all(hasattr(module, a) for a in ("num_heads", "head_dim", "ssm_state_size")):
@@ -60,6 +64,12 @@ def _is_mamba1(module: Any) -> bool:
     """A Mamba-1 mixer (Jamba's): one SSM channel per inner channel, a low-rank time step."""
     return all(hasattr(module, a) for a in ("intermediate_size", "ssm_state_size", "time_step_rank")) \
         and not hasattr(module, "num_heads")
+
+
+def _is_lightning(module: Any) -> bool:
+    """MiniMax's lightning attention (``MiniMaxLightningAttention``): per-head decays
+    (``slope_rate``), a gated output, and one ``k^T v`` state per head."""
+    return all(hasattr(module, a) for a in ("slope_rate", "block_size", "qkv_proj", "output_gate", "head_dim"))
 
 
 def _is_short_conv(module: Any) -> bool:
@@ -79,9 +89,10 @@ def _conv_channels(module: Any) -> int | None:
 
 
 class OneRequestCache:
-    """The cache interface a recurrent module uses, for one request and one layer:
-    ``has_previous_state``, ``layers[i].conv_states / recurrent_states / record_past``,
-    ``update_conv_state`` and ``update_recurrent_state``."""
+    """The cache interface a recurrent module uses, for one request (or a decode step's batch)
+    and one layer: ``has_previous_state``, ``layers[i].conv_states / recurrent_states /
+    record_past``, ``update_conv_state`` and ``update_recurrent_state``; lightning attention's
+    ``get_linear_cache`` / ``set_linear_cache`` (its state, None for a fresh request)."""
 
     record_past = False
 
@@ -109,6 +120,12 @@ class OneRequestCache:
         self.recurrent_states[0] = state
         return state
 
+    def get_linear_cache(self, layer_idx: int) -> torch.Tensor | None:
+        return self.recurrent_states[0]
+
+    def set_linear_cache(self, layer_idx: int, state: torch.Tensor) -> None:
+        self.recurrent_states[0] = state
+
 
 Fetch = Callable[[str], "torch.Tensor"]  # a state buffer's bytes for the rows, [rows, nbytes] uint8
 Put = Callable[[str, "torch.Tensor"], None]  # write them back
@@ -118,14 +135,16 @@ def _load(module: Any, buffers: dict[str, StateBuffer], fetch: Fetch, dtype: Any
     """The cache of the rows ``fetch`` reads (a batch of one request, or of a decode step's)."""
     import torch
 
-    kernel = module.conv_kernel_size
-    raw = fetch("conv")
-    conv = raw.view(dtype).view(raw.shape[0], module.hybridkv_conv_channels, kernel - 1)
-    conv = torch.nn.functional.pad(conv, (1, 0))
+    kernel = module.hybridkv_conv_kernel
+    conv = None
+    if "conv" in buffers:  # (lightning attention keeps no convolution)
+        raw = fetch("conv")
+        conv = raw.view(dtype).view(raw.shape[0], module.hybridkv_conv_channels, kernel - 1)
+        conv = torch.nn.functional.pad(conv, (1, 0))
     if module.hybridkv_state_shape is None:  # a short convolution: no recurrent state
         return OneRequestCache(module.layer_idx, kernel, conv, None)
-    shape = (raw.shape[0], *module.hybridkv_state_shape)
     ssm = fetch("ssm")
+    shape = (ssm.shape[0], *module.hybridkv_state_shape)
     # the layout sizes the recurrent state in float32 or in the model's dtype, as the family keeps it
     recurrent = ssm.view(torch.float32 if ssm.numel() == 4 * _numel(shape) else dtype).view(shape)
     return OneRequestCache(module.layer_idx, kernel, conv, recurrent)
@@ -137,8 +156,9 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _store(cache: OneRequestCache, buffers: dict[str, StateBuffer], put: Put) -> None:
     conv, recurrent = cache.conv_states[0], cache.recurrent_states[0]
-    assert conv is not None
-    put("conv", conv[..., 1:])
+    if "conv" in buffers:
+        assert conv is not None
+        put("conv", conv[..., 1:])
     if "ssm" not in buffers:  # a short convolution
         return
     assert recurrent is not None
@@ -146,6 +166,7 @@ def _store(cache: OneRequestCache, buffers: dict[str, StateBuffer], put: Put) ->
     if recurrent.numel() * recurrent.element_size() != per_row * recurrent.shape[0]:
         import torch
 
+        assert conv is not None  # (lightning keeps its state in the model dtype, as the layout sizes it)
         recurrent = recurrent.to(torch.float32 if per_row * recurrent.shape[0] == 4 * recurrent.numel()
                                  else conv.dtype)
     put("ssm", recurrent)
@@ -178,7 +199,6 @@ def recurrent_forward(original: Callable[..., Any], module: Any, buffers: dict[s
     for handed in (cache_params, past_key_values):
         if isinstance(handed, StepContext):  # handed over by the layer (Jamba, LFM2: ``_pass_step``)
             kwargs[STEP_KEYWORD] = handed
-    key = module.hybridkv_cache_keyword
     step = step_context(kwargs, f"layer {module.layer_idx} keeps its state in hybridkv pages")
     # slots and positions from the host copies: no device read per request
     tables = step.host_tables or step.tables
@@ -193,21 +213,35 @@ def recurrent_forward(original: Callable[..., Any], module: Any, buffers: dict[s
                 buffer.check_rows(tables, rows)
         cache = _load(module, buffers, lambda n: buffers[n].gather_rows(step.tables, step.q_row),
                       hidden_states.dtype)
-        out = original(hidden_states.transpose(0, 1), **{key: cache})
+        out = _call(original, module, hidden_states.transpose(0, 1), cache)
         _store(cache, buffers, lambda n, data: buffers[n].scatter_rows(step.tables, step.q_row, data, keep))
-        return out.transpose(0, 1)
+        return _result(module, out.transpose(0, 1))
     outs = []
     for row, lo, hi in step.runs:
         if int(first[lo]) == 0:  # a fresh request: the module starts from a zero state
-            cache = OneRequestCache(module.layer_idx, module.conv_kernel_size, None, None)
-            outs.append(original(hidden_states[:, lo:hi], **{key: cache}))
+            cache = OneRequestCache(module.layer_idx, module.hybridkv_conv_kernel, None, None)
+            outs.append(_call(original, module, hidden_states[:, lo:hi], cache))
         else:
             cache = _load(module, buffers, functools.partial(_fetch_row, buffers, tables, row), hidden_states.dtype)
             # Mamba-1's scan would start from zero: continue the state one token at a time
             cuts = range(lo, hi + 1) if module.hybridkv_token_by_token else (lo, hi)
-            outs += [original(hidden_states[:, a:b], **{key: cache}) for a, b in itertools.pairwise(cuts)]
+            outs += [_call(original, module, hidden_states[:, a:b], cache) for a, b in itertools.pairwise(cuts)]
         _store(cache, buffers, functools.partial(_put_row, buffers, tables, row))
-    return torch.cat(outs, dim=1)
+    return _result(module, torch.cat(outs, dim=1))
+
+
+def _call(original: Callable[..., Any], module: Any, hidden_states: torch.Tensor, cache: OneRequestCache) -> Any:
+    """The module's own forward over ``cache``; its output tensor (lightning attention returns
+    it with its state)."""
+    if module.hybridkv_lightning:  # (it takes no mask and no rotary, but names them)
+        out, _ = original(hidden_states, None, None, past_key_values=cache)
+        return out
+    return original(hidden_states, **{module.hybridkv_cache_keyword: cache})
+
+
+def _result(module: Any, out: torch.Tensor) -> Any:
+    """What the module's caller expects back: lightning attention's decoder layer unpacks a pair."""
+    return (out, None) if module.hybridkv_lightning else out
 
 
 def _pass_step(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -229,14 +263,17 @@ def _wrap(module: Any, forward: Callable[..., Any], *args: Any) -> None:
 def _prepare(module: Any, layer_idx: int, buffers: dict[str, StateBuffer]) -> None:
     """Check a recurrent module and its state buffers; note its sizes and how it is called."""
     shape, channels, short = recurrent_shape(module), _conv_channels(module), _is_short_conv(module)
-    if (shape is None and not short) or channels is None or not hasattr(module, "conv_kernel_size"):
+    lightning = _is_lightning(module)
+    if not lightning and ((shape is None and not short) or channels is None
+                          or not hasattr(module, "conv_kernel_size")):
         raise ConfigError(f"layer {layer_idx} ({type(module).__name__}): the engine runs gated delta net, "
-                          "Mamba-2, Mamba-1 and short-convolution recurrent layers only")
-    want = ["conv"] if short else ["conv", "ssm"]
+                          "Mamba-2, Mamba-1, short-convolution and lightning-attention recurrent layers only")
+    want = ["ssm"] if lightning else ["conv"] if short else ["conv", "ssm"]
     if sorted(buffers) != want:
         raise ConfigError(f"layer {layer_idx} ({type(module).__name__}): expected state buffers {want}, "
                           f"got {sorted(buffers)}")
     module.hybridkv_state_shape, module.hybridkv_conv_channels = shape, channels
+    module.hybridkv_conv_kernel, module.hybridkv_lightning = getattr(module, "conv_kernel_size", 1), lightning
     module.hybridkv_token_by_token = _is_mamba1(module)
     module.hybridkv_cache_keyword = "past_key_values" if short else "cache_params"
 
@@ -246,7 +283,8 @@ def install(model: Any, states: dict[int, dict[str, StateBuffer]]) -> None:
     from_layer = []  # mixers that get the step through their decoder layer's past_key_values
     for module in model.modules():
         layer_idx = getattr(module, "layer_idx", None)
-        if layer_idx not in states or not (hasattr(module, "conv1d") or _is_short_conv(module)):
+        if layer_idx not in states or not (hasattr(module, "conv1d") or _is_short_conv(module)
+                                           or _is_lightning(module)):
             continue
         _prepare(module, layer_idx, states[layer_idx])
         _wrap(module, recurrent_forward, module, states[layer_idx])

@@ -3,9 +3,10 @@ once (offline serving: every request is submitted at the start), run to the end,
 throughput, the time to first token (TTFT) and per output token (TPOT) percentiles,
 preemptions, suspensions and the prefix-cache hit rate.
 
-Times come from the engine's monotonic clock: a request's TTFT is its ``first_token_s`` less
-its submission time, its TPOT is ``(finish_s - first_token_s) / (outputs - 1)`` (requests of
-one output token have none). Decoding is greedy, so every request produces exactly its drawn
+Times are what a client sees, on the monotonic clock: a request's TTFT is the moment its first
+token comes out of ``Engine.step`` less its submission time, its TPOT is (last token's moment -
+first token's) / (outputs - 1) (requests of one output token have none). With overlapped
+steps a token comes out one step after the scheduler recorded it. Decoding is greedy, so every request produces exactly its drawn
 output length. A progress bar goes to stderr when stderr is a terminal or with
 ``--progress``; stdout holds only the report (one JSON object with ``--json``).
 """
@@ -108,21 +109,31 @@ def _run(engine: Any, args: argparse.Namespace, prompt: LengthRange, output: Len
         now = time.monotonic()
         submitted[engine.add_request(np.concatenate([shared, rng.integers(0, vocab_size, p)]), o)] = now
     tokens_out = done = steps = 0
+    # when each request's first and last tokens reach the client (the events): with overlapped
+    # steps the scheduler records a step before its tokens are read
+    first: dict[int, float] = {}
+    last: dict[int, float] = {}
+    outs: dict[int, int] = {}
     try:
         while engine.has_work:
             events = _step(engine, args.model, tokens_out)
+            now = time.monotonic()
             steps += 1
             tokens_out += len(events)
             done += sum(e.finished for e in events)
+            for e in events:
+                first.setdefault(e.request_id, now)
+                outs[e.request_id] = outs.get(e.request_id, 0) + 1
+                if e.finished:
+                    last[e.request_id] = now
             progress.update(done, tokens_out)
         progress.update(done, tokens_out, force=True)
     finally:
         progress.clear()
     elapsed = time.monotonic() - start
     tracked = [engine.scheduler.requests[i] for i in submitted]
-    ttft = [t.first_token_s - submitted[t.spec.request_id] for t in tracked if t.first_token_s is not None]
-    tpot = [(t.finish_s - t.first_token_s) / (t.spec.max_new_tokens - 1) for t in tracked
-            if t.finish_s is not None and t.first_token_s is not None and t.spec.max_new_tokens > 1]
+    ttft = [first[i] - submitted[i] for i in submitted if i in first]
+    tpot = [(last[i] - first[i]) / (outs[i] - 1) for i in submitted if i in last and outs[i] > 1]
     prompt_tokens = int(prompts.sum()) + args.requests * args.shared_prefix
     prefix_on = engine.config.prefix_cache
     return {

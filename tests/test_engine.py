@@ -103,14 +103,15 @@ def check_against_transformers(family: str, engine: Engine, events: list[TokenEv
 
 FAMILIES = [("gemma3_text", "shared"), ("gemma3_text", "per-lifecycle"), ("gemma2", "shared"),
             ("gpt_oss", "per-lifecycle"), ("cohere2", "shared"), ("llama4_text", "shared"),
-            ("qwen3_next", "shared"), ("qwen3_next", "per-lifecycle"), ("bamba", "shared"),
+            ("qwen3_next", "shared"), ("qwen3_next", "per-lifecycle"), ("qwen3_5_text", "shared"),
+            ("qwen3_5_moe_text", "per-lifecycle"), ("bamba", "shared"),
             ("granitemoehybrid", "shared"), ("nemotron_h", "shared"), ("falcon_h1", "shared"),
             ("zamba2", "shared"), ("jamba", "shared"), ("lfm2", "shared"),
             ("lfm2_moe", "shared"), ("minimax", "shared"), ("minimax", "per-lifecycle"), ("deepseek_v3", "shared")]
 
 
-RECURRENT = {"qwen3_next", "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "zamba2", "jamba", "lfm2",
-             "lfm2_moe", "minimax"}
+RECURRENT = {"qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "bamba", "granitemoehybrid", "nemotron_h",
+             "falcon_h1", "zamba2", "jamba", "lfm2", "lfm2_moe", "minimax"}
 GRAPH_FAMILIES = [("gemma3_text", "shared"), ("gemma2", "shared"), ("gpt_oss", "per-lifecycle"),
                   ("llama4_text", "shared"), ("deepseek_v3", "shared"),
                   # recurrent layers once for the batch; padding rows on a spare state slot

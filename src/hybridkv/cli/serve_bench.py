@@ -6,9 +6,10 @@ preemptions, suspensions and the prefix-cache hit rate.
 Times are what a client sees, on the monotonic clock: a request's TTFT is the moment its first
 token comes out of ``Engine.step`` less its submission time, its TPOT is (last token's moment -
 first token's) / (outputs - 1) (requests of one output token have none). With overlapped
-steps a token comes out one step after the scheduler recorded it. Decoding is greedy, so every request produces exactly its drawn
-output length. A progress bar goes to stderr when stderr is a terminal or with
-``--progress``; stdout holds only the report (one JSON object with ``--json``).
+steps a token comes out one step after the scheduler recorded it. Decoding is greedy, so every
+request produces exactly its drawn output length. A progress bar goes to stderr when stderr is
+a terminal or with ``--progress``; stdout holds only the report (one JSON object with
+``--json``).
 """
 
 from __future__ import annotations

@@ -31,6 +31,14 @@ FAMILIES: dict[str, dict[str, Any]] = {
                    "linear_conv_kernel_dim": 4,
                    "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                    "shared_expert_intermediate_size": 32},
+    # Qwen3.5: the same gated delta nets, dense MLPs (its MoE sibling as Qwen3-Next's)
+    "qwen3_5_text": {"layer_types": ["linear_attention"] * 3 + ["full_attention"], "linear_num_value_heads": 4,
+                     "linear_num_key_heads": 1, "linear_key_head_dim": 8, "linear_value_head_dim": 16,
+                     "linear_conv_kernel_dim": 4},
+    "qwen3_5_moe_text": {"layer_types": ["linear_attention"] * 3 + ["full_attention"], "linear_num_value_heads": 4,
+                         "linear_num_key_heads": 1, "linear_key_head_dim": 8, "linear_value_head_dim": 16,
+                         "linear_conv_kernel_dim": 4, "num_experts": 4, "num_experts_per_tok": 2,
+                         "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32},
     # Mamba-2 layers and one attention layer; scan chunks of 8 split the prefill chunks' work
     "bamba": {"attn_layer_indices": [3], "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_n_groups": 1,
               "mamba_d_state": 16, "mamba_expand": 1, "mamba_chunk_size": 8},

@@ -53,3 +53,28 @@ def test_padded_static_decode_steps_give_the_plain_steps_logits() -> None:
     padded, padded_logits, graph_steps = run("eager")
     assert padded == plain and plain_graph_steps == 0 and graph_steps > 0
     assert max(float((a - b).abs().max()) for a, b in zip(padded_logits, plain_logits, strict=True)) < 1e-5
+
+
+def test_a_state_family_with_every_slot_held_leaves_no_spare_for_padding_rows() -> None:
+    """A padding row of a recurrent model's static step reads and writes back a spare state
+    slot, one that none of the step's rows holds; with every slot of the pool held there is
+    none, and the step runs without the graph."""
+    engine = Engine(build_model("qwen3_next", seed=0), EngineConfig(
+        gpu_bytes=1 << 20, host_bytes=0, max_seq_len=64, tokens_per_block=4, max_batch_size=8, token_budget=64,
+        prefill_chunk_tokens=8, decode_graphs="eager"))
+    graphs = engine.graphs
+    assert graphs is not None and graphs.state_families
+    (f, slots), = graphs.state_families.items()
+    families = [np.full((3, t.shape[1], t.shape[2]), 0, np.int32) for t in graphs.families]
+    families[f] = np.zeros((3, 1, graphs.families[f].shape[2]), np.int32)
+    families[f][:, 0, :] = np.arange(3 * families[f].shape[2]).reshape(3, -1)
+    step = HostStep(np.zeros(3, np.int64), np.arange(3), np.full(3, 5), np.full(3, 6), tuple(families),
+                    np.arange(3), np.arange(3), (), ())
+    assert graphs.fits(step) and graphs.spares(step) == [(f, families[f].size)]
+    families[f][:, 0, :] = np.arange(slots - families[f].size, slots).reshape(3, -1)  # the top ids: 0 spare
+    assert graphs.spares(step) == [(f, 0)] and graphs.fits(step)
+    assert not graphs.fits(step._replace(q_pos=np.array([5, 0, 5])))  # a request without its state yet
+    held = np.arange(slots)
+    families[f] = np.resize(held, (3, 1, slots)).astype(np.int32)  # every slot held
+    step = step._replace(families=tuple(families))
+    assert graphs.spares(step) == [(f, slots)] and not graphs.fits(step)

@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hybridkv.core.errors import ConfigError, InvariantError, UsageError
-from hybridkv.core.types import MIB, CacheHandle
+from hybridkv.core.types import GPU, MIB, CacheHandle
 from hybridkv.engine.triton_attention import paged_attention_triton, pick_paged_attention
 from hybridkv.engine.triton_write import pick_write_kv
 from hybridkv.manager.manager import KVCacheManager, ManagerConfig
@@ -154,7 +154,8 @@ class Engine:
                             len(self.manager.grouped.layer_groups), self.config.max_batch_size, self.kernel,
                             pick_write_kv(device, skip_holes=True), self.config.device, self.sampler.last,
                             capture=mode == "capture", strict=strict,
-                            state_families=tuple(i for i, f in enumerate(families) if not f.life_cycle.per_token))
+                            state_families={i: self.manager.tiers.allocators[GPU][f.pool_group].num_slots
+                                            for i, f in enumerate(families) if not f.life_cycle.per_token})
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, prompt_ids: npt.ArrayLike, max_new_tokens: int, temperature: float = 0.0,

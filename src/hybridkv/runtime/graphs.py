@@ -68,13 +68,14 @@ class DecodeGraphs:
     def __init__(self, model: Any, layers: dict[int, LayerPages], family_tables: list[Any],
                  members: list[tuple[int, ...]], num_groups: int, max_rows: int, kernel: PagedAttention,
                  write: WriteKV, device: str, sampled: torch.Tensor, capture: bool, strict: bool = True,
-                 state_families: tuple[int, ...] = ()) -> None:
+                 state_families: dict[int, int] | None = None) -> None:
         import torch
 
         self.model, self.layers, self.kernel, self.write = model, layers, kernel, write
         self.capture, self.strict, self.sampled = capture, strict, sampled
-        # families of recurrent states: their padding row points at a spare slot each step
-        self.state_families = state_families
+        # families of recurrent states -> their pool's slots: the padding row points at a spare
+        # slot each step (``spares``)
+        self.state_families = state_families or {}
         self.failed: str | None = None  # why capturing failed (not strict: the static step runs eagerly)
         self.sizes = graph_sizes(max_rows)
         self.max_rows = max_rows
@@ -116,7 +117,17 @@ class DecodeGraphs:
         """Can this step replay a graph: a decode step within the captured sizes and widths?"""
         return (host.is_decode and host.ids.size <= self.sizes[-1] and host.kv_len.size <= self.max_rows
                 and all(h.shape[1] <= s.shape[1] for h, s in zip(host.families, self.families, strict=True))
-                and (not self.state_families or bool((host.q_pos > 0).all())))  # states exist
+                and (not self.state_families or (bool((host.q_pos > 0).all())  # states exist
+                                                 and all(s < self.state_families[f] for f, s in self.spares(host)))))
+
+    def spares(self, host: HostStep) -> list[tuple[int, int]]:
+        """Per state family, the smallest slot id that no row of the step holds: where padding
+        rows read and write back (past the pool's slots when every slot is held: no graph)."""
+        out = []
+        for f in self.state_families:
+            used = host.families[f][host.families[f] >= 0]
+            out.append((f, int(np.setdiff1d(np.arange(used.size + 1), used)[0])))
+        return out
 
     def _forward(self, size: int) -> torch.Tensor:
         ctx = StepContext(self.q_row[:size], self.q_pos[:size], self.kv_len, self.tables, self.layers, (),
@@ -172,13 +183,12 @@ class DecodeGraphs:
         for static, staged, table in zip(self.families, stage[2:], host.families, strict=True):
             staged.numpy()[:rows, :table.shape[1]] = table
             static[:rows].copy_(staged[:rows], non_blocking=True)
-        for f in self.state_families:
+        for f, spare in self.spares(host):
             # padding rows gather a state slot that no row of the step writes, and write back
-            # what it holds (recurrent.py): any slot id the step's rows do not hold
-            used = host.families[f][host.families[f] >= 0]
+            # what it holds (recurrent.py)
             pad_row = stage[2 + f].numpy()[self.max_rows]
             pad_row[:] = -1
-            pad_row[0] = int(np.setdiff1d(np.arange(used.size + 1), used)[0])
+            pad_row[0] = spare
             self.families[f][self.max_rows].copy_(stage[2 + f][self.max_rows], non_blocking=True)
         if not self.capture:
             with torch.no_grad():

@@ -20,11 +20,9 @@ convolution keeps its convolution state alone (``[hidden_size, conv_L_cache - 1]
 Jamba's Mamba-1 mixer differs twice. Its decoder layer calls it without the keywords of the
 layer's own call, passing only ``past_key_values`` on as ``cache_params``, so the engine wraps
 that layer to hand the step over there (LFM2's decoder layer calls its short convolution the
-same way). And its full-sequence scan starts from a zero state
-whatever the cache holds (the kernels it mirrors take no initial state; transformers'
-``generate`` continues a state one token at a time), so a run that continues a state goes
-through the module one token at a time, the path that reads the state (through the whole
-scan, the scenario test's chunked prefills, prefix hit and fork are 4.1e-5 off).
+same way). And its full-sequence scan starts from a zero state whatever the cache holds, so a
+run that continues a state goes through ``mamba1.py``'s scan from that state instead (through
+the zero-start scan, the scenario test's chunked prefills, prefix hit and fork are 4.1e-5 off).
 
 The convolution keeps the last ``kernel - 1`` inputs per channel in hybridkv's layout (what a
 next token needs); the module's cache convention is ``kernel`` columns whose first one is
@@ -34,11 +32,11 @@ never read, so a zero column is put in front on the way in and dropped on the wa
 from __future__ import annotations
 
 import functools
-import itertools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from hybridkv.core.errors import ConfigError
+from hybridkv.runtime import mamba1
 from hybridkv.runtime.states import StateBuffer
 
 if TYPE_CHECKING:
@@ -223,9 +221,9 @@ def recurrent_forward(original: Callable[..., Any], module: Any, buffers: dict[s
             outs.append(_call(original, module, hidden_states[:, lo:hi], cache))
         else:
             cache = _load(module, buffers, functools.partial(_fetch_row, buffers, tables, row), hidden_states.dtype)
-            # Mamba-1's scan would start from zero: continue the state one token at a time
-            cuts = range(lo, hi + 1) if module.hybridkv_token_by_token else (lo, hi)
-            outs += [_call(original, module, hidden_states[:, a:b], cache) for a, b in itertools.pairwise(cuts)]
+            # Mamba-1's own scan would start from zero: it continues the state (mamba1.py)
+            with mamba1.continuing(cache.recurrent_states[0] if module.hybridkv_mamba1 else None):
+                outs.append(_call(original, module, hidden_states[:, lo:hi], cache))
         _store(cache, buffers, functools.partial(_put_row, buffers, tables, row))
     return _result(module, torch.cat(outs, dim=1))
 
@@ -274,7 +272,10 @@ def _prepare(module: Any, layer_idx: int, buffers: dict[str, StateBuffer]) -> No
                           f"got {sorted(buffers)}")
     module.hybridkv_state_shape, module.hybridkv_conv_channels = shape, channels
     module.hybridkv_conv_kernel, module.hybridkv_lightning = getattr(module, "conv_kernel_size", 1), lightning
-    module.hybridkv_token_by_token = _is_mamba1(module)
+    module.hybridkv_mamba1 = _is_mamba1(module)
+    if module.hybridkv_mamba1 and not mamba1.install(module):
+        raise ConfigError(f"layer {layer_idx} ({type(module).__name__}): a Mamba-1 mixer whose modeling module has "
+                          f"no {mamba1.FUNCTION} to continue a state with")
     module.hybridkv_cache_keyword = "past_key_values" if short else "cache_params"
 
 

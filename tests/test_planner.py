@@ -181,3 +181,18 @@ def test_guarantees_hold_for_random_layouts(layers: list, tpb: int, batch: int, 
     if need > 1:  # one byte less than the floors: refused, never silently raised
         with pytest.raises(CapacityError):
             plan(PlanSpec(layout, need - 1, max_len, tpb, batch, constraints=constraints, pools="per-lifecycle"))
+
+
+def test_ideal_bytes_count_each_kind_of_layer_once_and_match_the_per_layer_sum() -> None:
+    """``ideal_bytes_per_request`` sums over kinds of layers (life cycle, bytes per token,
+    state bytes) times their count: the same number as the sum over every layer."""
+    from hybridkv.planning.report import ideal_bytes_per_request, layer_kinds
+
+    layers = ([attention_layer(2, 128, 2, Sliding(512))] * 5 + [attention_layer(2, 128, 2, Full())]) * 40 \
+        + [ssm_layer(96, 1024, 2, 4)] * 17 + [attention_layer(4, 64, 2, Chunked(256))] * 3
+    layout = ModelLayout("mixed", tuple(layers))
+    assert sorted(n for *_, n in layer_kinds(layout)) == [3, 17, 40, 200]
+    for length in (1, 255, 256, 511, 512, 513, 4096, 1 << 20):
+        brute = sum(layer.kv_bytes_per_token * int(layer.life_cycle.ideal_live_tokens(length)) + layer.state_bytes
+                    for layer in layout.layers)
+        assert ideal_bytes_per_request(layout, length) == brute

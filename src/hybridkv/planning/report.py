@@ -5,6 +5,7 @@ the JSON form the CLI prints."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,11 +61,24 @@ def max_seq_len_at(plan: PoolPlan, batch_size: int) -> int | None:
     return lo
 
 
+LayerKinds = list[tuple[Any, int, int, int]]  # (life cycle, K/V bytes per token, state bytes, layers)
+
+
+def layer_kinds(layout: ModelLayout) -> LayerKinds:
+    """The layout's layers counted by what a request's bytes depend on: a model of thousands
+    of layers has a handful of kinds, so a search over lengths reads each kind, not each layer."""
+    counts = Counter((layer.life_cycle, layer.kv_bytes_per_token, layer.state_bytes) for layer in layout.layers)
+    return [(lc, kv, state, n) for (lc, kv, state), n in counts.items()]
+
+
+def _ideal_bytes(kinds: LayerKinds, length: int) -> int:
+    return sum(n * (kv * int(lc.ideal_live_tokens(length)) + state) for lc, kv, state, n in kinds)
+
+
 def ideal_bytes_per_request(layout: ModelLayout, length: int) -> int:
     """Bytes one request of ``length`` tokens holds if every layer keeps exactly its live
     tokens (window + sinks, chunk, all, or one state): no pages, no rounding."""
-    return sum(layer.kv_bytes_per_token * int(layer.life_cycle.ideal_live_tokens(length))
-               + layer.state_bytes for layer in layout.layers)
+    return _ideal_bytes(layer_kinds(layout), length)
 
 
 def ideal_concurrency(layout: ModelLayout, gpu_bytes: int, length: int) -> float:
@@ -74,12 +88,13 @@ def ideal_concurrency(layout: ModelLayout, gpu_bytes: int, length: int) -> float
 def ideal_max_seq_len_at(layout: ModelLayout, gpu_bytes: int, batch_size: int) -> int | None:
     """Longest length ``batch_size`` requests reach together if every layer held exactly its
     live tokens in ``gpu_bytes`` (no pages, no floors); None if unbounded."""
-    if batch_size * ideal_bytes_per_request(layout, _UNBOUNDED_TOKENS) <= gpu_bytes:
+    kinds = layer_kinds(layout)
+    if batch_size * _ideal_bytes(kinds, _UNBOUNDED_TOKENS) <= gpu_bytes:
         return None
     lo, hi = 0, _UNBOUNDED_TOKENS
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if batch_size * ideal_bytes_per_request(layout, mid) <= gpu_bytes else (lo, mid)
+        lo, hi = (mid, hi) if batch_size * _ideal_bytes(kinds, mid) <= gpu_bytes else (lo, mid)
     return lo
 
 

@@ -512,3 +512,48 @@ def test_decode_graph_modes_are_checked() -> None:
         with pytest.raises(ConfigError, match="needs a CUDA device and the Triton kernels"):
             Engine(build_model("gemma3_text", seed=0), config(decode_graphs="capture"))
     assert Engine(build_model("gemma3_text", seed=0), config()).graphs is None or torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_abort_ends_a_request_wherever_it_is(overlap: bool) -> None:
+    """A client leaves: ``abort`` ends a waiting, a running and a suspended request; their
+    pages are freed, no token of theirs comes out after it (one on the device is dropped),
+    and the others' tokens are those of a run without them."""
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, 256, n) for n in (12, 30, 7, 19)]
+
+    def engine() -> Engine:
+        eng = Engine(build_model("gemma3_text", seed=2), EngineConfig(**{**config(overlap=overlap).__dict__,
+                                                                          "max_batch_size": 2}))
+        for p in prompts:
+            eng.add_request(p, 10)
+        return eng
+
+    whole = engine()
+    list(whole.stream())
+    eng = engine()
+    events: list[TokenEvent] = []
+    aborted: dict[int, int] = {}
+    while eng.has_work:
+        events += eng.step()
+        eng.manager.check_invariants()
+        status = {i: t.status.value for i, t in eng.scheduler.requests.items()}
+        if not aborted and status[3] == "waiting" and len(eng.requests[0].outputs) >= 2:
+            assert eng.abort(3)  # waiting: it never runs
+            aborted[3] = len(eng.requests[3].outputs)
+            assert eng.suspend(1)
+            assert eng.abort(1)  # suspended: closed on the host tier
+            aborted[1] = len(eng.requests[1].outputs)
+        if 0 not in aborted and len(eng.requests[0].outputs) >= 5:
+            assert eng.abort(0)  # running, maybe with a token in flight
+            aborted[0] = len(eng.requests[0].outputs)
+    assert sorted(aborted) == [0, 1, 3] and aborted[3] == 0
+    for i, n in aborted.items():
+        assert eng.requests[i].outputs == whole.requests[i].outputs[:n]
+        assert [e.token for e in events if e.request_id == i] == eng.requests[i].outputs
+        assert eng.requests[i].pending == 0 and eng.scheduler.requests[i].status.value == "finished"
+    assert eng.requests[2].outputs == whole.requests[2].outputs
+    assert not eng.abort(2) and not eng.abort(0)  # finished already
+    with pytest.raises(UsageError, match=r"abort\(9\): no such request"):
+        eng.abort(9)
+    assert eng.manager.rows.n == 0 and not eng.manager.suspended

@@ -181,6 +181,20 @@ class Engine:
         self.drain()
         return self.scheduler.suspend(request_id)
 
+    def abort(self, request_id: int) -> bool:
+        """End a request now, whatever it is doing (its client left): waiting, running or
+        suspended, its pages are freed and no token of it comes out any more (one sampled by
+        the step in flight is dropped). False if it had already finished."""
+        req = self.requests.get(request_id)
+        if req is None:
+            raise UsageError(f"abort({request_id}): no such request (ids 0..{self._next_id - 1})")
+        if req.finished:
+            return False
+        req.finished = True  # (a token still on the device is dropped when read)
+        if self.scheduler.requests[request_id].status is not Status.FINISHED:  # (with overlap it may be,
+            self.scheduler.finish(request_id, time.monotonic())  # its last token not read yet)
+        return True
+
     def fork(self, request_id: int, extra_ids: Sequence[int] = (), max_new_tokens: int = 1,
              temperature: float = 0.0, seed: int | None = None) -> int | None:
         """A new request continuing running request ``request_id``'s tokens so far plus

@@ -110,7 +110,13 @@ def agreement(torch: Any, cfg: dict[str, Any], device: str, steps: int) -> dict[
             "ref_top2_margin_where_different_median": statistics.median(margins) if margins else 0.0}
 
 
-def timed_steps(torch: Any, eng: Any, steps: int, batch: int, runs: int = 3) -> dict[str, float]:
+RUNS = 3  # timed runs per variant
+# decode steps each request must have room for, in units of --steps: RUNS runs of each of the
+# 4 variants, plus one for the captures
+ROOM = 4 * RUNS + 1
+
+
+def timed_steps(torch: Any, eng: Any, steps: int, batch: int, runs: int = RUNS) -> dict[str, float]:
     """``runs`` runs of ``steps`` decode steps, the device synchronized only around each run (an
     engine with overlap keeps the device busy across steps, as it does serving): the median
     over runs of the time per step and of the shares of the scheduler and manager
@@ -179,7 +185,7 @@ def set_overlap(eng: Any, on: bool) -> None:
 def prefilled_engine(torch: Any, cfg: dict[str, Any], device: str, batch: int, context: int,
                      steps: int) -> tuple[Any, Any, list[Any], float]:
     """The bf16 model, an engine holding ``batch`` requests of ``context`` random tokens all
-    decoding (room for ``13 * steps`` more each), their prompts, and the prefill's seconds."""
+    decoding (room for ``ROOM * steps`` more each), their prompts, and the prefill's seconds."""
     from hybridkv.runtime.engine import Engine, EngineConfig
     from hybridkv.runtime.model import build_model
 
@@ -188,7 +194,7 @@ def prefilled_engine(torch: Any, cfg: dict[str, Any], device: str, batch: int, c
     # the first requests decode while the last are prefilled (8192 prompt tokens a step): room
     # for those tokens too, so every request still decodes in every timed step
     prefill_steps = -(-batch * context // 8192)
-    per_req = context + 13 * steps + 16 + prefill_steps
+    per_req = context + ROOM * steps + 16 + prefill_steps
     # admission reserves each request's peak, its whole prompt in every layer while it is
     # prefilled in one chunk: pages for that, so all B requests run together
     need = batch * layers * (per_req + 16) * kv_bytes_token
@@ -199,7 +205,7 @@ def prefilled_engine(torch: Any, cfg: dict[str, Any], device: str, batch: int, c
     rng = np.random.default_rng(2)
     prompts = [rng.integers(0, cfg["vocab_size"], context) for _ in range(batch)]
     for p in prompts:
-        eng.add_request(p, max_new_tokens=13 * steps + prefill_steps + 8)
+        eng.add_request(p, max_new_tokens=ROOM * steps + prefill_steps + 8)
     t0 = time.perf_counter()
     while any(len(r.outputs) == 0 for r in eng.requests.values()):
         eng.step()

@@ -5,6 +5,7 @@ scheduler asks the manager before it steps, and liveness holds with the prefix c
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -122,11 +123,18 @@ def test_finish_ends_a_suspended_or_waiting_request_too() -> None:
     s.finish(2, 7.0)
     assert s.requests[2].status is Status.FINISHED and s.num_waiting == 0 and s.requests[2].finish_s == 7.0
     m.check_invariants()
+
+    def snapshot() -> tuple[Any, ...]:
+        return (s.num_waiting, {i: (t.status, t.handle, t.finish_s) for i, t in s.requests.items()},
+                tuple(m.tiers.free_slots(GPU)), m.rows.n, m.active_handles())
+
+    before = snapshot()
     with pytest.raises(UsageError, match=r"finish\(2\): the request must be running, suspended or waiting "
                                          r"\(it is finished\)"):
         s.finish(2, 8.0)
     with pytest.raises(UsageError, match=r"it is unknown"):
         s.finish(9, 8.0)
+    assert snapshot() == before  # a refused finish changes nothing
     step = s.schedule()  # only request 0 is left
     assert step.handles.tolist() == m.active_handles() and m.rows.n == 1
     m.check_invariants()

@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 
 from hybridkv.core.errors import ConfigError, UsageError  # noqa: E402
 from hybridkv.engine.paged_attention import paged_attention  # noqa: E402
-from hybridkv.runtime import recurrent  # noqa: E402
+from hybridkv.runtime import recurrent, rotary  # noqa: E402
 from hybridkv.runtime.engine import Engine, EngineConfig  # noqa: E402
 from hybridkv.runtime.model import build_model, model_layout  # noqa: E402
 from hybridkv.runtime.requests import TokenEvent  # noqa: E402
@@ -86,7 +86,14 @@ def reference_logits(ref: Any, tokens: np.ndarray, prompt: int) -> Any:
     return torch.stack(rows)
 
 
+def modeling_module(family: str) -> str:
+    """The transformers module that defines ``family``'s classes."""
+    name = "gemma3" if family == "gemma3_text" else family
+    return f"transformers.models.{name}.modeling_{name}"
+
+
 def check_against_transformers(family: str, engine: Engine, events: list[TokenEvent], **sizes: Any) -> float:
+    rotary.uninstall(engine.model)  # (a CUDA engine compiles the module's function: the reference runs its own)
     ref = build_model(family, seed=0, **sizes)
     worst = 0.0
     for rid, req in engine.requests.items():
@@ -441,24 +448,28 @@ def test_lfm2_short_convs_keep_their_inputs_in_pages(model_type: str) -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize(("family", "pools", "mode"), [
-    ("gemma3_text", "shared", "capture"), ("gemma2", "shared", "capture"), ("llama4_text", "shared", "capture"),
+@pytest.mark.parametrize(("family", "pools", "mode", "captured"), [
+    ("gemma3_text", "shared", "capture", True), ("gemma2", "shared", "auto", True),
+    ("llama4_text", "shared", "capture", True),
     # transformers' grouped-GEMM experts copy routing counts to the host: not capturable, so
     # "auto" falls back to the same static step run eagerly, and says why
-    ("gpt_oss", "per-lifecycle", "auto"), ("deepseek_v3", "shared", "auto"),
-    # recurrent layers once for the batch, padding rows on a spare state slot (asked for:
-    # "auto" leaves them out until this has passed on a GPU)
-    ("bamba", "shared", "capture"), ("lfm2", "shared", "capture")])
-def test_decode_graphs_on_cuda(family: str, pools: str, mode: str) -> None:
+    ("gpt_oss", "per-lifecycle", "auto", False), ("deepseek_v3", "shared", "auto", False),
+    # recurrent layers once for the batch, padding rows on a spare state slot
+    ("bamba", "shared", "auto", True), ("lfm2", "shared", "capture", True), ("qwen3_next", "shared", "auto", True),
+    ("qwen3_next", "per-lifecycle", "auto", True), ("jamba", "shared", "auto", True),
+    ("minimax", "shared", "auto", True)])
+def test_decode_graphs_on_cuda(family: str, pools: str, mode: str, captured: bool) -> None:
     """Decode steps replayed from captured CUDA graphs (the default on a GPU with Triton) give
     the logits transformers gives; a step of n rows replays the graph of the next size up."""
     engine = Engine(build_model(family, seed=0).to("cuda"), config(pools, device="cuda", decode_graphs=mode))
     events, _ = run_scenario(engine)
     assert engine.graph_steps > 0 and engine.graphs is not None
-    assert (engine.graphs.failed is None) == (mode == "capture")
-    assert bool(engine.graphs.graphs) == (mode == "capture")
+    assert (engine.graphs.failed is None) == captured, engine.graphs.failed
+    assert bool(engine.graphs.graphs) == captured
     assert engine.norms  # RMSNorms fused where the Triton kernels run (norms.py)
-    assert engine.rotary == []  # (compiled_rotary is off by default)
+    # the rotary function compiled (on by default on a GPU) where the family has one (Llama 4
+    # rotates by complex multiplication in its own function)
+    assert engine.rotary == ([] if family == "llama4_text" else [modeling_module(family)])
     events = [e._replace(logits=e.logits.cpu()) for e in events]
     assert check_against_transformers(family, engine, events) <= TOL
 
@@ -468,21 +479,29 @@ def test_decode_graphs_on_cuda(family: str, pools: str, mode: str) -> None:
 @pytest.mark.parametrize(("family", "pools"), [("gemma3_text", "shared"), ("gpt_oss", "per-lifecycle"),
                                                ("qwen3_next", "shared")])
 def test_compiled_rotary_on_cuda(family: str, pools: str) -> None:
-    """``compiled_rotary``: prefill chunks and decode steps (graphs captured over the compiled
-    kernels) through torch.compile of the family's own rotary function give transformers'
-    logits; the original comes back with ``rotary.uninstall``."""
-    from hybridkv.runtime import rotary
+    """``compiled_rotary`` (on by default on a GPU): prefill chunks and decode steps (graphs
+    captured over the compiled kernels) through torch.compile of the family's own rotary
+    function give transformers' logits; the original comes back with ``rotary.uninstall``, and
+    an engine with ``compiled_rotary=False`` keeps it."""
+    import sys
 
     model = build_model(family, seed=0).to("cuda")
-    engine = Engine(model, config(pools, device="cuda", compiled_rotary=True))
+    original = getattr(sys.modules[modeling_module(family)], rotary.FUNCTION)
+    engine = Engine(model, config(pools, device="cuda"))
     try:
-        assert engine.rotary == [f"transformers.models.{family}.modeling_{family}"]
+        assert engine.rotary == [modeling_module(family)]
+        assert getattr(sys.modules[modeling_module(family)], rotary.FUNCTION) is not original
         events, _ = run_scenario(engine)
-        assert engine.graph_steps > 0 or family == "qwen3_next"
+        assert engine.graph_steps > 0 and engine.graphs is not None
+        # (GPT-OSS's experts are not capturable: its static step runs eagerly)
+        assert (engine.graphs.failed is None) == (family != "gpt_oss")
     finally:
         assert rotary.uninstall(model) == 1  # (the reference runs the module's own function)
+    assert getattr(sys.modules[modeling_module(family)], rotary.FUNCTION) is original
     events = [e._replace(logits=e.logits.cpu()) for e in events]
     assert check_against_transformers(family, engine, events) <= TOL
+    plain = Engine(model, config(pools, device="cuda", compiled_rotary=False))
+    assert plain.rotary == [] and getattr(sys.modules[modeling_module(family)], rotary.FUNCTION) is original
 
 
 @pytest.mark.cuda

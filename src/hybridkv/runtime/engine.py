@@ -72,15 +72,15 @@ class EngineConfig:
     keep_logits: bool = False
     device: str = "cpu"
     # decode steps from CUDA graphs (runtime/graphs.py): "auto" captures them on a CUDA device
-    # with the Triton kernels for a model without recurrent layers (with them, ask for
-    # "capture"); "capture" insists; "eager" runs the same padded static step without
-    # capturing (the CPU check); "off" never
+    # with the Triton kernels (a model whose step cannot be captured runs the same static
+    # step eagerly, and says why); "capture" insists; "eager" runs the padded static step
+    # without capturing (the CPU check); "off" never
     decode_graphs: str = "auto"
     # RMSNorm modules through one Triton kernel each where the kernels run (runtime/norms.py)
     fused_norms: bool = True
-    # the model's rotary function through torch.compile on a CUDA device (runtime/rotary.py);
-    # off by default until its engine test has run on a GPU (the speed-up was measured apart)
-    compiled_rotary: bool = False
+    # the model's rotary function through torch.compile on a CUDA device with the Triton
+    # kernels (runtime/rotary.py); the first steps of each shape pay the compilation
+    compiled_rotary: bool = True
     # schedule and pack the next step while the device runs this one (step() returns the
     # step before's tokens); None: on a CUDA device
     overlap: bool | None = None
@@ -133,17 +133,17 @@ class Engine:
         self.overlap = device.type == "cuda" if cfg.overlap is None else cfg.overlap
         self._in_flight: SampledStep | None = None  # the step whose tokens the host has not read
         self._ready: list[TokenEvent] = []  # tokens read early (drain), returned by the next step()
-        self.graphs = self._decode_graphs(device, on_pages.recurrent)
+        self.graphs = self._decode_graphs(device)
         self.graph_steps = 0  # steps replayed from a graph (or, "eager", run over its static buffers)
         self.requests: dict[int, GenRequest] = {}
         self._next_id = 0
 
-    def _decode_graphs(self, device: Any, recurrent_layers: bool) -> DecodeGraphs | None:
+    def _decode_graphs(self, device: Any) -> DecodeGraphs | None:
         mode = self.config.decode_graphs
         can_capture = device.type == "cuda" and self.kernel is paged_attention_triton
         strict = mode != "auto"
-        if mode == "auto":  # (recurrent layers: not until their graphs have been checked on a GPU)
-            mode = "capture" if can_capture and not recurrent_layers else "off"
+        if mode == "auto":
+            mode = "capture" if can_capture else "off"
         if mode == "off":
             return None
         if mode == "capture" and not can_capture:

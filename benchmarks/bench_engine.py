@@ -14,9 +14,10 @@ bf16 on the GPU. Per batch size B:
 2. **Decode throughput.** B prompts of ``--context`` random tokens are prefilled, then three
    runs of ``--steps`` decode steps are timed (CUDA synchronized around each run, the median
    run): hybridkv's engine as it runs by default on a GPU (decode steps replayed from a CUDA
-   graph, RMSNorms fused, the next step scheduled while the GPU runs this one), then the same
-   requests without overlap, with transformers' own norm modules (graphs recaptured) and
-   with one eager forward per step; then ``model.generate`` with transformers' default cache
+   graph, RMSNorms fused, the rotary function compiled, q / k / v and gate / up as one GEMM
+   each, the next step scheduled while the GPU runs this one), then the same requests without
+   overlap, with transformers' own modules (graphs recaptured over its norms, rotary function
+   and projections) and with one eager forward per step; then ``model.generate`` with transformers' default cache
    and attention on the same B prompts ((prefill + steps) minus prefill alone).
 3. **Where a step goes.** The scheduler and manager (``schedule`` + ``complete``) and the
    host packing, as shares of the step; the share of the step the GPU waits for the host (one
@@ -215,7 +216,7 @@ def prefilled_engine(torch: Any, cfg: dict[str, Any], device: str, batch: int, c
 
 def decode_throughput(torch: Any, cfg: dict[str, Any], device: str, batch: int, context: int,
                       steps: int, bandwidth: float) -> dict[str, Any]:
-    from hybridkv.runtime import norms
+    from hybridkv.runtime import norms, projections, rotary
 
     model, eng, prompts, prefill_s = prefilled_engine(torch, cfg, device, batch, context, steps)
     layers, kv_bytes_token = cfg["num_hidden_layers"], 2 * cfg["num_key_value_heads"] * cfg["head_dim"] * 2
@@ -228,30 +229,34 @@ def decode_throughput(torch: Any, cfg: dict[str, Any], device: str, batch: int, 
     graphs = timed_steps(torch, eng, steps, batch)
     replay_ms = replay_gpu_ms(torch, eng, batch) if eng.graphs is not None and eng.graphs.graphs else None
     # the same requests stepping one after another (the host reads each step's tokens before
-    # scheduling the next), then with transformers' own norm modules (recaptured), then one
-    # eager forward per step
+    # scheduling the next), then with transformers' own modules (recaptured: norms unfused,
+    # rotary uncompiled, projections one GEMM each), then one eager forward per step
     set_overlap(eng, False)
     sequential = timed_steps(torch, eng, steps, batch)
     set_overlap(eng, device == "cuda")
     norms.uninstall(model)
+    rotary.uninstall(model)
+    projections.uninstall(model)
     if eng.graphs is not None:
         eng.graphs.reset()
     eng.step()
-    own_norms = timed_steps(torch, eng, steps, batch)
+    own_modules = timed_steps(torch, eng, steps, batch)
+    if replay_ms is not None:
+        own_modules["replay_gpu_ms"] = replay_gpu_ms(torch, eng, batch)
     eng.drain()
     eng.graphs, saved = None, eng.graphs
     eager = timed_steps(torch, eng, steps, batch)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_read = batch * (full_layers * (context + steps) + (layers - full_layers) * min(window, context)) \
         * kv_bytes_token
-    for r in (graphs, sequential, own_norms, eager):
+    for r in (graphs, sequential, own_modules, eager):
         r["roofline_share"] = (weights + kv_read) / (r["step_ms"] / 1e3) / bandwidth
     if replay_ms is not None:  # the share of a step the GPU waits for the host
         graphs["replay_gpu_ms"] = replay_ms
         graphs["host_exposed_share"] = max(0.0, 1.0 - replay_ms / graphs["step_ms"])
         sequential["host_exposed_share"] = max(0.0, 1.0 - replay_ms / sequential["step_ms"])
-    hk = {"graphs": graphs, "sequential": sequential, "graphs_own_norms": own_norms, "eager": eager,
-          "fused_norms": eng.norms, "bytes_per_step": weights + kv_read, "prefill_s": prefill_s,
+    hk = {"graphs": graphs, "sequential": sequential, "graphs_own_modules": own_modules, "eager": eager,
+          "fused_norms": eng.norms, "compiled_rotary": eng.rotary, "fused_projections": eng.projections, "bytes_per_step": weights + kv_read, "prefill_s": prefill_s,
           "first_decode_step_with_capture_s": capture_s, "capture_failed": saved.failed if saved else "no graphs"}
     del eng, saved
     if device == "cuda":
@@ -306,13 +311,15 @@ def main(argv: list[str] | None = None) -> int:
             if device == "cuda":
                 torch.cuda.empty_cache()  # the model and its pages are gone; free them for the next row
             hk, hf = r["hybridkv"], r["transformers"]
-            g, q, e = hk["graphs"], hk["sequential"], hk["eager"]
+            g, q, e, own = hk["graphs"], hk["sequential"], hk["eager"], hk["graphs_own_modules"]
+            replay = f", replay {g['replay_gpu_ms']:.2f} ms" if "replay_gpu_ms" in g else ""
+            own_replay = f" (replay {own['replay_gpu_ms']:.2f} ms)" if "replay_gpu_ms" in own else ""
             base = f"{hf['step_ms']:.2f} ms/step ({hf['tok_s']:.0f} tok/s)" if "step_ms" in hf else hf["error"]
             exposed = f", GPU waits for the host {g['host_exposed_share']:.1%}" if "host_exposed_share" in g else ""
             print(f"B={b} ctx={c}: default {g['step_ms']:.2f} ms/step ({g['tok_s']:.0f} tok/s, "
                   f"{g['roofline_share']:.0%} of copy bandwidth, manager+scheduler {g['manager_scheduler_share']:.1%}, "
-                  f"packing {g['pack_share']:.1%}{exposed}); without overlap {q['step_ms']:.2f} ms; "
-                  f"own norms {hk['graphs_own_norms']['step_ms']:.2f} ms; eager {e['step_ms']:.2f} ms; "
+                  f"packing {g['pack_share']:.1%}{exposed}{replay}); without overlap {q['step_ms']:.2f} ms; "
+                  f"transformers' modules {own['step_ms']:.2f} ms{own_replay}; eager {e['step_ms']:.2f} ms; "
                   f"transformers {base}; prefill {hk['prefill_s']:.1f} s; capture failed: {hk['capture_failed']}",
                   flush=True)
             save_json(args.json, out)  # after every row: a run cut short keeps what it measured

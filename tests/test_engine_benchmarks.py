@@ -39,11 +39,12 @@ def test_bench_engine_tiny_runs_every_variant(tmp_path: Path) -> None:
     (row,) = result["decode"]
     assert (row["batch"], row["context"]) == (3, 20)
     hk = row["hybridkv"]
-    for variant in ("graphs", "sequential", "graphs_own_norms", "eager"):
+    for variant in ("graphs", "sequential", "graphs_own_modules", "eager"):
         assert hk[variant]["step_ms"] > 0
     # 3 runs of 2 steps, on the CPU over the padded static step ("eager" graphs)
     assert hk["graphs"]["graph_steps"] == hk["sequential"]["graph_steps"] == 6
     assert hk["eager"]["graph_steps"] == 0
+    assert hk["fused_projections"] == 2 * 2 and hk["compiled_rotary"] == []  # (2 layers; a CPU compiles nothing)
     assert "step_ms" in row["transformers"]  # (a difference of two timings: any sign at this size)
 
 

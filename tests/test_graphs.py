@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 torch.set_num_threads(1)
 
 from hybridkv.runtime.engine import Engine, EngineConfig  # noqa: E402
-from hybridkv.runtime.graphs import graph_sizes  # noqa: E402
+from hybridkv.runtime.graphs import failed_at, graph_sizes  # noqa: E402
 from hybridkv.runtime.model import build_model  # noqa: E402
 from hybridkv.runtime.packing import HostStep  # noqa: E402
 
@@ -78,3 +78,18 @@ def test_a_state_family_with_every_slot_held_leaves_no_spare_for_padding_rows() 
     families[f] = np.resize(held, (3, 1, slots)).astype(np.int32)  # every slot held
     step = step._replace(families=tuple(families))
     assert graphs.spares(step) == [(f, slots)] and not graphs.fits(step)
+
+
+def _model_code_that_syncs(x: torch.Tensor) -> int:
+    return int(torch.nn.functional.relu(x).sum().item()) // 0  # (the line a capture would stop at)
+
+
+def test_a_failed_capture_names_the_model_code_that_did_it() -> None:
+    """``failed_at`` skips torch's frames: the reason names the function and line of the
+    model's code (here this file's) where the capture stopped."""
+    line = _model_code_that_syncs.__code__.co_firstlineno + 1
+    try:
+        _model_code_that_syncs(torch.ones(2))
+    except ZeroDivisionError as e:
+        assert failed_at(e) == f" in _model_code_that_syncs (tests/test_graphs.py:{line})"
+    assert failed_at(ValueError("never raised")) == ""

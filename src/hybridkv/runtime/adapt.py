@@ -5,9 +5,10 @@
   learn their layer per call);
 - every recurrent layer keeps its state in pages (``recurrent.py``, ``states.py``);
 - every MLA layer caches one latent per token (``mla.py``);
-- on a GPU, RMSNorms run through one Triton kernel each (``norms.py``) and, asked for, the
-  rotary function through ``torch.compile`` (``rotary.py``); elsewhere an earlier engine's
-  replacements are undone.
+- sibling projections of one input (q / k / v, gate / up) run as one GEMM (``projections.py``);
+- on a GPU, RMSNorms run through one Triton kernel each (``norms.py``) and the rotary function
+  through ``torch.compile`` (``rotary.py``); elsewhere, or when turned off, an earlier
+  engine's replacements are undone.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, NamedTuple
 from hybridkv.core.errors import ConfigError
 from hybridkv.engine.triton_attention import triton_runs_on
 from hybridkv.manager.manager import KVCacheManager
-from hybridkv.runtime import attention, mla, norms, recurrent, rotary
+from hybridkv.runtime import attention, mla, norms, projections, recurrent, rotary
 from hybridkv.runtime.model import cache_layer_ids, kv_heads, mla_layers, recurrent_layers
 from hybridkv.runtime.pages import LayerPages, layer_pages
 from hybridkv.runtime.states import state_buffers
@@ -28,10 +29,11 @@ class OnPages(NamedTuple):
     recurrent: bool  # the model has recurrent layers (they walk the packed sequence per request)
     norms: dict[str, str]  # per norm class: the fused form installed, or why it kept its forward
     rotary: list[str]  # the modeling modules whose rotary function runs compiled
+    projections: int  # groups of sibling projections run as one GEMM
 
 
 def onto_pages(model: Any, manager: KVCacheManager, device: Any, fused_norms: bool,
-               compiled_rotary: bool) -> OnPages:
+               compiled_rotary: bool, fused_projections: bool) -> OnPages:
     """Route ``model``'s caches through ``manager``'s pages on ``device`` (a torch.device)."""
     dtype = next(model.parameters()).dtype
     # pages and states are the layout's layers; the model's modules know their layer_idx
@@ -56,4 +58,7 @@ def onto_pages(model: Any, manager: KVCacheManager, device: Any, fused_norms: bo
         compiled = rotary.install(model)
     else:
         rotary.uninstall(model)
-    return OnPages({i: pages[attention_ids[i]] for i in heads}, bool(states), fused, compiled)
+    groups = projections.install(model) if fused_projections else 0
+    if not fused_projections:
+        projections.uninstall(model)
+    return OnPages({i: pages[attention_ids[i]] for i in heads}, bool(states), fused, compiled, groups)

@@ -81,6 +81,9 @@ class EngineConfig:
     # the model's rotary function through torch.compile on a CUDA device with the Triton
     # kernels (runtime/rotary.py); the first steps of each shape pay the compilation
     compiled_rotary: bool = True
+    # q / k / v and gate / up projections each as one GEMM over their stacked weights
+    # (runtime/projections.py)
+    fused_projections: bool = True
     # schedule and pack the next step while the device runs this one (step() returns the
     # step before's tokens); None: on a CUDA device
     overlap: bool | None = None
@@ -126,8 +129,10 @@ class Engine:
             self.manager.enable_prefix_cache()
         self.scheduler = Scheduler(self.manager, SchedulerConfig(token_budget=cfg.token_budget,
                                                                  prefill_chunk_tokens=cfg.prefill_chunk_tokens))
-        on_pages = onto_pages(model, self.manager, device, cfg.fused_norms, cfg.compiled_rotary)
+        on_pages = onto_pages(model, self.manager, device, cfg.fused_norms, cfg.compiled_rotary,
+                              cfg.fused_projections)
         self.layers, self.norms, self.rotary = on_pages.layers, on_pages.norms, on_pages.rotary
+        self.projections = on_pages.projections  # groups of projections run as one GEMM
         self._needs_runs = on_pages.recurrent  # recurrent layers walk the packed sequence request by request
         self.sampler = StepSampler(cfg.max_batch_size, cfg.device, cfg.keep_logits)
         self.overlap = device.type == "cuda" if cfg.overlap is None else cfg.overlap

@@ -62,6 +62,19 @@ def graph_sizes(max_batch_size: int) -> tuple[int, ...]:
     return tuple(sorted(sizes | {max_batch_size}))
 
 
+def failed_at(error: BaseException) -> str:
+    """`` in F (file:line)``: the innermost frame of ``error``'s traceback outside torch (the
+    model's or transformers' code that did what a capture cannot), or ``""``."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if "/torch/" not in f.filename and not f.filename.endswith("contextlib.py")]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" in {f.name} ({'/'.join(f.filename.split('/')[-2:])}:{f.lineno})"
+
+
 class DecodeGraphs:
     """The model's decode forward over static buffers, one CUDA graph per padded batch size."""
 
@@ -169,7 +182,8 @@ class DecodeGraphs:
             except Exception as e:  # a module that cannot be captured (a host sync, say)
                 if self.strict:
                     raise
-                self.capture, self.failed = False, f"capturing batch {size} failed: {type(e).__name__}: {e}"
+                self.capture, self.failed = False, (f"capturing batch {size} failed{failed_at(e)}: "
+                                                    f"{type(e).__name__}: {e}")
         rows = host.kv_len.size
         stage = self.stages[self.turn]
         self.turn = 1 - self.turn

@@ -88,7 +88,7 @@ def reference_logits(ref: Any, tokens: np.ndarray, prompt: int) -> Any:
 
 def modeling_module(family: str) -> str:
     """The transformers module that defines ``family``'s classes."""
-    name = "gemma3" if family == "gemma3_text" else family
+    name = family.removesuffix("_text")  # (gemma3_text, qwen3_5_text: the multimodal family's module)
     return f"transformers.models.{name}.modeling_{name}"
 
 

@@ -6,7 +6,8 @@ The engine and requests are ``bench_engine.py``'s (Gemma-3-1B-sized, bf16, BATCH
 CONTEXT tokens all decoding; default 128 at 2048). The decode graph is recaptured and timed
 (one replay's GPU time between CUDA events, and a step with overlap) for each variant:
 
-- ``base``: the default engine (RMSNorms fused, the rotary function as transformers has it);
+- ``base``: RMSNorms fused; the rotary function and the projections as transformers has them
+  (``compiled_rotary`` and ``fused_projections`` undone);
 - ``rope``: the rotary function compiled (``runtime/rotary.py``, ``compiled_rotary=True``);
 - ``rope+mlp``: each MLP module compiled too;
 - ``layers``: every decoder layer's forward compiled whole (its norms unfused, so inductor
@@ -32,7 +33,7 @@ def main() -> int:
     import torch
     from transformers import AttentionInterface
 
-    from hybridkv.runtime import attention, norms, rotary
+    from hybridkv.runtime import attention, norms, projections, rotary
 
     if not torch.cuda.is_available():
         print("probe_compile: needs a CUDA device", file=sys.stderr)
@@ -52,6 +53,7 @@ def main() -> int:
 
     def plain() -> None:
         rotary.uninstall(model)
+        projections.uninstall(model)
         for layer, forward, mlp in zip(layers, own_forward, own_mlp, strict=True):
             layer.forward, layer.mlp = forward, mlp
 

@@ -256,7 +256,8 @@ def decode_throughput(torch: Any, cfg: dict[str, Any], device: str, batch: int, 
         graphs["host_exposed_share"] = max(0.0, 1.0 - replay_ms / graphs["step_ms"])
         sequential["host_exposed_share"] = max(0.0, 1.0 - replay_ms / sequential["step_ms"])
     hk = {"graphs": graphs, "sequential": sequential, "graphs_own_modules": own_modules, "eager": eager,
-          "fused_norms": eng.norms, "compiled_rotary": eng.rotary, "fused_projections": eng.projections, "bytes_per_step": weights + kv_read, "prefill_s": prefill_s,
+          "fused_norms": eng.norms, "compiled_rotary": eng.rotary, "fused_projections": eng.projections,
+          "bytes_per_step": weights + kv_read, "prefill_s": prefill_s,
           "first_decode_step_with_capture_s": capture_s, "capture_failed": saved.failed if saved else "no graphs"}
     del eng, saved
     if device == "cuda":

@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[32, 256])
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--own-projections", action="store_true",
+                    help="q / k / v and gate / up as transformers runs them (one GEMM each), not fused")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     import torch
@@ -109,9 +111,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": copy_bandwidth(torch, "cuda")}
     for b in args.batch:
-        _, eng, _, _ = prefilled_engine(torch, GEMMA3_1B, "cuda", b, args.context, args.steps)
+        model, eng, _, _ = prefilled_engine(torch, GEMMA3_1B, "cuda", b, args.context, args.steps)
+        if args.own_projections:
+            from hybridkv.runtime import projections
+
+            projections.uninstall(model)
+            if eng.graphs is not None:
+                eng.graphs.reset()  # (in case a graph was captured over the fused ones)
         eng.step()  # captures
-        row = {"batch": b, "context": args.context, "phases_us": phases(torch, eng, args.steps),
+        row = {"batch": b, "context": args.context, "own_projections": args.own_projections,
+               "phases_us": phases(torch, eng, args.steps),
                "replay_gpu_us": replay_gpu_ms(torch, eng, b) * 1e3, "kernels": kernels(torch, eng)}
         out.setdefault("rows", []).append(row)
         print(f"B={b} ctx={args.context}: replay {row['replay_gpu_us']:.0f} µs on the GPU; host phases (µs): "

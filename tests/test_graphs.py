@@ -3,6 +3,8 @@ which steps a graph may replay, and the padded static step against the plain one
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -80,16 +82,23 @@ def test_a_state_family_with_every_slot_held_leaves_no_spare_for_padding_rows() 
     assert graphs.spares(step) == [(f, slots)] and not graphs.fits(step)
 
 
-def _model_code_that_syncs(x: torch.Tensor) -> int:
-    return int(torch.nn.functional.relu(x).sum().item()) // 0  # (the line a capture would stop at)
+class Upsample(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(x, size=3, mode="nope")  # (raises in torch's own Python)
 
 
 def test_a_failed_capture_names_the_model_code_that_did_it() -> None:
-    """``failed_at`` skips torch's frames: the reason names the function and line of the
-    model's code (here this file's) where the capture stopped."""
-    line = _model_code_that_syncs.__code__.co_firstlineno + 1
-    try:
-        _model_code_that_syncs(torch.ones(2))
-    except ZeroDivisionError as e:
-        assert failed_at(e) == f" in _model_code_that_syncs (tests/test_graphs.py:{line})"
+    """``failed_at`` skips the torch package's frames: the reason names the function and line
+    of the model's code where the capture stopped, also when that code lies under a directory
+    named torch that is not the package (a virtual environment at /opt/torch, say)."""
+    line = Upsample.forward.__code__.co_firstlineno + 1
+    with pytest.raises(NotImplementedError) as err:
+        Upsample()(torch.ones(1, 1, 2))  # (through Module.__call__ as well)
+    assert failed_at(err.value) == f" in forward (tests/test_graphs.py:{line})"
+    namespace: dict[str, Any] = {}
+    source = "import torch\ndef experts(x):\n    return torch.nn.functional.interpolate(x, size=3, mode='nope')\n"
+    exec(compile(source, "/opt/torch/.venv/site-packages/transformers/moe.py", "exec"), namespace)
+    with pytest.raises(NotImplementedError) as err:
+        namespace["experts"](torch.ones(1, 1, 2))
+    assert failed_at(err.value) == " in experts (transformers/moe.py:3)"
     assert failed_at(ValueError("never raised")) == ""

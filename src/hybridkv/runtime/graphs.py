@@ -63,12 +63,17 @@ def graph_sizes(max_batch_size: int) -> tuple[int, ...]:
 
 
 def failed_at(error: BaseException) -> str:
-    """`` in F (file:line)``: the innermost frame of ``error``'s traceback outside torch (the
-    model's or transformers' code that did what a capture cannot), or ``""``."""
+    """`` in F (file:line)``: the innermost frame of ``error``'s traceback outside the torch
+    package (the model's or transformers' code that did what a capture cannot), or ``""``."""
+    import contextlib
+    import os
     import traceback
 
+    import torch
+
+    torch_dir = os.path.dirname(torch.__file__) + os.sep  # (by package, not by a path's words)
     frames = [f for f in traceback.extract_tb(error.__traceback__)
-              if "/torch/" not in f.filename and not f.filename.endswith("contextlib.py")]
+              if not f.filename.startswith(torch_dir) and f.filename != contextlib.__file__]
     if not frames:
         return ""
     f = frames[-1]

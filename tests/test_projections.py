@@ -29,21 +29,37 @@ class Attention(torch.nn.Module):
         return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
 
 
+class MLP(torch.nn.Module):
+    def __init__(self, bias: bool = False) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.gate_proj, self.up_proj = torch.nn.Linear(8, 6, bias=bias), torch.nn.Linear(8, 6, bias=bias)
+        self.down_proj = torch.nn.Linear(6, 8, bias=False)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g, dtype=torch.float64)
+
+    def forward(self, x: Any) -> Any:
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
 class Counting:
-    """``torch.nn.functional.linear``, counting its calls."""
+    """GEMMs: ``torch.nn.functional.linear`` and ``torch.matmul``, counting their calls."""
 
     def __init__(self) -> None:
-        self.calls, self.linear = 0, torch.nn.functional.linear
+        self.calls, self.linear, self.matmul = 0, torch.nn.functional.linear, torch.matmul
 
-    def __call__(self, *args: Any) -> Any:
-        self.calls += 1
-        return self.linear(*args)
+    def count(self, function: Any) -> Any:
+        def counted(*args: Any) -> Any:
+            self.calls += 1
+            return function(*args)
+        return counted
 
 
 @pytest.fixture
 def linear(monkeypatch: pytest.MonkeyPatch) -> Counting:
     counting = Counting()
-    monkeypatch.setattr(torch.nn.functional, "linear", counting)
+    monkeypatch.setattr(torch.nn.functional, "linear", counting.count(counting.linear))
+    monkeypatch.setattr(torch, "matmul", counting.count(counting.matmul))
     return counting
 
 
@@ -74,6 +90,25 @@ def test_a_group_runs_as_one_gemm_with_the_same_values(bias: bool, linear: Count
     assert projections.uninstall(m) == 3
     linear.calls = 0
     assert torch.allclose(m(x), brute(m, x), rtol=0, atol=1e-12) and linear.calls == 3
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_members_of_one_size_come_out_contiguous(bias: bool, linear: Counting) -> None:
+    """gate / up (one output size) run as one batched GEMM: each result is its own contiguous
+    tensor, so the activation and the product after them read contiguous memory."""
+    m = MLP(bias)
+    x = torch.randn(2, 3, 8, dtype=torch.float64)  # (leading dims kept)
+    want = [x @ p.weight.T + (0 if p.bias is None else p.bias) for p in (m.gate_proj, m.up_proj)]
+    expected = m(x)
+    assert projections.install(m) == 1
+    linear.calls = 0
+    gate = m.gate_proj(x)
+    up = m.up_proj(x)
+    assert linear.calls == 1 and gate.is_contiguous() and up.is_contiguous()
+    assert gate.shape == up.shape == (2, 3, 6)
+    assert torch.allclose(gate, want[0], rtol=0, atol=1e-12) and torch.allclose(up, want[1], rtol=0, atol=1e-12)
+    linear.calls = 0
+    assert torch.allclose(m(x), expected, rtol=0, atol=1e-12) and linear.calls == 2  # (gate / up, down)
 
 
 def test_a_member_serves_itself_when_the_fused_gemm_cannot(linear: Counting) -> None:
@@ -113,7 +148,8 @@ def test_only_plain_linears_of_one_shape_are_fused() -> None:
 def test_the_engine_runs_each_layer_with_two_gemms_and_the_same_logits(linear: Counting) -> None:
     """Gemma-3: q / k / v and gate / up fused in every layer (2 GEMMs where there were 5: with
     o_proj and down_proj 4 a layer instead of 7, and the LM head once a step); the logits of a
-    run with and without them agree to float32 rounding."""
+    run with and without them agree to float32 rounding. (The engine's attention calls no
+    GEMM through these functions.)"""
     model = build_model("gemma3_text", seed=0)
     layers = model.config.num_hidden_layers
     runs = {}

@@ -128,6 +128,12 @@ def test_a_member_serves_itself_when_the_fused_gemm_cannot(linear: Counting) -> 
     out = m(x)
     assert linear.calls == 3 and torch.allclose(out, brute(m, x), atol=1e-12)
     assert torch.allclose(out[:, 12:16], 2 * want_x[:, 12:16], atol=1e-12)
+    # installed again (the next engine on the moved model): stacked anew, one GEMM
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    assert projections.install(m) == 1
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    linear.calls = 0
+    assert torch.allclose(m(x), out, atol=1e-12) and linear.calls == 1
 
 
 def test_only_plain_linears_of_one_shape_are_fused() -> None:

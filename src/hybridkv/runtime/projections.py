@@ -105,17 +105,20 @@ def _stack_in_place(members: list[Any], name: str) -> None:
 
 
 def install(model: Any) -> int:
-    """Fuse every group of ``GROUPS`` in ``model``'s modules that can be; how many groups run fused."""
+    """Fuse every group of ``GROUPS`` in ``model``'s modules that can be (again where the model
+    was moved or reloaded since: its weights are stacked anew); how many groups run fused."""
     fused = 0
     for module in model.modules():
         for names in GROUPS:
             members: list[Any] = [getattr(module, n, None) for n in names]
             if any(m is None for m in members) or not _fusable(members):
                 continue
-            if not all(_is_fused(m) for m in members):
-                for name in ("weight", "bias") if members[0].bias is not None else ("weight",):
-                    if _stacked([getattr(m, name) for m in members]) is None:
-                        _stack_in_place(members, name)
+            params = ("weight", "bias") if members[0].bias is not None else ("weight",)
+            unstacked = [n for n in params if _stacked([getattr(m, n) for m in members]) is None]
+            # (fused before, but the model moved or reloaded since: stack its weights again)
+            if unstacked or not all(_is_fused(m) for m in members):
+                for name in unstacked:
+                    _stack_in_place(members, name)
                 group = Group(members)
                 for i, m in enumerate(members):
                     m.forward = functools.partial(_member_forward, group, i)

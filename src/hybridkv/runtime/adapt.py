@@ -58,7 +58,9 @@ def onto_pages(model: Any, manager: KVCacheManager, device: Any, fused_norms: bo
         compiled = rotary.install(model)
     else:
         rotary.uninstall(model)
-    groups = projections.install(model) if fused_projections else 0
-    if not fused_projections:
+    groups = 0
+    if fused_projections:
+        groups = projections.install(model)
+    else:
         projections.uninstall(model)
     return OnPages({i: pages[attention_ids[i]] for i in heads}, bool(states), fused, compiled, groups)
